@@ -1,0 +1,333 @@
+"""The async face: ``await aiocomm.aio.all_sum(x)`` inside a running event loop.
+
+This is the engine's own interface.  The world is formed on the loop where
+:func:`init` first runs (or, through the blocking face, on aiocomm's private
+loop thread); a coroutine awaited on another loop is forwarded to the owning
+loop, so any loop may await these functions.
+
+Every function validates its arguments here, on the caller's side, so usage
+errors raise before any traffic: ``TypeError`` for an unsupported dtype,
+``ValueError`` for a bad rank, shape or backend.  ``timeout`` (seconds;
+default ``AIOCOMM_TIMEOUT`` or 300) bounds how long any one operation waits
+for its peers; past it, :class:`~aiocomm.CommTimeoutError` names the ranks
+waited on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+import warnings
+from typing import Any, Coroutine, TypeVar
+
+import numpy as np
+
+from . import config, wire
+from . import group as engine_ops
+from .group import Engine, Group
+
+__all__ = [
+    "init",
+    "is_available",
+    "all_sum",
+    "all_max",
+    "all_min",
+    "all_gather",
+    "sum_scatter",
+    "send",
+    "recv",
+    "recv_like",
+    "split",
+    "shutdown",
+]
+
+T = TypeVar("T")
+
+BACKENDS = ("any", "ring", "mpi", "nccl", "jaccl")
+AVAILABLE = {"any": True, "ring": True, "mpi": False, "nccl": False, "jaccl": False}
+_UNAVAILABLE_WHY = {
+    "mpi": "aiocomm implements only the 'ring' backend (TCP); 'mpi' is not implemented",
+    "nccl": "aiocomm implements only the 'ring' backend (TCP); 'nccl' is not implemented (no GPU transport)",
+    "jaccl": "aiocomm implements only the 'ring' backend (TCP); 'jaccl' (RDMA over Thunderbolt) is not implemented",
+}
+
+_engine: Engine | None = None
+_starting: asyncio.Future[Engine] | None = None
+
+
+# ------------------------------------------------------------------ argument checks
+
+
+def as_array(x: Any) -> np.ndarray:
+    """``x`` as a C-contiguous, native-order array of a supported dtype."""
+    arr = np.asarray(x)
+    dtype = wire.wire_dtype(arr.dtype)
+    return np.asarray(arr, dtype=dtype, order="C")
+
+
+def check_timeout(timeout: float | None) -> float:
+    if timeout is None:
+        return config.op_timeout()
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def check_peer(group: Group, peer: Any, name: str) -> int:
+    try:
+        peer = operator.index(peer)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer rank, got {peer!r}") from None
+    if group.size() == 1:
+        raise ValueError(f"{name}={peer}: send/recv need a group of at least 2 ranks (this group has size 1)")
+    if not 0 <= peer < group.size():
+        raise ValueError(f"{name}={peer} is out of range for a group of size {group.size()}")
+    if peer == group.rank():
+        raise ValueError(f"{name}={peer} is this process's own rank; send/recv need another rank")
+    return peer
+
+
+def check_shape(shape: Any) -> tuple[int, ...]:
+    if isinstance(shape, (int, np.integer)):
+        shape = (shape,)
+    try:
+        dims = tuple(operator.index(d) for d in shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of integers, got {shape!r}") from None
+    if any(d < 0 for d in dims):
+        raise ValueError(f"shape {dims} has a negative dimension")
+    return dims
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def check_group(group: Any) -> Group:
+    if not isinstance(group, Group):
+        raise TypeError(f"group must be an aiocomm.Group or None, got {type(group).__name__}")
+    return group
+
+
+# ------------------------------------------------------------------ plumbing
+
+
+async def _world(group: Group | None) -> Group:
+    return (await init()) if group is None else check_group(group)
+
+
+async def _on_engine(group: Group, coro: Coroutine[Any, Any, T]) -> T:
+    """Run an engine coroutine on the loop that owns the group's connections."""
+    loop = group.engine.loop
+    if loop is None or loop is asyncio.get_running_loop():
+        return await coro
+    if loop.is_closed() or not loop.is_running():
+        coro.close()
+        raise RuntimeError(
+            "aiocomm's world was formed on an event loop that is no longer running; "
+            "form it again in a new process, or keep that loop running"
+        )
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+
+
+# ------------------------------------------------------------------ the API
+
+
+def is_available(backend: str = "any") -> bool:
+    """Whether ``backend`` can be used in this install.
+
+    ``"any"`` and ``"ring"`` (aiocomm's TCP ring) are always available;
+    ``"mpi"``, ``"nccl"`` and ``"jaccl"`` are not implemented; any other name
+    gives ``False``.
+    """
+    return AVAILABLE.get(backend, False)
+
+
+async def init(strict: bool = False, backend: str = "any") -> Group:
+    """Form (once) and return the world group.
+
+    Args:
+        strict: if true, raise instead of returning a group of size 1 when
+            this process was not launched as part of a group, or when
+            ``backend`` is unavailable.
+        backend: ``"any"``, ``"ring"``, ``"mpi"``, ``"nccl"`` or ``"jaccl"``.
+
+    Returns:
+        The world :class:`Group`; later calls return the same one.
+
+    Raises:
+        ValueError: unknown ``backend``.
+        RuntimeError: ``strict`` and no launcher environment (the message names
+            the variables looked for), or ``strict`` and an unavailable backend.
+        CommError: the environment names a group that cannot be formed (bad
+            hostfile, a peer not reachable in time); the message names the rank
+            and address.  This is raised whatever ``strict`` says.
+    """
+    global _engine, _starting
+    check_backend(backend)
+    if not AVAILABLE[backend]:
+        if strict:
+            raise RuntimeError(f"backend {backend!r} is unavailable: {_UNAVAILABLE_WHY[backend]}")
+        if _engine is None:
+            warnings.warn(f"{_UNAVAILABLE_WHY[backend]}; returning a group of size 1", RuntimeWarning, stacklevel=2)
+            return Engine(None, None, None).world
+    if _engine is not None:
+        return _engine.world
+    if _starting is not None:
+        if _starting.get_loop() is not asyncio.get_running_loop():
+            return await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(_await_future(_starting), _starting.get_loop())
+            )
+        return (await asyncio.shield(_starting)).world
+    spec = config.spec_from_env()
+    if spec is None:
+        if strict:
+            raise RuntimeError(
+                "this process was not started as part of a group: none of "
+                f"{config.looked_for()} are set (start it with aiocomm-launch)"
+            )
+        _engine = Engine(None, None, None)
+        return _engine.world
+    starting = _starting = asyncio.get_running_loop().create_future()
+    try:
+        engine = await Engine.start(spec, config.connect_timeout())
+    except BaseException as exc:
+        _starting = None
+        starting.set_exception(exc)
+        starting.exception()
+        raise
+    _engine = engine
+    _starting = None
+    starting.set_result(engine)
+    return engine.world
+
+
+async def _await_future(fut: asyncio.Future[Engine]) -> Group:
+    return (await asyncio.shield(fut)).world
+
+
+async def shutdown() -> None:
+    """Close this process's connections (a clean exit; optional)."""
+    global _engine
+    engine, _engine = _engine, None
+    if engine is not None and engine.loop is not None:
+        await _on_engine(engine.world, engine.close())
+
+
+async def all_sum(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
+    """Element-wise sum of ``x`` over the group.
+
+    Args:
+        x: anything ``numpy.asarray`` accepts, of a supported dtype.
+        group: the group to reduce over; ``None`` means the world (``init()``).
+        stream: accepted for compatibility with MLX and ignored.
+        timeout: seconds to wait for peers (default ``AIOCOMM_TIMEOUT`` or 300).
+
+    Returns:
+        A new array with the shape and dtype of ``x``, the same on every rank.
+        Integers wrap on overflow; ``bool`` sums are logical OR.
+
+    Raises:
+        TypeError: unsupported dtype.
+        MismatchError: ranks passed different shapes or dtypes, or called
+            different operations.
+        PeerLostError, CommTimeoutError: a peer died or stopped responding.
+    """
+    arr, t, g = as_array(x), check_timeout(timeout), await _world(group)
+    return await _on_engine(g, engine_ops.all_reduce(g, arr, "sum", t))
+
+
+async def all_max(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
+    """Element-wise maximum of ``x`` over the group (as ``numpy.maximum``: NaN
+    propagates, complex compares lexicographically).  Arguments, result and
+    errors as :func:`all_sum`."""
+    arr, t, g = as_array(x), check_timeout(timeout), await _world(group)
+    return await _on_engine(g, engine_ops.all_reduce(g, arr, "max", t))
+
+
+async def all_min(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
+    """Element-wise minimum of ``x`` over the group (as ``numpy.minimum``).
+    Arguments, result and errors as :func:`all_sum`."""
+    arr, t, g = as_array(x), check_timeout(timeout), await _world(group)
+    return await _on_engine(g, engine_ops.all_reduce(g, arr, "min", t))
+
+
+async def all_gather(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
+    """The arrays of all ranks concatenated along axis 0, in rank order.
+
+    Every rank must pass the same shape and dtype.  A 0-d ``x`` gives shape
+    ``(size,)``; shape ``(n, ...)`` gives ``(n * size, ...)``.  Other
+    arguments and errors as :func:`all_sum`.
+    """
+    arr, t, g = as_array(x), check_timeout(timeout), await _world(group)
+    return await _on_engine(g, engine_ops.all_gather(g, arr, t))
+
+
+async def sum_scatter(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
+    """This rank's block of ``all_sum(x)`` split evenly along axis 0.
+
+    Returns an array of shape ``(x.shape[0] // size, *x.shape[1:])``.
+
+    Raises:
+        ValueError: ``x`` is 0-d or ``x.shape[0]`` is not divisible by the
+            group size.
+        Others as :func:`all_sum`.
+    """
+    arr, t, g = as_array(x), check_timeout(timeout), await _world(group)
+    return await _on_engine(g, engine_ops.sum_scatter(g, arr, t))
+
+
+async def send(x: Any, dst: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
+    """Send ``x`` to rank ``dst`` of the group (any rank, not only neighbours).
+
+    Returns ``x`` (as an array) once its bytes have left this process, so the
+    caller may change it.  Messages to one rank arrive in the order sent.
+
+    Raises:
+        ValueError: ``dst`` out of range, equal to this rank, or a group of size 1.
+        TypeError: unsupported dtype.
+        PeerLostError, CommTimeoutError: ``dst`` is gone or stopped reading.
+    """
+    arr, t, g = as_array(x), check_timeout(timeout), await _world(group)
+    dst = check_peer(g, dst, "dst")
+    await _on_engine(g, engine_ops.send(g, arr, dst, t))
+    return arr
+
+
+async def recv(shape: Any, dtype: Any, src: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
+    """Receive a new array of ``shape`` and ``dtype`` from rank ``src``.
+
+    Raises:
+        MismatchError: ``src`` sent a different shape or dtype (both are named).
+        ValueError: ``src`` out of range, equal to this rank, or a group of size 1.
+        TypeError: unsupported dtype.
+        PeerLostError, CommTimeoutError: ``src`` is gone or sent nothing in time.
+    """
+    dims, dt, t, g = check_shape(shape), wire.wire_dtype(dtype), check_timeout(timeout), await _world(group)
+    src = check_peer(g, src, "src")
+    return await _on_engine(g, engine_ops.recv(g, dims, dt, src, t))
+
+
+async def recv_like(x: Any, src: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
+    """``recv(x.shape, x.dtype, src)``: receive an array shaped like ``x``."""
+    arr = np.asarray(x)
+    return await recv(arr.shape, arr.dtype, src, group=group, timeout=timeout)
+
+
+async def split(color: int, key: int = -1, *, group: Group | None = None, timeout: float | None = None) -> Group:
+    """Async form of :meth:`Group.split` (collective over ``group``, default the world)."""
+    try:
+        color, key = operator.index(color), operator.index(key)
+    except TypeError:
+        raise TypeError(f"split color and key must be integers, got {color!r}, {key!r}") from None
+    t, g = check_timeout(timeout), await _world(group)
+    return await _on_engine(g, engine_ops.split(g, color, key, t))
+
+
+def _reset_for_tests() -> None:
+    global _engine, _starting
+    _engine = None
+    _starting = None
+

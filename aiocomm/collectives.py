@@ -1,0 +1,215 @@
+"""Collective algorithms, written only against an async send/recv interface.
+
+Nothing here knows about sockets, groups or contexts: an algorithm gets a
+:class:`Link` (one per collective call, already bound to its group, context
+and sequence number) and group-local ranks.  Tests drive the same code over
+an in-memory link.
+
+Theory of operation
+-------------------
+The flattened array is cut into ``size`` nearly equal *blocks*, and each
+block into *segments* of at most ``segment_bytes`` (an empty block still has
+one empty segment, so every step moves at least one frame and its signature
+is checked).  The ring algorithms then move segments, not blocks: a segment
+received and reduced at step ``s`` is pushed to the right neighbour at once
+as part of step ``s + 1``, so the link carries one segment while the next is
+being reduced (gloo's pipelining).  Receives are posted ahead of time
+(``window`` segments) so payloads land straight in their destination; the
+reduction runs in place with a numpy ufunc (which releases the GIL).
+
+Reduce-scatter: rank ``r`` first sends block ``r + shift - 1``; at step ``s``
+it receives block ``r + shift - 2 - s`` from the left, folds its own values
+in, and forwards it.  After ``size - 1`` steps block ``r + shift`` holds the
+full reduction.  All-gather: rank ``r`` starts owning block ``r + shift``
+and at step ``s`` receives block ``r + shift - 1 - s``, forwarding all but the
+last.  All-reduce is reduce-scatter then all-gather with ``shift = 1``.
+
+Safety of in-place buffers: a pushed segment may still sit in the event
+loop's write buffer when the algorithm moves on.  It is never overwritten
+before it has left: any data that lands on a pushed segment's memory
+causally depends on the pushed bytes having been read by a peer.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Awaitable, Protocol
+
+import numpy as np
+
+#: Largest segment moved as one frame.
+SEGMENT_BYTES = 1 << 20
+#: Receives posted ahead of the one being reduced.
+WINDOW = 4
+
+REDUCERS: dict[str, np.ufunc] = {"sum": np.add, "max": np.maximum, "min": np.minimum}
+
+
+class Link(Protocol):
+    """What a collective needs: ordered messages to and from group-local ranks.
+
+    ``lane`` separates independent streams between the same pair inside one
+    collective.  Messages on one (peer, lane) arrive in the order pushed.
+    """
+
+    rank: int
+    size: int
+
+    async def open(self, *peers: int) -> None:
+        """Make sure ``push`` to these ranks can proceed."""
+
+    def push(self, dst: int, lane: int, data: np.ndarray) -> None:
+        """Queue ``data`` (contiguous) for ``dst``; returns at once."""
+
+    def post(self, src: int, lane: int, out: np.ndarray) -> Awaitable[np.ndarray]:
+        """Receive the next message from ``src`` on ``lane`` into ``out``."""
+
+    async def flush(self) -> None:
+        """Wait until everything pushed has left this process."""
+
+
+def partition(count: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ranges covering ``range(count)``, sizes differing by at most one."""
+    base, extra = divmod(count, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def segments(block: tuple[int, int], seg_items: int) -> list[tuple[int, int]]:
+    """Cut a block into ranges of at most ``seg_items``; an empty block gives one empty range."""
+    start, stop = block
+    if start == stop:
+        return [(start, stop)]
+    return [(a, min(a + seg_items, stop)) for a in range(start, stop, seg_items)]
+
+
+def _seg_items(dtype: np.dtype, segment_bytes: int) -> int:
+    return max(1, segment_bytes // dtype.itemsize)
+
+
+async def ring_reduce_scatter(
+    link: Link,
+    flat: np.ndarray,
+    blocks: list[tuple[int, int]],
+    ufunc: np.ufunc,
+    shift: int,
+    *,
+    segment_bytes: int = SEGMENT_BYTES,
+    window: int = WINDOW,
+) -> None:
+    """Reduce ``flat`` in place so block ``(rank + shift) % size`` holds the group's reduction."""
+    n, r = link.size, link.rank
+    right, left = (r + 1) % n, (r - 1) % n
+    seg = _seg_items(flat.dtype, segment_bytes)
+    await link.open(right)
+    for a, b in segments(blocks[(r + shift - 1) % n], seg):
+        link.push(right, 0, flat[a:b])
+    plan = [
+        (step, a, b)
+        for step in range(n - 1)
+        for a, b in segments(blocks[(r + shift - 2 - step) % n], seg)
+    ]
+    depth = min(window, len(plan))
+    scratch = [np.empty(min(seg, flat.size), flat.dtype) for _ in range(depth)]
+    posted: collections.deque[Awaitable[np.ndarray]] = collections.deque()
+    for i in range(depth):
+        _, a, b = plan[i]
+        posted.append(link.post(left, 0, scratch[i][: b - a]))
+    for i, (step, a, b) in enumerate(plan):
+        incoming = await posted.popleft()
+        target = flat[a:b]
+        ufunc(target, incoming, out=target)
+        if i + depth < len(plan):
+            _, na, nb = plan[i + depth]
+            posted.append(link.post(left, 0, scratch[i % depth][: nb - na]))
+        if step < n - 2:
+            link.push(right, 0, target)
+
+
+async def ring_all_gather(
+    link: Link,
+    flat: np.ndarray,
+    blocks: list[tuple[int, int]],
+    shift: int,
+    *,
+    segment_bytes: int = SEGMENT_BYTES,
+) -> None:
+    """Fill every block of ``flat``; rank ``r`` starts owning block ``(r + shift) % size``."""
+    n, r = link.size, link.rank
+    right, left = (r + 1) % n, (r - 1) % n
+    seg = _seg_items(flat.dtype, segment_bytes)
+    await link.open(right)
+    for a, b in segments(blocks[(r + shift) % n], seg):
+        link.push(right, 0, flat[a:b])
+    plan = [
+        (step, a, b)
+        for step in range(n - 1)
+        for a, b in segments(blocks[(r + shift - 1 - step) % n], seg)
+    ]
+    # Every destination is final memory, so post all receives up front.
+    posted = [link.post(left, 0, flat[a:b]) for _, a, b in plan]
+    for (step, a, b), fut in zip(plan, posted):
+        await fut
+        if step < n - 2:
+            link.push(right, 0, flat[a:b])
+
+
+async def all_reduce(link: Link, x: np.ndarray, op: str) -> np.ndarray:
+    """Element-wise reduction of ``x`` over the group; ``x`` is left untouched."""
+    out = np.array(x, order="C", copy=True)
+    if link.size == 1:
+        return out
+    flat = out.reshape(-1)
+    blocks = partition(flat.size, link.size)
+    await ring_reduce_scatter(link, flat, blocks, REDUCERS[op], 1)
+    await ring_all_gather(link, flat, blocks, 1)
+    await link.flush()
+    return out
+
+
+def gathered_shape(shape: tuple[int, ...], size: int) -> tuple[int, ...]:
+    if not shape:
+        return (size,)
+    return (shape[0] * size, *shape[1:])
+
+
+async def all_gather(link: Link, x: np.ndarray) -> np.ndarray:
+    """Arrays of all ranks concatenated along axis 0, in rank order."""
+    n = link.size
+    out = np.empty(gathered_shape(x.shape, n), x.dtype)
+    flat = out.reshape(-1)
+    m = x.size
+    flat[link.rank * m : (link.rank + 1) * m] = x.reshape(-1)
+    if n == 1:
+        return out
+    await ring_all_gather(link, flat, [(i * m, (i + 1) * m) for i in range(n)], 0)
+    await link.flush()
+    return out
+
+
+def scattered_shape(shape: tuple[int, ...], size: int) -> tuple[int, ...]:
+    if not shape:
+        raise ValueError("sum_scatter needs an array with at least one dimension, got a 0-d array")
+    if shape[0] % size:
+        raise ValueError(
+            f"sum_scatter: first dimension {shape[0]} of shape {shape} is not divisible by the group size {size}"
+        )
+    return (shape[0] // size, *shape[1:])
+
+
+async def reduce_scatter(link: Link, x: np.ndarray, op: str) -> np.ndarray:
+    """This rank's block (along axis 0) of the reduction of ``x`` over the group."""
+    n, r = link.size, link.rank
+    shape = scattered_shape(x.shape, n)
+    if n == 1:
+        return np.array(x, order="C", copy=True)
+    work = np.array(x, order="C", copy=True).reshape(-1)
+    m = work.size // n
+    blocks = [(i * m, (i + 1) * m) for i in range(n)]
+    await ring_reduce_scatter(link, work, blocks, REDUCERS[op], 0)
+    await link.flush()
+    return work[r * m : (r + 1) * m].reshape(shape).copy()

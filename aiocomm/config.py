@@ -1,0 +1,137 @@
+"""How a process learns its place in the world: the launcher's environment.
+
+Precedence: ``AIOCOMM_RANK`` + ``AIOCOMM_HOSTFILE``, then ``MLX_RANK`` +
+``MLX_HOSTFILE`` (what ``mlx.launch --backend ring`` writes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Mapping
+
+from .errors import CommError
+
+#: (rank variable, hostfile variable), in order of precedence.
+ENV_SOURCES: tuple[tuple[str, str], ...] = (
+    ("AIOCOMM_RANK", "AIOCOMM_HOSTFILE"),
+    ("MLX_RANK", "MLX_HOSTFILE"),
+)
+
+DEFAULT_TIMEOUT = 300.0
+DEFAULT_CONNECT_TIMEOUT = 60.0
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """Everything needed to form the world group."""
+
+    rank: int
+    addresses: tuple[tuple[Address, ...], ...]  # per rank: where it listens
+    token: bytes
+    source: str  # the variables it came from, for messages
+    listen_fds: tuple[int, ...] = ()  # listening sockets inherited from the launcher
+
+    @property
+    def size(self) -> int:
+        return len(self.addresses)
+
+
+def parse_address(text: str, *, where: str) -> Address:
+    """``"ip:port"`` or ``"[v6]:port"`` as ``(host, port)``."""
+    if not isinstance(text, str):
+        raise CommError(f"{where}: address {text!r} is not an 'ip:port' string")
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CommError(f"{where}: address {text!r} is not 'ip:port'")
+    return host, int(port)
+
+
+def read_hostfile(path: str) -> tuple[tuple[Address, ...], ...]:
+    """Read a hostfile: a JSON list with one list of ``"ip:port"`` per rank."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except OSError as exc:
+        raise CommError(f"cannot read hostfile {path!r}: {exc}") from exc
+    except ValueError as exc:
+        raise CommError(f"hostfile {path!r} is not valid JSON: {exc}") from exc
+    if not isinstance(data, list) or not data:
+        raise CommError(f"hostfile {path!r} must be a non-empty JSON list (one entry per rank)")
+    result = []
+    for rank, entry in enumerate(data):
+        if isinstance(entry, str):
+            entry = [entry]
+        if not isinstance(entry, list) or not entry:
+            raise CommError(f"hostfile {path!r}: entry for rank {rank} must be a list of 'ip:port' strings")
+        result.append(tuple(parse_address(a, where=f"hostfile {path!r}, rank {rank}") for a in entry))
+    return tuple(result)
+
+
+def token_from_env(environ: Mapping[str, str]) -> bytes:
+    token = environ.get("AIOCOMM_TOKEN", "")
+    return token.encode()
+
+
+def spec_from_env(environ: Mapping[str, str] | None = None) -> WorldSpec | None:
+    """The world this process was launched into, or ``None`` if not launched."""
+    env = os.environ if environ is None else environ
+    for rank_var, file_var in ENV_SOURCES:
+        if rank_var in env and file_var in env:
+            text = env[rank_var]
+            try:
+                rank = int(text)
+            except ValueError:
+                raise CommError(f"{rank_var}={text!r} is not an integer") from None
+            addresses = read_hostfile(env[file_var])
+            if not 0 <= rank < len(addresses):
+                raise CommError(
+                    f"{rank_var}={rank} is outside hostfile {env[file_var]!r} with {len(addresses)} ranks"
+                )
+            return WorldSpec(rank, addresses, token_from_env(env), f"{rank_var}/{file_var}", listen_fds(env))
+        if rank_var in env or file_var in env:
+            missing = file_var if rank_var in env else rank_var
+            warnings.warn(f"{missing} is not set; ignoring the lone {rank_var if rank_var in env else file_var}")
+    return None
+
+
+def listen_fds(environ: Mapping[str, str]) -> tuple[int, ...]:
+    """``AIOCOMM_LISTEN_FDS``: comma-separated inherited listening socket fds."""
+    text = environ.get("AIOCOMM_LISTEN_FDS", "")
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise CommError(f"AIOCOMM_LISTEN_FDS={text!r} is not a comma-separated list of fds") from None
+
+
+def looked_for() -> str:
+    return ", ".join(f"{r} + {f}" for r, f in ENV_SOURCES)
+
+
+def float_env(name: str, default: float, environ: Mapping[str, str] | None = None) -> float:
+    env = os.environ if environ is None else environ
+    text = env.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ValueError(f"{name}={text!r} must be positive")
+    return value
+
+
+def op_timeout() -> float:
+    """Default seconds an operation may wait for a peer (``AIOCOMM_TIMEOUT``)."""
+    return float_env("AIOCOMM_TIMEOUT", DEFAULT_TIMEOUT)
+
+
+def connect_timeout() -> float:
+    """Seconds to form the ring at start-up (``AIOCOMM_CONNECT_TIMEOUT``)."""
+    return float_env("AIOCOMM_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT)

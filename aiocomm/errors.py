@@ -1,0 +1,65 @@
+"""The error tree of aiocomm.
+
+Every failure of communication is a :class:`CommError`.  The subclasses say
+*what* broke; the message says *who* (which rank, which address, which shape).
+Low-level causes (an ``OSError`` from the socket) are chained as ``__cause__``.
+
+::
+
+    CommError
+    ├── PeerLostError       a peer's connection closed or broke
+    ├── CommTimeoutError    (also a TimeoutError) nothing arrived in time
+    ├── ProtocolError       bytes on the wire that are not aiocomm's protocol
+    ├── MismatchError       (also a ValueError) ranks disagree on op/shape/dtype
+    └── AuthenticationError a peer failed the handshake's proof of the job token
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CommError",
+    "PeerLostError",
+    "CommTimeoutError",
+    "ProtocolError",
+    "MismatchError",
+    "AuthenticationError",
+]
+
+
+class CommError(Exception):
+    """Base class of every communication failure raised by aiocomm."""
+
+
+class PeerLostError(CommError):
+    """A peer's connection closed or broke while it was still needed.
+
+    ``rank`` is the world rank of the lost peer (``None`` when unknown).
+    """
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+class CommTimeoutError(CommError, TimeoutError):
+    """An operation waited longer than its timeout.
+
+    ``ranks`` lists the world ranks that were being waited on.
+    """
+
+    def __init__(self, message: str, ranks: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.ranks = ranks
+
+
+class ProtocolError(CommError):
+    """Bytes that break the wire protocol: bad magic, version, length or map."""
+
+
+class MismatchError(CommError, ValueError):
+    """Ranks called different operations, or the same one with different
+    shapes or dtypes, so their data cannot be combined."""
+
+
+class AuthenticationError(ProtocolError):
+    """A peer could not prove that it knows this job's token."""

@@ -1,0 +1,395 @@
+"""The wire format: frames, array metadata and the handshake, with no sockets.
+
+Theory of operation
+-------------------
+Every message on an aiocomm connection is one *frame*::
+
+    +--------------------------- 36-byte header (little endian) ---------------------------+
+    | magic "AIOC" | version u8 | kind u8 | flags u16 | context u64 | tag u64 | payload u64 | meta u32 |
+    +--------------------------------------------------------------------------------------+
+    | meta: ``meta`` bytes of msgpack (array metadata or a control map)                    |
+    | payload: ``payload`` raw bytes (the array's memory, C order, native little endian)   |
+
+* ``context`` names the group the frame belongs to, so groups never mix.
+* ``tag`` orders frames inside a context: collectives use ``seq << 8 | lane``
+  (a per-group collective counter and a sub-stream), point-to-point traffic
+  uses tag 0 and relies on TCP's ordering between one pair of ranks.
+* Data frames carry ``[op, dtype, shape]`` as meta, the *whole* operation's
+  signature, so the receiver checks every frame against what it expects and
+  a mismatch between ranks is an error, never silent corruption.
+* Array bytes are never pickled or copied into ``bytes``: :class:`FrameReader`
+  asks its owner (``route``) where a frame's payload must go as soon as the
+  header and meta are in, and the transport reads straight into that memory.
+
+:class:`FrameReader` is a pure state machine (bytes in, frames out) shaped like
+``asyncio.BufferedProtocol`` so the transport can hand its buffers to the
+event loop.  A reader that saw bad bytes goes to its error state and stays
+there; every later call raises the same :class:`ProtocolError`.
+
+The handshake (1.5 round trips, each step a frame with a msgpack map)::
+
+    listener  -> connector  CHALLENGE {nonce}
+    connector -> listener   HELLO     {rank, size, to, nonce, mac}
+    listener  -> connector  WELCOME   {rank, mac}   or REJECT {reason}
+
+``mac`` is an HMAC-SHA256 keyed by the job token over the other side's nonce
+and both ranks, so each side proves it knows the token without sending it.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Sequence
+
+import msgpack
+import numpy as np
+
+from .errors import AuthenticationError, MismatchError, ProtocolError
+
+MAGIC = b"AIOC"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHQQQI")
+HEADER_SIZE = HEADER.size  # 36
+
+#: Largest msgpack meta section accepted from a peer.
+MAX_META = 64 * 1024
+#: Largest payload a header may announce (1 TiB is rejected before any allocation).
+MAX_PAYLOAD = 1 << 38  # 256 GiB
+#: Bytes the reader stages at a time for headers, meta and small payloads.
+STAGE_SIZE = 256 * 1024
+NONCE_SIZE = 16
+
+
+class Kind(enum.IntEnum):
+    CHALLENGE = 1
+    HELLO = 2
+    WELCOME = 3
+    REJECT = 4
+    COLL = 10  # a segment of a collective
+    P2P = 11  # a point-to-point message
+    ABORT = 20  # a rank gave up on a context; carries the reason
+
+
+HANDSHAKE_KINDS = frozenset({Kind.CHALLENGE, Kind.HELLO, Kind.WELCOME, Kind.REJECT})
+DATA_KINDS = frozenset({Kind.COLL, Kind.P2P})
+
+#: The documented dtypes, by the name used on the wire.
+DTYPE_NAMES: tuple[str, ...] = (
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+    "complex64",
+    "complex128",
+)
+_DTYPES = {name: np.dtype(name) for name in DTYPE_NAMES}
+
+
+def wire_dtype(dtype: Any) -> np.dtype:
+    """The native-order numpy dtype for ``dtype``, or ``TypeError`` naming it."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"aiocomm does not support dtype {dtype!r}") from exc
+    if dt.name not in _DTYPES or dt.fields is not None:
+        raise TypeError(
+            f"aiocomm does not support dtype {dt} ({dt.str}); supported: {', '.join(DTYPE_NAMES)}"
+        )
+    return _DTYPES[dt.name]
+
+
+class Header(NamedTuple):
+    kind: Kind
+    flags: int
+    context: int
+    tag: int
+    payload_len: int
+    meta_len: int
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a data frame belongs to: the operation and its whole array's type."""
+
+    op: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def describe(self) -> str:
+        return f"{self.op}(shape={self.shape}, dtype={self.dtype})"
+
+
+def encode_frame_head(kind: Kind, context: int, tag: int, meta: bytes, payload_len: int) -> bytes:
+    """Header plus meta bytes of one frame; the payload follows separately."""
+    return HEADER.pack(MAGIC, VERSION, kind, 0, context, tag, payload_len, len(meta)) + meta
+
+
+def control_frame(kind: Kind, fields: dict[str, Any], context: int = 0, tag: int = 0) -> bytes:
+    """A whole frame carrying only a msgpack map."""
+    return encode_frame_head(kind, context, tag, msgpack.packb(fields, use_bin_type=True), 0)
+
+
+def encode_signature(sig: Signature) -> bytes:
+    return msgpack.packb([sig.op, sig.dtype, list(sig.shape)], use_bin_type=True)
+
+
+def decode_header(raw: bytes | memoryview) -> Header:
+    """Parse and validate a header; ``ProtocolError`` says what is wrong."""
+    magic, version, kind, flags, context, tag, payload_len, meta_len = HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {bytes(magic)!r} (not an aiocomm peer)")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version} (this side speaks {VERSION})")
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        raise ProtocolError(f"unknown frame kind {kind}") from None
+    if meta_len > MAX_META:
+        raise ProtocolError(f"meta section of {meta_len} bytes exceeds the limit of {MAX_META}")
+    if payload_len > MAX_PAYLOAD:
+        raise ProtocolError(f"payload of {payload_len} bytes exceeds the limit of {MAX_PAYLOAD}")
+    if kind not in DATA_KINDS and payload_len:
+        raise ProtocolError(f"{kind.name} frame must not carry a payload ({payload_len} bytes)")
+    return Header(kind, flags, context, tag, payload_len, meta_len)
+
+
+def decode_meta(raw: bytes | memoryview) -> Any:
+    """Decode a msgpack meta section with limits; never executes or pickles."""
+    try:
+        return msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_META,
+            max_bin_len=MAX_META,
+            max_array_len=4096,
+            max_map_len=64,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises a zoo of types for malformed input
+        raise ProtocolError(f"malformed msgpack meta: {exc}") from exc
+
+
+def decode_signature(meta: Any) -> Signature:
+    """The data frame meta ``[op, dtype, shape]`` as a :class:`Signature`."""
+    if (
+        not isinstance(meta, list)
+        or len(meta) != 3
+        or not isinstance(meta[0], str)
+        or not isinstance(meta[1], str)
+        or not isinstance(meta[2], list)
+        or not all(isinstance(d, int) and d >= 0 for d in meta[2])
+        or len(meta[2]) > 64
+    ):
+        raise ProtocolError(f"malformed array metadata {meta!r}")
+    if meta[1] not in _DTYPES:
+        raise ProtocolError(f"unknown dtype {meta[1]!r} in array metadata")
+    return Signature(meta[0], meta[1], tuple(meta[2]))
+
+
+def check_signature(expected: Signature, got: Signature, *, me: int, peer: int) -> None:
+    """Raise ``MismatchError`` naming both sides if a frame is not what we expect."""
+    if expected != got:
+        raise MismatchError(
+            f"rank {me} expected {expected.describe()} from rank {peer}, "
+            f"but rank {peer} sent {got.describe()}"
+        )
+
+
+def require_map(meta: Any, kind: Kind, keys: Sequence[str]) -> dict[str, Any]:
+    if not isinstance(meta, dict) or any(k not in meta for k in keys):
+        raise ProtocolError(f"malformed {kind.name} map {meta!r}; needs keys {list(keys)}")
+    return meta
+
+
+# ---------------------------------------------------------------- handshake
+
+
+def _mac(token: bytes, label: bytes, nonce: bytes, *ints: int) -> bytes:
+    msg = label + nonce + b"".join(i.to_bytes(8, "little", signed=True) for i in ints)
+    return hmac.new(token, msg, hashlib.sha256).digest()
+
+
+def hello_fields(token: bytes, challenge_nonce: bytes, rank: int, size: int, to: int, nonce: bytes) -> dict[str, Any]:
+    """The connector's HELLO map answering a listener's challenge."""
+    return {
+        "rank": rank,
+        "size": size,
+        "to": to,
+        "nonce": nonce,
+        "mac": _mac(token, b"hello", challenge_nonce, rank, size, to),
+    }
+
+
+def check_hello(
+    meta: Any, token: bytes, challenge_nonce: bytes, *, my_rank: int, size: int
+) -> tuple[int, bytes]:
+    """Validate a HELLO on the listening side; returns (peer rank, peer nonce)."""
+    m = require_map(meta, Kind.HELLO, ("rank", "size", "to", "nonce", "mac"))
+    rank, peer_size, to, nonce, mac = m["rank"], m["size"], m["to"], m["nonce"], m["mac"]
+    if not all(isinstance(v, int) for v in (rank, peer_size, to)) or not isinstance(nonce, bytes) or not isinstance(mac, bytes):
+        raise ProtocolError(f"malformed HELLO map {m!r}")
+    if peer_size != size:
+        raise ProtocolError(f"peer claiming rank {rank} has group size {peer_size}, rank {my_rank} has {size}")
+    if to != my_rank:
+        raise ProtocolError(f"peer claiming rank {rank} wanted rank {to} but reached rank {my_rank}")
+    if not 0 <= rank < size or rank == my_rank:
+        raise ProtocolError(f"peer claims invalid rank {rank} (group size {size}, this is rank {my_rank})")
+    if not hmac.compare_digest(mac, _mac(token, b"hello", challenge_nonce, rank, size, to)):
+        raise AuthenticationError(
+            f"peer claiming rank {rank} failed authentication (AIOCOMM_TOKEN differs: another job?)"
+        )
+    return rank, nonce
+
+
+def welcome_fields(token: bytes, peer_nonce: bytes, rank: int, peer: int) -> dict[str, Any]:
+    return {"rank": rank, "mac": _mac(token, b"welcome", peer_nonce, rank, peer)}
+
+
+def check_welcome(meta: Any, token: bytes, my_nonce: bytes, *, my_rank: int, expected: int) -> None:
+    m = require_map(meta, Kind.WELCOME, ("rank", "mac"))
+    if m["rank"] != expected:
+        raise ProtocolError(f"rank {my_rank} connected to rank {m['rank']!r} but expected rank {expected}")
+    if not isinstance(m["mac"], bytes) or not hmac.compare_digest(
+        m["mac"], _mac(token, b"welcome", my_nonce, expected, my_rank)
+    ):
+        raise AuthenticationError(f"rank {expected} failed authentication (AIOCOMM_TOKEN differs: another job?)")
+
+
+# ---------------------------------------------------------------- reader
+
+
+class Sink:
+    """Where one frame's payload goes: ``view`` (exactly payload bytes), or
+    ``None`` to read and drop the payload.  Owners subclass it to attach
+    what they need when the frame completes."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, view: memoryview | None) -> None:
+        self.view = view
+
+
+class Frame(NamedTuple):
+    header: Header
+    meta: Any
+    sink: Sink
+
+
+Route = Callable[[Header, Any], Sink]
+
+
+class FrameReader:
+    """Incremental frame parser with zero-copy payload delivery.
+
+    Use it like ``asyncio.BufferedProtocol``: write into :meth:`get_buffer`,
+    then report the count to :meth:`buffer_updated`, which returns the frames
+    completed.  ``route(header, meta)`` is called once per frame, before its
+    payload is read, and chooses the payload's destination.
+    """
+
+    def __init__(self, route: Route, *, stage_size: int = STAGE_SIZE) -> None:
+        assert stage_size >= HEADER_SIZE + MAX_META
+        self._route = route
+        self._stage = bytearray(stage_size)
+        self._sv = memoryview(self._stage)
+        self._lo = 0  # first unconsumed staged byte
+        self._hi = 0  # end of staged bytes
+        self._header: Header | None = None
+        self._meta: Any = None
+        self._sink: Sink | None = None
+        self._filled = 0  # payload bytes delivered so far
+        self.error: ProtocolError | None = None
+
+    @property
+    def idle(self) -> bool:
+        """True between frames with nothing staged (a clean place to stop)."""
+        return self._header is None and self._lo == self._hi
+
+    def _fail(self, exc: ProtocolError) -> ProtocolError:
+        self.error = exc
+        return exc
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        if self.error is not None:
+            raise self.error
+        sink = self._sink
+        if sink is not None and sink.view is not None and self._lo == self._hi:
+            return sink.view[self._filled :]
+        if self._lo == self._hi:
+            self._lo = self._hi = 0
+        elif self._hi == len(self._stage):
+            n = self._hi - self._lo
+            self._stage[:n] = self._sv[self._lo : self._hi]
+            self._lo, self._hi = 0, n
+        return self._sv[self._hi :]
+
+    def buffer_updated(self, nbytes: int) -> list[Frame]:
+        if self.error is not None:
+            raise self.error
+        done: list[Frame] = []
+        sink = self._sink
+        if sink is not None and sink.view is not None and self._lo == self._hi:
+            # The bytes went straight into the sink's memory.
+            self._filled += nbytes
+            if self._filled == self._header.payload_len:  # type: ignore[union-attr]
+                done.append(self._complete())
+            return done
+        self._hi += nbytes
+        try:
+            self._parse(done)
+        except ProtocolError as exc:
+            raise self._fail(exc)
+        return done
+
+    def _complete(self) -> Frame:
+        frame = Frame(self._header, self._meta, self._sink)  # type: ignore[arg-type]
+        self._header = None
+        self._sink = None
+        self._filled = 0
+        return frame
+
+    def _parse(self, done: list[Frame]) -> None:
+        while True:
+            avail = self._hi - self._lo
+            if self._header is None:
+                if avail < HEADER_SIZE:
+                    return
+                header = decode_header(self._sv[self._lo : self._lo + HEADER_SIZE])
+                if avail < HEADER_SIZE + header.meta_len:
+                    return
+                start = self._lo + HEADER_SIZE
+                self._meta = decode_meta(self._sv[start : start + header.meta_len]) if header.meta_len else None
+                self._lo = start + header.meta_len
+                self._header = header
+                self._filled = 0
+                self._sink = self._route(header, self._meta)
+                view = self._sink.view
+                if view is not None and view.nbytes != header.payload_len:
+                    raise ProtocolError(
+                        f"routing gave {view.nbytes} bytes for a {header.payload_len}-byte payload"
+                    )
+                avail = self._hi - self._lo
+            take = min(avail, self._header.payload_len - self._filled)
+            if take:
+                view = self._sink.view  # type: ignore[union-attr]
+                if view is not None:
+                    view[self._filled : self._filled + take] = self._sv[self._lo : self._lo + take]
+                self._lo += take
+                self._filled += take
+            if self._filled == self._header.payload_len:
+                done.append(self._complete())
+                continue
+            return

@@ -1,0 +1,204 @@
+"""Run the ranks of one job, watch them, and stop them all when one fails.
+
+Each rank is a child process in its own session (so a signal reaches its
+whole process tree).  Output lines are read from pipes and written whole,
+tagged ``[rank N]``, so lines of different ranks never interleave mid-line.
+The job's exit status is 0 only when every rank exited 0; otherwise it is the
+first failing rank's status (128 + signal number for a signal), and a one-line
+summary says which ranks failed and how.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import IO, Callable, Sequence
+
+#: Seconds between SIGTERM and SIGKILL when stopping ranks.
+GRACE = 5.0
+
+
+@dataclass
+class RankProcess:
+    """How to start one rank."""
+
+    rank: int
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str | None = None
+    pass_fds: tuple[int, ...] = ()
+    stdin: bool = False  # forward the launcher's stdin to this rank
+
+
+@dataclass
+class JobResult:
+    returncodes: dict[int, int | None] = field(default_factory=dict)
+    first_failure: int | None = None  # rank
+    timed_out: bool = False
+
+    @property
+    def exit_status(self) -> int:
+        if self.timed_out:
+            return 124
+        if self.first_failure is None:
+            return 0
+        return status_of(self.returncodes[self.first_failure])
+
+    def summary(self) -> str:
+        failed = []
+        for rank, code in sorted(self.returncodes.items()):
+            if code is None:
+                failed.append(f"rank {rank} did not finish")
+            elif code < 0:
+                try:
+                    name = signal.Signals(-code).name
+                except ValueError:
+                    name = f"signal {-code}"
+                failed.append(f"rank {rank} killed by {name}")
+            elif code != 0:
+                failed.append(f"rank {rank} exited with code {code}")
+        head = "job timed out; " if self.timed_out else ""
+        return head + ("; ".join(failed) if failed else "all ranks exited 0")
+
+
+def status_of(code: int | None) -> int:
+    if code is None:
+        return 1
+    if code < 0:
+        return 128 - code
+    return code
+
+
+class _Output:
+    """Writes whole lines, optionally prefixed, to one stream."""
+
+    def __init__(self, stream: IO[bytes], prefix: bool) -> None:
+        self.stream = stream
+        self.prefix = prefix
+
+    def line(self, rank: int, data: bytes) -> None:
+        if self.prefix:
+            data = b"[rank %d] " % rank + data
+        if not data.endswith(b"\n"):
+            data += b"\n"
+        self.stream.write(data)
+        self.stream.flush()
+
+
+async def _pump(reader: asyncio.StreamReader, rank: int, out: _Output) -> None:
+    while True:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                out.line(rank, exc.partial)
+            return
+        except asyncio.LimitOverrunError as exc:
+            line = await reader.readexactly(exc.consumed)
+        out.line(rank, line)
+
+
+def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def run_job(
+    ranks: Sequence[RankProcess],
+    *,
+    prefix: bool = True,
+    timeout: float | None = None,
+    verbose: bool = False,
+    on_started: Callable[[], None] | None = None,
+) -> JobResult:
+    """Start every rank, wait, and stop the rest as soon as one fails."""
+    loop = asyncio.get_running_loop()
+    stdout = _Output(sys.stdout.buffer, prefix)
+    stderr = _Output(sys.stderr.buffer, prefix)
+    procs: dict[int, asyncio.subprocess.Process] = {}
+    pumps: list[asyncio.Task[None]] = []
+    result = JobResult()
+    for spec in ranks:
+        proc = await asyncio.create_subprocess_exec(
+            *spec.argv,
+            env=spec.env,
+            cwd=spec.cwd,
+            pass_fds=spec.pass_fds,
+            stdin=None if spec.stdin else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            limit=1 << 20,
+        )
+        procs[spec.rank] = proc
+        result.returncodes[spec.rank] = None
+        assert proc.stdout is not None and proc.stderr is not None
+        pumps.append(loop.create_task(_pump(proc.stdout, spec.rank, stdout)))
+        pumps.append(loop.create_task(_pump(proc.stderr, spec.rank, stderr)))
+        if verbose:
+            print(f"aiocomm-launch: rank {spec.rank} pid {proc.pid}: {' '.join(spec.argv)}", file=sys.stderr)
+
+    if on_started is not None:
+        on_started()
+    stopping = False
+
+    def stop_all(sig: int = signal.SIGTERM) -> None:
+        nonlocal stopping
+        if stopping and sig == signal.SIGTERM:
+            return
+        stopping = True
+        for proc in procs.values():
+            if proc.returncode is None:
+                _signal_group(proc, sig)
+        loop.call_later(GRACE, _kill_rest)
+
+    def _kill_rest() -> None:
+        for proc in procs.values():
+            if proc.returncode is None:
+                _signal_group(proc, signal.SIGKILL)
+
+    def forward(sig: int) -> None:
+        for proc in procs.values():
+            if proc.returncode is None:
+                _signal_group(proc, sig)
+        stop_all()
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, forward, sig)
+
+    waits = {loop.create_task(proc.wait()): rank for rank, proc in procs.items()}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending = set(waits)
+    try:
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                result.timed_out = True
+                stop_all()
+                deadline = None
+                continue
+            for task in done:
+                rank = waits[task]
+                code = task.result()
+                result.returncodes[rank] = code
+                if code != 0 and result.first_failure is None and not result.timed_out:
+                    result.first_failure = rank
+                    stop_all()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        for proc in procs.values():
+            if proc.returncode is None:
+                _signal_group(proc, signal.SIGKILL)
+        # Reap whatever a rank left in its process group.
+        for proc in procs.values():
+            _signal_group(proc, signal.SIGKILL)
+        await asyncio.gather(*pumps, return_exceptions=True)
+    return result
