@@ -33,12 +33,14 @@ causally depends on the pushed bytes having been read by a peer.
 from __future__ import annotations
 
 import collections
+import os
 from typing import Awaitable, Protocol
 
 import numpy as np
 
-#: Largest segment moved as one frame.
-SEGMENT_BYTES = 1 << 20
+#: Largest segment moved as one frame (``AIOCOMM_SEGMENT_BYTES`` overrides it,
+#: which tests use to drive the multi-segment paths with small arrays).
+SEGMENT_BYTES = int(os.environ.get("AIOCOMM_SEGMENT_BYTES", 1 << 20))
 #: Receives posted ahead of the one being reduced.
 WINDOW = 4
 

@@ -153,8 +153,15 @@ async def _collective(group: Group, op: str, x: np.ndarray, timeout: float, body
     sig = Signature(op, x.dtype.name, x.shape)
     link = MeshLink(group, sig, mesh.loop.time() + timeout)
     try:
+        if group.context in mesh.broken:
+            raise mesh.broken[group.context]
         return await body(link)
     except CommError as exc:
+        # Prefer the root cause another rank reported over a symptom seen here
+        # (a peer that left after it gave up).
+        cause = mesh.broken.get(group.context)
+        if cause is not None and cause is not exc:
+            raise cause from exc
         mesh.abort(group.context, exc)
         raise
 

@@ -209,10 +209,10 @@ class PeerStream(asyncio.BufferedProtocol):
 
     def drained(self) -> asyncio.Future[None] | None:
         """A future done when everything written is in the kernel, or None if it already is."""
-        if self.closed:
-            raise self._lost_error(None)
         if not self._paused:
-            return None
+            return None  # nothing waits in our buffer (even if the peer has since closed)
+        if self.closed:
+            raise self._lost_error(self.lost_reason)
         waiter = self.mesh.loop.create_future()
         self._drain_waiters.append(waiter)
         return waiter
@@ -306,6 +306,7 @@ class Mesh:
         self._connecting: dict[int, asyncio.Task[PeerStream]] = {}
         self._inbound_waiters: dict[int, asyncio.Future[None]] = {}
         self._servers: list[asyncio.AbstractServer] = []
+        self._abort_tasks: set[asyncio.Task[None]] = set()
         self.connect_timeout = 60.0
         self.closed = False
         self.bytes_sent = 0  # payload bytes, for the benchmark's wire count
@@ -369,6 +370,8 @@ class Mesh:
         """Close every connection and listener (a clean exit)."""
         if self.closed:
             return
+        if self._abort_tasks:  # let the other ranks learn why this one gave up
+            await asyncio.wait(list(self._abort_tasks), timeout=5.0)
         self.closed = True
         for server in self._servers:
             server.close()
@@ -610,12 +613,17 @@ class Mesh:
         frame = wire.control_frame(Kind.ABORT, fields, context=context)
         for peer in self.members.get(context, ()):
             if peer != self.rank and peer not in self.lost:
-                self.loop.create_task(self._send_abort(peer, frame))
+                task = self.loop.create_task(self._send_abort(peer, frame))
+                self._abort_tasks.add(task)
+                task.add_done_callback(self._abort_tasks.discard)
 
     async def _send_abort(self, peer: int, frame: bytes) -> None:
         try:
             stream = await asyncio.wait_for(self.connect(peer), 5.0)
             stream.send_frame(frame, None)
+            waiter = stream.drained()
+            if waiter is not None:
+                await asyncio.wait_for(waiter, 5.0)
         except Exception as exc:  # best effort: the peer may be the one that is gone
             log.debug("rank %d: could not tell rank %d about an abort: %r", self.rank, peer, exc)
 

@@ -1,0 +1,56 @@
+"""Helpers shared by the tests: start real jobs through the real launcher."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKERS = Path(__file__).resolve().parent / "workers"
+
+LAUNCHER_ENV_VARS = (
+    "AIOCOMM_RANK",
+    "AIOCOMM_HOSTFILE",
+    "AIOCOMM_TOKEN",
+    "AIOCOMM_LISTEN_FDS",
+    "MLX_RANK",
+    "MLX_HOSTFILE",
+)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV_VARS}
+    env.update(extra)
+    return env
+
+
+def launch(n: int, script: str, *args: str, timeout: float = 90, env: dict[str, str] | None = None,
+           launcher_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Run ``tests/workers/<script>`` on ``n`` local ranks with the real launcher."""
+    cmd = [sys.executable, "-m", "launcher", "-n", str(n), *launcher_args, str(WORKERS / script), *args]
+    return subprocess.run(
+        cmd, cwd=ROOT, env=clean_env(**(env or {})), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_ok(proc: subprocess.CompletedProcess[str], n: int, marker: str = "OK") -> None:
+    detail = f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, detail
+    for rank in range(n):
+        assert f"[rank {rank}] {marker}" in proc.stdout, detail
+
+
+@pytest.fixture
+def fresh_world(monkeypatch: pytest.MonkeyPatch):
+    """An in-process world of size 1: no launcher variables, no engine yet."""
+    import aiocomm.aio
+
+    for var in LAUNCHER_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    aiocomm.aio._reset_for_tests()
+    yield
+    aiocomm.aio._reset_for_tests()

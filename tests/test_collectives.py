@@ -1,0 +1,24 @@
+"""Every collective on every dtype and shape, over real processes and loopback TCP."""
+
+import pytest
+
+from .conftest import assert_ok, launch
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_every_collective_every_dtype(n):
+    assert_ok(launch(n, "collectives_matrix.py", timeout=170), n)
+
+
+@pytest.mark.timeout(240)
+def test_eight_ranks():
+    assert_ok(launch(8, "collectives_matrix.py", "all_sum,all_gather,sum_scatter", timeout=230), 8)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("n", [2, 3])
+def test_many_small_segments(n):
+    """64-byte segments: every array crosses the wire as many pipelined frames."""
+    proc = launch(n, "collectives_matrix.py", "all_sum,all_gather,sum_scatter", env={"AIOCOMM_SEGMENT_BYTES": "64"}, timeout=170)
+    assert_ok(proc, n)

@@ -1,0 +1,30 @@
+"""Deterministic per-rank inputs, so every rank can compute the expected result."""
+
+from __future__ import annotations
+
+import numpy as np
+
+DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+          "float16", "float32", "float64", "complex64", "complex128"]
+SHAPES = [(), (0,), (1,), (7,), (10, 3), (1000, 33)]
+
+
+def data(rank: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """Small integer-valued data (exact in every dtype when summed over <= 8 ranks)."""
+    count = int(np.prod(shape)) if shape else 1
+    base = (np.arange(count) * 7 + rank * 3) % 13
+    dt = np.dtype(dtype)
+    if dt == np.bool_:
+        arr = base % 2 == rank % 2
+    elif dt.kind == "c":
+        arr = (base + 1j * ((base + rank) % 5)).astype(dt)
+    else:
+        arr = base.astype(dt)
+    return arr.reshape(shape)
+
+
+def check(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    assert isinstance(got, np.ndarray), f"{what}: result is {type(got)}"
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    assert np.array_equal(got, want), f"{what}: values differ\n got {got.ravel()[:20]}\nwant {want.ravel()[:20]}"

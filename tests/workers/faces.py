@@ -1,0 +1,36 @@
+"""The blocking face from a plain script, a thread and a running event loop."""
+
+import asyncio
+import threading
+
+import numpy as np
+
+import aiocomm
+from aiocomm import aio
+from common import check
+
+world = aiocomm.init()
+n, r = world.size(), world.rank()
+assert aiocomm.init() is world  # same world, no new connections
+want = np.full(4, sum(range(n)), np.float32)
+
+check(aiocomm.all_sum(np.full(4, r, np.float32)), want, "plain script")
+
+results = []
+t = threading.Thread(target=lambda: results.append(aiocomm.all_sum(np.full(4, r, np.float32))))
+t.start()
+t.join(60)
+check(results[0], want, "from a thread")
+
+
+async def inside_loop() -> None:
+    # A program whose own thread runs a loop (Jupyter): the blocking face still works.
+    check(aiocomm.all_sum(np.full(4, r, np.float32)), want, "inside a running loop")
+    # ... and so does the async face, forwarded to the loop that owns the connections.
+    many = await asyncio.gather(*(aio.all_sum(np.full(3, r * i, np.int32)) for i in range(20)))
+    for i, got in enumerate(many):
+        check(got, np.full(3, i * sum(range(n)), np.int32), f"concurrent collective {i}")
+
+
+asyncio.run(inside_loop())
+print("OK faces", flush=True)
