@@ -39,9 +39,7 @@ class Engine:
         self.mesh = mesh
         rank = spec.rank if spec else 0
         size = spec.size if spec else 1
-        self.world = Group(self, tuple(range(size)), rank, WORLD_CONTEXT)
-        if mesh is not None:
-            mesh.register_context(WORLD_CONTEXT, self.world.members)
+        self.world = Group(self, tuple(range(size)), rank, WORLD_CONTEXT)  # the mesh knows it already
 
     @classmethod
     async def start(cls, spec: WorldSpec | None, connect_timeout: float) -> Engine:

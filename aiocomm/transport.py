@@ -81,6 +81,9 @@ class PendingRecv(Sink):
             self.timer.cancel()
         if not self.future.done():
             self.future.set_exception(exc)
+            # Receives posted ahead may never be awaited once their collective
+            # failed; the error reaches the caller through the one it awaits.
+            self.future.exception()
 
     def finish(self) -> None:
         if self.timer is not None:
@@ -302,7 +305,7 @@ class Mesh:
         self.mailboxes = [Mailbox() for _ in range(self.size)]
         self.lost: dict[int, PeerLostError] = {}
         self.broken: dict[int, CommError] = {}  # context -> why it is unusable
-        self.members: dict[int, tuple[int, ...]] = {}  # context -> world ranks
+        self.members: dict[int, tuple[int, ...]] = {0: tuple(range(self.size))}  # context -> world ranks
         self._connecting: dict[int, asyncio.Task[PeerStream]] = {}
         self._inbound_waiters: dict[int, asyncio.Future[None]] = {}
         self._servers: list[asyncio.AbstractServer] = []
@@ -371,7 +374,7 @@ class Mesh:
         if self.closed:
             return
         if self._abort_tasks:  # let the other ranks learn why this one gave up
-            await asyncio.wait(list(self._abort_tasks), timeout=5.0)
+            await asyncio.wait(list(self._abort_tasks), timeout=2.0)
         self.closed = True
         for server in self._servers:
             server.close()
@@ -390,8 +393,9 @@ class Mesh:
 
     # ---- connections
 
-    async def connect(self, peer: int) -> PeerStream:
-        """The outgoing connection to ``peer``, opened with retries if needed."""
+    async def connect(self, peer: int, *, patient: bool = True) -> PeerStream:
+        """The outgoing connection to ``peer``, opened if needed: with retries
+        until the bring-up timeout, or (``patient=False``) with one attempt."""
         stream = self.outgoing.get(peer)
         if stream is not None and not stream.closed:
             return stream
@@ -399,12 +403,13 @@ class Mesh:
             raise self.lost[peer]
         task = self._connecting.get(peer)
         if task is None:
-            task = self._connecting[peer] = self.loop.create_task(self._open(peer))
+            task = self._connecting[peer] = self.loop.create_task(self._open(peer, patient))
             task.add_done_callback(lambda _t, p=peer: self._connecting.pop(p, None))
         return await asyncio.shield(task)
 
-    async def _open(self, peer: int) -> PeerStream:
-        deadline = self.loop.time() + self.connect_timeout
+    async def _open(self, peer: int, patient: bool) -> PeerStream:
+        window = self.connect_timeout if patient else min(self.connect_timeout, 2.0)
+        deadline = self.loop.time() + window
         delay = 0.01
         addresses = self.spec.addresses[peer]
         host, port = addresses[0]
@@ -424,10 +429,10 @@ class Mesh:
                 raise type(exc)(f"rank {self.rank} connecting to rank {peer} at {host}:{port}: {exc}") from exc
             except (OSError, asyncio.TimeoutError) as exc:
                 last = exc
-            if self.loop.time() + delay >= deadline:
+            if not patient or self.loop.time() + delay >= deadline:
                 raise CommTimeoutError(
                     f"rank {self.rank} could not reach rank {peer} at {host}:{port} within "
-                    f"{self.connect_timeout:.1f}s (last error: {last!r})",
+                    f"{window:.1f}s (last error: {last!r})",
                     (peer,),
                 ) from last
             await asyncio.sleep(delay)
@@ -440,11 +445,15 @@ class Mesh:
             return
         if self.outgoing.get(peer) is stream:
             del self.outgoing[peer]
-        if self.inbound.get(peer) is stream:
+            if peer in self.inbound:
+                # What ``peer`` sends us arrives on its own connection, maybe
+                # still with frames (an ABORT) queued before its close: that
+                # connection's end decides.
+                return
+        elif self.inbound.get(peer) is stream:
             del self.inbound[peer]
         else:
-            if stream.connect_to is None:
-                return  # a duplicate we closed ourselves
+            return  # a duplicate we closed ourselves
         cause = stream.lost_reason or exc
         how = f": {cause}" if cause else " (closed by the peer)"
         err = PeerLostError(
@@ -610,16 +619,22 @@ class Mesh:
         lost_rank = getattr(exc, "rank", None)
         if lost_rank is not None:
             fields["lost"] = lost_rank
+        self._tell_members(context, fields, skip=())
+
+    def _tell_members(self, context: int, fields: dict[str, Any], skip: Iterable[int]) -> None:
         frame = wire.control_frame(Kind.ABORT, fields, context=context)
-        for peer in self.members.get(context, ()):
-            if peer != self.rank and peer not in self.lost:
+        skip = set(skip)
+        # A context this rank has not formed yet (its split is still to come
+        # here): tell everyone; ranks outside it only note it.
+        for peer in self.members.get(context, range(self.size)):
+            if peer != self.rank and peer not in self.lost and peer not in skip:
                 task = self.loop.create_task(self._send_abort(peer, frame))
                 self._abort_tasks.add(task)
                 task.add_done_callback(self._abort_tasks.discard)
 
     async def _send_abort(self, peer: int, frame: bytes) -> None:
         try:
-            stream = await asyncio.wait_for(self.connect(peer), 5.0)
+            stream = await self.connect(peer, patient=False)
             stream.send_frame(frame, None)
             waiter = stream.drained()
             if waiter is not None:
@@ -645,6 +660,9 @@ class Mesh:
         else:
             exc = CommError(reason)
         self._break(context, exc)
+        # Pass it on: a member whose data waits on this rank then learns the
+        # cause on the same connection, before this rank's close.
+        self._tell_members(context, fields, skip=(src, fields["origin"]))
 
     def _break(self, context: int, exc: CommError) -> None:
         self.broken[context] = exc
