@@ -1,0 +1,88 @@
+"""The collective algorithms over an in-memory link (fast; the TCP tests are the proof)."""
+
+import asyncio
+import collections
+from functools import reduce
+
+import numpy as np
+import pytest
+
+from aiocomm import collectives
+
+
+class MemoryLink:
+    """Ordered queues between ranks of one process."""
+
+    def __init__(self, rank, size, queues):
+        self.rank, self.size, self.queues = rank, size, queues
+        self.sent_bytes = 0
+
+    async def open(self, *peers):
+        pass
+
+    def push(self, dst, lane, data):
+        self.sent_bytes += data.nbytes
+        self.queues[(self.rank, dst, lane)].put_nowait(data.copy())
+
+    async def post(self, src, lane, out):
+        data = await self.queues[(src, self.rank, lane)].get()
+        assert data.nbytes == out.nbytes
+        out[...] = data.reshape(out.shape)
+        return out
+
+    async def flush(self):
+        pass
+
+
+async def run_all(size, fn):
+    queues = collections.defaultdict(asyncio.Queue)
+    links = [MemoryLink(r, size, queues) for r in range(size)]
+    results = await asyncio.wait_for(asyncio.gather(*(fn(link) for link in links)), 10)
+    return results, links
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("count", [0, 1, 3, 17, 1000])
+@pytest.mark.parametrize("segment", [4, 64, 1 << 20])
+def test_all_reduce_any_size(size, count, segment, monkeypatch):
+    monkeypatch.setattr(collectives, "SEGMENT_BYTES", segment)
+    inputs = [np.arange(count, dtype=np.int64) * (r + 1) for r in range(size)]
+
+    async def body(link):
+        flat = inputs[link.rank].copy()
+        if size > 1:
+            blocks = collectives.partition(count, size)
+            await collectives.ring_reduce_scatter(link, flat, blocks, np.add, 1, segment_bytes=segment)
+            await collectives.ring_all_gather(link, flat, blocks, 1, segment_bytes=segment)
+        return flat
+
+    results, links = asyncio.run(run_all(size, body))
+    for got in results:
+        assert np.array_equal(got, reduce(np.add, inputs))
+    if size > 1 and count:
+        # Bandwidth-optimal: each rank sends 2(n-1)/n of the array.
+        for link in links:
+            per_block = [b - a for a, b in collectives.partition(count, size)]
+            assert link.sent_bytes <= 2 * (size - 1) * max(per_block) * 8
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_reduce_scatter_and_all_gather(size):
+    inputs = [np.arange(size * 6, dtype=np.float64).reshape(size * 2, 3) + r for r in range(size)]
+
+    async def body(link):
+        return (await collectives.reduce_scatter(link, inputs[link.rank], "max"),
+                await collectives.all_gather(link, inputs[link.rank]))
+
+    results, _ = asyncio.run(run_all(size, body))
+    total = reduce(np.maximum, inputs)
+    for r, (scattered, gathered) in enumerate(results):
+        assert np.array_equal(scattered, total[r * 2:(r + 1) * 2])
+        assert np.array_equal(gathered, np.concatenate(inputs))
+
+
+def test_partition_and_segments():
+    assert collectives.partition(5, 3) == [(0, 2), (2, 4), (4, 5)]
+    assert collectives.partition(2, 4) == [(0, 1), (1, 2), (2, 2), (2, 2)]
+    assert collectives.segments((3, 3), 10) == [(3, 3)]
+    assert collectives.segments((0, 25), 10) == [(0, 10), (10, 20), (20, 25)]
