@@ -1,0 +1,25 @@
+"""Every example runs on 4 local ranks with a small size (a smoke test)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT, clean_env
+
+CASES = {
+    "monte_carlo_pi.py": (["20000"], "pi ~= 3.1"),
+    "data_parallel.py": (["150", "500"], "weights identical on every rank"),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_example(name):
+    args, expected = CASES[name]
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", "-n", "4", str(ROOT / "examples" / name), *args],
+        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert expected in proc.stdout, proc.stdout
