@@ -44,6 +44,9 @@ def command_argv(command: Sequence[str], python: str) -> list[str]:
         raise SystemExit("aiocomm-launch: no command given")
     if command[0].endswith(".py"):
         return [python, *command]
+    if command[0] in ("python", "python3"):
+        # The interpreter the launcher runs under (a virtualenv's), not PATH's.
+        return [python, *command[1:]]
     return command
 
 

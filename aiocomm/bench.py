@@ -1,0 +1,188 @@
+"""Benchmark aiocomm's collectives with the conventions of nccl-tests.
+
+    aiocomm-launch -n 2 python -m aiocomm.bench --op all_sum --sizes 8,1K,1M,64M
+
+Per message size it prints the time per operation (median over iterations
+after warm-up, min and max; each iteration's time is the slowest rank's),
+algorithm bandwidth ``algbw = bytes / time``, bus bandwidth (``busbw``:
+``algbw * 2(n-1)/n`` for all_sum, ``algbw * (n-1)/n`` for all_gather and
+sum_scatter, where bytes is the whole gathered/input buffer; ``algbw`` for
+sendrecv), the payload bytes each rank put on the wire per operation relative
+to the buffer, the peak RSS of the worst rank, and whether the result was
+checked correct.  ``--json`` prints one JSON object per size instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from . import aio, portal
+
+UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper().removesuffix("B")
+    unit = text[-1] if text and text[-1] in UNITS else ""
+    return int(float(text[: len(text) - len(unit)]) * UNITS[unit])
+
+
+def human(n: float) -> str:
+    for unit in ("", "K", "M", "G"):
+        if n < 1024 or unit == "G":
+            return f"{n:.0f}{unit}" if unit == "" or n == int(n) else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def bus_factor(op: str, n: int) -> float:
+    if op == "all_sum":
+        return 2 * (n - 1) / n
+    if op in ("all_gather", "sum_scatter"):
+        return (n - 1) / n
+    return 1.0
+
+
+class Case:
+    """One op at one size: inputs, the call, and the check of its result."""
+
+    def __init__(self, op: str, nbytes: int, dtype: np.dtype, rank: int, size: int) -> None:
+        self.op, self.rank, self.size = op, rank, size
+        item = dtype.itemsize
+        if op == "all_sum":
+            count = max(1, nbytes // item)
+        elif op in ("all_gather", "sum_scatter"):
+            count = max(1, nbytes // item // size)  # per rank block
+        else:
+            count = max(1, nbytes // item)
+        self.count = count
+        if op == "sum_scatter":
+            self.x = np.full(count * size, rank + 1, dtype)
+        else:
+            self.x = np.full(count, rank + 1, dtype)
+        self.nbytes = {"all_gather": count * size * item, "sum_scatter": count * size * item}.get(op, count * item)
+
+    async def run(self, blocking: bool) -> Any:
+        import aiocomm
+
+        face: Any = aiocomm if blocking else aio
+        if self.op == "sendrecv":
+            right, left = (self.rank + 1) % self.size, (self.rank - 1) % self.size
+            if blocking:  # the blocking face cannot overlap; pair ranks up instead
+                if self.rank % 2 == 0:
+                    aiocomm.send(self.x, right)
+                    return aiocomm.recv_like(self.x, left)
+                got = aiocomm.recv_like(self.x, left)
+                aiocomm.send(self.x, right)
+                return got
+            _, got = await asyncio.gather(aio.send(self.x, right), aio.recv_like(self.x, left))
+            return got
+        return await _maybe(getattr(face, self.op)(self.x))
+
+    def check(self, result: np.ndarray) -> bool:
+        n = self.size
+        if self.op in ("all_sum", "sum_scatter"):
+            return bool(np.all(result == n * (n + 1) // 2)) and result.size == self.count
+        if self.op == "all_gather":
+            want = np.repeat(np.arange(1, n + 1), self.count).astype(result.dtype)
+            return bool(np.array_equal(result, want))
+        return bool(np.all(result == (self.rank - 1) % n + 1))
+
+
+async def _maybe(value: Any) -> Any:
+    if asyncio.iscoroutine(value):
+        return await value
+    return value
+
+
+async def bench(args: argparse.Namespace) -> None:
+    import aiocomm
+
+    blocking = args.face == "blocking"
+    world = aiocomm.init() if blocking else await aio.init()
+    rank, n = world.rank(), world.size()
+    mesh = world.engine.mesh
+    dtype = np.dtype(args.dtype)
+    if rank == 0 and not args.json:
+        print(f"# aiocomm.bench op={args.op} ranks={n} dtype={dtype} face={args.face} iters={args.iters} warmup={args.warmup}")
+        print(f"# {'bytes':>10} {'median_us':>11} {'min_us':>10} {'max_us':>10} {'algbw_GB/s':>10} {'busbw_GB/s':>10} {'wire/buf':>8} {'rss_MiB':>8} correct")
+    for nbytes in args.sizes:
+        case = Case(args.op, nbytes, dtype, rank, n)
+        ok = True
+        for _ in range(args.warmup):
+            ok &= case.check(await case.run(blocking))
+        sent0 = mesh.bytes_sent if mesh is not None else 0
+        times = np.empty(args.iters)
+        for i in range(args.iters):
+            t0 = time.perf_counter()
+            result = await case.run(blocking)
+            times[i] = time.perf_counter() - t0
+        ok &= case.check(result)
+        wire = ((mesh.bytes_sent - sent0) / args.iters / case.nbytes) if mesh is not None else 0.0
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        summary = np.concatenate([times, [rss, wire, 0.0 if ok else 1.0]])
+        summary = await _maybe((aiocomm.all_max if blocking else aio.all_max)(summary))
+        times, rss, wire, bad = summary[:-3], summary[-3], summary[-2], summary[-1]
+        med = float(np.median(times))
+        algbw = case.nbytes / med / 1e9
+        row = {
+            "op": args.op,
+            "ranks": n,
+            "bytes": case.nbytes,
+            "dtype": dtype.name,
+            "face": args.face,
+            "median_us": med * 1e6,
+            "min_us": float(times.min()) * 1e6,
+            "max_us": float(times.max()) * 1e6,
+            "algbw_GBps": algbw,
+            "busbw_GBps": algbw * bus_factor(args.op, n),
+            "wire_per_buffer": float(wire),
+            "peak_rss_MiB": float(rss),
+            "correct": bool(bad == 0),
+        }
+        if rank == 0:
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                print(
+                    f"  {case.nbytes:>10} {row['median_us']:>11.1f} {row['min_us']:>10.1f} {row['max_us']:>10.1f} "
+                    f"{row['algbw_GBps']:>10.3f} {row['busbw_GBps']:>10.3f} {row['wire_per_buffer']:>8.3f} "
+                    f"{row['peak_rss_MiB']:>8.0f} {'yes' if row['correct'] else 'NO'}",
+                    flush=True,
+                )
+        if bad:
+            raise SystemExit(f"rank {rank}: wrong result for {args.op} of {case.nbytes} bytes")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m aiocomm.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--op", choices=["all_sum", "all_gather", "sum_scatter", "sendrecv"], default="all_sum")
+    parser.add_argument("--sizes", default="8,1K,64K,1M,16M,64M", help="comma list of byte sizes (K, M, G suffixes)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--face", choices=["async", "blocking"], default="blocking")
+    parser.add_argument("--json", action="store_true", help="one JSON object per size")
+    args = parser.parse_args(argv)
+    args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    if args.face == "blocking":
+        # The blocking face runs from this thread; the coroutine only sequences it.
+        asyncio.run(bench(args))
+    else:
+        loop = portal.new_event_loop()
+        try:
+            loop.run_until_complete(bench(args))
+        finally:
+            loop.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
