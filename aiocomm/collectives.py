@@ -43,6 +43,9 @@ import numpy as np
 SEGMENT_BYTES = int(os.environ.get("AIOCOMM_SEGMENT_BYTES", 1 << 20))
 #: Receives posted ahead of the one being reduced.
 WINDOW = 4
+#: Arrays up to this many bytes take the one-step exchange instead of the ring
+#: (``AIOCOMM_SMALL_BYTES`` overrides it).
+SMALL_BYTES = int(os.environ.get("AIOCOMM_SMALL_BYTES", 32 * 1024))
 
 REDUCERS: dict[str, np.ufunc] = {"sum": np.add, "max": np.maximum, "min": np.minimum}
 
@@ -160,8 +163,41 @@ async def ring_all_gather(
             link.push(right, 0, flat[a:b])
 
 
+def _small(link: Link, nbytes: int) -> bool:
+    return nbytes <= SMALL_BYTES
+
+
+async def exchange_reduce(link: Link, blocks: list[np.ndarray], ufunc: np.ufunc) -> np.ndarray:
+    """One step for small arrays: send ``blocks[p]`` to every rank ``p`` and
+    reduce the blocks received for this rank, in rank order.
+
+    Latency is one hop instead of the ring's ``2(size - 1)``; every rank
+    combines the same values in the same order, so where several ranks compute
+    the same block (all-reduce) they get bit-identical results.
+    """
+    n, r = link.size, link.rank
+    peers = [p for p in range(n) if p != r]
+    await link.open(*peers)
+    for p in peers:
+        link.push(p, 0, blocks[p])
+    mine = blocks[r]
+    parts = np.empty((n, mine.size), mine.dtype)
+    parts[r] = mine.reshape(-1)
+    posted = [link.post(p, 0, parts[p]) for p in peers]
+    for fut in posted:
+        await fut
+    out = parts[0].copy()
+    for k in range(1, n):
+        ufunc(out, parts[k], out=out)
+    await link.flush()
+    return out
+
+
 async def all_reduce(link: Link, x: np.ndarray, op: str) -> np.ndarray:
     """Element-wise reduction of ``x`` over the group; ``x`` is left untouched."""
+    if link.size > 1 and _small(link, x.nbytes):
+        flat = x.reshape(-1)
+        return (await exchange_reduce(link, [flat] * link.size, REDUCERS[op])).reshape(x.shape)
     out = np.array(x, order="C", copy=True)
     if link.size == 1:
         return out
@@ -188,7 +224,17 @@ async def all_gather(link: Link, x: np.ndarray) -> np.ndarray:
     flat[link.rank * m : (link.rank + 1) * m] = x.reshape(-1)
     if n == 1:
         return out
-    await ring_all_gather(link, flat, [(i * m, (i + 1) * m) for i in range(n)], 0)
+    if _small(link, out.nbytes):
+        # One step: send our block to everyone, receive theirs in place.
+        peers = [p for p in range(n) if p != link.rank]
+        await link.open(*peers)
+        mine = flat[link.rank * m : (link.rank + 1) * m]
+        for p in peers:
+            link.push(p, 0, mine)
+        for fut in [link.post(p, 0, flat[p * m : (p + 1) * m]) for p in peers]:
+            await fut
+    else:
+        await ring_all_gather(link, flat, [(i * m, (i + 1) * m) for i in range(n)], 0)
     await link.flush()
     return out
 
@@ -209,6 +255,11 @@ async def reduce_scatter(link: Link, x: np.ndarray, op: str) -> np.ndarray:
     shape = scattered_shape(x.shape, n)
     if n == 1:
         return np.array(x, order="C", copy=True)
+    if _small(link, x.nbytes):
+        flat = x.reshape(-1)
+        m = flat.size // n
+        out = await exchange_reduce(link, [flat[p * m : (p + 1) * m] for p in range(n)], REDUCERS[op])
+        return out.reshape(shape)
     work = np.array(x, order="C", copy=True).reshape(-1)
     m = work.size // n
     blocks = [(i * m, (i + 1) * m) for i in range(n)]

@@ -127,9 +127,16 @@ def float_env(name: str, default: float, environ: Mapping[str, str] | None = Non
     return value
 
 
+_op_timeout: float | None = None
+
+
 def op_timeout() -> float:
-    """Default seconds an operation may wait for a peer (``AIOCOMM_TIMEOUT``)."""
-    return float_env("AIOCOMM_TIMEOUT", DEFAULT_TIMEOUT)
+    """Default seconds an operation may wait for a peer (``AIOCOMM_TIMEOUT``,
+    read once: it is asked on every call)."""
+    global _op_timeout
+    if _op_timeout is None:
+        _op_timeout = float_env("AIOCOMM_TIMEOUT", DEFAULT_TIMEOUT)
+    return _op_timeout
 
 
 def connect_timeout() -> float:

@@ -22,7 +22,7 @@ from . import collectives
 from .config import WorldSpec
 from .errors import CommError
 from .transport import Mesh, PeerStream
-from .wire import Kind, Signature
+from .wire import Kind, Signature, dtype_name
 
 log = logging.getLogger("aiocomm")
 
@@ -138,7 +138,7 @@ class MeshLink:
         )
 
     async def flush(self) -> None:
-        await self.mesh.flush(self.streams.values(), self.deadline, self.sig.describe())
+        await self.mesh.flush(self.streams.values(), self.deadline, self.sig)
 
 
 # ------------------------------------------------------------------ engine operations
@@ -148,7 +148,7 @@ class MeshLink:
 async def _collective(group: Group, op: str, x: np.ndarray, timeout: float, body: Callable[[MeshLink], Awaitable[T]]) -> T:
     mesh = group.engine.mesh
     assert mesh is not None
-    sig = Signature(op, x.dtype.name, x.shape)
+    sig = Signature(op, dtype_name(x.dtype), x.shape)
     link = MeshLink(group, sig, mesh.loop.time() + timeout)
     try:
         if group.context in mesh.broken:
@@ -187,20 +187,20 @@ async def send(group: Group, x: np.ndarray, dst: int, timeout: float) -> None:
     mesh = group.engine.mesh
     assert mesh is not None
     deadline = mesh.loop.time() + timeout
-    sig = Signature("send", x.dtype.name, x.shape)
+    sig = Signature("send", dtype_name(x.dtype), x.shape)
     world_dst = group.members[dst]
     try:
         stream = await asyncio.wait_for(mesh.connect(world_dst), timeout)
     except asyncio.TimeoutError:
         raise CommError(f"rank {mesh.rank} could not connect to rank {world_dst} within {timeout}s") from None
     mesh.send(stream, Kind.P2P, group.context, 0, sig, x)
-    await mesh.flush((stream,), deadline, sig.describe())
+    await mesh.flush((stream,), deadline, sig)
 
 
 async def recv(group: Group, shape: tuple[int, ...], dtype: np.dtype, src: int, timeout: float) -> np.ndarray:
     mesh = group.engine.mesh
     assert mesh is not None
-    sig = Signature("send", dtype.name, shape)
+    sig = Signature("send", dtype_name(dtype), shape)
     fut = mesh.post(group.members[src], Kind.P2P, group.context, 0, sig, None, mesh.loop.time() + timeout)
     return await fut
 

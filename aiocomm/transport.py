@@ -95,12 +95,12 @@ class PendingRecv(Sink):
 class Arrival(Sink):
     """A frame that arrived before its receive was posted."""
 
-    __slots__ = ("data", "sig", "complete", "waiter")
+    __slots__ = ("data", "meta", "complete", "waiter")
 
-    def __init__(self, sig: Signature, nbytes: int) -> None:
+    def __init__(self, meta: bytes, nbytes: int) -> None:
         self.data = np.empty(nbytes, np.uint8)
         super().__init__(memoryview(self.data))
-        self.sig = sig
+        self.meta = meta  # raw signature, checked when its receive is posted
         self.complete = False
         self.waiter: PendingRecv | None = None
 
@@ -206,9 +206,10 @@ class PeerStream(asyncio.BufferedProtocol):
         concurrent tasks never interleave."""
         if self.closed or self.transport is None or self.transport.is_closing():
             raise self._lost_error(None)
-        self.transport.write(head)
-        if payload is not None and payload.nbytes:
-            self.transport.write(payload)
+        if payload is None or not payload.nbytes:
+            self.transport.write(head)
+        else:
+            self.transport.writelines((head, payload))  # one writev, no copy
 
     def drained(self) -> asyncio.Future[None] | None:
         """A future done when everything written is in the kernel, or None if it already is."""
@@ -251,9 +252,10 @@ class PeerStream(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def _route(self, header: Header, meta: Any) -> Sink:
+    def _route(self, header: Header, raw: bytes) -> Sink:
         if self.peer is not None:
-            return self.mesh.route(self.peer, header, meta)
+            return self.mesh.route(self.peer, header, raw)
+        meta = wire.decode_meta(raw)
         mesh = self.mesh
         if self.connect_to is None:  # accepting side
             if header.kind != Kind.HELLO:
@@ -471,11 +473,11 @@ class Mesh:
         if context in self.broken:
             raise self.broken[context]
         view = byte_view(data)
-        head = wire.encode_frame_head(kind, context, tag, wire.encode_signature(sig), view.nbytes)
+        head = wire.encode_frame_head(kind, context, tag, sig.encoded, view.nbytes)
         stream.send_frame(head, view)
         self.bytes_sent += view.nbytes
 
-    async def flush(self, streams: Iterable[PeerStream], deadline: float, what: str) -> None:
+    async def flush(self, streams: Iterable[PeerStream], deadline: float, sig: Signature) -> None:
         """Wait until what was queued on ``streams`` is handed to the kernel."""
         for stream in streams:
             waiter = stream.drained()
@@ -486,22 +488,21 @@ class Mesh:
                 await asyncio.wait_for(waiter, max(timeout, 0.0))
             except asyncio.TimeoutError:
                 raise CommTimeoutError(
-                    f"rank {self.rank} timed out sending {what} to rank {stream.peer}: "
+                    f"rank {self.rank} timed out sending {sig.describe()} to rank {stream.peer}: "
                     "it stopped reading",
                     (stream.peer,) if stream.peer is not None else (),
                 ) from None
 
     # ---- receiving
 
-    def route(self, src: int, header: Header, meta: Any) -> Sink:
+    def route(self, src: int, header: Header, meta: bytes) -> Sink:
         """Choose where an arriving frame from ``src`` goes (called by its stream)."""
         kind = header.kind
         if kind == Kind.ABORT:
-            self._abort_received(src, header.context, meta)
+            self._abort_received(src, header.context, wire.decode_meta(meta))
             return Sink(None)
         if kind not in wire.DATA_KINDS:
             raise ProtocolError(f"unexpected {kind.name} frame from rank {src} after the handshake")
-        sig = wire.decode_signature(meta)
         if header.context in self.broken:
             return Sink(None)
         key = (kind, header.context, header.tag)
@@ -512,9 +513,9 @@ class Mesh:
             if not queue:
                 del box.posted[key]
             try:
-                wire.check_signature(pending.sig, sig, me=self.rank, peer=src)
+                wire.check_signature(pending.sig, meta, me=self.rank, peer=src)
                 if pending.out is None:
-                    pending.out = self._allocate(sig, header, src)
+                    pending.out = self._allocate(pending.sig, header, src)
                     pending.view = byte_view(pending.out)
                 elif pending.out.nbytes != header.payload_len:
                     raise MismatchError(
@@ -525,20 +526,19 @@ class Mesh:
                 pending.fail(exc)
                 return Sink(None)
             return pending
-        arrival = Arrival(sig, header.payload_len)
+        arrival = Arrival(meta, header.payload_len)
         box.arrived.setdefault(key, collections.deque()).append(arrival)
         return arrival
 
     @staticmethod
-    def _allocate(sig: Signature, header: Header, src: int) -> np.ndarray:
+    def _allocate(sig: Signature, frame: Header | Arrival, src: int) -> np.ndarray:
+        nbytes = frame.payload_len if isinstance(frame, Header) else frame.data.nbytes
         dtype = np.dtype(sig.dtype)
         count = 1
         for d in sig.shape:
             count *= d
-        if count * dtype.itemsize != header.payload_len:
-            raise ProtocolError(
-                f"rank {src} sent {header.payload_len} bytes for {sig.describe()}"
-            )
+        if count * dtype.itemsize != nbytes:
+            raise ProtocolError(f"rank {src} sent {nbytes} bytes for {sig.describe()}")
         return np.empty(sig.shape, dtype)
 
     def post(
@@ -567,8 +567,10 @@ class Mesh:
             arrival = arrivals.popleft()
             if not arrivals:
                 del box.arrived[key]
-            wire.check_signature(sig, arrival.sig, me=self.rank, peer=src)
-            if out is not None and out.nbytes != arrival.data.nbytes:
+            wire.check_signature(sig, arrival.meta, me=self.rank, peer=src)
+            if out is None:
+                self._allocate(sig, arrival, src)  # the sizes must agree
+            elif out.nbytes != arrival.data.nbytes:
                 raise MismatchError(
                     f"rank {self.rank} expected a {out.nbytes}-byte segment of {sig.describe()} "
                     f"from rank {src}, got {arrival.data.nbytes} bytes"
@@ -599,8 +601,8 @@ class Mesh:
 
     @staticmethod
     def deliver(arrival: Arrival, pending: PendingRecv) -> None:
-        if pending.out is None:
-            pending.out = arrival.data.view(np.dtype(arrival.sig.dtype)).reshape(arrival.sig.shape)
+        if pending.out is None:  # signatures matched: take the buffer as it is
+            pending.out = arrival.data.view(np.dtype(pending.sig.dtype)).reshape(pending.sig.shape)
         else:
             byte_view(pending.out)[:] = arrival.data
         pending.finish()

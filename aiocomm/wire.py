@@ -42,7 +42,7 @@ import enum
 import hashlib
 import hmac
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Sequence
 
 import msgpack
@@ -95,10 +95,20 @@ DTYPE_NAMES: tuple[str, ...] = (
     "complex128",
 )
 _DTYPES = {name: np.dtype(name) for name in DTYPE_NAMES}
+_NATIVE = {dt: dt for dt in _DTYPES.values()}  # dtype -> itself, a fast membership test
+_NAMES = {dt: name for name, dt in _DTYPES.items()}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """The wire name of a supported dtype (numpy's ``dtype.name`` is slow)."""
+    return _NAMES[dtype]
 
 
 def wire_dtype(dtype: Any) -> np.dtype:
     """The native-order numpy dtype for ``dtype``, or ``TypeError`` naming it."""
+    native = _NATIVE.get(dtype) if isinstance(dtype, np.dtype) else None
+    if native is not None:
+        return native
     try:
         dt = np.dtype(dtype)
     except TypeError as exc:
@@ -121,11 +131,20 @@ class Header(NamedTuple):
 
 @dataclass(frozen=True)
 class Signature:
-    """What a data frame belongs to: the operation and its whole array's type."""
+    """What a data frame belongs to: the operation and its whole array's type.
+
+    ``encoded`` is its meta section, computed once; receivers compare it byte
+    for byte with what arrives and decode only when the bytes differ.
+    """
 
     op: str
     dtype: str
     shape: tuple[int, ...]
+    encoded: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        encoded = msgpack.packb([self.op, self.dtype, list(self.shape)], use_bin_type=True)
+        object.__setattr__(self, "encoded", encoded)
 
     def describe(self) -> str:
         return f"{self.op}(shape={self.shape}, dtype={self.dtype})"
@@ -142,7 +161,7 @@ def control_frame(kind: Kind, fields: dict[str, Any], context: int = 0, tag: int
 
 
 def encode_signature(sig: Signature) -> bytes:
-    return msgpack.packb([sig.op, sig.dtype, list(sig.shape)], use_bin_type=True)
+    return sig.encoded
 
 
 def decode_header(raw: bytes | memoryview) -> Header:
@@ -199,8 +218,20 @@ def decode_signature(meta: Any) -> Signature:
     return Signature(meta[0], meta[1], tuple(meta[2]))
 
 
-def check_signature(expected: Signature, got: Signature, *, me: int, peer: int) -> None:
-    """Raise ``MismatchError`` naming both sides if a frame is not what we expect."""
+def parse_signature(raw: bytes) -> Signature:
+    """A data frame's raw meta section as a :class:`Signature`."""
+    return decode_signature(decode_meta(raw))
+
+
+def check_signature(expected: Signature, got: Signature | bytes, *, me: int, peer: int) -> None:
+    """Raise ``MismatchError`` naming both sides if a frame is not what we expect.
+
+    ``got`` may be the raw meta bytes: equal bytes need no decoding.
+    """
+    if isinstance(got, bytes):
+        if got == expected.encoded:
+            return
+        got = parse_signature(got)
     if expected != got:
         raise MismatchError(
             f"rank {me} expected {expected.describe()} from rank {peer}, "
@@ -284,11 +315,11 @@ class Sink:
 
 class Frame(NamedTuple):
     header: Header
-    meta: Any
+    meta: bytes  # the raw meta section
     sink: Sink
 
 
-Route = Callable[[Header, Any], Sink]
+Route = Callable[[Header, bytes], Sink]
 
 
 class FrameReader:
@@ -296,8 +327,10 @@ class FrameReader:
 
     Use it like ``asyncio.BufferedProtocol``: write into :meth:`get_buffer`,
     then report the count to :meth:`buffer_updated`, which returns the frames
-    completed.  ``route(header, meta)`` is called once per frame, before its
-    payload is read, and chooses the payload's destination.
+    completed.  ``route(header, meta)`` is called once per frame with the raw
+    meta bytes (decoding them is the owner's choice: see
+    :func:`decode_meta`), before its payload is read, and chooses the
+    payload's destination.
     """
 
     def __init__(self, route: Route, *, stage_size: int = STAGE_SIZE) -> None:
@@ -308,7 +341,7 @@ class FrameReader:
         self._lo = 0  # first unconsumed staged byte
         self._hi = 0  # end of staged bytes
         self._header: Header | None = None
-        self._meta: Any = None
+        self._meta = b""
         self._sink: Sink | None = None
         self._filled = 0  # payload bytes delivered so far
         self.error: ProtocolError | None = None
@@ -371,7 +404,7 @@ class FrameReader:
                 if avail < HEADER_SIZE + header.meta_len:
                     return
                 start = self._lo + HEADER_SIZE
-                self._meta = decode_meta(self._sv[start : start + header.meta_len]) if header.meta_len else None
+                self._meta = bytes(self._sv[start : start + header.meta_len])
                 self._lo = start + header.meta_len
                 self._header = header
                 self._filled = 0

@@ -19,6 +19,14 @@ def test_eight_ranks():
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("n", [2, 3])
 def test_many_small_segments(n):
-    """64-byte segments: every array crosses the wire as many pipelined frames."""
-    proc = launch(n, "collectives_matrix.py", "all_sum,all_gather,sum_scatter", env={"AIOCOMM_SEGMENT_BYTES": "64"}, timeout=170)
+    """The ring path for every size, in 64-byte segments: every array crosses
+    the wire as many pipelined frames."""
+    proc = launch(n, "collectives_matrix.py", "all_sum,all_gather,sum_scatter", env={"AIOCOMM_SEGMENT_BYTES": "64", "AIOCOMM_SMALL_BYTES": "0"}, timeout=170)
     assert_ok(proc, n)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("n", [2, 4])
+def test_ring_path_for_small_arrays(n):
+    """Small arrays normally take the one-step exchange; force the ring."""
+    assert_ok(launch(n, "collectives_matrix.py", env={"AIOCOMM_SMALL_BYTES": "0"}, timeout=170), n)

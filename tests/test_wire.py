@@ -35,7 +35,7 @@ def test_frames_survive_any_chunking(seed):
     destinations = []
 
     def route(header, meta):
-        sig = wire.decode_signature(meta)
+        sig = wire.parse_signature(meta)
         out = np.empty(sig.shape, sig.dtype)
         destinations.append(out)
         return Sink(memoryview(out.view(np.uint8)))
@@ -73,7 +73,7 @@ def test_discarded_payload_is_skipped():
     (wire.HEADER.pack(b"AIOC", 1, Kind.P2P, 0, 0, 0, 0, 3) + b"\xc1\xc1\xc1", "malformed msgpack"),
 ])
 def test_bad_bytes_are_protocol_errors_and_the_reader_stays_broken(junk, needle):
-    reader = FrameReader(lambda h, m: Sink(None))
+    reader = FrameReader(lambda h, m: (wire.decode_meta(m), Sink(None))[1])
     buf = reader.get_buffer(-1)
     buf[: len(junk)] = junk
     with pytest.raises(ProtocolError, match=needle):
