@@ -86,3 +86,23 @@ def test_partition_and_segments():
     assert collectives.partition(2, 4) == [(0, 1), (1, 2), (2, 2), (2, 2)]
     assert collectives.segments((3, 3), 10) == [(3, 3)]
     assert collectives.segments((0, 25), 10) == [(0, 10), (10, 20), (20, 25)]
+
+
+@pytest.mark.parametrize("size", [2, 3, 5])
+@pytest.mark.parametrize("op", ["sum", "max"])
+def test_small_exchange_path(size, op, monkeypatch):
+    monkeypatch.setattr(collectives, "SMALL_BYTES", 1 << 20)
+    inputs = [np.arange(size * 4, dtype=np.float32) * (r - 1) for r in range(size)]
+
+    async def body(link):
+        return (await collectives.all_reduce(link, inputs[link.rank], op),
+                await collectives.reduce_scatter(link, inputs[link.rank], op),
+                await collectives.all_gather(link, inputs[link.rank]))
+
+    results, links = asyncio.run(run_all(size, body))
+    ufunc = collectives.REDUCERS[op]
+    total = reduce(ufunc, inputs)
+    for r, (reduced, scattered, gathered) in enumerate(results):
+        assert np.array_equal(reduced, total)
+        assert np.array_equal(scattered, total[r * 4:(r + 1) * 4])
+        assert np.array_equal(gathered, np.concatenate(inputs))

@@ -10,7 +10,15 @@ from .conftest import ROOT, clean_env
 CASES = {
     "monte_carlo_pi.py": (["20000"], "pi ~= 3.1"),
     "data_parallel.py": (["150", "500"], "weights identical on every rank"),
+    "pipeline.py": (["10", "16"], "arrived in order and correct"),
+    "async_service.py": (["10"], "the loop stayed responsive: 5 status replies"),
+    "split_groups.py": ([], "rank 3 at (1, 1): row sum 5, column sum 4, row members [2, 3]"),
+    "port_from_mlx.py": ([], "ported: every mx.distributed call ran on 4 ranks"),
 }
+
+
+def test_every_example_is_tested():
+    assert sorted(p.name for p in (ROOT / "examples").glob("*.py")) == sorted(CASES)
 
 
 @pytest.mark.timeout(120)
