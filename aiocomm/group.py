@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import warnings
 from typing import Awaitable, Callable, TypeVar
 
 import numpy as np
@@ -45,6 +46,13 @@ class Engine:
     async def start(cls, spec: WorldSpec | None, connect_timeout: float) -> Engine:
         if spec is None or spec.size == 1:
             return cls(spec, None, None)
+        if not spec.token:
+            warnings.warn(
+                "AIOCOMM_TOKEN is not set: peers are not authenticated, so any local process "
+                "that knows the hostfile could join this job (aiocomm-launch sets a token)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         loop = asyncio.get_running_loop()
         mesh = Mesh(spec, loop)
         try:

@@ -167,3 +167,4 @@ def test_mlx_variables_form_the_world(tmp_path):
     for r, (out, err) in enumerate(outs):
         assert procs[r].returncode == 0, err
         assert f"SUM {r} 2 [3]" in out
+        assert err.count("AIOCOMM_TOKEN is not set") == 1, err

@@ -1,0 +1,32 @@
+"""A rank dies (SIGKILL) or freezes (SIGSTOP) mid-collective; survivors report."""
+
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+import aiocomm
+
+mode, victim = sys.argv[1], int(sys.argv[2])
+world = aiocomm.init()
+r = world.rank()
+x = np.ones(1 << 18, np.float32)
+for i in range(10_000):
+    if r == victim and i == 20:
+        os.kill(os.getpid(), signal.SIGKILL if mode == "kill" else signal.SIGSTOP)
+    try:
+        aiocomm.all_sum(x, timeout=3 if mode == "stop" else 60)
+    except aiocomm.CommError as exc:
+        t = time.time()
+        print(f"FAILED {type(exc).__name__} at {t:.3f}: {exc}", flush=True)
+        # Later calls fail at once with the same cause.
+        start = time.monotonic()
+        try:
+            aiocomm.all_sum(x)
+        except aiocomm.CommError as again:
+            assert type(again) is type(exc), (again, exc)
+            assert time.monotonic() - start < 0.5
+        print("DONE", flush=True)
+        sys.exit(0)
