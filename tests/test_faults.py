@@ -13,7 +13,7 @@ import pytest
 from .conftest import ROOT, WORKERS, clean_env
 
 
-def spawn_world(n, tmp_path, script, *args):
+def spawn_world(n, tmp_path, script, *args, env=None):
     """Start n ranks by hand (not through the launcher, which would stop the
     survivors as soon as one rank fails)."""
     socks = []
@@ -27,9 +27,9 @@ def spawn_world(n, tmp_path, script, *args):
     hostfile.write_text(json.dumps([[f"127.0.0.1:{s.getsockname()[1]}"] for s in socks]))
     procs = []
     for r, s in enumerate(socks):
-        env = clean_env(AIOCOMM_RANK=str(r), AIOCOMM_HOSTFILE=str(hostfile), AIOCOMM_TOKEN="t",
-                        AIOCOMM_LISTEN_FDS=str(s.fileno()))
-        procs.append(subprocess.Popen([sys.executable, str(WORKERS / script), *args], cwd=ROOT, env=env,
+        rank_env = clean_env(AIOCOMM_RANK=str(r), AIOCOMM_HOSTFILE=str(hostfile), AIOCOMM_TOKEN="t",
+                             AIOCOMM_LISTEN_FDS=str(s.fileno()), **(env or {}))
+        procs.append(subprocess.Popen([sys.executable, str(WORKERS / script), *args], cwd=ROOT, env=rank_env,
                                       pass_fds=(s.fileno(),), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     for s in socks:
@@ -68,9 +68,11 @@ def test_killed_rank_is_reported_on_every_survivor(tmp_path, victim):
 
 
 @pytest.mark.timeout(60)
-def test_stopped_rank_times_out_on_every_survivor(tmp_path):
+@pytest.mark.parametrize("mode", ["stop", "stop-call"])
+def test_stopped_rank_times_out_on_every_survivor(tmp_path, mode):
     victim = 1
-    procs = spawn_world(3, tmp_path, "faults.py", "stop", str(victim))
+    procs = spawn_world(3, tmp_path, "faults.py", mode, str(victim),
+                        env={"AIOCOMM_TIMEOUT": "3"} if mode == "stop" else None)
     try:
         outs = collect(procs, victim, 40)
     finally:
@@ -79,4 +81,4 @@ def test_stopped_rank_times_out_on_every_survivor(tmp_path):
     for r, (code, out, err) in outs.items():
         assert code == 0 and "DONE" in out, (r, out, err[-3000:])
         assert "FAILED CommTimeoutError" in out, out
-        assert re.search(r"rank [0-9]", out)
+        assert re.search(r"waiting for .* from rank [0-9]", out), out

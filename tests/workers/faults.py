@@ -17,7 +17,8 @@ for i in range(10_000):
     if r == victim and i == 20:
         os.kill(os.getpid(), signal.SIGKILL if mode == "kill" else signal.SIGSTOP)
     try:
-        aiocomm.all_sum(x, timeout=3 if mode == "stop" else 60)
+        # "stop" takes its timeout from AIOCOMM_TIMEOUT, "stop-call" per call.
+        aiocomm.all_sum(x, timeout=3 if mode == "stop-call" else None)
     except aiocomm.CommError as exc:
         t = time.time()
         print(f"FAILED {type(exc).__name__} at {t:.3f}: {exc}", flush=True)
