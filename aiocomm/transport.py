@@ -417,6 +417,7 @@ class Mesh:
         host, port = addresses[0]
         last: BaseException | None = None
         while True:
+            stream: PeerStream | None = None
             try:
                 _, stream = await asyncio.wait_for(
                     self.loop.create_connection(
@@ -428,8 +429,12 @@ class Mesh:
                 self.outgoing[peer] = stream
                 return stream
             except (AuthenticationError, ProtocolError) as exc:
+                if stream is not None:
+                    stream.close()
                 raise type(exc)(f"rank {self.rank} connecting to rank {peer} at {host}:{port}: {exc}") from exc
             except (OSError, asyncio.TimeoutError) as exc:
+                if stream is not None:  # connected, but no handshake in time: do not leak it
+                    stream.close()
                 last = exc
             if not patient or self.loop.time() + delay >= deadline:
                 raise CommTimeoutError(
