@@ -163,10 +163,6 @@ async def ring_all_gather(
             link.push(right, 0, flat[a:b])
 
 
-def _small(link: Link, nbytes: int) -> bool:
-    return nbytes <= SMALL_BYTES
-
-
 async def exchange_reduce(link: Link, blocks: list[np.ndarray], ufunc: np.ufunc) -> np.ndarray:
     """One step for small arrays: send ``blocks[p]`` to every rank ``p`` and
     reduce the blocks received for this rank, in rank order.
@@ -195,7 +191,7 @@ async def exchange_reduce(link: Link, blocks: list[np.ndarray], ufunc: np.ufunc)
 
 async def all_reduce(link: Link, x: np.ndarray, op: str) -> np.ndarray:
     """Element-wise reduction of ``x`` over the group; ``x`` is left untouched."""
-    if link.size > 1 and _small(link, x.nbytes):
+    if link.size > 1 and x.nbytes <= SMALL_BYTES:
         flat = x.reshape(-1)
         return (await exchange_reduce(link, [flat] * link.size, REDUCERS[op])).reshape(x.shape)
     out = np.array(x, order="C", copy=True)
@@ -224,7 +220,7 @@ async def all_gather(link: Link, x: np.ndarray) -> np.ndarray:
     flat[link.rank * m : (link.rank + 1) * m] = x.reshape(-1)
     if n == 1:
         return out
-    if _small(link, out.nbytes):
+    if out.nbytes <= SMALL_BYTES:
         # One step: send our block to everyone, receive theirs in place.
         peers = [p for p in range(n) if p != link.rank]
         await link.open(*peers)
@@ -255,7 +251,7 @@ async def reduce_scatter(link: Link, x: np.ndarray, op: str) -> np.ndarray:
     shape = scattered_shape(x.shape, n)
     if n == 1:
         return np.array(x, order="C", copy=True)
-    if _small(link, x.nbytes):
+    if x.nbytes <= SMALL_BYTES:
         flat = x.reshape(-1)
         m = flat.size // n
         out = await exchange_reduce(link, [flat[p * m : (p + 1) * m] for p in range(n)], REDUCERS[op])

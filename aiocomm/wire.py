@@ -160,10 +160,6 @@ def control_frame(kind: Kind, fields: dict[str, Any], context: int = 0, tag: int
     return encode_frame_head(kind, context, tag, msgpack.packb(fields, use_bin_type=True), 0)
 
 
-def encode_signature(sig: Signature) -> bytes:
-    return sig.encoded
-
-
 def decode_header(raw: bytes | memoryview) -> Header:
     """Parse and validate a header; ``ProtocolError`` says what is wrong."""
     magic, version, kind, flags, context, tag, payload_len, meta_len = HEADER.unpack(raw)

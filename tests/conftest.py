@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -54,3 +55,25 @@ def fresh_world(monkeypatch: pytest.MonkeyPatch):
     aiocomm.aio._reset_for_tests()
     yield
     aiocomm.aio._reset_for_tests()
+
+
+def spawn_world(n: int, tmp_path: Path, argv: list[str], env: dict[str, str] | None = None,
+                tokens: list[str] | None = None, **popen: object) -> list[subprocess.Popen[str]]:
+    """Start ``n`` ranks of ``argv`` by hand (not through the launcher, which
+    would stop the others as soon as one fails), with the launcher's own
+    race-free listening sockets."""
+    from launcher.cli import bind_listeners
+
+    socks = bind_listeners("127.0.0.1", n)
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{s.getsockname()[1]}"] for s in socks]))
+    procs = []
+    for r, s in enumerate(socks):
+        rank_env = clean_env(AIOCOMM_RANK=str(r), AIOCOMM_HOSTFILE=str(hostfile),
+                             AIOCOMM_TOKEN=tokens[r] if tokens else "t",
+                             AIOCOMM_LISTEN_FDS=str(s.fileno()), **(env or {}))
+        procs.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=rank_env, pass_fds=(s.fileno(),),
+                                      text=True, **popen))  # type: ignore[call-overload]
+    for s in socks:
+        s.close()
+    return procs

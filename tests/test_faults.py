@@ -1,40 +1,18 @@
 """Faults end in an exception on every surviving rank, never a hang."""
 
-import json
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
-from .conftest import ROOT, WORKERS, clean_env
+from .conftest import WORKERS, spawn_world
 
 
-def spawn_world(n, tmp_path, script, *args, env=None):
-    """Start n ranks by hand (not through the launcher, which would stop the
-    survivors as soon as one rank fails)."""
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        s.listen(64)
-        s.set_inheritable(True)
-        socks.append(s)
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{s.getsockname()[1]}"] for s in socks]))
-    procs = []
-    for r, s in enumerate(socks):
-        rank_env = clean_env(AIOCOMM_RANK=str(r), AIOCOMM_HOSTFILE=str(hostfile), AIOCOMM_TOKEN="t",
-                             AIOCOMM_LISTEN_FDS=str(s.fileno()), **(env or {}))
-        procs.append(subprocess.Popen([sys.executable, str(WORKERS / script), *args], cwd=ROOT, env=rank_env,
-                                      pass_fds=(s.fileno(),), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    for s in socks:
-        s.close()
-    return procs
+def spawn_faults(n, tmp_path, *args, env=None):
+    return spawn_world(n, tmp_path, [str(WORKERS / "faults.py"), *args], env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def collect(procs, victim, timeout):
@@ -51,7 +29,7 @@ def collect(procs, victim, timeout):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("victim", [0, 2])
 def test_killed_rank_is_reported_on_every_survivor(tmp_path, victim):
-    procs = spawn_world(4, tmp_path, "faults.py", "kill", str(victim))
+    procs = spawn_faults(4, tmp_path, "kill", str(victim))
     try:
         procs[victim].wait(timeout=40)
         died = time.time()
@@ -71,7 +49,7 @@ def test_killed_rank_is_reported_on_every_survivor(tmp_path, victim):
 @pytest.mark.parametrize("mode", ["stop", "stop-call"])
 def test_stopped_rank_times_out_on_every_survivor(tmp_path, mode):
     victim = 1
-    procs = spawn_world(3, tmp_path, "faults.py", mode, str(victim),
+    procs = spawn_faults(3, tmp_path, mode, str(victim),
                         env={"AIOCOMM_TIMEOUT": "3"} if mode == "stop" else None)
     try:
         outs = collect(procs, victim, 40)

@@ -1,7 +1,6 @@
 """Hostile bytes and strangers: rejected, logged, and the group is undisturbed."""
 
 import subprocess
-import sys
 import threading
 
 import msgpack
@@ -13,7 +12,7 @@ from aiocomm import wire
 from aiocomm.errors import ProtocolError
 from aiocomm.wire import FrameReader, Kind, Sink
 
-from .conftest import ROOT, WORKERS, assert_ok, clean_env, launch
+from .conftest import assert_ok, launch, spawn_world
 
 
 @pytest.mark.timeout(120)
@@ -99,24 +98,8 @@ def test_handshake_rejects_arbitrary_hellos(meta):
 @pytest.mark.timeout(60)
 def test_wrong_token_cannot_join(tmp_path):
     """A rank of another job (different token) is refused by the handshake."""
-    import json
-    import socket
-
-    socks = [socket.socket() for _ in range(2)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-        s.listen(8)
-        s.set_inheritable(True)
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{s.getsockname()[1]}"] for s in socks]))
-    procs = []
-    for r, (s, token) in enumerate(zip(socks, ["job-a", "job-b"])):
-        env = clean_env(AIOCOMM_RANK=str(r), AIOCOMM_HOSTFILE=str(hostfile), AIOCOMM_TOKEN=token,
-                        AIOCOMM_LISTEN_FDS=str(s.fileno()), AIOCOMM_CONNECT_TIMEOUT="3")
-        procs.append(subprocess.Popen([sys.executable, "-c", "import aiocomm; aiocomm.init()"], cwd=ROOT, env=env,
-                                      pass_fds=(s.fileno(),), stderr=subprocess.PIPE, text=True))
-    for s in socks:
-        s.close()
+    procs = spawn_world(2, tmp_path, ["-c", "import aiocomm; aiocomm.init()"], tokens=["job-a", "job-b"],
+                        env={"AIOCOMM_CONNECT_TIMEOUT": "3"}, stderr=subprocess.PIPE)
     errs = [p.communicate(timeout=30)[1] for p in procs]
     assert all(p.returncode != 0 for p in procs)
     assert any("AuthenticationError" in e or "failed authentication" in e for e in errs), errs

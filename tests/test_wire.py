@@ -13,7 +13,7 @@ from aiocomm.wire import FrameReader, Kind, Signature, Sink
 
 def data_frame(tag: int, arr: np.ndarray, op: str = "send") -> bytes:
     sig = Signature(op, arr.dtype.name, arr.shape)
-    return wire.encode_frame_head(Kind.P2P, 7, tag, wire.encode_signature(sig), arr.nbytes) + arr.tobytes()
+    return wire.encode_frame_head(Kind.P2P, 7, tag, sig.encoded, arr.nbytes) + arr.tobytes()
 
 
 def feed(reader: FrameReader, stream: bytes, rng: random.Random) -> list:
