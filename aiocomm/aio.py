@@ -22,7 +22,7 @@ from typing import Any, Coroutine, TypeVar
 
 import numpy as np
 
-from . import config, wire
+from . import config, rendezvous, wire
 from . import group as engine_ops
 from .group import Engine, Group
 
@@ -182,16 +182,20 @@ async def init(strict: bool = False, backend: str = "any") -> Group:
             )
         return (await asyncio.shield(_starting)).world
     spec = config.spec_from_env()
-    if spec is None:
+    join = rendezvous.join_spec_from_env() if spec is None else None
+    if spec is None and join is None:
         if strict:
             raise RuntimeError(
                 "this process was not started as part of a group: none of "
-                f"{config.looked_for()} are set (start it with aiocomm-launch)"
+                f"{config.looked_for()}, {rendezvous.looked_for()} are set (start it with aiocomm-launch)"
             )
         _engine = Engine(None, None, None)
         return _engine.world
     starting = _starting = asyncio.get_running_loop().create_future()
     try:
+        if spec is None:
+            assert join is not None
+            spec = await rendezvous.rendezvous(join, config.connect_timeout())
         engine = await Engine.start(spec, config.connect_timeout())
     except BaseException as exc:
         _starting = None

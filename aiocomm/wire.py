@@ -72,6 +72,8 @@ class Kind(enum.IntEnum):
     COLL = 10  # a segment of a collective
     P2P = 11  # a point-to-point message
     ABORT = 20  # a rank gave up on a context; carries the reason
+    JOIN = 30  # rendezvous: a rank publishes its address
+    ROSTER = 31  # rendezvous: every rank's address
 
 
 HANDSHAKE_KINDS = frozenset({Kind.CHALLENGE, Kind.HELLO, Kind.WELCOME, Kind.REJECT})

@@ -1,0 +1,80 @@
+"""Joining groups that other tools start: their variables and a coordinator."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT, clean_env
+
+CODE = ("import aiocomm, numpy as np; g = aiocomm.init(strict=True); "
+        "print('SUM', g.rank(), g.size(), aiocomm.all_sum(np.array([g.rank() + 1])).tolist(), "
+        "aiocomm.all_gather(np.array([g.rank()])).tolist())")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_group(n, env_for_rank, code=CODE):
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=clean_env(**env_for_rank(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(n)]
+    return [(p.wait(timeout=50), *p.communicate()) for p in procs]
+
+
+def check_group(results, n):
+    total = n * (n + 1) // 2
+    for r, (code, out, err) in enumerate(results):
+        assert code == 0, err[-3000:]
+        assert f"SUM {r} {n} [{total}] {list(range(n))}" in out, out
+
+
+@pytest.mark.timeout(60)
+def test_torchrun_variables():
+    port = _free_port()
+    env = lambda r: {"RANK": str(r), "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    check_group(run_group(3, env), 3)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("rank_var,size_var", [
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+    ("PMI_RANK", "PMI_SIZE"),
+    ("SLURM_PROCID", "SLURM_NTASKS"),
+])
+def test_mpi_and_slurm_variables_with_coordinator(rank_var, size_var):
+    coordinator = f"127.0.0.1:{_free_port()}"
+    env = lambda r: {rank_var: str(r), size_var: "2", "AIOCOMM_COORDINATOR": coordinator, "AIOCOMM_TOKEN": "tok"}
+    check_group(run_group(2, env), 2)
+
+
+@pytest.mark.timeout(60)
+def test_aiocomm_variables_take_precedence(tmp_path):
+    """AIOCOMM_/MLX_ hostfile variables win over a tool's RANK/WORLD_SIZE."""
+    import json
+    ports = [_free_port() for _ in range(2)]
+    hostfile = tmp_path / "h.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
+    env = lambda r: {"AIOCOMM_RANK": str(r), "AIOCOMM_HOSTFILE": str(hostfile), "AIOCOMM_TOKEN": "x",
+                     "RANK": str(1 - r), "WORLD_SIZE": "5"}
+    check_group(run_group(2, env), 2)
+
+
+@pytest.mark.timeout(60)
+def test_missing_coordinator_is_a_clear_error():
+    results = run_group(1, lambda r: {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"})
+    code, out, err = results[0]
+    assert code != 0 and "AIOCOMM_COORDINATOR" in err and "Open MPI" in err
+
+
+@pytest.mark.timeout(60)
+def test_wrong_token_is_rejected_by_the_coordinator():
+    coordinator = f"127.0.0.1:{_free_port()}"
+    env = lambda r: {"PMI_RANK": str(r), "PMI_SIZE": "2", "AIOCOMM_COORDINATOR": coordinator,
+                     "AIOCOMM_TOKEN": f"tok{r}", "AIOCOMM_CONNECT_TIMEOUT": "5"}
+    results = run_group(2, env)
+    assert all(code != 0 for code, _, _ in results)
+    assert "failed authentication" in results[1][2], results[1][2][-2000:]
