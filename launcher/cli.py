@@ -10,27 +10,39 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import secrets
+import shlex
 import socket
 import sys
 import tempfile
 from typing import Sequence
 
+from .hosts import Host, HostfileError, format_address, is_local, parse_hosts, read_hostfile
 from .job import RankProcess, run_job
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aiocomm-launch",
-        description="Start an aiocomm job: N local ranks of a command (a *.py file runs with this Python).",
+        description="Start an aiocomm job: ranks of a command on local or ssh hosts "
+        "(a *.py file, or a bare 'python', runs with --python).",
     )
-    parser.add_argument("-n", "--repeat-hosts", "--nproc", dest="n", type=int, default=1, help="number of local ranks")
-    parser.add_argument("--host", default="127.0.0.1", help="address the local ranks listen on (default 127.0.0.1)")
-    parser.add_argument("--python", default=sys.executable, help="interpreter for *.py commands")
-    parser.add_argument("--cwd", default=None, help="working directory of the ranks")
+    parser.add_argument("-n", "--repeat-hosts", "--nproc", dest="n", type=int, default=1,
+                        help="ranks per host (default 1; with the default host, N local ranks)")
+    parser.add_argument("--hosts", default="127.0.0.1", help="comma-separated hosts (default 127.0.0.1)")
+    parser.add_argument("--hostfile", default=None, help="JSON hostfile in the formats mlx.launch reads")
+    parser.add_argument("--backend", default="ring", choices=["ring"], help="only 'ring' (aiocomm's TCP ring)")
+    parser.add_argument("-p", "--starting-port", type=int, default=None,
+                        help="first listening port (default: free ports for local ranks, a random base for ssh ones)")
+    parser.add_argument("--connections-per-ip", type=int, default=1, help="listening addresses per rank")
+    parser.add_argument("--python", default=sys.executable, help="interpreter for *.py commands (same path on ssh hosts)")
+    parser.add_argument("--cwd", default=None, help="working directory of the ranks (ssh ranks: the launcher's by default)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment (repeatable)")
+    parser.add_argument("--ssh", default="ssh", help="ssh command and options, e.g. \"ssh -F cluster.conf\"")
     parser.add_argument("--timeout", type=float, default=None, help="stop the whole job after this many seconds (exit 124)")
     parser.add_argument("--prefix", action=argparse.BooleanOptionalAction, default=True, help="tag output lines with [rank N]")
+    parser.add_argument("--output-dir", default=None, help="write each rank's output to DIR/rank-N.log instead")
     parser.add_argument("--verbose", action="store_true", help="say what is started")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="script.py [args...] or any command")
     return parser
@@ -60,46 +72,93 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
     return env
 
 
-def bind_listeners(host: str, n: int) -> list[socket.socket]:
-    """One listening socket per rank on a free port; the ranks inherit them,
-    so no other program can take a port between choosing and using it."""
+def bind_listeners(host: str, n: int, ports: Sequence[int] | None = None) -> list[socket.socket]:
+    """Listening sockets on ``host`` (free ports, or the ``ports`` given) that
+    the ranks inherit, so no other program takes a port between choosing and
+    using it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     socks = []
-    for _ in range(n):
+    for i in range(n):
         s = socket.socket(family, socket.SOCK_STREAM)
-        s.bind((host, 0))
+        port = 0 if ports is None else ports[i]
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            s.close()
+            for other in socks:
+                other.close()
+            raise SystemExit(f"aiocomm-launch: cannot listen on {format_address(host, port)}: {exc}") from None
         s.listen(1024)
         s.set_inheritable(True)
         socks.append(s)
     return socks
 
 
+def remote_argv(ssh: str, host: Host, cwd: str, env: dict[str, str], argv: list[str], python: str) -> list[str]:
+    """ssh command line that runs ``argv`` under the remote agent with ``env``."""
+    assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in env.items())
+    command = (
+        f"cd {shlex.quote(cwd)} && exec env {assignments} {shlex.quote(python)} -m launcher.remote -- "
+        + " ".join(shlex.quote(a) for a in argv)
+    )
+    return [*shlex.split(ssh), "-o", "BatchMode=yes", host.ssh, command]
+
+
+def plan_job(args: argparse.Namespace, hostfile: str) -> tuple[list[RankProcess], list[socket.socket]]:
+    """Ranks to start and the sockets to hand them; writes the ``hostfile``."""
+    try:
+        plan = read_hostfile(args.hostfile) if args.hostfile else parse_hosts(args.hosts)
+    except HostfileError as exc:
+        raise SystemExit(f"aiocomm-launch: {exc}") from None
+    slots = [host for host in plan.hosts for _ in range(args.n)]
+    per = args.connections_per_ip
+    if per < 1:
+        raise SystemExit("aiocomm-launch: --connections-per-ip must be at least 1")
+    base = args.starting_port if args.starting_port is not None else None
+    remote_base = base if base is not None else random.randrange(20000, 60000 - len(slots) * per)
+    listeners: list[socket.socket] = []
+    addresses: list[list[str]] = []
+    fds: list[tuple[int, ...]] = []
+    for r, host in enumerate(slots):
+        ports = None if base is None else [base + r * per + k for k in range(per)]
+        if is_local(host):
+            socks = bind_listeners(host.listen_ip, per, ports)
+            listeners.extend(socks)
+            addresses.append([format_address(host.listen_ip, s.getsockname()[1]) for s in socks])
+            fds.append(tuple(s.fileno() for s in socks))
+        else:
+            addresses.append([format_address(host.listen_ip, remote_base + r * per + k) for k in range(per)])
+            fds.append(())
+    hostfile_text = json.dumps(addresses)
+    with open(hostfile, "w") as fh:
+        fh.write(hostfile_text)
+    argv = command_argv(args.command, args.python)
+    extra = parse_env(plan.envs) | parse_env(args.env)
+    token = secrets.token_hex(16)
+    ranks = []
+    for r, host in enumerate(slots):
+        job_env = dict(extra, AIOCOMM_RANK=str(r), AIOCOMM_TOKEN=token, PYTHONUNBUFFERED="1")
+        output = os.path.join(args.output_dir, f"rank-{r}.log") if args.output_dir else None
+        if is_local(host):
+            env = dict(os.environ, **job_env, AIOCOMM_HOSTFILE=hostfile, AIOCOMM_LISTEN_FDS=",".join(map(str, fds[r])))
+            ranks.append(RankProcess(r, argv, env, args.cwd, fds[r], stdin="inherit" if r == 0 else "null",
+                                     output=output))
+        else:
+            job_env["AIOCOMM_HOSTFILE_JSON"] = hostfile_text
+            cwd = args.cwd or os.getcwd()
+            ranks.append(RankProcess(r, remote_argv(args.ssh, host, cwd, job_env, argv, args.python),
+                                     dict(os.environ), None, (), stdin="pipe", output=output))
+    return ranks, listeners
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.n < 1:
         raise SystemExit("aiocomm-launch: -n must be at least 1")
-    argv_cmd = command_argv(args.command, args.python)
-    extra = parse_env(args.env)
-    listeners = bind_listeners(args.host, args.n)
-    fmt = "[{}]:{}" if ":" in args.host else "{}:{}"
-    hosts = [[fmt.format(args.host, s.getsockname()[1])] for s in listeners]
-    token = secrets.token_hex(16)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="aiocomm-") as tmp:
-        hostfile = os.path.join(tmp, "hostfile.json")
-        with open(hostfile, "w") as fh:
-            json.dump(hosts, fh)
-        ranks = []
-        for rank, sock in enumerate(listeners):
-            env = dict(os.environ)
-            env.update(extra)
-            env.update(
-                AIOCOMM_RANK=str(rank),
-                AIOCOMM_HOSTFILE=hostfile,
-                AIOCOMM_TOKEN=token,
-                AIOCOMM_LISTEN_FDS=str(sock.fileno()),
-                PYTHONUNBUFFERED="1",
-            )
-            ranks.append(RankProcess(rank, argv_cmd, env, args.cwd, (sock.fileno(),), stdin=rank == 0))
+        ranks, listeners = plan_job(args, os.path.join(tmp, "hostfile.json"))
 
         def close_listeners() -> None:  # the ranks hold their own copies now
             for sock in listeners:

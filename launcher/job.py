@@ -31,7 +31,8 @@ class RankProcess:
     env: dict[str, str]
     cwd: str | None = None
     pass_fds: tuple[int, ...] = ()
-    stdin: bool = False  # forward the launcher's stdin to this rank
+    stdin: str = "null"  # "inherit": the launcher's stdin; "pipe": held open (ssh); "null"
+    output: str | None = None  # a file for this rank's stdout and stderr instead of the terminal
 
 
 @dataclass
@@ -124,13 +125,15 @@ async def run_job(
     procs: dict[int, asyncio.subprocess.Process] = {}
     pumps: list[asyncio.Task[None]] = []
     result = JobResult()
+    files: list[IO[bytes]] = []
+    stdin_modes = {"inherit": None, "pipe": asyncio.subprocess.PIPE, "null": asyncio.subprocess.DEVNULL}
     for spec in ranks:
         proc = await asyncio.create_subprocess_exec(
             *spec.argv,
             env=spec.env,
             cwd=spec.cwd,
             pass_fds=spec.pass_fds,
-            stdin=None if spec.stdin else asyncio.subprocess.DEVNULL,
+            stdin=stdin_modes[spec.stdin],
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
@@ -139,8 +142,13 @@ async def run_job(
         procs[spec.rank] = proc
         result.returncodes[spec.rank] = None
         assert proc.stdout is not None and proc.stderr is not None
-        pumps.append(loop.create_task(_pump(proc.stdout, spec.rank, stdout)))
-        pumps.append(loop.create_task(_pump(proc.stderr, spec.rank, stderr)))
+        out, err = stdout, stderr
+        if spec.output is not None:
+            fh = open(spec.output, "wb")
+            files.append(fh)
+            out = err = _Output(fh, False)
+        pumps.append(loop.create_task(_pump(proc.stdout, spec.rank, out)))
+        pumps.append(loop.create_task(_pump(proc.stderr, spec.rank, err)))
         if verbose:
             print(f"aiocomm-launch: rank {spec.rank} pid {proc.pid}: {' '.join(spec.argv)}", file=sys.stderr)
 
@@ -201,4 +209,9 @@ async def run_job(
         for proc in procs.values():
             _signal_group(proc, signal.SIGKILL)
         await asyncio.gather(*pumps, return_exceptions=True)
+        for proc in procs.values():
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for fh in files:
+            fh.close()
     return result

@@ -62,3 +62,76 @@ def test_job_timeout():
     proc = launch(2, "fail_rank.py", "none", launcher_args=("--timeout", "2"), timeout=50)
     assert proc.returncode == 124 and "timed out" in proc.stderr
     assert time.monotonic() - start < 20
+
+
+def _run(args, **kw):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT, clean_env
+    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=60, **kw)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt", ["list", "map"])
+def test_mlx_hostfile_formats(tmp_path, fmt):
+    from .conftest import WORKERS
+    hosts = [{"ssh": "localhost", "ips": ["127.0.0.1"]}, {"ssh": "127.0.0.1"}]
+    data = hosts if fmt == "list" else {"backend": "ring", "envs": ["AIOCOMM_TEST_ENV=from-hostfile"], "hosts": hosts}
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(__import__("json").dumps(data))
+    proc = _run(["--hostfile", str(hostfile), "-n", "2", str(WORKERS / "where.py")])
+    assert proc.returncode == 0, proc.stderr
+    assert all(f"[rank {r}] RANK {r} OF 4 AT 127.0.0.1 SUM 4" in proc.stdout for r in range(4)), proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_starting_port_and_connections_per_ip(tmp_path):
+    import socket
+
+    from .conftest import WORKERS
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        base = s.getsockname()[1]
+    if base > 65000:
+        base = 40000
+    proc = _run(["-n", "3", "-p", str(base), "--connections-per-ip", "2", "--output-dir", str(tmp_path / "logs"),
+                 str(WORKERS / "where.py")])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""  # everything went to the files
+    for r in range(3):
+        log = (tmp_path / "logs" / f"rank-{r}.log").read_text()
+        assert f"RANK {r} OF 3 AT 127.0.0.1 SUM 3" in log
+
+
+@pytest.mark.timeout(60)
+def test_stdin_goes_to_rank_zero():
+    from .conftest import WORKERS
+    proc = _run(["-n", "2", str(WORKERS / "stdin_echo.py")], input="hello rank zero\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "[rank 0] GOT hello rank zero" in proc.stdout
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_signal_to_launcher_stops_every_rank(sig):
+    import signal
+    import subprocess
+    import sys
+    import uuid
+
+    from .conftest import ROOT, WORKERS, clean_env
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "-n", "3", str(WORKERS / "where.py"), marker, "-1", "60"],
+                            cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    out = ""
+    while out.count(marker) < 3 and time.monotonic() < deadline:
+        out += proc.stdout.readline()
+    proc.send_signal(getattr(signal, sig))
+    proc.wait(timeout=20)
+    assert proc.returncode != 0
+    time.sleep(0.5)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert marker not in ps.replace(f"ps -eo args", "")

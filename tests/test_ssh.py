@@ -1,0 +1,104 @@
+"""Launching over ssh, against a real OpenSSH server on loopback.
+
+The suite starts sshd on a high port with a throw-away host key and an
+authorised key it generates; the job's "hosts" are distinct loopback
+addresses (127.0.0.2, 127.0.0.3), so each rank listens on its own host's
+address as on a real cluster.
+"""
+
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from .conftest import ROOT, WORKERS, clean_env
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+HOSTS = ["127.0.0.2", "127.0.0.3"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ssh_config(tmp_path_factory):
+    if not os.path.exists(SSHD) or not shutil.which("ssh") or not shutil.which("ssh-keygen"):
+        pytest.skip("OpenSSH server or client is not installed (apt-get install openssh-server openssh-client)")
+    d = tmp_path_factory.mktemp("sshd")
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    os.chmod(d / "authorized_keys", 0o600)
+    port = _free_port()
+    (d / "sshd_config").write_text("\n".join([
+        f"Port {port}", *[f"ListenAddress {h}" for h in HOSTS],
+        f"HostKey {d / 'host_key'}", f"PidFile {d / 'sshd.pid'}",
+        f"AuthorizedKeysFile {d / 'authorized_keys'}",
+        "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PubkeyAuthentication yes",
+        "UsePAM no", "StrictModes no", "PermitRootLogin yes", "LogLevel ERROR", "",
+    ]))
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", exist_ok=True)
+    sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection((HOSTS[0], port), timeout=1).close()
+            break
+        except OSError:
+            if sshd.poll() is not None or time.monotonic() > deadline:
+                sshd.kill()
+                pytest.skip(f"sshd could not start here: {sshd.stderr.read()[-500:] if sshd.stderr else ''}")
+            time.sleep(0.05)
+    (d / "ssh_config").write_text("\n".join([
+        "Host 127.0.0.*", f"  Port {port}", f"  IdentityFile {d / 'client_key'}",
+        "  UserKnownHostsFile /dev/null", "  StrictHostKeyChecking no", "  LogLevel ERROR",
+        f"  User {getpass.getuser()}", "",
+    ]))
+    yield d / "ssh_config"
+    sshd.terminate()
+    sshd.wait(5)
+
+
+def launch_ssh(cfg, *args, timeout=90):
+    cmd = [sys.executable, "-m", "launcher", "--hosts", ",".join(HOSTS), "-n", "2",
+           "--ssh", f"ssh -F {cfg}", str(WORKERS / "where.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _processes_with(marker: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
+
+
+@pytest.mark.timeout(120)
+def test_ranks_over_ssh_listen_on_their_hosts(ssh_config):
+    marker = uuid.uuid4().hex
+    proc = launch_ssh(ssh_config, marker)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in range(4):
+        host = HOSTS[rank // 2]
+        assert f"[rank {rank}] RANK {rank} OF 4 AT {host} SUM 4 {marker}" in proc.stdout, proc.stdout
+    assert not _processes_with(marker)
+
+
+@pytest.mark.timeout(120)
+def test_failing_remote_rank_stops_the_job_everywhere(ssh_config):
+    marker = uuid.uuid4().hex
+    start = time.monotonic()
+    proc = launch_ssh(ssh_config, marker, "3", "60")  # rank 3 exits 3, the others would sleep 60 s
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "rank 3 exited with code 3" in proc.stderr
+    assert time.monotonic() - start < 40
+    time.sleep(1.0)
+    assert not _processes_with(marker), _processes_with(marker)
