@@ -63,7 +63,11 @@ def coordinator_from_env(env: Mapping[str, str], source: str) -> Address:
     if text:
         return parse_address(text, where="AIOCOMM_COORDINATOR")
     if env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
-        return parse_address(f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}", where="MASTER_ADDR/MASTER_PORT")
+        # torchrun's own store already listens on MASTER_PORT: take the next one.
+        host, port = parse_address(f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}", where="MASTER_ADDR/MASTER_PORT")
+        if port >= 65535:
+            raise CommError(f"MASTER_PORT={port} leaves no port above it for aiocomm's rendezvous")
+        return host, port + 1
     raise CommError(
         f"started by {source} but no coordinator address: set AIOCOMM_COORDINATOR=host:port "
         "(or MASTER_ADDR and MASTER_PORT) to where rank 0 can listen"

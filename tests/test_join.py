@@ -78,3 +78,61 @@ def test_wrong_token_is_rejected_by_the_coordinator():
     results = run_group(2, env)
     assert all(code != 0 for code, _, _ in results)
     assert "failed authentication" in results[1][2], results[1][2][-2000:]
+
+
+# ---- the real tools, where they are installed
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from .conftest import WORKERS
+
+
+def _tool(name):
+    found = shutil.which(name) or (str(Path(sys.executable).parent / name)
+                                   if (Path(sys.executable).parent / name).exists() else None)
+    if found is None:
+        pytest.skip(f"{name} is not installed here")
+    return found
+
+
+def _check_joined(out, n):
+    total = n * (n + 1) // 2
+    lines = re.findall(r"JOINED (\d+) (\d+) (\d+) (\[.*?\])", out)
+    assert sorted(int(r) for r, *_ in lines) == list(range(n)), out
+    for _, size, got, gathered in lines:
+        assert int(size) == n and int(got) == total and gathered == str(list(range(n)))
+
+
+@pytest.mark.timeout(120)
+def test_real_torchrun():
+    torchrun = _tool("torchrun")
+    proc = subprocess.run([torchrun, "--nproc-per-node", "3", "--master-port", str(_free_port()),
+                           str(WORKERS / "join_report.py")],
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_joined(proc.stdout, 3)
+
+
+@pytest.mark.timeout(120)
+def test_real_mpirun():
+    mpirun = _tool("mpirun")
+    env = clean_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = subprocess.run([mpirun, "--oversubscribe", "-n", "3",
+                           "-x", f"AIOCOMM_COORDINATOR=127.0.0.1:{_free_port()}", "-x", "AIOCOMM_TOKEN=mpi-job",
+                           sys.executable, str(WORKERS / "join_report.py")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_joined(proc.stdout, 3)
+
+
+@pytest.mark.timeout(120)
+def test_real_mlx_launch():
+    launch = _tool("mlx.launch")
+    proc = subprocess.run([launch, "--backend", "ring", "-n", "2", "--starting-port", str(_free_port()),
+                           sys.executable, str(WORKERS / "join_report.py")],
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_joined(proc.stdout, 2)
