@@ -147,7 +147,8 @@ def plan_job(args: argparse.Namespace, hostfile: str) -> tuple[list[RankProcess]
             job_env["AIOCOMM_HOSTFILE_JSON"] = hostfile_text
             cwd = args.cwd or os.getcwd()
             ranks.append(RankProcess(r, remote_argv(args.ssh, host, cwd, job_env, argv, args.python),
-                                     dict(os.environ), None, (), stdin="pipe", output=output))
+                                     dict(os.environ), None, (), stdin="forward" if r == 0 else "pipe",
+                                     output=output))
     return ranks, listeners
 
 

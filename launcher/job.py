@@ -14,6 +14,7 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import IO, Callable, Sequence
@@ -31,7 +32,9 @@ class RankProcess:
     env: dict[str, str]
     cwd: str | None = None
     pass_fds: tuple[int, ...] = ()
-    stdin: str = "null"  # "inherit": the launcher's stdin; "pipe": held open (ssh); "null"
+    # "inherit": the launcher's stdin; "null"; "pipe": held open for an ssh
+    # agent (launcher.remote); "forward": also carries the launcher's stdin to it
+    stdin: str = "null"
     output: str | None = None  # a file for this rank's stdout and stderr instead of the terminal
 
 
@@ -103,6 +106,30 @@ async def _pump(reader: asyncio.StreamReader, rank: int, out: _Output) -> None:
         out.line(rank, line)
 
 
+def _forward_stdin(loop: asyncio.AbstractEventLoop, proc: asyncio.subprocess.Process) -> None:
+    """Copy the launcher's stdin to a remote agent in length-prefixed frames
+    (see launcher.remote); a zero-length frame says the input ended."""
+    writer = proc.stdin
+    assert writer is not None
+
+    def send(frame: bytes) -> None:
+        if not writer.is_closing():
+            writer.write(frame)
+
+    def read() -> None:
+        try:
+            while chunk := sys.stdin.buffer.read1(65536):
+                loop.call_soon_threadsafe(send, len(chunk).to_bytes(4, "big") + chunk)
+        except (OSError, ValueError, RuntimeError):
+            return
+        try:
+            loop.call_soon_threadsafe(send, b"\0\0\0\0")
+        except RuntimeError:  # the job already ended
+            pass
+
+    threading.Thread(target=read, name="aiocomm-stdin", daemon=True).start()
+
+
 def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)
@@ -126,7 +153,12 @@ async def run_job(
     pumps: list[asyncio.Task[None]] = []
     result = JobResult()
     files: list[IO[bytes]] = []
-    stdin_modes = {"inherit": None, "pipe": asyncio.subprocess.PIPE, "null": asyncio.subprocess.DEVNULL}
+    stdin_modes = {
+        "inherit": None,
+        "pipe": asyncio.subprocess.PIPE,
+        "forward": asyncio.subprocess.PIPE,
+        "null": asyncio.subprocess.DEVNULL,
+    }
     for spec in ranks:
         proc = await asyncio.create_subprocess_exec(
             *spec.argv,
@@ -149,6 +181,8 @@ async def run_job(
             out = err = _Output(fh, False)
         pumps.append(loop.create_task(_pump(proc.stdout, spec.rank, out)))
         pumps.append(loop.create_task(_pump(proc.stderr, spec.rank, err)))
+        if spec.stdin == "forward":
+            _forward_stdin(loop, proc)
         if verbose:
             print(f"aiocomm-launch: rank {spec.rank} pid {proc.pid}: {' '.join(spec.argv)}", file=sys.stderr)
 

@@ -5,6 +5,11 @@ it received in ``AIOCOMM_HOSTFILE_JSON`` to a private file, starts the rank in
 its own process group, and stops that group (SIGTERM, then SIGKILL) when its
 standard input closes — that is, when the launcher or its ssh connection goes
 away — so no rank outlives its job.  It exits with the rank's status.
+
+Its standard input carries the launcher's stdin for the rank in frames: a
+4-byte big-endian length and that many bytes; a zero length means the user's
+input ended (the rank's stdin is closed, the rank keeps running).  A raw end
+of file means the launcher is gone.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from typing import Any
 
 GRACE = 5.0
 
@@ -33,7 +39,9 @@ def main(argv: list[str]) -> int:
         tmp.write(hostfile_json)
         tmp.close()
         env["AIOCOMM_HOSTFILE"] = tmp.name
-    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, start_new_session=True)
+    assert proc.stdin is not None
+    child_stdin: Any = proc.stdin
 
     def stop(sig: int = signal.SIGTERM) -> None:
         if proc.poll() is not None:
@@ -50,13 +58,37 @@ def main(argv: list[str]) -> int:
             except ProcessLookupError:
                 pass
 
+    def read_exactly(n: int) -> bytes | None:
+        data = b""
+        while len(data) < n:
+            chunk = sys.stdin.buffer.read(n - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
     def watch_stdin() -> None:
+        nonlocal child_stdin
         try:
-            while sys.stdin.buffer.read1(4096):
-                pass
+            while (head := read_exactly(4)) is not None:
+                size = int.from_bytes(head, "big")
+                if size == 0:  # the user's input ended
+                    if child_stdin is not None:
+                        child_stdin.close()
+                        child_stdin = None
+                    continue
+                data = read_exactly(size)
+                if data is None:
+                    break
+                if child_stdin is not None:
+                    try:
+                        child_stdin.write(data)
+                        child_stdin.flush()
+                    except OSError:
+                        child_stdin = None
         except (OSError, ValueError):
             pass
-        stop()
+        stop()  # the launcher or its connection is gone
 
     threading.Thread(target=watch_stdin, daemon=True).start()
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):

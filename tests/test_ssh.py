@@ -102,3 +102,13 @@ def test_failing_remote_rank_stops_the_job_everywhere(ssh_config):
     assert time.monotonic() - start < 40
     time.sleep(1.0)
     assert not _processes_with(marker), _processes_with(marker)
+
+
+@pytest.mark.timeout(120)
+def test_stdin_reaches_a_remote_rank_zero(ssh_config):
+    cmd = [sys.executable, "-m", "launcher", "--hosts", HOSTS[0], "-n", "2",
+           "--ssh", f"ssh -F {ssh_config}", str(WORKERS / "stdin_echo.py")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), input="over ssh\n", capture_output=True, text=True,
+                          timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[rank 0] GOT over ssh" in proc.stdout
