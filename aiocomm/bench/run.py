@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from . import aio, portal
+from .. import aio, portal
 
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -190,6 +190,3 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             loop.close()
 
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

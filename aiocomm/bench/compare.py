@@ -1,0 +1,123 @@
+"""aiocomm side by side with the systems people would pick instead, in one run.
+
+    python -m aiocomm.bench.compare --ranks 2,4 --sizes 8,1M,64M --op all_sum
+
+Runs ``python -m aiocomm.bench --json`` under ``aiocomm-launch`` and the same
+measurement for torch's gloo (under torchrun), OpenMPI (mpirun + mpi4py),
+MLX's ring backend (mlx.launch) and, for 2 ranks, the physical duplex
+reference; a peer that is not installed is skipped with a message.  Prints
+one table with aiocomm's bus bandwidth as a ratio of each peer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _tool(name: str) -> str | None:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _peer_modules_available(module: str) -> bool:
+    return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
+def commands(peer: str, ranks: int, common: list[str]) -> list[str] | None | str:
+    py = sys.executable
+    if peer == "aiocomm":
+        return [py, "-m", "launcher", "-n", str(ranks), py, "-m", "aiocomm.bench", "--json", *common]
+    if peer == "gloo":
+        torchrun = _tool("torchrun")
+        if torchrun is None or not _peer_modules_available("torch"):
+            return "torch (torchrun) is not installed"
+        return [torchrun, "--nproc-per-node", str(ranks), "--master-port", str(_free_port()),
+                "-m", "aiocomm.bench.peers", "gloo", *common]
+    if peer == "openmpi":
+        mpirun = _tool("mpirun")
+        if mpirun is None or not _peer_modules_available("mpi4py"):
+            return "mpirun or mpi4py is not installed"
+        return [mpirun, "--oversubscribe", "-n", str(ranks), py, "-m", "aiocomm.bench.peers", "mpi", *common]
+    if peer == "mlx-ring":
+        launch = _tool("mlx.launch")
+        if launch is None or not _peer_modules_available("mlx.core"):
+            return "mlx (mlx.launch) is not installed"
+        return [launch, "--backend", "ring", "-n", str(ranks), "--starting-port", str(_free_port()),
+                py, "-m", "aiocomm.bench.peers", "mlx", *common]
+    if peer == "duplex-reference":
+        if ranks != 2:
+            return None
+        return [py, "-m", "aiocomm.bench.peers", "duplex", *common]
+    raise ValueError(peer)
+
+
+def run(cmd: list[str], timeout: float) -> list[dict[str, Any]]:
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    rows = []
+    for line in proc.stdout.splitlines():
+        line = line.split("] ", 1)[1] if line.startswith("[rank ") else line
+        if line.startswith("{"):
+            rows.append(json.loads(line))
+    if proc.returncode != 0 and not rows:
+        raise RuntimeError(f"{' '.join(cmd[:3])}... failed: {proc.stderr[-800:]}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m aiocomm.bench.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ranks", default="2,4")
+    parser.add_argument("--sizes", default="8,1M,64M")
+    parser.add_argument("--op", choices=["all_sum", "all_gather"], default="all_sum")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--peers", default="aiocomm,duplex-reference,gloo,openmpi,mlx-ring")
+    parser.add_argument("--timeout", type=float, default=900)
+    args = parser.parse_args(argv)
+    common = ["--op", args.op, "--sizes", args.sizes, "--iters", str(args.iters)]
+    results: dict[tuple[str, int, int], dict[str, Any]] = {}
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    for ranks in (int(r) for r in args.ranks.split(",")):
+        for peer in peers:
+            cmd = commands(peer, ranks, common)
+            if cmd is None:
+                continue
+            if isinstance(cmd, str):
+                print(f"# skipping {peer}: {cmd}", flush=True)
+                continue
+            try:
+                rows = run(cmd, args.timeout)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                print(f"# {peer} with {ranks} ranks failed: {exc}", flush=True)
+                continue
+            for row in rows:
+                results[(peer, ranks, row["bytes"])] = row
+    print(f"# op={args.op} float32, median of {args.iters} iterations (slowest rank), same machine, same run")
+    print(f"# {'peer':<17} {'ranks':>5} {'bytes':>10} {'median_us':>11} {'busbw_GB/s':>10} {'aiocomm/peer':>12} correct")
+    for (peer, ranks, nbytes), row in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0] != "aiocomm")):
+        mine = results.get(("aiocomm", ranks, nbytes))
+        if mine is None or peer == "aiocomm":
+            ratio = ""
+        elif nbytes >= 1 << 20:
+            ratio = f"{mine['busbw_GBps'] / row['busbw_GBps']:.2f}x bw"
+        else:
+            ratio = f"{row['median_us'] / mine['median_us']:.2f}x lat"
+        print(f"  {peer:<17} {ranks:>5} {nbytes:>10} {row['median_us']:>11.1f} {row['busbw_GBps']:>10.3f} "
+              f"{ratio:>12} {'yes' if row['correct'] else 'NO'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
