@@ -42,7 +42,7 @@ import numpy as np
 #: which tests use to drive the multi-segment paths with small arrays).
 SEGMENT_BYTES = int(os.environ.get("AIOCOMM_SEGMENT_BYTES", 1 << 20))
 #: Receives posted ahead of the one being reduced.
-WINDOW = 4
+WINDOW = 8
 #: Arrays up to this many bytes take the one-step exchange instead of the ring
 #: (``AIOCOMM_SMALL_BYTES`` overrides it).
 SMALL_BYTES = int(os.environ.get("AIOCOMM_SMALL_BYTES", 32 * 1024))
@@ -111,14 +111,29 @@ async def ring_reduce_scatter(
     right, left = (r + 1) % n, (r - 1) % n
     seg = _seg_items(flat.dtype, segment_bytes)
     await link.open(right)
-    for a, b in segments(blocks[(r + shift - 1) % n], seg):
-        link.push(right, 0, flat[a:b])
     plan = [
         (step, a, b)
         for step in range(n - 1)
         for a, b in segments(blocks[(r + shift - 2 - step) % n], seg)
     ]
     depth = min(window, len(plan))
+    # Everything for the right neighbour goes out in one FIFO, in the order it
+    # posts its receives: the first block's segments, then each reduced
+    # segment as it is forwarded.  The FIFO is paced: ``depth`` frames ahead
+    # of the segments received here, matching the ``depth`` receives the
+    # neighbour keeps posted, so its frames land in posted memory instead of
+    # piling up as unexpected arrivals (up to a whole block of memory).
+    outbox = collections.deque(segments(blocks[(r + shift - 1) % n], seg))
+    sent = 0
+
+    def send_allowed(credit: int) -> None:
+        nonlocal sent
+        while outbox and sent < credit:
+            oa, ob = outbox.popleft()
+            link.push(right, 0, flat[oa:ob])
+            sent += 1
+
+    send_allowed(max(depth, 1))
     scratch = [np.empty(min(seg, flat.size), flat.dtype) for _ in range(depth)]
     posted: collections.deque[Awaitable[np.ndarray]] = collections.deque()
     for i in range(depth):
@@ -132,7 +147,38 @@ async def ring_reduce_scatter(
             _, na, nb = plan[i + depth]
             posted.append(link.post(left, 0, scratch[i % depth][: nb - na]))
         if step < n - 2:
-            link.push(right, 0, target)
+            outbox.append((a, b))
+        send_allowed(max(depth, 1) + i + 1)
+    send_allowed(sent + len(outbox))  # what is left (blocks of unequal segment counts)
+
+
+def _all_gather_plan(
+    n: int, r: int, blocks: list[tuple[int, int]], shift: int, seg: int
+) -> list[tuple[int, int, int]]:
+    return [
+        (step, a, b)
+        for step in range(n - 1)
+        for a, b in segments(blocks[(r + shift - 1 - step) % n], seg)
+    ]
+
+
+def post_all_gather(
+    link: Link,
+    flat: np.ndarray,
+    blocks: list[tuple[int, int]],
+    shift: int,
+    *,
+    lane: int = 0,
+    segment_bytes: int = SEGMENT_BYTES,
+) -> list[Awaitable[np.ndarray]]:
+    """Post every receive of :func:`ring_all_gather` now, straight into
+    ``flat``.  An all-reduce does this before its reduce-scatter (on another
+    lane), so the all-gather's frames never arrive unexpected: each of them
+    carries a final value that causally follows this rank's contribution to
+    that region, so it cannot land before this rank is done with it."""
+    n, r = link.size, link.rank
+    plan = _all_gather_plan(n, r, blocks, shift, _seg_items(flat.dtype, segment_bytes))
+    return [link.post((r - 1) % n, lane, flat[a:b]) for _, a, b in plan]
 
 
 async def ring_all_gather(
@@ -141,26 +187,25 @@ async def ring_all_gather(
     blocks: list[tuple[int, int]],
     shift: int,
     *,
+    lane: int = 0,
+    posted: list[Awaitable[np.ndarray]] | None = None,
     segment_bytes: int = SEGMENT_BYTES,
 ) -> None:
     """Fill every block of ``flat``; rank ``r`` starts owning block ``(r + shift) % size``."""
     n, r = link.size, link.rank
-    right, left = (r + 1) % n, (r - 1) % n
+    right = (r + 1) % n
     seg = _seg_items(flat.dtype, segment_bytes)
     await link.open(right)
+    if posted is None:
+        # Every destination is final memory, so post all receives up front.
+        posted = post_all_gather(link, flat, blocks, shift, lane=lane, segment_bytes=segment_bytes)
     for a, b in segments(blocks[(r + shift) % n], seg):
-        link.push(right, 0, flat[a:b])
-    plan = [
-        (step, a, b)
-        for step in range(n - 1)
-        for a, b in segments(blocks[(r + shift - 1 - step) % n], seg)
-    ]
-    # Every destination is final memory, so post all receives up front.
-    posted = [link.post(left, 0, flat[a:b]) for _, a, b in plan]
+        link.push(right, lane, flat[a:b])
+    plan = _all_gather_plan(n, r, blocks, shift, seg)
     for (step, a, b), fut in zip(plan, posted):
         await fut
         if step < n - 2:
-            link.push(right, 0, flat[a:b])
+            link.push(right, lane, flat[a:b])
 
 
 async def exchange_reduce(link: Link, blocks: list[np.ndarray], ufunc: np.ufunc) -> np.ndarray:
@@ -199,8 +244,9 @@ async def all_reduce(link: Link, x: np.ndarray, op: str) -> np.ndarray:
         return out
     flat = out.reshape(-1)
     blocks = partition(flat.size, link.size)
+    gathered = post_all_gather(link, flat, blocks, 1, lane=1)
     await ring_reduce_scatter(link, flat, blocks, REDUCERS[op], 1)
-    await ring_all_gather(link, flat, blocks, 1)
+    await ring_all_gather(link, flat, blocks, 1, lane=1, posted=gathered)
     await link.flush()
     return out
 
