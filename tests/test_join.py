@@ -19,6 +19,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _free_port_pair() -> int:
+    """A port p with p + 1 free too (the rendezvous takes MASTER_PORT + 1)."""
+    for _ in range(100):
+        p = _free_port()
+        if p >= 65535:
+            continue
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", p))
+                b.bind(("127.0.0.1", p + 1))
+            except OSError:
+                continue
+            return p
+    raise RuntimeError("no two adjacent free ports")
+
+
 def run_group(n, env_for_rank, code=CODE):
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=clean_env(**env_for_rank(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(n)]
@@ -34,8 +50,9 @@ def check_group(results, n):
 
 @pytest.mark.timeout(60)
 def test_torchrun_variables():
-    port = _free_port()
-    env = lambda r: {"RANK": str(r), "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    port = _free_port_pair()
+    env = lambda r: {"RANK": str(r), "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                     "AIOCOMM_CONNECT_TIMEOUT": "20"}
     check_group(run_group(3, env), 3)
 
 
@@ -109,7 +126,7 @@ def _check_joined(out, n):
 @pytest.mark.timeout(120)
 def test_real_torchrun():
     torchrun = _tool("torchrun")
-    proc = subprocess.run([torchrun, "--nproc-per-node", "3", "--master-port", str(_free_port()),
+    proc = subprocess.run([torchrun, "--nproc-per-node", "3", "--master-port", str(_free_port_pair()),
                            str(WORKERS / "join_report.py")],
                           cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stderr[-3000:]
