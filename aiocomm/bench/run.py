@@ -122,14 +122,15 @@ async def bench(args: argparse.Namespace) -> None:
     if rank == 0 and not args.json:
         print(f"# aiocomm.bench op={args.op} ranks={n} dtype={dtype} face={args.face} iters={args.iters} warmup={args.warmup}")
         print(f"# {'bytes':>10} {'median_us':>11} {'min_us':>10} {'max_us':>10} {'algbw_GB/s':>10} {'busbw_GB/s':>10} {'wire/buf':>8} {'rss_MiB':>8} correct")
+    case = result = None
     for nbytes in args.sizes:
+        case = result = None  # free the previous size's arrays before the next ones exist
         case = Case(args.op, nbytes, dtype, rank, n)
         ok = True
         for _ in range(args.warmup):
             ok &= case.check(await case.run(blocking))  # the output is freed at once
         sent0 = mesh.bytes_sent if mesh is not None else 0
         times = np.empty(args.iters)
-        result = None
         for i in range(args.iters):
             result = None  # free the last output first: RSS should show one op's memory
             t0 = time.perf_counter()
