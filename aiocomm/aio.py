@@ -243,8 +243,7 @@ async def all_sum(x: Any, *, group: Group | None = None, stream: Any = None, tim
     return await _on_engine(g, engine_ops.all_reduce(g, arr, "sum", t))
 
 
-async def all_max(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
-    """Element-wise maximum of ``x`` over the group, as ``numpy.maximum``
+_EXTREMUM_DOC = """Element-wise {what} of ``x`` over the group, as ``numpy.{what}``
     (NaN propagates; complex numbers compare lexicographically).
 
     Args:
@@ -262,31 +261,20 @@ async def all_max(x: Any, *, group: Group | None = None, stream: Any = None, tim
             different operations.
         PeerLostError, CommTimeoutError: a peer died or stopped responding.
     """
+
+
+async def all_max(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
     arr, t, g = as_array(x), check_timeout(timeout), await _world(group)
     return await _on_engine(g, engine_ops.all_reduce(g, arr, "max", t))
 
 
 async def all_min(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
-    """Element-wise minimum of ``x`` over the group, as ``numpy.minimum``
-    (NaN propagates; complex numbers compare lexicographically).
-
-    Args:
-        x: anything ``numpy.asarray`` accepts, of a supported dtype.
-        group: the group to reduce over; ``None`` means the world (``init()``).
-        stream: accepted for compatibility with MLX and ignored.
-        timeout: seconds to wait for peers (default ``AIOCOMM_TIMEOUT`` or 300).
-
-    Returns:
-        A new array with the shape and dtype of ``x``, the same on every rank.
-
-    Raises:
-        TypeError: unsupported dtype.
-        MismatchError: ranks passed different shapes or dtypes, or called
-            different operations.
-        PeerLostError, CommTimeoutError: a peer died or stopped responding.
-    """
     arr, t, g = as_array(x), check_timeout(timeout), await _world(group)
     return await _on_engine(g, engine_ops.all_reduce(g, arr, "min", t))
+
+
+all_max.__doc__ = _EXTREMUM_DOC.format(what="maximum")
+all_min.__doc__ = _EXTREMUM_DOC.format(what="minimum")
 
 
 async def all_gather(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
