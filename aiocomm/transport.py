@@ -469,7 +469,7 @@ class Mesh:
         )
         err.__cause__ = cause
         self.lost.setdefault(peer, err)
-        self._fail_posted(lambda src, key: src == peer, self.lost[peer], only_src=peer)
+        self._fail_posted(self.lost[peer], sources=(peer,))
 
     # ---- sending
 
@@ -673,17 +673,17 @@ class Mesh:
 
     def _break(self, context: int, exc: CommError) -> None:
         self.broken[context] = exc
-        self._fail_posted(lambda src, key: key[1] == context, exc)
+        self._fail_posted(exc, sources=range(self.size), context=context)
 
-    def _fail_posted(self, match: Any, exc: CommError, only_src: int | None = None) -> None:
-        sources = range(self.size) if only_src is None else (only_src,)
+    def _fail_posted(self, exc: CommError, sources: Iterable[int], context: int | None = None) -> None:
+        """Fail every receive waiting on ``sources`` (only those of ``context`` if given)."""
         for src in sources:
             box = self.mailboxes[src]
-            for key in [k for k in box.posted if match(src, k)]:
+            for key in [k for k in box.posted if context is None or k[1] == context]:
                 for pending in box.posted.pop(key):
                     pending.fail(exc)
             for key, arrivals in box.arrived.items():
-                if match(src, key):
+                if context is None or key[1] == context:
                     for arrival in arrivals:
                         if arrival.waiter is not None and not arrival.complete:
                             arrival.waiter.fail(exc)
