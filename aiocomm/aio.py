@@ -221,30 +221,11 @@ async def shutdown() -> None:
 
 
 async def all_sum(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
-    """Element-wise sum of ``x`` over the group.
-
-    Args:
-        x: anything ``numpy.asarray`` accepts, of a supported dtype.
-        group: the group to reduce over; ``None`` means the world (``init()``).
-        stream: accepted for compatibility with MLX and ignored.
-        timeout: seconds to wait for peers (default ``AIOCOMM_TIMEOUT`` or 300).
-
-    Returns:
-        A new array with the shape and dtype of ``x``, the same on every rank.
-        Integers wrap on overflow; ``bool`` sums are logical OR.
-
-    Raises:
-        TypeError: unsupported dtype.
-        MismatchError: ranks passed different shapes or dtypes, or called
-            different operations.
-        PeerLostError, CommTimeoutError: a peer died or stopped responding.
-    """
     arr, t, g = as_array(x), check_timeout(timeout), await _world(group)
     return await _on_engine(g, engine_ops.all_reduce(g, arr, "sum", t))
 
 
-_EXTREMUM_DOC = """Element-wise {what} of ``x`` over the group, as ``numpy.{what}``
-    (NaN propagates; complex numbers compare lexicographically).
+_REDUCE_DOC = """Element-wise {what} of ``x`` over the group{how}.
 
     Args:
         x: anything ``numpy.asarray`` accepts, of a supported dtype.
@@ -253,7 +234,7 @@ _EXTREMUM_DOC = """Element-wise {what} of ``x`` over the group, as ``numpy.{what
         timeout: seconds to wait for peers (default ``AIOCOMM_TIMEOUT`` or 300).
 
     Returns:
-        A new array with the shape and dtype of ``x``, the same on every rank.
+        A new array with the shape and dtype of ``x``, the same on every rank.{note}
 
     Raises:
         TypeError: unsupported dtype.
@@ -261,6 +242,10 @@ _EXTREMUM_DOC = """Element-wise {what} of ``x`` over the group, as ``numpy.{what
             different operations.
         PeerLostError, CommTimeoutError: a peer died or stopped responding.
     """
+_EXTREMUM = ", as ``numpy.{0}``\n    (NaN propagates; complex numbers compare lexicographically)"
+all_sum.__doc__ = _REDUCE_DOC.format(
+    what="sum", how="", note="\n        Integers wrap on overflow; ``bool`` sums are logical OR."
+)
 
 
 async def all_max(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
@@ -273,8 +258,8 @@ async def all_min(x: Any, *, group: Group | None = None, stream: Any = None, tim
     return await _on_engine(g, engine_ops.all_reduce(g, arr, "min", t))
 
 
-all_max.__doc__ = _EXTREMUM_DOC.format(what="maximum")
-all_min.__doc__ = _EXTREMUM_DOC.format(what="minimum")
+all_max.__doc__ = _REDUCE_DOC.format(what="maximum", how=_EXTREMUM.format("maximum"), note="")
+all_min.__doc__ = _REDUCE_DOC.format(what="minimum", how=_EXTREMUM.format("minimum"), note="")
 
 
 async def all_gather(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
