@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import operator
 import warnings
-from typing import Any, Coroutine, TypeVar
+from typing import Any, Awaitable, Coroutine, TypeVar
 
 import numpy as np
 
@@ -60,6 +60,8 @@ _starting: asyncio.Future[Engine] | None = None
 
 def as_array(x: Any) -> np.ndarray:
     """``x`` as a C-contiguous, native-order array of a supported dtype."""
+    if type(x) is np.ndarray and x.dtype in wire.NATIVE_DTYPES and x.flags.c_contiguous:
+        return x  # the common case, without numpy's argument parsing
     arr = np.asarray(x)
     dtype = wire.wire_dtype(arr.dtype)
     return np.asarray(arr, dtype=dtype, order="C")
@@ -114,15 +116,22 @@ def check_group(group: Any) -> Group:
 # ------------------------------------------------------------------ plumbing
 
 
-async def _world(group: Group | None) -> Group:
-    return (await init()) if group is None else check_group(group)
+def _formed(group: Group | None) -> Group | None:
+    """``group`` checked, or the world if it is formed; ``None`` means ``await init()``."""
+    if group is not None:
+        return check_group(group)
+    return _engine.world if _engine is not None else None
 
 
-async def _on_engine(group: Group, coro: Coroutine[Any, Any, T]) -> T:
+def _on_engine(group: Group, coro: Coroutine[Any, Any, T]) -> Awaitable[T]:
     """Run an engine coroutine on the loop that owns the group's connections."""
     loop = group.engine.loop
     if loop is None or loop is asyncio.get_running_loop():
-        return await coro
+        return coro  # awaited by the caller: no extra coroutine frame per call
+    return _on_other_loop(loop, coro)
+
+
+async def _on_other_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
     if loop.is_closed() or not loop.is_running():
         coro.close()
         raise RuntimeError(
@@ -221,7 +230,7 @@ async def shutdown() -> None:
 
 
 async def all_sum(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
-    arr, t, g = as_array(x), check_timeout(timeout), await _world(group)
+    arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
     return await _on_engine(g, engine_ops.all_reduce(g, arr, "sum", t))
 
 
@@ -249,12 +258,12 @@ all_sum.__doc__ = _REDUCE_DOC.format(
 
 
 async def all_max(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
-    arr, t, g = as_array(x), check_timeout(timeout), await _world(group)
+    arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
     return await _on_engine(g, engine_ops.all_reduce(g, arr, "max", t))
 
 
 async def all_min(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
-    arr, t, g = as_array(x), check_timeout(timeout), await _world(group)
+    arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
     return await _on_engine(g, engine_ops.all_reduce(g, arr, "min", t))
 
 
@@ -269,7 +278,7 @@ async def all_gather(x: Any, *, group: Group | None = None, stream: Any = None, 
     ``(size,)``; shape ``(n, ...)`` gives ``(n * size, ...)``.  Other
     arguments and errors as :func:`all_sum`.
     """
-    arr, t, g = as_array(x), check_timeout(timeout), await _world(group)
+    arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
     return await _on_engine(g, engine_ops.all_gather(g, arr, t))
 
 
@@ -283,7 +292,7 @@ async def sum_scatter(x: Any, *, group: Group | None = None, stream: Any = None,
             group size.
         Others as :func:`all_sum`.
     """
-    arr, t, g = as_array(x), check_timeout(timeout), await _world(group)
+    arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
     return await _on_engine(g, engine_ops.sum_scatter(g, arr, t))
 
 
@@ -298,7 +307,7 @@ async def send(x: Any, dst: int, *, group: Group | None = None, stream: Any = No
         TypeError: unsupported dtype.
         PeerLostError, CommTimeoutError: ``dst`` is gone or stopped reading.
     """
-    arr, t, g = as_array(x), check_timeout(timeout), await _world(group)
+    arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
     dst = check_peer(g, dst, "dst")
     await _on_engine(g, engine_ops.send(g, arr, dst, t))
     return arr
@@ -313,7 +322,7 @@ async def recv(shape: Any, dtype: Any, src: int, *, group: Group | None = None, 
         TypeError: unsupported dtype.
         PeerLostError, CommTimeoutError: ``src`` is gone or sent nothing in time.
     """
-    dims, dt, t, g = check_shape(shape), wire.wire_dtype(dtype), check_timeout(timeout), await _world(group)
+    dims, dt, t, g = check_shape(shape), wire.wire_dtype(dtype), check_timeout(timeout), (_formed(group) or await init())
     src = check_peer(g, src, "src")
     return await _on_engine(g, engine_ops.recv(g, dims, dt, src, t))
 
@@ -330,7 +339,7 @@ async def split(color: int, key: int = -1, *, group: Group | None = None, timeou
         color, key = operator.index(color), operator.index(key)
     except TypeError:
         raise TypeError(f"split color and key must be integers, got {color!r}, {key!r}") from None
-    t, g = check_timeout(timeout), await _world(group)
+    t, g = check_timeout(timeout), (_formed(group) or await init())
     return await _on_engine(g, engine_ops.split(g, color, key, t))
 
 

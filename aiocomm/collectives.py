@@ -227,8 +227,8 @@ async def exchange_reduce(link: Link, blocks: list[np.ndarray], ufunc: np.ufunc)
     posted = [link.post(p, 0, parts[p]) for p in peers]
     for fut in posted:
         await fut
-    out = parts[0].copy()
-    for k in range(1, n):
+    out = ufunc(parts[0], parts[1])
+    for k in range(2, n):
         ufunc(out, parts[k], out=out)
     await link.flush()
     return out

@@ -23,7 +23,7 @@ from . import collectives
 from .config import WorldSpec
 from .errors import CommError
 from .transport import Mesh, PeerStream
-from .wire import Kind, Signature, dtype_name
+from .wire import Kind, Signature, dtype_name, signature
 
 log = logging.getLogger("aiocomm")
 
@@ -146,7 +146,10 @@ class MeshLink:
         )
 
     async def flush(self) -> None:
-        await self.mesh.flush(self.streams.values(), self.deadline, self.sig)
+        for stream in self.streams.values():
+            if stream.backlogged:
+                await self.mesh.flush(self.streams.values(), self.deadline, self.sig)
+                return
 
 
 # ------------------------------------------------------------------ engine operations
@@ -156,7 +159,7 @@ class MeshLink:
 async def _collective(group: Group, op: str, x: np.ndarray, timeout: float, body: Callable[[MeshLink], Awaitable[T]]) -> T:
     mesh = group.engine.mesh
     assert mesh is not None
-    sig = Signature(op, dtype_name(x.dtype), x.shape)
+    sig = signature(op, dtype_name(x.dtype), x.shape)
     link = MeshLink(group, sig, mesh.loop.time() + timeout)
     try:
         if group.context in mesh.broken:
@@ -195,7 +198,7 @@ async def send(group: Group, x: np.ndarray, dst: int, timeout: float) -> None:
     mesh = group.engine.mesh
     assert mesh is not None
     deadline = mesh.loop.time() + timeout
-    sig = Signature("send", dtype_name(x.dtype), x.shape)
+    sig = signature("send", dtype_name(x.dtype), x.shape)
     world_dst = group.members[dst]
     try:
         stream = await asyncio.wait_for(mesh.connect(world_dst), timeout)
@@ -208,7 +211,7 @@ async def send(group: Group, x: np.ndarray, dst: int, timeout: float) -> None:
 async def recv(group: Group, shape: tuple[int, ...], dtype: np.dtype, src: int, timeout: float) -> np.ndarray:
     mesh = group.engine.mesh
     assert mesh is not None
-    sig = Signature("send", dtype_name(dtype), shape)
+    sig = signature("send", dtype_name(dtype), shape)
     fut = mesh.post(group.members[src], Kind.P2P, group.context, 0, sig, None, mesh.loop.time() + timeout)
     return await fut
 

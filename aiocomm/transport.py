@@ -64,9 +64,14 @@ def byte_view(arr: np.ndarray) -> memoryview:
 
 
 class PendingRecv(Sink):
-    """A posted receive waiting for its frame."""
+    """A posted receive waiting for its frame.
 
-    __slots__ = ("out", "sig", "src", "future", "timer")
+    While it waits it sits in its mesh's ``watched`` set, which the mesh's
+    one deadline timer scans (a timer per receive costs more than the rest
+    of a small receive's bookkeeping).
+    """
+
+    __slots__ = ("out", "sig", "src", "future", "deadline", "watched")
 
     def __init__(self, out: np.ndarray | None, sig: Signature, src: int, future: asyncio.Future) -> None:
         super().__init__(None if out is None else byte_view(out))
@@ -74,11 +79,12 @@ class PendingRecv(Sink):
         self.sig = sig
         self.src = src
         self.future = future
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
+        self.watched: set[PendingRecv] | None = None
 
     def fail(self, exc: BaseException) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+        if self.watched is not None:
+            self.watched.discard(self)
         if not self.future.done():
             self.future.set_exception(exc)
             # Receives posted ahead may never be awaited once their collective
@@ -86,8 +92,8 @@ class PendingRecv(Sink):
             self.future.exception()
 
     def finish(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+        if self.watched is not None:
+            self.watched.discard(self)
         if not self.future.done():
             self.future.set_result(self.out)
 
@@ -211,6 +217,11 @@ class PeerStream(asyncio.BufferedProtocol):
         else:
             self.transport.writelines((head, payload))  # one writev, no copy
 
+    @property
+    def backlogged(self) -> bool:
+        """True while written bytes wait in our buffer for the kernel to take them."""
+        return self._paused
+
     def drained(self) -> asyncio.Future[None] | None:
         """A future done when everything written is in the kernel, or None if it already is."""
         if not self._paused:
@@ -315,6 +326,9 @@ class Mesh:
         self.connect_timeout = 60.0
         self.closed = False
         self.bytes_sent = 0  # payload bytes, for the benchmark's wire count
+        self._watched: set[PendingRecv] = set()  # receives with a deadline, still waiting
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_at = 0.0
 
     # ---- bring-up and tear-down
 
@@ -378,6 +392,9 @@ class Mesh:
         if self._abort_tasks:  # let the other ranks learn why this one gave up
             await asyncio.wait(list(self._abort_tasks), timeout=2.0)
         self.closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         for server in self._servers:
             server.close()
         for task in self._connecting.values():
@@ -593,16 +610,30 @@ class Mesh:
         return future
 
     def _arm_timer(self, pending: PendingRecv, deadline: float) -> None:
-        pending.timer = self.loop.call_at(deadline, self._expire, pending)
+        pending.deadline = deadline
+        pending.watched = self._watched
+        self._watched.add(pending)
+        if self._watchdog is None or deadline < self._watchdog_at:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            self._watchdog_at = deadline
+            self._watchdog = self.loop.call_at(deadline, self._check_deadlines)
 
-    def _expire(self, pending: PendingRecv) -> None:
-        pending.timer = None
-        pending.fail(
-            CommTimeoutError(
-                f"rank {self.rank} timed out waiting for {pending.sig.describe()} data from rank {pending.src}",
-                (pending.src,),
+    def _check_deadlines(self) -> None:
+        """Fail the receives whose deadline has passed; wake again for the next one."""
+        self._watchdog = None
+        now = self.loop.time() + 0.001  # the loop's timers round to milliseconds
+        expired = [p for p in self._watched if p.deadline <= now]
+        for pending in sorted(expired, key=lambda p: p.deadline):
+            pending.fail(
+                CommTimeoutError(
+                    f"rank {self.rank} timed out waiting for {pending.sig.describe()} data from rank {pending.src}",
+                    (pending.src,),
+                )
             )
-        )
+        if self._watched:
+            self._watchdog_at = min(p.deadline for p in self._watched)
+            self._watchdog = self.loop.call_at(self._watchdog_at, self._check_deadlines)
 
     @staticmethod
     def deliver(arrival: Arrival, pending: PendingRecv) -> None:

@@ -78,6 +78,7 @@ class Kind(enum.IntEnum):
 
 HANDSHAKE_KINDS = frozenset({Kind.CHALLENGE, Kind.HELLO, Kind.WELCOME, Kind.REJECT})
 DATA_KINDS = frozenset({Kind.COLL, Kind.P2P})
+_KINDS = {int(k): k for k in Kind}  # Kind(n) goes through the enum machinery: slow per frame
 
 #: The documented dtypes, by the name used on the wire.
 DTYPE_NAMES: tuple[str, ...] = (
@@ -98,6 +99,7 @@ DTYPE_NAMES: tuple[str, ...] = (
 )
 _DTYPES = {name: np.dtype(name) for name in DTYPE_NAMES}
 _NATIVE = {dt: dt for dt in _DTYPES.values()}  # dtype -> itself, a fast membership test
+NATIVE_DTYPES = frozenset(_NATIVE)
 _NAMES = {dt: name for name, dt in _DTYPES.items()}
 
 
@@ -152,6 +154,22 @@ class Signature:
         return f"{self.op}(shape={self.shape}, dtype={self.dtype})"
 
 
+_SIGNATURES: dict[tuple[str, str, tuple[int, ...]], Signature] = {}
+
+
+def signature(op: str, dtype: str, shape: tuple[int, ...]) -> Signature:
+    """The :class:`Signature` for these fields, from a cache: programs repeat
+    the same few shapes, and encoding one costs more than the rest of a small
+    frame's header work."""
+    key = (op, dtype, shape)
+    sig = _SIGNATURES.get(key)
+    if sig is None:
+        if len(_SIGNATURES) >= 4096:
+            _SIGNATURES.clear()
+        sig = _SIGNATURES[key] = Signature(op, dtype, shape)
+    return sig
+
+
 def encode_frame_head(kind: Kind, context: int, tag: int, meta: bytes, payload_len: int) -> bytes:
     """Header plus meta bytes of one frame; the payload follows separately."""
     return HEADER.pack(MAGIC, VERSION, kind, 0, context, tag, payload_len, len(meta)) + meta
@@ -169,10 +187,10 @@ def decode_header(raw: bytes | memoryview) -> Header:
         raise ProtocolError(f"bad magic {bytes(magic)!r} (not an aiocomm peer)")
     if version != VERSION:
         raise ProtocolError(f"unsupported protocol version {version} (this side speaks {VERSION})")
-    try:
-        kind = Kind(kind)
-    except ValueError:
-        raise ProtocolError(f"unknown frame kind {kind}") from None
+    known = _KINDS.get(kind)
+    if known is None:
+        raise ProtocolError(f"unknown frame kind {kind}")
+    kind = known
     if meta_len > MAX_META:
         raise ProtocolError(f"meta section of {meta_len} bytes exceeds the limit of {MAX_META}")
     if payload_len > MAX_PAYLOAD:
