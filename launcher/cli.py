@@ -20,6 +20,7 @@ from typing import Sequence
 
 from .hosts import Host, HostfileError, format_address, is_local, parse_hosts, read_hostfile
 from .job import RankProcess, run_job
+from .placement import POLICIES, cpu_sets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=None, help="stop the whole job after this many seconds (exit 124)")
     parser.add_argument("--prefix", action=argparse.BooleanOptionalAction, default=True, help="tag output lines with [rank N]")
     parser.add_argument("--output-dir", default=None, help="write each rank's output to DIR/rank-N.log instead")
+    parser.add_argument("--bind-to", default="auto", choices=POLICIES,
+                        help="bind local ranks to CPUs: 'auto' (default) when more than one rank runs here, "
+                        "'core' always, 'none' never")
     parser.add_argument("--verbose", action="store_true", help="say what is started")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="script.py [args...] or any command")
     return parser
@@ -135,6 +139,8 @@ def plan_job(args: argparse.Namespace, hostfile: str) -> tuple[list[RankProcess]
     argv = command_argv(args.command, args.python)
     extra = parse_env(plan.envs) | parse_env(args.env)
     token = secrets.token_hex(16)
+    local = [r for r, host in enumerate(slots) if is_local(host)]
+    bound = dict(zip(local, cpu_sets(len(local), args.bind_to)))
     ranks = []
     for r, host in enumerate(slots):
         job_env = dict(extra, AIOCOMM_RANK=str(r), AIOCOMM_TOKEN=token, PYTHONUNBUFFERED="1")
@@ -142,7 +148,7 @@ def plan_job(args: argparse.Namespace, hostfile: str) -> tuple[list[RankProcess]
         if is_local(host):
             env = dict(os.environ, **job_env, AIOCOMM_HOSTFILE=hostfile, AIOCOMM_LISTEN_FDS=",".join(map(str, fds[r])))
             ranks.append(RankProcess(r, argv, env, args.cwd, fds[r], stdin="inherit" if r == 0 else "null",
-                                     output=output))
+                                     output=output, cpus=bound[r]))
         else:
             job_env["AIOCOMM_HOSTFILE_JSON"] = hostfile_text
             cwd = args.cwd or os.getcwd()

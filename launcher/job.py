@@ -11,13 +11,14 @@ summary says which ranks failed and how.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO, Callable, Sequence
+from typing import IO, Callable, Iterator, Sequence
 
 #: Seconds between SIGTERM and SIGKILL when stopping ranks.
 GRACE = 5.0
@@ -36,6 +37,7 @@ class RankProcess:
     # agent (launcher.remote); "forward": also carries the launcher's stdin to it
     stdin: str = "null"
     output: str | None = None  # a file for this rank's stdout and stderr instead of the terminal
+    cpus: tuple[int, ...] | None = None  # CPUs to bind the rank to (None: where the scheduler likes)
 
 
 @dataclass
@@ -137,6 +139,20 @@ def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
         pass
 
 
+@contextlib.contextmanager
+def _bound(cpus: tuple[int, ...] | None) -> Iterator[None]:
+    """Run the body with this thread bound to ``cpus`` (no-op for None)."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 async def run_job(
     ranks: Sequence[RankProcess],
     *,
@@ -160,17 +176,18 @@ async def run_job(
         "null": asyncio.subprocess.DEVNULL,
     }
     for spec in ranks:
-        proc = await asyncio.create_subprocess_exec(
-            *spec.argv,
-            env=spec.env,
-            cwd=spec.cwd,
-            pass_fds=spec.pass_fds,
-            stdin=stdin_modes[spec.stdin],
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-            limit=1 << 20,
-        )
+        with _bound(spec.cpus):  # the child inherits the spawning thread's CPU set
+            proc = await asyncio.create_subprocess_exec(
+                *spec.argv,
+                env=spec.env,
+                cwd=spec.cwd,
+                pass_fds=spec.pass_fds,
+                stdin=stdin_modes[spec.stdin],
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+                limit=1 << 20,
+            )
         procs[spec.rank] = proc
         result.returncodes[spec.rank] = None
         assert proc.stdout is not None and proc.stderr is not None
@@ -184,7 +201,8 @@ async def run_job(
         if spec.stdin == "forward":
             _forward_stdin(loop, proc)
         if verbose:
-            print(f"aiocomm-launch: rank {spec.rank} pid {proc.pid}: {' '.join(spec.argv)}", file=sys.stderr)
+            where = f" on CPUs {','.join(map(str, spec.cpus))}" if spec.cpus else ""
+            print(f"aiocomm-launch: rank {spec.rank} pid {proc.pid}{where}: {' '.join(spec.argv)}", file=sys.stderr)
 
     if on_started is not None:
         on_started()

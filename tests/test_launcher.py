@@ -135,3 +135,33 @@ def test_signal_to_launcher_stops_every_rank(sig):
     time.sleep(0.5)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert marker not in ps.replace(f"ps -eo args", "")
+
+
+def test_cpu_sets_policies():
+    from launcher.placement import cpu_sets
+
+    assert cpu_sets(2, "auto", [0, 1]) == [(0,), (1,)]
+    assert cpu_sets(2, "auto", [0, 1, 2, 3, 4]) == [(0, 1), (2, 3)]
+    # More ranks than CPUs: consecutive ranks (ring neighbours) share one.
+    assert cpu_sets(4, "auto", [0, 1]) == [(0,), (0,), (1,), (1,)]
+    assert cpu_sets(3, "core", [4, 6]) == [(4,), (4,), (6,)]
+    assert cpu_sets(1, "auto", [0, 1]) == [None]
+    assert cpu_sets(1, "core", [0, 1]) == [(0, 1)]
+    assert cpu_sets(4, "none", [0, 1]) == [None] * 4
+    with pytest.raises(ValueError, match="--bind-to 'socket'"):
+        cpu_sets(2, "socket", [0, 1])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and at least 2 usable CPUs")
+@pytest.mark.parametrize("bind", ["auto", "none"])
+def test_ranks_are_bound_to_cpus(bind):
+    from launcher.placement import cpu_sets
+
+    proc = launch(2, "affinity.py", launcher_args=("--bind-to", bind))
+    assert proc.returncode == 0, proc.stderr
+    seen = dict(re.findall(r"\[rank (\d)\] cpus (\S+)", proc.stdout))
+    mine = sorted(os.sched_getaffinity(0))
+    for rank, want in enumerate(cpu_sets(2, bind, mine)):
+        assert seen[str(rank)] == ",".join(map(str, want or mine)), proc.stdout
