@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .run import bus_factor, parse_size
+from .run import bus_factor, iterations, parse_size
 
 
 def _report(peer: str, op: str, ranks: int, nbytes: int, times: np.ndarray, correct: bool) -> None:
@@ -65,7 +65,7 @@ def gloo(args: argparse.Namespace) -> None:
                 dist.all_reduce(y)
                 return y
 
-            times, y = _measure(run, args.iters, args.warmup)
+            times, y = _measure(run, *iterations(args, nbytes))
             ok = bool(torch.all(y == n * (n + 1) / 2))
         else:
             part = max(1, count // n)
@@ -76,7 +76,7 @@ def gloo(args: argparse.Namespace) -> None:
                 dist.all_gather(out, x)
                 return out
 
-            times, y = _measure(run, args.iters, args.warmup)
+            times, y = _measure(run, *iterations(args, nbytes))
             ok = all(bool(torch.all(t == k + 1)) for k, t in enumerate(y))
             nbytes = part * n * 4
         t = torch.tensor(times)
@@ -96,14 +96,14 @@ def mpi(args: argparse.Namespace) -> None:
         if args.op == "all_sum":
             x = np.full(count, rank + 1, np.float32)
             y = np.empty_like(x)
-            times, _ = _measure(lambda: comm.Allreduce(x, y, op=MPI.SUM), args.iters, args.warmup)
+            times, _ = _measure(lambda: comm.Allreduce(x, y, op=MPI.SUM), *iterations(args, nbytes))
             ok = bool(np.all(y == n * (n + 1) / 2))
             size = count * 4
         else:
             part = max(1, count // n)
             x = np.full(part, rank + 1, np.float32)
             y = np.empty(part * n, np.float32)
-            times, _ = _measure(lambda: comm.Allgather(x, y), args.iters, args.warmup)
+            times, _ = _measure(lambda: comm.Allgather(x, y), *iterations(args, nbytes))
             ok = bool(np.array_equal(y, np.repeat(np.arange(1, n + 1), part).astype(np.float32)))
             size = part * n * 4
         worst = np.empty_like(times)
@@ -128,7 +128,7 @@ def mlx(args: argparse.Namespace) -> None:
                 mx.eval(y)
                 return y
 
-            times, y = _measure(run, args.iters, args.warmup)
+            times, y = _measure(run, *iterations(args, nbytes))
             ok = bool(mx.all(y == n * (n + 1) / 2).item())
             size = count * 4
         else:
@@ -141,7 +141,7 @@ def mlx(args: argparse.Namespace) -> None:
                 mx.eval(y)
                 return y
 
-            times, y = _measure(run, args.iters, args.warmup)
+            times, y = _measure(run, *iterations(args, nbytes))
             ok = bool(np.array_equal(np.array(y), np.repeat(np.arange(1, n + 1), part).astype(np.float32)))
             size = part * n * 4
         worst = mx.distributed.all_max(mx.array(times))
@@ -187,7 +187,7 @@ def duplex(args: argparse.Namespace) -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         q = ctx.Queue()
-        procs = [ctx.Process(target=_duplex_side, args=(port, nbytes, args.iters, args.warmup, side, q))
+        procs = [ctx.Process(target=_duplex_side, args=(port, nbytes, *iterations(args, nbytes), side, q))
                  for side in (True, False)]
         for p in procs:
             p.start()
@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--op", choices=["all_sum", "all_gather"], default="all_sum")
     parser.add_argument("--sizes", default="64M")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--small-iters", type=int, default=500, help="timed iterations for sizes under 1 MiB")
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
     args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]

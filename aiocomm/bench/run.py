@@ -27,6 +27,14 @@ import numpy as np
 from .. import aio, portal
 
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+SMALL = 1 << 20  # sizes below this are latency cases: more iterations
+
+
+def iterations(args: argparse.Namespace, nbytes: int) -> tuple[int, int]:
+    """Timed and warm-up iterations for one size (more for latency sizes)."""
+    if nbytes < SMALL:
+        return max(args.iters, args.small_iters), max(args.warmup, 20)
+    return args.iters, args.warmup
 
 
 def parse_size(text: str) -> int:
@@ -120,24 +128,26 @@ async def bench(args: argparse.Namespace) -> None:
     mesh = world.engine.mesh
     dtype = np.dtype(args.dtype)
     if rank == 0 and not args.json:
-        print(f"# aiocomm.bench op={args.op} ranks={n} dtype={dtype} face={args.face} iters={args.iters} warmup={args.warmup}")
+        print(f"# aiocomm.bench op={args.op} ranks={n} dtype={dtype} face={args.face} iters={args.iters} "
+              f"(under 1 MiB: {max(args.iters, args.small_iters)}) warmup={args.warmup}")
         print(f"# {'bytes':>10} {'median_us':>11} {'min_us':>10} {'max_us':>10} {'algbw_GB/s':>10} {'busbw_GB/s':>10} {'wire/buf':>8} {'rss_MiB':>8} correct")
     case = result = None
     for nbytes in args.sizes:
         case = result = None  # free the previous size's arrays before the next ones exist
         case = Case(args.op, nbytes, dtype, rank, n)
         ok = True
-        for _ in range(args.warmup):
+        iters, warmup = iterations(args, nbytes)
+        for _ in range(warmup):
             ok &= case.check(await case.run(blocking))  # the output is freed at once
         sent0 = mesh.bytes_sent if mesh is not None else 0
-        times = np.empty(args.iters)
-        for i in range(args.iters):
+        times = np.empty(iters)
+        for i in range(iters):
             result = None  # free the last output first: RSS should show one op's memory
             t0 = time.perf_counter()
             result = await case.run(blocking)
             times[i] = time.perf_counter() - t0
         ok &= case.check(result)
-        wire = ((mesh.bytes_sent - sent0) / args.iters / case.nbytes) if mesh is not None else 0.0
+        wire = ((mesh.bytes_sent - sent0) / iters / case.nbytes) if mesh is not None else 0.0
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         summary = np.concatenate([times, [rss, wire, 0.0 if ok else 1.0]])
         summary = await _maybe((aiocomm.all_max if blocking else aio.all_max)(summary))
@@ -178,7 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--op", choices=["all_sum", "all_gather", "sum_scatter", "sendrecv"], default="all_sum")
     parser.add_argument("--sizes", default="8,1K,64K,1M,16M,64M", help="comma list of byte sizes (K, M, G suffixes)")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=20, help="timed iterations per size")
+    parser.add_argument("--small-iters", type=int, default=500,
+                        help="timed iterations for sizes under 1 MiB (latency: one slow wake-up must not be the median)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--face", choices=["async", "blocking"], default="blocking")
     parser.add_argument("--json", action="store_true", help="one JSON object per size")
