@@ -234,11 +234,37 @@ async def exchange_reduce(link: Link, blocks: list[np.ndarray], ufunc: np.ufunc)
     return out
 
 
+async def doubling_reduce(link: Link, flat: np.ndarray, ufunc: np.ufunc) -> np.ndarray:
+    """Recursive doubling for a power-of-two group: ``log2(size)`` steps; at
+    step ``k`` rank ``r`` swaps its partial result with rank ``r ^ 2**k``.
+
+    Each rank sends ``log2(size)`` frames instead of the exchange's
+    ``size - 1``.  Both partners combine the lower rank's partial first, so
+    every rank ends with bit-identical values.
+    """
+    n, r = link.size, link.rank
+    acc = flat
+    got = np.empty((n.bit_length() - 1, flat.size), flat.dtype)
+    distance, step = 1, 0
+    while distance < n:
+        peer = r ^ distance
+        await link.open(peer)
+        link.push(peer, step, acc)
+        theirs = await link.post(peer, step, got[step])
+        acc = ufunc(acc, theirs) if r < peer else ufunc(theirs, acc)
+        distance, step = distance << 1, step + 1
+    await link.flush()
+    return acc
+
+
 async def all_reduce(link: Link, x: np.ndarray, op: str) -> np.ndarray:
     """Element-wise reduction of ``x`` over the group; ``x`` is left untouched."""
-    if link.size > 1 and x.nbytes <= SMALL_BYTES:
+    n = link.size
+    if n > 1 and x.nbytes <= SMALL_BYTES:
         flat = x.reshape(-1)
-        return (await exchange_reduce(link, [flat] * link.size, REDUCERS[op])).reshape(x.shape)
+        if n > 2 and n & (n - 1) == 0:
+            return (await doubling_reduce(link, flat, REDUCERS[op])).reshape(x.shape)
+        return (await exchange_reduce(link, [flat] * n, REDUCERS[op])).reshape(x.shape)
     out = np.array(x, order="C", copy=True)
     if link.size == 1:
         return out

@@ -88,7 +88,7 @@ def test_partition_and_segments():
     assert collectives.segments((0, 25), 10) == [(0, 10), (10, 20), (20, 25)]
 
 
-@pytest.mark.parametrize("size", [2, 3, 5])
+@pytest.mark.parametrize("size", [2, 3, 4, 5, 8])  # 4 and 8: recursive doubling for all_reduce
 @pytest.mark.parametrize("op", ["sum", "max"])
 def test_small_exchange_path(size, op, monkeypatch):
     monkeypatch.setattr(collectives, "SMALL_BYTES", 1 << 20)
@@ -106,3 +106,21 @@ def test_small_exchange_path(size, op, monkeypatch):
         assert np.array_equal(reduced, total)
         assert np.array_equal(scattered, total[r * 4:(r + 1) * 4])
         assert np.array_equal(gathered, np.concatenate(inputs))
+
+
+@pytest.mark.parametrize("size", [4, 8])
+def test_doubling_is_bit_identical_on_every_rank(size):
+    # Float sums depend on the order of combination: every rank must combine
+    # the same partials in the same order, or results differ in the last bits.
+    rng = np.random.default_rng(7)
+    inputs = [rng.standard_normal(33).astype(np.float32) * 10 ** r for r in range(size)]
+
+    async def body(link):
+        return await collectives.all_reduce(link, inputs[link.rank], "sum")
+
+    results, links = asyncio.run(run_all(size, body))
+    for got in results[1:]:
+        assert got.tobytes() == results[0].tobytes()
+    np.testing.assert_allclose(results[0], reduce(np.add, [x.astype(np.float64) for x in inputs]), rtol=1e-5)
+    # log2(size) frames per rank instead of size - 1.
+    assert all(link.sent_bytes == (size.bit_length() - 1) * 33 * 4 for link in links)
