@@ -15,7 +15,7 @@ import asyncio
 import hashlib
 import logging
 import warnings
-from typing import Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 import numpy as np
 
@@ -80,6 +80,7 @@ class Group:
         self.context = context
         self._seq = 0  # collectives started on this group
         self._splits = 0
+        self._streams: dict[int, PeerStream] = {}  # group rank -> outgoing connection, once opened
 
     def rank(self) -> int:
         """This process's rank in the group (0-based)."""
@@ -119,23 +120,25 @@ class MeshLink:
 
     __slots__ = ("mesh", "members", "rank", "size", "context", "tag_base", "sig", "deadline", "streams")
 
-    def __init__(self, group: Group, sig: Signature, deadline: float) -> None:
-        mesh = group.engine.mesh
-        assert mesh is not None
+    def __init__(self, group: Group, mesh: Mesh, sig: Signature, deadline: float) -> None:
         self.mesh = mesh
         self.members = group.members
-        self.rank = group.rank()
-        self.size = group.size()
+        self.rank = group._rank
+        self.size = len(group.members)
         self.context = group.context
         self.tag_base = group.next_seq() << 8
         self.sig = sig
         self.deadline = deadline
-        self.streams: dict[int, PeerStream] = {}
+        # The group's connections, kept across calls: opening costs a lookup
+        # per peer per call otherwise.
+        self.streams = group._streams
 
     async def open(self, *peers: int) -> None:
+        streams = self.streams
         for peer in peers:
-            if peer not in self.streams:
-                self.streams[peer] = await self.mesh.connect(self.members[peer])
+            stream = streams.get(peer)
+            if stream is None or stream.closed:
+                streams[peer] = await self.mesh.connect(self.members[peer])
 
     def push(self, dst: int, lane: int, data: np.ndarray) -> None:
         self.mesh.send(self.streams[dst], Kind.COLL, self.context, self.tag_base | lane, self.sig, data)
@@ -156,15 +159,18 @@ class MeshLink:
 # Arguments arrive validated by the async face (aio.py); these run on the engine's loop.
 
 
-async def _collective(group: Group, op: str, x: np.ndarray, timeout: float, body: Callable[[MeshLink], Awaitable[T]]) -> T:
-    mesh = group.engine.mesh
+async def _collective(
+    group: Group, op: str, x: np.ndarray, timeout: float, body: Callable[..., Awaitable[T]], *args: Any
+) -> T:
+    """Run ``body(link, *args)`` as one collective call of ``group``; a
+    failure here aborts the group on every rank."""
+    mesh = group._engine.mesh
     assert mesh is not None
-    sig = signature(op, dtype_name(x.dtype), x.shape)
-    link = MeshLink(group, sig, mesh.loop.time() + timeout)
+    link = MeshLink(group, mesh, signature(op, dtype_name(x.dtype), x.shape), mesh.loop.time() + timeout)
     try:
         if group.context in mesh.broken:
             raise mesh.broken[group.context]
-        return await body(link)
+        return await body(link, *args)
     except CommError as exc:
         # Prefer the root cause another rank reported over a symptom seen here
         # (a peer that left after it gave up).
@@ -175,23 +181,26 @@ async def _collective(group: Group, op: str, x: np.ndarray, timeout: float, body
         raise
 
 
+_OP_NAMES = {"sum": "all_sum", "max": "all_max", "min": "all_min"}
+
+
 async def all_reduce(group: Group, x: np.ndarray, op: str, timeout: float) -> np.ndarray:
-    if group.size() == 1:
+    if len(group.members) == 1:
         return x.copy()
-    return await _collective(group, f"all_{op}", x, timeout, lambda link: collectives.all_reduce(link, x, op))
+    return await _collective(group, _OP_NAMES[op], x, timeout, collectives.all_reduce, x, op)
 
 
 async def all_gather(group: Group, x: np.ndarray, timeout: float) -> np.ndarray:
     if group.size() == 1:
         return x.reshape(collectives.gathered_shape(x.shape, 1)).copy()
-    return await _collective(group, "all_gather", x, timeout, lambda link: collectives.all_gather(link, x))
+    return await _collective(group, "all_gather", x, timeout, collectives.all_gather, x)
 
 
 async def sum_scatter(group: Group, x: np.ndarray, timeout: float) -> np.ndarray:
     collectives.scattered_shape(x.shape, group.size())  # ValueError before any traffic
     if group.size() == 1:
         return x.copy()
-    return await _collective(group, "sum_scatter", x, timeout, lambda link: collectives.reduce_scatter(link, x, "sum"))
+    return await _collective(group, "sum_scatter", x, timeout, collectives.reduce_scatter, x, "sum")
 
 
 async def send(group: Group, x: np.ndarray, dst: int, timeout: float) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
 import socket
@@ -131,7 +132,10 @@ class PeerStream(asyncio.BufferedProtocol):
         self.peer: int | None = None  # known once the handshake is done
         self.transport: asyncio.Transport | None = None
         self.opened: asyncio.Future[None] = mesh.loop.create_future()
-        self.reader = wire.FrameReader(self._route)
+        self.reader = wire.FrameReader(self._handshake)
+        # uvloop looks these up once per connection: the reader's own method
+        # saves a Python call per read.
+        self.get_buffer = self.reader.get_buffer  # type: ignore[method-assign]
         self.closed = False
         self._nonce = os.urandom(wire.NONCE_SIZE)
         self._paused = False
@@ -207,15 +211,16 @@ class PeerStream(asyncio.BufferedProtocol):
         assert self.transport is not None
         self.transport.write(data)
 
-    def send_frame(self, head: bytes, payload: memoryview | None) -> None:
-        """Queue one frame; both parts are written in one go, so frames from
+    def send_frame(self, head: bytes, payload: Any = None) -> None:
+        """Queue one frame: ``head`` then ``payload`` (None, or a non-empty
+        C-contiguous array or buffer), written in one go, so frames from
         concurrent tasks never interleave."""
         if self.closed or self.transport is None or self.transport.is_closing():
             raise self._lost_error(None)
-        if payload is None or not payload.nbytes:
+        if payload is None:
             self.transport.write(head)
         else:
-            self.transport.writelines((head, payload))  # one writev, no copy
+            self.transport.writelines((head, payload))  # one writev; the array itself, no copy
 
     @property
     def backlogged(self) -> bool:
@@ -263,9 +268,8 @@ class PeerStream(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def _route(self, header: Header, raw: bytes) -> Sink:
-        if self.peer is not None:
-            return self.mesh.route(self.peer, header, raw)
+    def _handshake(self, header: Header, raw: bytes) -> Sink:
+        """Route frames until the peer is known; then the mesh routes them."""
         meta = wire.decode_meta(raw)
         mesh = self.mesh
         if self.connect_to is None:  # accepting side
@@ -277,6 +281,7 @@ class PeerStream(asyncio.BufferedProtocol):
                 self._handshake_timer.cancel()
             mesh.pending_streams.discard(self)
             self.peer = peer
+            self.reader.set_route(functools.partial(mesh.route, peer))
             mesh.inbound_opened(self)
             self.opened.set_result(None)
         elif header.kind == Kind.CHALLENGE:
@@ -292,6 +297,7 @@ class PeerStream(asyncio.BufferedProtocol):
         elif header.kind == Kind.WELCOME:
             wire.check_welcome(meta, mesh.token, self._nonce, my_rank=mesh.rank, expected=self.connect_to)
             self.peer = self.connect_to
+            self.reader.set_route(functools.partial(mesh.route, self.peer))
             self.opened.set_result(None)
         elif header.kind == Kind.REJECT:
             reason = meta.get("reason") if isinstance(meta, dict) else meta
@@ -329,6 +335,9 @@ class Mesh:
         self._watched: set[PendingRecv] = set()  # receives with a deadline, still waiting
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_at = 0.0
+        self.poll_s = float(os.environ.get("AIOCOMM_POLL_US", "0")) / 1e6
+        self._spin_until = 0.0
+        self._spinning = False
 
     # ---- bring-up and tear-down
 
@@ -494,10 +503,9 @@ class Mesh:
         """Queue one data frame on an open outgoing stream (no waiting)."""
         if context in self.broken:
             raise self.broken[context]
-        view = byte_view(data)
-        head = wire.encode_frame_head(kind, context, tag, sig.encoded, view.nbytes)
-        stream.send_frame(head, view)
-        self.bytes_sent += view.nbytes
+        nbytes = data.nbytes
+        stream.send_frame(wire.encode_frame_head(kind, context, tag, sig.encoded, nbytes), data if nbytes else None)
+        self.bytes_sent += nbytes
 
     async def flush(self, streams: Iterable[PeerStream], deadline: float, sig: Signature) -> None:
         """Wait until what was queued on ``streams`` is handed to the kernel."""
@@ -535,7 +543,8 @@ class Mesh:
             if not queue:
                 del box.posted[key]
             try:
-                wire.check_signature(pending.sig, meta, me=self.rank, peer=src)
+                if meta != pending.sig.encoded:  # equal bytes: the common case, no decoding
+                    wire.check_signature(pending.sig, meta, me=self.rank, peer=src)
                 if pending.out is None:
                     pending.out = self._allocate(pending.sig, header, src)
                     pending.view = byte_view(pending.out)
@@ -613,11 +622,22 @@ class Mesh:
         pending.deadline = deadline
         pending.watched = self._watched
         self._watched.add(pending)
+        if self.poll_s:
+            self._spin_until = self.loop.time() + self.poll_s
+            if not self._spinning:
+                self._spinning = True
+                self.loop.call_soon(self._spin)
         if self._watchdog is None or deadline < self._watchdog_at:
             if self._watchdog is not None:
                 self._watchdog.cancel()
             self._watchdog_at = deadline
             self._watchdog = self.loop.call_at(deadline, self._check_deadlines)
+
+    def _spin(self) -> None:
+        if self._watched and self.loop.time() < self._spin_until:
+            self.loop.call_soon(self._spin)
+        else:
+            self._spinning = False
 
     def _check_deadlines(self) -> None:
         """Fail the receives whose deadline has passed; wake again for the next one."""

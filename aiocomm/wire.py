@@ -54,6 +54,7 @@ MAGIC = b"AIOC"
 VERSION = 1
 HEADER = struct.Struct("<4sBBHQQQI")
 HEADER_SIZE = HEADER.size  # 36
+_unpack_header = HEADER.unpack_from
 
 #: Largest msgpack meta section accepted from a peer.
 MAX_META = 64 * 1024
@@ -394,7 +395,9 @@ class FrameReader:
             # The bytes went straight into the sink's memory.
             self._filled += nbytes
             if self._filled == self._header.payload_len:  # type: ignore[union-attr]
-                done.append(self._complete())
+                done.append(Frame(self._header, self._meta, sink))  # type: ignore[arg-type]
+                self._header = self._sink = None
+                self._filled = 0
             return done
         self._hi += nbytes
         try:
@@ -403,42 +406,56 @@ class FrameReader:
             raise self._fail(exc)
         return done
 
-    def _complete(self) -> Frame:
-        frame = Frame(self._header, self._meta, self._sink)  # type: ignore[arg-type]
-        self._header = None
-        self._sink = None
-        self._filled = 0
-        return frame
+    def set_route(self, route: Route) -> None:
+        """Route later frames with ``route`` (after a handshake, say)."""
+        self._route = route
 
     def _parse(self, done: list[Frame]) -> None:
+        stage, sv = self._stage, self._sv
         while True:
-            avail = self._hi - self._lo
-            if self._header is None:
+            lo = self._lo
+            avail = self._hi - lo
+            header = self._header
+            if header is None:
                 if avail < HEADER_SIZE:
                     return
-                header = decode_header(self._sv[self._lo : self._lo + HEADER_SIZE])
-                if avail < HEADER_SIZE + header.meta_len:
+                magic, version, kind, flags, context, tag, payload_len, meta_len = _unpack_header(stage, lo)
+                known = _KINDS.get(kind)
+                if (
+                    magic != MAGIC or version != VERSION or known is None or meta_len > MAX_META
+                    or payload_len > MAX_PAYLOAD or (payload_len and known not in DATA_KINDS)
+                ):
+                    header = decode_header(sv[lo : lo + HEADER_SIZE])  # raises, naming what is wrong
+                else:
+                    header = Header(known, flags, context, tag, payload_len, meta_len)
+                start = lo + HEADER_SIZE
+                if avail < HEADER_SIZE + meta_len:
                     return
-                start = self._lo + HEADER_SIZE
-                self._meta = bytes(self._sv[start : start + header.meta_len])
-                self._lo = start + header.meta_len
+                lo = start + meta_len
+                meta = self._meta = bytes(sv[start:lo])
+                self._lo = lo
                 self._header = header
                 self._filled = 0
-                self._sink = self._route(header, self._meta)
-                view = self._sink.view
-                if view is not None and view.nbytes != header.payload_len:
-                    raise ProtocolError(
-                        f"routing gave {view.nbytes} bytes for a {header.payload_len}-byte payload"
-                    )
-                avail = self._hi - self._lo
-            take = min(avail, self._header.payload_len - self._filled)
+                sink = self._sink = self._route(header, meta)
+                view = sink.view
+                if view is not None and view.nbytes != payload_len:
+                    raise ProtocolError(f"routing gave {view.nbytes} bytes for a {payload_len}-byte payload")
+                avail = self._hi - lo
+            else:
+                sink = self._sink  # type: ignore[assignment]
+                payload_len = header.payload_len
+            filled = self._filled
+            take = min(avail, payload_len - filled)
             if take:
-                view = self._sink.view  # type: ignore[union-attr]
+                view = sink.view
                 if view is not None:
-                    view[self._filled : self._filled + take] = self._sv[self._lo : self._lo + take]
-                self._lo += take
-                self._filled += take
-            if self._filled == self._header.payload_len:
-                done.append(self._complete())
+                    view[filled : filled + take] = sv[lo : lo + take]
+                self._lo = lo + take
+                filled += take
+            if filled == payload_len:
+                done.append(Frame(header, self._meta, sink))
+                self._header = self._sink = None
+                self._filled = 0
                 continue
+            self._filled = filled
             return

@@ -91,11 +91,20 @@ def test_starting_port_and_connections_per_ip(tmp_path):
     import socket
 
     from .conftest import WORKERS
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        base = s.getsockname()[1]
-    if base > 65000:
-        base = 40000
+    import random
+
+    def bindable(port: int) -> bool:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+
+    # Below the kernel's ephemeral range (32768-60999 by default), so no
+    # connection made meanwhile can take one of the six ports.
+    base = next(b for b in iter(lambda: random.randrange(20000, 32000), None) if all(map(bindable, range(b, b + 6))))
     proc = _run(["-n", "3", "-p", str(base), "--connections-per-ip", "2", "--output-dir", str(tmp_path / "logs"),
                  str(WORKERS / "where.py")])
     assert proc.returncode == 0, proc.stderr
