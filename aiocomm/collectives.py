@@ -239,7 +239,8 @@ async def doubling_reduce(link: Link, flat: np.ndarray, ufunc: np.ufunc) -> np.n
     step ``k`` rank ``r`` swaps its partial result with rank ``r ^ 2**k``.
 
     Each rank sends ``log2(size)`` frames instead of the exchange's
-    ``size - 1``.  Both partners combine the lower rank's partial first, so
+    ``size - 1`` (for 2 ranks: one swap, with less bookkeeping than the
+    exchange).  Both partners combine the lower rank's partial first, so
     every rank ends with bit-identical values.
     """
     n, r = link.size, link.rank
@@ -262,7 +263,7 @@ async def all_reduce(link: Link, x: np.ndarray, op: str) -> np.ndarray:
     n = link.size
     if n > 1 and x.nbytes <= SMALL_BYTES:
         flat = x.reshape(-1)
-        if n > 2 and n & (n - 1) == 0:
+        if n & (n - 1) == 0:  # a power of two: recursive doubling (for 2 ranks, one swap)
             return (await doubling_reduce(link, flat, REDUCERS[op])).reshape(x.shape)
         return (await exchange_reduce(link, [flat] * n, REDUCERS[op])).reshape(x.shape)
     out = np.array(x, order="C", copy=True)

@@ -106,6 +106,10 @@ class LoopThread:
         while calls:
             calls.popleft().step()
 
+    def serves(self, thread_id: int) -> bool:
+        """Can the thread ``thread_id`` hand calls to this loop and wait?"""
+        return thread_id != self.thread.ident and self.loop.is_running()
+
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on this loop; block the calling thread until it is done."""
         fd = getattr(self._waiters, "fd", None)

@@ -61,7 +61,10 @@ HANDSHAKE_TIMEOUT = 10.0
 
 def byte_view(arr: np.ndarray) -> memoryview:
     """A flat writable/readable byte view of a C-contiguous array."""
-    return memoryview(arr.reshape(-1).view(np.uint8))
+    try:
+        return memoryview(arr).cast("B")  # a quarter of the cost of numpy's views
+    except TypeError:  # a shape with a zero in it
+        return memoryview(arr.reshape(-1).view(np.uint8))
 
 
 class PendingRecv(Sink):
@@ -75,7 +78,7 @@ class PendingRecv(Sink):
     __slots__ = ("out", "sig", "src", "future", "deadline", "watched")
 
     def __init__(self, out: np.ndarray | None, sig: Signature, src: int, future: asyncio.Future) -> None:
-        super().__init__(None if out is None else byte_view(out))
+        self.view = None if out is None else byte_view(out)
         self.out = out
         self.sig = sig
         self.src = src
