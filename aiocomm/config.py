@@ -142,3 +142,35 @@ def op_timeout() -> float:
 def connect_timeout() -> float:
     """Seconds to form the ring at start-up (``AIOCOMM_CONNECT_TIMEOUT``)."""
     return float_env("AIOCOMM_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT)
+
+
+#: Microseconds a waiting receive keeps the loop polling before it sleeps,
+#: when this rank has a CPU to itself (see :func:`poll_seconds`).
+DEFAULT_POLL_US = 200.0
+
+
+def poll_seconds(spec: WorldSpec, environ: Mapping[str, str] | None = None, cpus: int | None = None) -> float:
+    """How long a rank polls its sockets before sleeping, while a receive waits.
+
+    A sleeping thread is woken by an interrupt when data arrives; on virtual
+    machines that costs tens of microseconds per message, more than the rest
+    of a small collective.  MPI libraries poll for that reason.  aiocomm polls
+    for at most this long per wait (``AIOCOMM_POLL_US``; 0 turns it off), and
+    by default only when the ranks on this host do not outnumber its CPUs:
+    an oversubscribed rank that polls takes the CPU its peer needs.  Ranks
+    count as on this host when they listen on this rank's first address's IP.
+    """
+    env = os.environ if environ is None else environ
+    text = env.get("AIOCOMM_POLL_US", "")
+    if text != "":
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"AIOCOMM_POLL_US={text!r} is not a number of microseconds") from None
+        if value < 0:
+            raise ValueError(f"AIOCOMM_POLL_US={text!r} must not be negative")
+        return value / 1e6
+    host = spec.addresses[spec.rank][0][0]
+    local = sum(1 for addrs in spec.addresses if addrs[0][0] == host)
+    available = cpus if cpus is not None else (os.cpu_count() or 1)
+    return DEFAULT_POLL_US / 1e6 if local <= available else 0.0

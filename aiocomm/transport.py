@@ -35,13 +35,14 @@ import functools
 import logging
 import os
 import socket
+import time
 from typing import Any, Iterable
 
 import msgpack
 import numpy as np
 
 from . import wire
-from .config import Address, WorldSpec
+from .config import Address, WorldSpec, poll_seconds
 from .errors import (
     AuthenticationError,
     CommError,
@@ -338,9 +339,9 @@ class Mesh:
         self._watched: set[PendingRecv] = set()  # receives with a deadline, still waiting
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_at = 0.0
-        self.poll_s = float(os.environ.get("AIOCOMM_POLL_US", "0")) / 1e6
-        self._spin_until = 0.0
-        self._spinning = False
+        self.poll_s = poll_seconds(spec)  # keep polling this long while a receive waits
+        self._poll_until = 0.0
+        self._polling = False
 
     # ---- bring-up and tear-down
 
@@ -626,21 +627,25 @@ class Mesh:
         pending.watched = self._watched
         self._watched.add(pending)
         if self.poll_s:
-            self._spin_until = self.loop.time() + self.poll_s
-            if not self._spinning:
-                self._spinning = True
-                self.loop.call_soon(self._spin)
+            self._poll_until = time.monotonic() + self.poll_s
+            if not self._polling:
+                self._polling = True
+                self.loop.call_soon(self._poll)
         if self._watchdog is None or deadline < self._watchdog_at:
             if self._watchdog is not None:
                 self._watchdog.cancel()
             self._watchdog_at = deadline
             self._watchdog = self.loop.call_at(deadline, self._check_deadlines)
 
-    def _spin(self) -> None:
-        if self._watched and self.loop.time() < self._spin_until:
-            self.loop.call_soon(self._spin)
+    def _poll(self) -> None:
+        """Keep the loop from sleeping while receives wait, for at most
+        ``poll_s`` after the latest was posted: with a callback always ready
+        the loop polls its sockets (epoll with no timeout) between callbacks,
+        so arriving data is handled without a wake-up by interrupt."""
+        if self._watched and time.monotonic() < self._poll_until:
+            self.loop.call_soon(self._poll)
         else:
-            self._spinning = False
+            self._polling = False
 
     def _check_deadlines(self) -> None:
         """Fail the receives whose deadline has passed; wake again for the next one."""

@@ -168,3 +168,23 @@ def test_mlx_variables_form_the_world(tmp_path):
         assert procs[r].returncode == 0, err
         assert f"SUM {r} 2 [3]" in out
         assert err.count("AIOCOMM_TOKEN is not set") == 1, err
+
+
+def test_poll_policy():
+    from aiocomm.config import DEFAULT_POLL_US, WorldSpec, poll_seconds
+
+    def spec(hosts, rank=0):
+        return WorldSpec(rank, tuple(((h, 5000 + i),) for i, h in enumerate(hosts)), b"", "test")
+
+    two_local = spec(["127.0.0.1", "127.0.0.1"])
+    assert poll_seconds(two_local, {}, cpus=2) == DEFAULT_POLL_US / 1e6
+    # More ranks here than CPUs: polling would take the CPU a peer needs.
+    assert poll_seconds(spec(["127.0.0.1"] * 4), {}, cpus=2) == 0.0
+    # Only ranks on this rank's host count.
+    assert poll_seconds(spec(["10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2"], rank=2), {}, cpus=2) > 0
+    assert poll_seconds(spec(["127.0.0.1"] * 4), {"AIOCOMM_POLL_US": "50"}, cpus=2) == 50e-6
+    assert poll_seconds(two_local, {"AIOCOMM_POLL_US": "0"}, cpus=2) == 0.0
+    with pytest.raises(ValueError, match="AIOCOMM_POLL_US='soon'"):
+        poll_seconds(two_local, {"AIOCOMM_POLL_US": "soon"})
+    with pytest.raises(ValueError, match="must not be negative"):
+        poll_seconds(two_local, {"AIOCOMM_POLL_US": "-1"})
