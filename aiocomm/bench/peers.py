@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import socket
 import threading
 import time
@@ -150,6 +151,9 @@ def mlx(args: argparse.Namespace) -> None:
 
 
 def _duplex_side(port: int, nbytes: int, iters: int, warmup: int, server: bool, out: Any) -> None:
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) >= 2:  # one CPU each, as aiocomm-launch binds 2 ranks
+        os.sched_setaffinity(0, {cpus[0] if server else cpus[1]})
     if server:
         listener = socket.create_server(("127.0.0.1", port))
         conn, _ = listener.accept()
