@@ -51,7 +51,9 @@ def commands(peer: str, ranks: int, common: list[str]) -> list[str] | None | str
         mpirun = _tool("mpirun")
         if mpirun is None or not _peer_modules_available("mpi4py"):
             return "mpirun or mpi4py is not installed"
-        return [mpirun, "--oversubscribe", "-n", str(ranks), py, "-m", "aiocomm.bench.peers", "mpi", *common]
+        # TCP over loopback, as aiocomm uses (Open MPI would otherwise pick shared memory).
+        return [mpirun, "--oversubscribe", "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "lo",
+                "-n", str(ranks), py, "-m", "aiocomm.bench.peers", "mpi", *common]
     if peer == "mlx-ring":
         launch = _tool("mlx.launch")
         if launch is None or not _peer_modules_available("mlx.core"):
