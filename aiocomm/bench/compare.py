@@ -37,7 +37,7 @@ def _peer_modules_available(module: str) -> bool:
     return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0
 
 
-def commands(peer: str, ranks: int, common: list[str]) -> list[str] | None | str:
+def commands(peer: str, ranks: int, op: str, common: list[str]) -> list[str] | None | str:
     py = sys.executable
     if peer == "aiocomm":
         return [py, "-m", "launcher", "-n", str(ranks), py, "-m", "aiocomm.bench", "--json", *common]
@@ -61,8 +61,8 @@ def commands(peer: str, ranks: int, common: list[str]) -> list[str] | None | str
         return [launch, "--backend", "ring", "-n", str(ranks), "--starting-port", str(_free_port()),
                 py, "-m", "aiocomm.bench.peers", "mlx", *common]
     if peer == "duplex-reference":
-        if ranks != 2:
-            return None
+        if ranks != 2 or op != "all_sum":
+            return None  # the reference moves what a 2-rank all_sum moves
         return [py, "-m", "aiocomm.bench.peers", "duplex", *common]
     raise ValueError(peer)
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     for ranks in (int(r) for r in args.ranks.split(",")):
         for peer in peers:
-            cmd = commands(peer, ranks, common)
+            cmd = commands(peer, ranks, args.op, common)
             if cmd is None:
                 continue
             if isinstance(cmd, str):
