@@ -24,6 +24,10 @@ full reduction.  All-gather: rank ``r`` starts owning block ``r + shift``
 and at step ``s`` receives block ``r + shift - 1 - s``, forwarding all but the
 last.  All-reduce is reduce-scatter then all-gather with ``shift = 1``.
 
+Small arrays (up to ``SMALL_BYTES``) are latency-bound instead: all-reduce
+uses recursive doubling on power-of-two groups (``log2(size)`` swaps) and a
+one-step exchange otherwise; all-gather and reduce-scatter use the exchange.
+
 Safety of in-place buffers: a pushed segment may still sit in the event
 loop's write buffer when the algorithm moves on.  It is never overwritten
 before it has left: any data that lands on a pushed segment's memory
@@ -43,7 +47,7 @@ import numpy as np
 SEGMENT_BYTES = int(os.environ.get("AIOCOMM_SEGMENT_BYTES", 1 << 20))
 #: Receives posted ahead of the one being reduced.
 WINDOW = 8
-#: Arrays up to this many bytes take the one-step exchange instead of the ring
+#: Arrays up to this many bytes take the small-message algorithms instead of the ring
 #: (``AIOCOMM_SMALL_BYTES`` overrides it).
 SMALL_BYTES = int(os.environ.get("AIOCOMM_SMALL_BYTES", 32 * 1024))
 

@@ -20,6 +20,11 @@ with no receive posted yet it lands in a fresh buffer that the receive takes
 over later.  Every frame's signature is checked against the receive's, so a
 mismatch between ranks fails that receive with :class:`MismatchError`.
 
+Waiting: every receive has a deadline, kept in one set that a single timer
+scans.  While a receive waits the loop polls its sockets for up to
+``poll_s`` (see :func:`config.poll_seconds`) before it sleeps, so data that
+comes soon is taken without a wake-up by interrupt.
+
 Failures: a connection that breaks marks its peer lost; receives waiting on
 that peer fail with :class:`PeerLostError`.  A context can be *aborted*
 (:meth:`Mesh.abort`): the reason is sent to the other members as an ABORT
