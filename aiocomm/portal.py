@@ -34,6 +34,19 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+class Waiter:
+    """A calling thread's eventfd, closed when nothing refers to it any more
+    (its thread has ended and no call of it is still in flight)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC)
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
 class Call:
     """One blocking call in flight: its coroutine, then its outcome.
 
@@ -46,11 +59,11 @@ class Call:
     use it (``wait_for``, ``shield`` and ``sleep`` do not need it).
     """
 
-    __slots__ = ("coro", "done_fd", "done", "result", "error")
+    __slots__ = ("coro", "waiter", "done", "result", "error")
 
-    def __init__(self, coro: Coroutine[Any, Any, Any], done_fd: int) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, Any], waiter: Waiter) -> None:
         self.coro = coro
-        self.done_fd = done_fd
+        self.waiter = waiter  # kept open by this call until it is done
         self.done = False
         self.result: Any = None
         self.error: BaseException | None = None
@@ -72,10 +85,10 @@ class Call:
                 self.coro.close()
                 self.error = RuntimeError(f"aiocomm's loop thread cannot wait on {awaited!r}")
                 self.done = True
-                os.eventfd_write(self.done_fd, 1)
+                os.eventfd_write(self.waiter.fd, 1)
             return
         self.done = True
-        os.eventfd_write(self.done_fd, 1)
+        os.eventfd_write(self.waiter.fd, 1)
 
 
 class LoopThread:
@@ -85,7 +98,7 @@ class LoopThread:
         self.loop = new_event_loop()
         self._calls: collections.deque[Call] = collections.deque()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._waiters = threading.local()  # each calling thread's eventfd
+        self._waiters = threading.local()  # each calling thread's Waiter
         ready = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(ready,), name="aiocomm-loop", daemon=True)
         self.thread.start()
@@ -112,16 +125,17 @@ class LoopThread:
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on this loop; block the calling thread until it is done."""
-        fd = getattr(self._waiters, "fd", None)
-        if fd is None:
-            fd = self._waiters.fd = os.eventfd(0, os.EFD_CLOEXEC)
-        call = Call(coro, fd)
+        waiter = getattr(self._waiters, "waiter", None)
+        if waiter is None:
+            waiter = self._waiters.waiter = Waiter()
+        call = Call(coro, waiter)
         self._calls.append(call)
         os.eventfd_write(self._wake, 1)
         # A wake-up left by an earlier call that this thread stopped waiting
-        # for (an interrupt) may come first: wait until this call is done.
+        # for (an interrupt), or by this call before the thread came to wait,
+        # may be read first: wait until this call is done.
         while not call.done:
-            os.eventfd_read(fd)
+            os.eventfd_read(waiter.fd)
         if call.error is not None:
             raise call.error
         return call.result  # type: ignore[no-any-return]

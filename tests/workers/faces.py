@@ -22,6 +22,21 @@ t.start()
 t.join(60)
 check(results[0], want, "from a thread")
 
+# Many short-lived calling threads: each gets its own wake-up eventfd, which
+# must close when the thread is gone (no descriptor leak).
+import gc
+import os
+
+fds_before = len(os.listdir("/proc/self/fd"))
+for i in range(30):
+    t = threading.Thread(target=lambda: results.append(aiocomm.all_sum(np.full(4, r, np.float32))))
+    t.start()
+    t.join(60)
+    check(results[-1], want, f"from short-lived thread {i}")
+gc.collect()
+fds_after = len(os.listdir("/proc/self/fd"))
+assert fds_after <= fds_before, f"rank {r}: {fds_after - fds_before} descriptors leaked by calling threads"
+
 
 async def inside_loop() -> None:
     # A program whose own thread runs a loop (Jupyter): the blocking face still works.
