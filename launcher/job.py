@@ -141,8 +141,9 @@ def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
 
 @contextlib.contextmanager
 def _bound(cpus: tuple[int, ...] | None) -> Iterator[None]:
-    """Run the body with this thread bound to ``cpus`` (no-op for None)."""
-    if not cpus:
+    """Run the body with this thread bound to ``cpus`` (no-op for None, or
+    where the OS has no CPU affinity)."""
+    if not cpus or not hasattr(os, "sched_setaffinity"):
         yield
         return
     before = os.sched_getaffinity(0)
