@@ -142,8 +142,8 @@ class PeerStream(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.opened: asyncio.Future[None] = mesh.loop.create_future()
         self.reader = wire.FrameReader(self._handshake)
-        # uvloop looks these up once per connection: the reader's own method
-        # saves a Python call per read.
+        # BufferedProtocol.get_buffer is the reader's own method: uvloop looks
+        # it up once per connection, and this saves a Python call per read.
         self.get_buffer = self.reader.get_buffer  # type: ignore[method-assign]
         self.closed = False
         self._nonce = os.urandom(wire.NONCE_SIZE)
@@ -165,9 +165,6 @@ class PeerStream(asyncio.BufferedProtocol):
             self._write(wire.control_frame(Kind.CHALLENGE, {"nonce": self._nonce}))
             self._handshake_timer = self.mesh.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
             self.mesh.pending_streams.add(self)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.reader.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
         try:
