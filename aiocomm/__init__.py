@@ -11,7 +11,6 @@ that owns the connections raises ``RuntimeError`` instead of deadlocking.
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable, Coroutine, TypeVar
 
 import numpy as np
@@ -56,9 +55,6 @@ T = TypeVar("T")
 def _blocking_call(what: str, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
     engine = aio._engine
     loop = engine.loop if engine is not None and engine.loop is not None else None
-    thread = portal._portal
-    if thread is not None and loop is thread.loop and thread.serves(threading.get_ident()):
-        return thread.call(fn(*args, **kwargs))  # the common case, without portal.run's checks
     if loop is None:
         starting = aio._starting
         loop = starting.get_loop() if starting is not None else portal.portal().loop

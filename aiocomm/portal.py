@@ -161,6 +161,9 @@ def portal() -> LoopThread:
 
 def run(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], what: str) -> T:
     """Run ``coro`` on ``loop`` from a thread that is not running it; block for the result."""
+    thread = _portal
+    if thread is not None and loop is thread.loop and thread.serves(threading.get_ident()):
+        return thread.call(coro)  # the common case: the checks below cannot fail
     if asyncio._get_running_loop() is loop:
         coro.close()
         raise RuntimeError(
@@ -173,8 +176,6 @@ def run(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], what: str
             f"aiocomm.{what}(): the event loop that owns aiocomm's connections is not running "
             "(it was formed with aiocomm.aio on a loop that has stopped)"
         )
-    if _portal is not None and loop is _portal.loop:
-        return _portal.call(coro)
     # A loop the program runs itself (the world was formed with aiocomm.aio).
     return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
