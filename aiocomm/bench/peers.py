@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from launcher.placement import cpu_sets
+
 from .run import bus_factor, iterations, parse_size
 
 
@@ -150,10 +152,10 @@ def mlx(args: argparse.Namespace) -> None:
             _report("mlx-ring", args.op, n, size, np.array(worst), ok)
 
 
-def _duplex_side(port: int, nbytes: int, iters: int, warmup: int, server: bool, out: Any) -> None:
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cpus) >= 2:  # one CPU each, as aiocomm-launch binds 2 ranks
-        os.sched_setaffinity(0, {cpus[0] if server else cpus[1]})
+def _duplex_side(port: int, nbytes: int, iters: int, warmup: int, server: bool, cpus: tuple[int, ...] | None,
+                 out: Any) -> None:
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)
     if server:
         listener = socket.create_server(("127.0.0.1", port))
         conn, _ = listener.accept()
@@ -186,13 +188,14 @@ def duplex(args: argparse.Namespace) -> None:
     """Two processes each send and receive ``bytes`` at once over loopback with
     plain blocking sockets: what a 2-rank all_sum of that size must move."""
     ctx = multiprocessing.get_context("spawn")
+    placed = cpu_sets(2, "auto")  # the CPUs aiocomm-launch gives 2 ranks
     for nbytes in args.sizes:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         q = ctx.Queue()
-        procs = [ctx.Process(target=_duplex_side, args=(port, nbytes, *iterations(args, nbytes), side, q))
-                 for side in (True, False)]
+        procs = [ctx.Process(target=_duplex_side, args=(port, nbytes, *iterations(args, nbytes), side, cpus, q))
+                 for side, cpus in zip((True, False), placed)]
         for p in procs:
             p.start()
         results = [np.array(q.get(timeout=300)) for _ in procs]

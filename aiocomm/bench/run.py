@@ -129,7 +129,7 @@ async def bench(args: argparse.Namespace) -> None:
     dtype = np.dtype(args.dtype)
     if rank == 0 and not args.json:
         print(f"# aiocomm.bench op={args.op} ranks={n} dtype={dtype} face={args.face} iters={args.iters} "
-              f"(under 1 MiB: {max(args.iters, args.small_iters)}) warmup={args.warmup}")
+              f"(under 1 MiB: {iterations(args, 0)[0]}) warmup={args.warmup}")
         print(f"# {'bytes':>10} {'median_us':>11} {'min_us':>10} {'max_us':>10} {'algbw_GB/s':>10} {'busbw_GB/s':>10} {'wire/buf':>8} {'rss_MiB':>8} correct")
     case = result = None
     for nbytes in args.sizes:
