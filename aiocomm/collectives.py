@@ -238,7 +238,7 @@ async def exchange_reduce(link: Link, blocks: list[np.ndarray], ufunc: np.ufunc)
     return out
 
 
-async def doubling_reduce(link: Link, flat: np.ndarray, ufunc: np.ufunc) -> np.ndarray:
+async def doubling_reduce(link: Link, x: np.ndarray, ufunc: np.ufunc) -> np.ndarray:
     """Recursive doubling for a power-of-two group: ``log2(size)`` steps; at
     step ``k`` rank ``r`` swaps its partial result with rank ``r ^ 2**k``.
 
@@ -248,28 +248,39 @@ async def doubling_reduce(link: Link, flat: np.ndarray, ufunc: np.ufunc) -> np.n
     every rank ends with bit-identical values.
     """
     n, r = link.size, link.rank
-    acc = flat
-    got = np.empty((n.bit_length() - 1, flat.size), flat.dtype)
-    distance, step = 1, 0
-    while distance < n:
-        peer = r ^ distance
-        await link.open(peer)
+    steps = n.bit_length() - 1
+    peers = [r ^ (1 << step) for step in range(steps)]
+    await link.open(*peers)
+    acc = x.reshape(-1)
+    got = np.empty((steps, acc.size), acc.dtype)
+    for step, peer in enumerate(peers):
         link.push(peer, step, acc)
         theirs = await link.post(peer, step, got[step])
         acc = ufunc(acc, theirs) if r < peer else ufunc(theirs, acc)
-        distance, step = distance << 1, step + 1
     await link.flush()
-    return acc
+    return acc.reshape(x.shape)
 
 
-async def all_reduce(link: Link, x: np.ndarray, op: str) -> np.ndarray:
-    """Element-wise reduction of ``x`` over the group; ``x`` is left untouched."""
+def all_reduce(link: Link, x: np.ndarray, op: str) -> Awaitable[np.ndarray]:
+    """Element-wise reduction of ``x`` over the group; ``x`` is left untouched.
+
+    Picks the algorithm and returns its coroutine (no extra frame to resume
+    on every wake-up of a small operation).
+    """
     n = link.size
     if n > 1 and x.nbytes <= SMALL_BYTES:
-        flat = x.reshape(-1)
         if n & (n - 1) == 0:  # a power of two: recursive doubling (for 2 ranks, one swap)
-            return (await doubling_reduce(link, flat, REDUCERS[op])).reshape(x.shape)
-        return (await exchange_reduce(link, [flat] * n, REDUCERS[op])).reshape(x.shape)
+            return doubling_reduce(link, x, REDUCERS[op])
+        return _exchange_all_reduce(link, x, op)
+    return _ring_all_reduce(link, x, op)
+
+
+async def _exchange_all_reduce(link: Link, x: np.ndarray, op: str) -> np.ndarray:
+    flat = x.reshape(-1)
+    return (await exchange_reduce(link, [flat] * link.size, REDUCERS[op])).reshape(x.shape)
+
+
+async def _ring_all_reduce(link: Link, x: np.ndarray, op: str) -> np.ndarray:
     out = np.array(x, order="C", copy=True)
     if link.size == 1:
         return out

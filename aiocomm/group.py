@@ -150,7 +150,7 @@ class MeshLink:
 
     async def flush(self) -> None:
         for stream in self.streams.values():
-            if stream.backlogged:
+            if stream.paused:
                 await self.mesh.flush(self.streams.values(), self.deadline, self.sig)
                 return
 
@@ -184,10 +184,15 @@ async def _collective(
 _OP_NAMES = {"sum": "all_sum", "max": "all_max", "min": "all_min"}
 
 
-async def all_reduce(group: Group, x: np.ndarray, op: str, timeout: float) -> np.ndarray:
+def all_reduce(group: Group, x: np.ndarray, op: str, timeout: float) -> Awaitable[np.ndarray]:
+    """The reduction's coroutine (returned, not awaited here: one frame less per wake-up)."""
     if len(group.members) == 1:
-        return x.copy()
-    return await _collective(group, _OP_NAMES[op], x, timeout, collectives.all_reduce, x, op)
+        return _value(x.copy())
+    return _collective(group, _OP_NAMES[op], x, timeout, collectives.all_reduce, x, op)
+
+
+async def _value(value: T) -> T:
+    return value
 
 
 async def all_gather(group: Group, x: np.ndarray, timeout: float) -> np.ndarray:

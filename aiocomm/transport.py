@@ -38,6 +38,7 @@ import asyncio
 import collections
 import functools
 import logging
+import math
 import os
 import socket
 import time
@@ -64,6 +65,10 @@ Key = tuple[int, int, int]  # (kind, context, tag)
 
 HANDSHAKE_TIMEOUT = 10.0
 
+_pack_header = wire.HEADER.pack
+_DATA_KINDS = wire.DATA_KINDS
+_ABORT = Kind.ABORT
+
 
 def byte_view(arr: np.ndarray) -> memoryview:
     """A flat writable/readable byte view of a C-contiguous array."""
@@ -78,19 +83,30 @@ class PendingRecv(Sink):
 
     While it waits it sits in its mesh's ``watched`` set, which the mesh's
     one deadline timer scans (a timer per receive costs more than the rest
-    of a small receive's bookkeeping).
+    of a small receive's bookkeeping).  Its ``view`` (the destination's
+    bytes) is made when its frame arrives.
     """
 
     __slots__ = ("out", "sig", "src", "future", "deadline", "watched")
 
-    def __init__(self, out: np.ndarray | None, sig: Signature, src: int, future: asyncio.Future) -> None:
-        self.view = None if out is None else byte_view(out)
+    def __init__(
+        self,
+        out: np.ndarray | None,
+        sig: Signature,
+        src: int,
+        future: asyncio.Future,
+        deadline: float,
+        watched: set[PendingRecv] | None,
+    ) -> None:
+        self.view = None
         self.out = out
         self.sig = sig
         self.src = src
         self.future = future
-        self.deadline = 0.0
-        self.watched: set[PendingRecv] | None = None
+        self.deadline = deadline
+        self.watched = watched
+        if watched is not None:
+            watched.add(self)
 
     def fail(self, exc: BaseException) -> None:
         if self.watched is not None:
@@ -101,11 +117,13 @@ class PendingRecv(Sink):
             # failed; the error reaches the caller through the one it awaits.
             self.future.exception()
 
-    def finish(self) -> None:
+    def done(self) -> None:
+        """Its frame is in ``out``: wake the waiting coroutine."""
         if self.watched is not None:
             self.watched.discard(self)
-        if not self.future.done():
-            self.future.set_result(self.out)
+        future = self.future
+        if not future.done():
+            future.set_result(self.out)
 
 
 class Arrival(Sink):
@@ -118,7 +136,12 @@ class Arrival(Sink):
         super().__init__(memoryview(self.data))
         self.meta = meta  # raw signature, checked when its receive is posted
         self.complete = False
-        self.waiter: PendingRecv | None = None
+        self.waiter: PendingRecv | None = None  # a receive posted while the payload was still coming
+
+    def done(self) -> None:
+        self.complete = True
+        if self.waiter is not None:
+            Mesh.deliver(self, self.waiter)
 
 
 class Mailbox:
@@ -147,7 +170,7 @@ class PeerStream(asyncio.BufferedProtocol):
         self.get_buffer = self.reader.get_buffer  # type: ignore[method-assign]
         self.closed = False
         self._nonce = os.urandom(wire.NONCE_SIZE)
-        self._paused = False
+        self.paused = False  # True while written bytes wait in our buffer for the kernel
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._handshake_timer: asyncio.TimerHandle | None = None
         self.lost_reason: BaseException | None = None
@@ -168,18 +191,9 @@ class PeerStream(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         try:
-            frames = self.reader.buffer_updated(nbytes)
+            self.reader.buffer_updated(nbytes)  # completed frames call their sink's done()
         except ProtocolError as exc:
             self._protocol_error(exc)
-            return
-        for frame in frames:
-            sink = frame.sink
-            if isinstance(sink, PendingRecv):
-                sink.finish()
-            elif isinstance(sink, Arrival):
-                sink.complete = True
-                if sink.waiter is not None:
-                    self.mesh.deliver(sink, sink.waiter)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -202,10 +216,10 @@ class PeerStream(asyncio.BufferedProtocol):
             self.mesh.stream_lost(self, exc)
 
     def pause_writing(self) -> None:
-        self._paused = True
+        self.paused = True
 
     def resume_writing(self) -> None:
-        self._paused = False
+        self.paused = False
         for waiter in self._drain_waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -228,14 +242,9 @@ class PeerStream(asyncio.BufferedProtocol):
         else:
             self.transport.writelines((head, payload))  # one writev; the array itself, no copy
 
-    @property
-    def backlogged(self) -> bool:
-        """True while written bytes wait in our buffer for the kernel to take them."""
-        return self._paused
-
     def drained(self) -> asyncio.Future[None] | None:
         """A future done when everything written is in the kernel, or None if it already is."""
-        if not self._paused:
+        if not self.paused:
             return None  # nothing waits in our buffer (even if the peer has since closed)
         if self.closed:
             raise self._lost_error(self.lost_reason)
@@ -340,7 +349,7 @@ class Mesh:
         self.bytes_sent = 0  # payload bytes, for the benchmark's wire count
         self._watched: set[PendingRecv] = set()  # receives with a deadline, still waiting
         self._watchdog: asyncio.TimerHandle | None = None
-        self._watchdog_at = 0.0
+        self._watchdog_at = math.inf  # when the deadline timer fires (inf: no timer)
         self.poll_s = poll_seconds(spec)  # keep polling this long while a receive waits
         self._poll_until = 0.0
         self._polling = False
@@ -410,6 +419,7 @@ class Mesh:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+            self._watchdog_at = math.inf
         for server in self._servers:
             server.close()
         for task in self._connecting.values():
@@ -510,7 +520,9 @@ class Mesh:
         if context in self.broken:
             raise self.broken[context]
         nbytes = data.nbytes
-        stream.send_frame(wire.encode_frame_head(kind, context, tag, sig.encoded, nbytes), data if nbytes else None)
+        meta = sig.encoded
+        head = _pack_header(wire.MAGIC, wire.VERSION, kind, 0, context, tag, nbytes, len(meta)) + meta
+        stream.send_frame(head, data if nbytes else None)
         self.bytes_sent += nbytes
 
     async def flush(self, streams: Iterable[PeerStream], deadline: float, sig: Signature) -> None:
@@ -533,38 +545,42 @@ class Mesh:
 
     def route(self, src: int, header: Header, meta: bytes) -> Sink:
         """Choose where an arriving frame from ``src`` goes (called by its stream)."""
-        kind = header.kind
-        if kind == Kind.ABORT:
-            self._abort_received(src, header.context, wire.decode_meta(meta))
-            return Sink(None)
-        if kind not in wire.DATA_KINDS:
+        kind, _, context, tag, payload_len, _ = header
+        if kind not in _DATA_KINDS:
+            if kind == _ABORT:
+                self._abort_received(src, context, wire.decode_meta(meta))
+                return Sink(None)
             raise ProtocolError(f"unexpected {kind.name} frame from rank {src} after the handshake")
-        if header.context in self.broken:
+        if context in self.broken:
             return Sink(None)
-        key = (kind, header.context, header.tag)
+        key = (kind, context, tag)
         box = self.mailboxes[src]
         queue = box.posted.get(key)
         if queue:
             pending = queue.popleft()
             if not queue:
                 del box.posted[key]
+            out = pending.out
             try:
                 if meta != pending.sig.encoded:  # equal bytes: the common case, no decoding
                     wire.check_signature(pending.sig, meta, me=self.rank, peer=src)
-                if pending.out is None:
-                    pending.out = self._allocate(pending.sig, header, src)
-                    pending.view = byte_view(pending.out)
-                elif pending.out.nbytes != header.payload_len:
+                if out is None:
+                    out = pending.out = self._allocate(pending.sig, header, src)
+                elif out.nbytes != payload_len:
                     raise MismatchError(
-                        f"rank {self.rank} expected a {pending.out.nbytes}-byte segment of "
-                        f"{pending.sig.describe()} from rank {src}, got {header.payload_len} bytes"
+                        f"rank {self.rank} expected a {out.nbytes}-byte segment of "
+                        f"{pending.sig.describe()} from rank {src}, got {payload_len} bytes"
                     )
             except MismatchError as exc:
                 pending.fail(exc)
                 return Sink(None)
+            pending.view = byte_view(out)
             return pending
-        arrival = Arrival(meta, header.payload_len)
-        box.arrived.setdefault(key, collections.deque()).append(arrival)
+        arrival = Arrival(meta, payload_len)
+        queue = box.arrived.get(key)
+        if queue is None:
+            queue = box.arrived[key] = collections.deque()
+        queue.append(arrival)
         return arrival
 
     @staticmethod
@@ -598,7 +614,6 @@ class Mesh:
         key = (kind, context, tag)
         box = self.mailboxes[src]
         future: asyncio.Future[np.ndarray] = self.loop.create_future()
-        pending = PendingRecv(out, sig, src, future)
         arrivals = box.arrived.get(key)
         if arrivals:
             arrival = arrivals.popleft()
@@ -613,27 +628,30 @@ class Mesh:
                     f"from rank {src}, got {arrival.data.nbytes} bytes"
                 )
             if arrival.complete:
-                self.deliver(arrival, pending)
+                self.deliver(arrival, PendingRecv(out, sig, src, future, deadline, None))
             else:
-                arrival.waiter = pending
-                self._arm_timer(pending, deadline)
+                arrival.waiter = PendingRecv(out, sig, src, future, deadline, self._watched)
+                self._armed(deadline)
             return future
         if src in self.lost:
             raise self.lost[src]
-        box.posted.setdefault(key, collections.deque()).append(pending)
-        self._arm_timer(pending, deadline)
+        pending = PendingRecv(out, sig, src, future, deadline, self._watched)
+        queue = box.posted.get(key)
+        if queue is None:
+            queue = box.posted[key] = collections.deque()
+        queue.append(pending)
+        self._armed(deadline)
         return future
 
-    def _arm_timer(self, pending: PendingRecv, deadline: float) -> None:
-        pending.deadline = deadline
-        pending.watched = self._watched
-        self._watched.add(pending)
+    def _armed(self, deadline: float) -> None:
+        """A receive with this deadline was added to the watched set: poll, and
+        make sure the deadline timer wakes up by then."""
         if self.poll_s:
             self._poll_until = time.monotonic() + self.poll_s
             if not self._polling:
                 self._polling = True
                 self.loop.call_soon(self._poll)
-        if self._watchdog is None or deadline < self._watchdog_at:
+        if deadline < self._watchdog_at:
             if self._watchdog is not None:
                 self._watchdog.cancel()
             self._watchdog_at = deadline
@@ -652,6 +670,7 @@ class Mesh:
     def _check_deadlines(self) -> None:
         """Fail the receives whose deadline has passed; wake again for the next one."""
         self._watchdog = None
+        self._watchdog_at = math.inf
         now = self.loop.time() + 0.001  # the loop's timers round to milliseconds
         expired = [p for p in self._watched if p.deadline <= now]
         for pending in sorted(expired, key=lambda p: p.deadline):
@@ -671,7 +690,7 @@ class Mesh:
             pending.out = arrival.data.view(np.dtype(pending.sig.dtype)).reshape(pending.sig.shape)
         else:
             byte_view(pending.out)[:] = arrival.data
-        pending.finish()
+        pending.done()
 
     # ---- aborting a context
 

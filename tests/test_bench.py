@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from .conftest import ROOT, clean_env
@@ -30,6 +31,29 @@ def test_bench_runs_and_checks(op, face):
     assert len(rows) == 2 and all(r["correct"] for r in rows)
     if op == "all_sum":
         assert rows[1]["wire_per_buffer"] == pytest.approx(1.0, rel=0.01)  # 2(n-1)/n on 2 ranks
+
+
+def test_average_combines_the_ranks_times_per_iteration():
+    from aiocomm.bench.run import combine
+
+    per_rank = np.array([[1.0, 5.0, 2.0], [3.0, 1.0, 4.0]])  # 2 ranks, 3 iterations
+    assert combine(per_rank, "avg").tolist() == [2.0, 3.0, 3.0]
+    assert combine(per_rank, "max").tolist() == [3.0, 5.0, 4.0]
+    assert combine(per_rank, "min").tolist() == [1.0, 1.0, 2.0]
+    assert combine(per_rank, "rank0").tolist() == [1.0, 5.0, 2.0]
+    with pytest.raises(ValueError, match="--average"):
+        combine(per_rank, "median")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("average", ["avg", "max"])
+def test_bench_average_option(average):
+    proc = subprocess.run([sys.executable, "-m", "launcher", "-n", "2", sys.executable, "-m", "aiocomm.bench",
+                           "--sizes", "8", "--small-iters", "5", "--average", average, "--json"],
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = _json_rows(proc.stdout)
+    assert row["average"] == average and row["correct"] and row["min_us"] <= row["median_us"] <= row["max_us"]
 
 
 @pytest.mark.timeout(120)

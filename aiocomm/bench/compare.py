@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .run import AVERAGES
+
 
 def _tool(name: str) -> str | None:
     local = Path(sys.executable).parent / name
@@ -87,10 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--op", choices=["all_sum", "all_gather"], default="all_sum")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--small-iters", type=int, default=500, help="timed iterations for sizes under 1 MiB")
+    parser.add_argument("--average", choices=AVERAGES, default="avg",
+                        help="an iteration's time from the ranks' own times (nccl-tests' -a): mean, slowest, ...")
     parser.add_argument("--peers", default="aiocomm,duplex-reference,gloo,openmpi,mlx-ring")
     parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args(argv)
-    common = ["--op", args.op, "--sizes", args.sizes, "--iters", str(args.iters), "--small-iters", str(args.small_iters)]
+    common = ["--op", args.op, "--sizes", args.sizes, "--iters", str(args.iters), "--small-iters", str(args.small_iters),
+              "--average", args.average]
     results: dict[tuple[str, int, int], dict[str, Any]] = {}
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     for ranks in (int(r) for r in args.ranks.split(",")):
@@ -108,8 +113,9 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             for row in rows:
                 results[(peer, ranks, row["bytes"])] = row
+    how = {"avg": "mean of the ranks", "max": "slowest rank", "min": "fastest rank", "rank0": "rank 0"}[args.average]
     print(f"# op={args.op} float32, median of {args.iters} iterations ({args.small_iters} under 1 MiB; "
-          "slowest rank per iteration), same machine, same run")
+          f"each iteration's time: {how}), same machine, same run")
     print(f"# {'peer':<17} {'ranks':>5} {'bytes':>10} {'median_us':>11} {'busbw_GB/s':>10} {'aiocomm/peer':>12} correct")
     for (peer, ranks, nbytes), row in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0] != "aiocomm")):
         mine = results.get(("aiocomm", ranks, nbytes))

@@ -7,7 +7,8 @@
 
 Each prints one JSON object per size from rank 0, with the fields of
 ``python -m aiocomm.bench --json``: each iteration is timed on every rank,
-the slowest rank's time counts, and the median over iterations is reported.
+the ranks' times are combined as ``--average`` says (their mean by
+default), and the median over iterations is reported.
 None of these systems is a dependency of aiocomm; a missing one fails here
 with its ImportError, and the comparison script skips it.
 """
@@ -27,7 +28,7 @@ import numpy as np
 
 from launcher.placement import cpu_sets
 
-from .run import bus_factor, iterations, parse_size
+from .run import AVERAGES, bus_factor, combine, iterations, parse_size
 
 
 def _report(peer: str, op: str, ranks: int, nbytes: int, times: np.ndarray, correct: bool) -> None:
@@ -83,9 +84,11 @@ def gloo(args: argparse.Namespace) -> None:
             ok = all(bool(torch.all(t == k + 1)) for k, t in enumerate(y))
             nbytes = part * n * 4
         t = torch.tensor(times)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        per_rank = [torch.empty_like(t) for _ in range(n)]
+        dist.all_gather(per_rank, t)
         if rank == 0:
-            _report("gloo", args.op, n, nbytes if args.op == "all_gather" else count * 4, t.numpy(), ok)
+            times = combine(torch.stack(per_rank).numpy(), args.average)
+            _report("gloo", args.op, n, nbytes if args.op == "all_gather" else count * 4, times, ok)
     dist.destroy_process_group()
 
 
@@ -109,10 +112,10 @@ def mpi(args: argparse.Namespace) -> None:
             times, _ = _measure(lambda: comm.Allgather(x, y), *iterations(args, nbytes))
             ok = bool(np.array_equal(y, np.repeat(np.arange(1, n + 1), part).astype(np.float32)))
             size = part * n * 4
-        worst = np.empty_like(times)
-        comm.Allreduce(times, worst, op=MPI.MAX)
+        per_rank = np.empty((n, times.size))
+        comm.Allgather(times, per_rank)
         if rank == 0:
-            _report("openmpi", args.op, n, size, worst, ok)
+            _report("openmpi", args.op, n, size, combine(per_rank, args.average), ok)
 
 
 def mlx(args: argparse.Namespace) -> None:
@@ -147,9 +150,9 @@ def mlx(args: argparse.Namespace) -> None:
             times, y = _measure(run, *iterations(args, nbytes))
             ok = bool(np.array_equal(np.array(y), np.repeat(np.arange(1, n + 1), part).astype(np.float32)))
             size = part * n * 4
-        worst = mx.distributed.all_max(mx.array(times))
+        per_rank = mx.distributed.all_gather(mx.array(times.reshape(1, -1)))
         if rank == 0:
-            _report("mlx-ring", args.op, n, size, np.array(worst), ok)
+            _report("mlx-ring", args.op, n, size, combine(np.array(per_rank), args.average), ok)
 
 
 def _duplex_side(port: int, nbytes: int, iters: int, warmup: int, server: bool, cpus: tuple[int, ...] | None,
@@ -202,7 +205,7 @@ def duplex(args: argparse.Namespace) -> None:
         for p in procs:
             p.join()
         # 2-rank all_sum convention: busbw = bytes / time.
-        _report("duplex-reference", "all_sum", 2, nbytes, np.maximum(*results), True)
+        _report("duplex-reference", "all_sum", 2, nbytes, combine(np.stack(results), args.average), True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -213,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--small-iters", type=int, default=500, help="timed iterations for sizes under 1 MiB")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--average", choices=AVERAGES, default="avg")
     args = parser.parse_args(argv)
     args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     {"gloo": gloo, "mpi": mpi, "mlx": mlx, "duplex": duplex}[args.peer](args)

@@ -3,7 +3,9 @@
     aiocomm-launch -n 2 python -m aiocomm.bench --op all_sum --sizes 8,1K,1M,64M
 
 Per message size it prints the time per operation (median over iterations
-after warm-up, min and max; each iteration's time is the slowest rank's),
+after warm-up, min and max; an iteration's time combines the ranks' own
+times as ``--average`` says: their mean by default, as nccl-tests'
+``-a 1``, or the slowest rank's with ``--average max``),
 algorithm bandwidth ``algbw = bytes / time``, bus bandwidth (``busbw``:
 ``algbw * 2(n-1)/n`` for all_sum, ``algbw * (n-1)/n`` for all_gather and
 sum_scatter, where bytes is the whole gathered/input buffer; ``algbw`` for
@@ -49,6 +51,23 @@ def human(n: float) -> str:
             return f"{n:.0f}{unit}" if unit == "" or n == int(n) else f"{n:.1f}{unit}"
         n /= 1024
     return str(n)
+
+
+#: How one iteration's time is made from every rank's own time for it (nccl-tests' ``-a``).
+AVERAGES = ("avg", "max", "min", "rank0")
+
+
+def combine(per_rank: np.ndarray, how: str) -> np.ndarray:
+    """Per-iteration times from a (ranks, iterations) table of each rank's own times."""
+    if how == "avg":
+        return per_rank.mean(axis=0)
+    if how == "max":
+        return per_rank.max(axis=0)
+    if how == "min":
+        return per_rank.min(axis=0)
+    if how == "rank0":
+        return per_rank[0]
+    raise ValueError(f"--average must be one of {', '.join(AVERAGES)}, got {how!r}")
 
 
 def bus_factor(op: str, n: int) -> float:
@@ -129,7 +148,7 @@ async def bench(args: argparse.Namespace) -> None:
     dtype = np.dtype(args.dtype)
     if rank == 0 and not args.json:
         print(f"# aiocomm.bench op={args.op} ranks={n} dtype={dtype} face={args.face} iters={args.iters} "
-              f"(under 1 MiB: {iterations(args, 0)[0]}) warmup={args.warmup}")
+              f"(under 1 MiB: {iterations(args, 0)[0]}) warmup={args.warmup} average={args.average}")
         print(f"# {'bytes':>10} {'median_us':>11} {'min_us':>10} {'max_us':>10} {'algbw_GB/s':>10} {'busbw_GB/s':>10} {'wire/buf':>8} {'rss_MiB':>8} correct")
     case = result = None
     for nbytes in args.sizes:
@@ -149,9 +168,10 @@ async def bench(args: argparse.Namespace) -> None:
         ok &= case.check(result)
         wire = ((mesh.bytes_sent - sent0) / iters / case.nbytes) if mesh is not None else 0.0
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        summary = np.concatenate([times, [rss, wire, 0.0 if ok else 1.0]])
-        summary = await _maybe((aiocomm.all_max if blocking else aio.all_max)(summary))
-        times, rss, wire, bad = summary[:-3], summary[-3], summary[-2], summary[-1]
+        summary = np.array([rss, wire, 0.0 if ok else 1.0])
+        rss, wire, bad = await _maybe((aiocomm.all_max if blocking else aio.all_max)(summary))
+        per_rank = await _maybe((aiocomm.all_gather if blocking else aio.all_gather)(times.reshape(1, -1)))
+        times = combine(per_rank, args.average)
         med = float(np.median(times))
         algbw = case.nbytes / med / 1e9
         row = {
@@ -160,6 +180,7 @@ async def bench(args: argparse.Namespace) -> None:
             "bytes": case.nbytes,
             "dtype": dtype.name,
             "face": args.face,
+            "average": args.average,
             "median_us": med * 1e6,
             "min_us": float(times.min()) * 1e6,
             "max_us": float(times.max()) * 1e6,
@@ -193,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="timed iterations for sizes under 1 MiB (latency: one slow wake-up must not be the median)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--face", choices=["async", "blocking"], default="blocking")
+    parser.add_argument("--average", choices=AVERAGES, default="avg",
+                        help="an iteration's time from the ranks' own times: their mean (default, as nccl-tests), "
+                             "the slowest's, the fastest's, or rank 0's")
     parser.add_argument("--json", action="store_true", help="one JSON object per size")
     args = parser.parse_args(argv)
     args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
