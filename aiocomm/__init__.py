@@ -16,6 +16,7 @@ from typing import Any, Callable, Coroutine, TypeVar
 import numpy as np
 
 from . import aio, portal
+from . import group as engine_ops
 from .errors import (
     AuthenticationError,
     CommError,
@@ -69,24 +70,49 @@ def init(strict: bool = False, backend: str = "any") -> Group:
     return _blocking_call("init", aio.init, strict, backend)
 
 
+def _blocking_collective(
+    what: str, x: Any, group: Group | None, timeout: float | None, start: Callable[..., Coroutine[Any, Any, T]]
+) -> T:
+    """A collective on a formed group goes straight to the engine, its
+    arguments checked here in the calling thread (the async face's coroutine
+    would add a frame to every step); otherwise through the async face, which
+    forms the world first."""
+    g = aio._formed(group)
+    if g is None or g.engine.loop is None:
+        return _blocking_call(what, getattr(aio, what), x, group=group, timeout=timeout)  # type: ignore[no-any-return]
+    return portal.run(g.engine.loop, start(g, aio.as_array(x), aio.check_timeout(timeout)), what)
+
+
 def all_sum(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
-    return _blocking_call("all_sum", aio.all_sum, x, group=group, timeout=timeout)
+    return _blocking_collective("all_sum", x, group, timeout, _sum)
 
 
 def all_max(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
-    return _blocking_call("all_max", aio.all_max, x, group=group, timeout=timeout)
+    return _blocking_collective("all_max", x, group, timeout, _max)
 
 
 def all_min(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
-    return _blocking_call("all_min", aio.all_min, x, group=group, timeout=timeout)
+    return _blocking_collective("all_min", x, group, timeout, _min)
 
 
 def all_gather(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
-    return _blocking_call("all_gather", aio.all_gather, x, group=group, timeout=timeout)
+    return _blocking_collective("all_gather", x, group, timeout, engine_ops.all_gather)
 
 
 def sum_scatter(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
-    return _blocking_call("sum_scatter", aio.sum_scatter, x, group=group, timeout=timeout)
+    return _blocking_collective("sum_scatter", x, group, timeout, engine_ops.sum_scatter)
+
+
+def _sum(g: Group, x: np.ndarray, t: float) -> Any:
+    return engine_ops.all_reduce(g, x, "sum", t)
+
+
+def _max(g: Group, x: np.ndarray, t: float) -> Any:
+    return engine_ops.all_reduce(g, x, "max", t)
+
+
+def _min(g: Group, x: np.ndarray, t: float) -> Any:
+    return engine_ops.all_reduce(g, x, "min", t)
 
 
 def send(x: Any, dst: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:

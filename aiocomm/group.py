@@ -23,7 +23,7 @@ from . import collectives
 from .config import WorldSpec
 from .errors import CommError
 from .transport import Mesh, PeerStream
-from .wire import Kind, Signature, dtype_name, signature
+from .wire import Kind, Signature, signature
 
 log = logging.getLogger("aiocomm")
 
@@ -105,11 +105,6 @@ class Group:
     def __repr__(self) -> str:
         return f"<aiocomm.Group rank={self._rank} size={self.size()} context={self.context:#x}>"
 
-    def next_seq(self) -> int:
-        seq = self._seq
-        self._seq += 1
-        return seq
-
     @property
     def engine(self) -> Engine:
         return self._engine
@@ -126,7 +121,9 @@ class MeshLink:
         self.rank = group._rank
         self.size = len(group.members)
         self.context = group.context
-        self.tag_base = group.next_seq() << 8
+        seq = group._seq  # collectives started on the group so far
+        group._seq = seq + 1
+        self.tag_base = seq << 8
         self.sig = sig
         self.deadline = deadline
         # The group's connections, kept across calls: opening costs a lookup
@@ -166,7 +163,7 @@ async def _collective(
     failure here aborts the group on every rank."""
     mesh = group._engine.mesh
     assert mesh is not None
-    link = MeshLink(group, mesh, signature(op, dtype_name(x.dtype), x.shape), mesh.loop.time() + timeout)
+    link = MeshLink(group, mesh, signature(op, x.dtype, x.shape), mesh.loop.time() + timeout)
     try:
         if group.context in mesh.broken:
             raise mesh.broken[group.context]
@@ -212,7 +209,7 @@ async def send(group: Group, x: np.ndarray, dst: int, timeout: float) -> None:
     mesh = group.engine.mesh
     assert mesh is not None
     deadline = mesh.loop.time() + timeout
-    sig = signature("send", dtype_name(x.dtype), x.shape)
+    sig = signature("send", x.dtype, x.shape)
     world_dst = group.members[dst]
     try:
         stream = await asyncio.wait_for(mesh.connect(world_dst), timeout)
@@ -225,7 +222,7 @@ async def send(group: Group, x: np.ndarray, dst: int, timeout: float) -> None:
 async def recv(group: Group, shape: tuple[int, ...], dtype: np.dtype, src: int, timeout: float) -> np.ndarray:
     mesh = group.engine.mesh
     assert mesh is not None
-    sig = signature("send", dtype_name(dtype), shape)
+    sig = signature("send", dtype, shape)
     fut = mesh.post(group.members[src], Kind.P2P, group.context, 0, sig, None, mesh.loop.time() + timeout)
     return await fut
 

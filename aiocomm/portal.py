@@ -99,12 +99,14 @@ class LoopThread:
         self._calls: collections.deque[Call] = collections.deque()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._waiters = threading.local()  # each calling thread's Waiter
+        self.ident = 0  # the loop thread's, once it runs
         ready = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(ready,), name="aiocomm-loop", daemon=True)
         self.thread.start()
         ready.wait()
 
     def _run(self, ready: threading.Event) -> None:
+        self.ident = threading.get_ident()
         asyncio.set_event_loop(self.loop)
         self.loop.add_reader(self._wake, self._take_calls)
         self.loop.call_soon(ready.set)
@@ -118,10 +120,6 @@ class LoopThread:
         calls = self._calls
         while calls:
             calls.popleft().step()
-
-    def serves(self, thread_id: int) -> bool:
-        """Can the thread ``thread_id`` hand calls to this loop and wait?"""
-        return thread_id != self.thread.ident and self.loop.is_running()
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on this loop; block the calling thread until it is done."""
@@ -162,8 +160,8 @@ def portal() -> LoopThread:
 def run(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], what: str) -> T:
     """Run ``coro`` on ``loop`` from a thread that is not running it; block for the result."""
     thread = _portal
-    if thread is not None and loop is thread.loop and thread.serves(threading.get_ident()):
-        return thread.call(coro)  # the common case: the checks below cannot fail
+    if thread is not None and loop is thread.loop and threading.get_ident() != thread.ident and loop.is_running():
+        return thread.call(coro)  # the common case: another thread calls the running private loop
     if asyncio._get_running_loop() is loop:
         coro.close()
         raise RuntimeError(

@@ -140,8 +140,10 @@ class Arrival(Sink):
 
     def done(self) -> None:
         self.complete = True
-        if self.waiter is not None:
-            Mesh.deliver(self, self.waiter)
+        pending = self.waiter
+        if pending is not None:  # its receive was posted while the payload was coming
+            pending.out = Mesh.take(self, pending.out, pending.sig)
+            pending.done()
 
 
 class Mailbox:
@@ -168,7 +170,8 @@ class PeerStream(asyncio.BufferedProtocol):
         # BufferedProtocol.get_buffer is the reader's own method: uvloop looks
         # it up once per connection, and this saves a Python call per read.
         self.get_buffer = self.reader.get_buffer  # type: ignore[method-assign]
-        self.closed = False
+        self.closed = False  # connection_lost has run
+        self.closing = True  # no data may be written: not yet connected, or closing, or closed
         self._nonce = os.urandom(wire.NONCE_SIZE)
         self.paused = False  # True while written bytes wait in our buffer for the kernel
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -179,6 +182,7 @@ class PeerStream(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
+        self.closing = False
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -199,7 +203,7 @@ class PeerStream(asyncio.BufferedProtocol):
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self.closed = self.closing = True
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         self.mesh.pending_streams.discard(self)
@@ -235,7 +239,7 @@ class PeerStream(asyncio.BufferedProtocol):
         """Queue one frame: ``head`` then ``payload`` (None, or a non-empty
         C-contiguous array or buffer), written in one go, so frames from
         concurrent tasks never interleave."""
-        if self.closed or self.transport is None or self.transport.is_closing():
+        if self.closing:
             raise self._lost_error(None)
         if payload is None:
             self.transport.write(head)
@@ -267,6 +271,7 @@ class PeerStream(asyncio.BufferedProtocol):
         return f"{host}:{port}"
 
     def close(self) -> None:
+        self.closing = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
@@ -280,6 +285,7 @@ class PeerStream(asyncio.BufferedProtocol):
         who = f"rank {self.peer}" if self.peer is not None else "unidentified peer"
         log.warning("rank %d: closing connection from %s at %s: %s", self.mesh.rank, who, self._where(), exc)
         self.lost_reason = exc
+        self.closing = True
         if self.transport is not None:
             self.transport.abort()
 
@@ -619,7 +625,8 @@ class Mesh:
             arrival = arrivals.popleft()
             if not arrivals:
                 del box.arrived[key]
-            wire.check_signature(sig, arrival.meta, me=self.rank, peer=src)
+            if arrival.meta != sig.encoded:  # equal bytes: the common case, no decoding
+                wire.check_signature(sig, arrival.meta, me=self.rank, peer=src)
             if out is None:
                 self._allocate(sig, arrival, src)  # the sizes must agree
             elif out.nbytes != arrival.data.nbytes:
@@ -628,24 +635,24 @@ class Mesh:
                     f"from rank {src}, got {arrival.data.nbytes} bytes"
                 )
             if arrival.complete:
-                self.deliver(arrival, PendingRecv(out, sig, src, future, deadline, None))
-            else:
-                arrival.waiter = PendingRecv(out, sig, src, future, deadline, self._watched)
-                self._armed(deadline)
-            return future
-        if src in self.lost:
-            raise self.lost[src]
-        pending = PendingRecv(out, sig, src, future, deadline, self._watched)
-        queue = box.posted.get(key)
-        if queue is None:
-            queue = box.posted[key] = collections.deque()
-        queue.append(pending)
-        self._armed(deadline)
+                future.set_result(self.take(arrival, out, sig))
+                return future
+            arrival.waiter = PendingRecv(out, sig, src, future, deadline, self._watched)
+        else:
+            if src in self.lost:
+                raise self.lost[src]
+            pending = PendingRecv(out, sig, src, future, deadline, self._watched)
+            queue = box.posted.get(key)
+            if queue is None:
+                queue = box.posted[key] = collections.deque()
+            queue.append(pending)
+        if self.poll_s or deadline < self._watchdog_at:
+            self._armed(deadline)
         return future
 
     def _armed(self, deadline: float) -> None:
-        """A receive with this deadline was added to the watched set: poll, and
-        make sure the deadline timer wakes up by then."""
+        """A receive with this deadline was added to the watched set: poll (if
+        on), and make sure the deadline timer wakes up by then."""
         if self.poll_s:
             self._poll_until = time.monotonic() + self.poll_s
             if not self._polling:
@@ -685,12 +692,12 @@ class Mesh:
             self._watchdog = self.loop.call_at(self._watchdog_at, self._check_deadlines)
 
     @staticmethod
-    def deliver(arrival: Arrival, pending: PendingRecv) -> None:
-        if pending.out is None:  # signatures matched: take the buffer as it is
-            pending.out = arrival.data.view(np.dtype(pending.sig.dtype)).reshape(pending.sig.shape)
-        else:
-            byte_view(pending.out)[:] = arrival.data
-        pending.done()
+    def take(arrival: Arrival, out: np.ndarray | None, sig: Signature) -> np.ndarray:
+        """An arrived frame's data, in ``out`` or (``None``) as an array of ``sig``."""
+        if out is None:  # signatures matched: take the buffer as it is
+            return arrival.data.view(np.dtype(sig.dtype)).reshape(sig.shape)
+        byte_view(out)[:] = arrival.data
+        return out
 
     # ---- aborting a context
 

@@ -104,11 +104,6 @@ NATIVE_DTYPES = frozenset(_NATIVE)
 _NAMES = {dt: name for name, dt in _DTYPES.items()}
 
 
-def dtype_name(dtype: np.dtype) -> str:
-    """The wire name of a supported dtype (numpy's ``dtype.name`` is slow)."""
-    return _NAMES[dtype]
-
-
 def wire_dtype(dtype: Any) -> np.dtype:
     """The native-order numpy dtype for ``dtype``, or ``TypeError`` naming it."""
     native = _NATIVE.get(dtype) if isinstance(dtype, np.dtype) else None
@@ -155,19 +150,20 @@ class Signature:
         return f"{self.op}(shape={self.shape}, dtype={self.dtype})"
 
 
-_SIGNATURES: dict[tuple[str, str, tuple[int, ...]], Signature] = {}
+_SIGNATURES: dict[tuple[str, np.dtype, tuple[int, ...]], Signature] = {}
 
 
-def signature(op: str, dtype: str, shape: tuple[int, ...]) -> Signature:
-    """The :class:`Signature` for these fields, from a cache: programs repeat
-    the same few shapes, and encoding one costs more than the rest of a small
-    frame's header work."""
+def signature(op: str, dtype: np.dtype, shape: tuple[int, ...]) -> Signature:
+    """The :class:`Signature` of ``op`` on an array of ``dtype`` (a supported
+    numpy dtype) and ``shape``, from a cache: programs repeat the same few
+    shapes, and encoding one costs more than the rest of a small frame's
+    header work."""
     key = (op, dtype, shape)
     sig = _SIGNATURES.get(key)
     if sig is None:
         if len(_SIGNATURES) >= 4096:
             _SIGNATURES.clear()
-        sig = _SIGNATURES[key] = Signature(op, dtype, shape)
+        sig = _SIGNATURES[key] = Signature(op, _NAMES[dtype], shape)
     return sig
 
 

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from .hosts import Host, HostfileError, format_address, is_local, parse_hosts, read_hostfile
 from .job import RankProcess, run_job
-from .placement import POLICIES, cpu_sets
+from .placement import POLICIES, SCHEDULING, batch_scheduled, cpu_sets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bind-to", default="auto", choices=POLICIES,
                         help="bind local ranks to CPUs: 'auto' (default) when more than one rank runs here, "
                         "'core' always, 'none' never")
+    parser.add_argument("--sched", default="auto", choices=SCHEDULING,
+                        help="start local ranks under SCHED_BATCH: 'auto' (default) when they outnumber the CPUs, "
+                        "'batch' always, 'normal' never")
     parser.add_argument("--verbose", action="store_true", help="say what is started")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="script.py [args...] or any command")
     return parser
@@ -141,6 +144,7 @@ def plan_job(args: argparse.Namespace, hostfile: str) -> tuple[list[RankProcess]
     token = secrets.token_hex(16)
     local = [r for r, host in enumerate(slots) if is_local(host)]
     bound = dict(zip(local, cpu_sets(len(local), args.bind_to)))
+    batch = batch_scheduled(len(local), args.sched)
     ranks = []
     for r, host in enumerate(slots):
         job_env = dict(extra, AIOCOMM_RANK=str(r), AIOCOMM_TOKEN=token, PYTHONUNBUFFERED="1")
@@ -148,7 +152,7 @@ def plan_job(args: argparse.Namespace, hostfile: str) -> tuple[list[RankProcess]
         if is_local(host):
             env = dict(os.environ, **job_env, AIOCOMM_HOSTFILE=hostfile, AIOCOMM_LISTEN_FDS=",".join(map(str, fds[r])))
             ranks.append(RankProcess(r, argv, env, args.cwd, fds[r], stdin="inherit" if r == 0 else "null",
-                                     output=output, cpus=bound[r]))
+                                     output=output, cpus=bound[r], batch=batch))
         else:
             job_env["AIOCOMM_HOSTFILE_JSON"] = hostfile_text
             cwd = args.cwd or os.getcwd()

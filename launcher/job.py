@@ -38,6 +38,7 @@ class RankProcess:
     stdin: str = "null"
     output: str | None = None  # a file for this rank's stdout and stderr instead of the terminal
     cpus: tuple[int, ...] | None = None  # CPUs to bind the rank to (None: where the scheduler likes)
+    batch: bool = False  # start it under SCHED_BATCH (launcher.placement)
 
 
 @dataclass
@@ -140,18 +141,25 @@ def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
 
 
 @contextlib.contextmanager
-def _bound(cpus: tuple[int, ...] | None) -> Iterator[None]:
-    """Run the body with this thread bound to ``cpus`` (no-op for None, or
-    where the OS has no CPU affinity)."""
-    if not cpus or not hasattr(os, "sched_setaffinity"):
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
+def _placed(cpus: tuple[int, ...] | None, batch: bool) -> Iterator[None]:
+    """Run the body with this thread bound to ``cpus`` (unless None) and, if
+    ``batch``, under SCHED_BATCH: a child started meanwhile inherits both.
+    A no-op where the OS has neither."""
+    bind = bool(cpus) and hasattr(os, "sched_setaffinity")
+    batch = batch and hasattr(os, "SCHED_BATCH")
+    before_cpus = os.sched_getaffinity(0) if bind else None
+    before_policy = (os.sched_getscheduler(0), os.sched_getparam(0)) if batch else None
+    if bind:
+        os.sched_setaffinity(0, cpus)  # type: ignore[arg-type]
+    if batch:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     try:
         yield
     finally:
-        os.sched_setaffinity(0, before)
+        if before_cpus is not None:
+            os.sched_setaffinity(0, before_cpus)
+        if before_policy is not None:
+            os.sched_setscheduler(0, *before_policy)
 
 
 async def run_job(
@@ -177,7 +185,7 @@ async def run_job(
         "null": asyncio.subprocess.DEVNULL,
     }
     for spec in ranks:
-        with _bound(spec.cpus):  # the child inherits the spawning thread's CPU set
+        with _placed(spec.cpus, spec.batch):  # the child inherits the spawning thread's CPUs and policy
             proc = await asyncio.create_subprocess_exec(
                 *spec.argv,
                 env=spec.env,

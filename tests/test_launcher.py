@@ -161,6 +161,18 @@ def test_cpu_sets_policies():
         cpu_sets(2, "socket", [0, 1])
 
 
+def test_batch_scheduling_policies():
+    from launcher.placement import batch_scheduled
+
+    if not hasattr(os, "SCHED_BATCH"):
+        pytest.skip("needs Linux scheduling policies")
+    assert batch_scheduled(4, "auto", [0, 1])  # ranks outnumber CPUs
+    assert not batch_scheduled(2, "auto", [0, 1])
+    assert batch_scheduled(1, "batch", [0, 1]) and not batch_scheduled(8, "normal", [0])
+    with pytest.raises(ValueError, match="--sched 'fifo'"):
+        batch_scheduled(2, "fifo")
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs Linux and at least 2 usable CPUs")
@@ -174,3 +186,26 @@ def test_ranks_are_bound_to_cpus(bind):
     mine = sorted(os.sched_getaffinity(0))
     for rank, want in enumerate(cpu_sets(2, bind, mine)):
         assert seen[str(rank)] == ",".join(map(str, want or mine)), proc.stdout
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="needs Linux scheduling policies")
+@pytest.mark.parametrize("sched", ["auto", "normal", "batch"])
+def test_oversubscribed_ranks_run_under_sched_batch(sched):
+    from launcher.placement import batch_scheduled
+
+    n = len(os.sched_getaffinity(0)) + 1  # one rank more than CPUs
+    proc = launch(n, "affinity.py", launcher_args=("--sched", sched))
+    assert proc.returncode == 0, proc.stderr
+    seen = re.findall(r"\[rank \d+\] batch (\w+)", proc.stdout)
+    assert seen == [str(batch_scheduled(n, sched))] * n, proc.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="needs Linux scheduling policies")
+def test_spawning_thread_gets_its_policy_back():
+    from launcher.job import _placed
+
+    before = os.sched_getscheduler(0)
+    with _placed(None, True):
+        assert os.sched_getscheduler(0) == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) == before
