@@ -37,6 +37,7 @@ causally depends on the pushed bytes having been read by a peer.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 from typing import Awaitable, Protocol
 
@@ -247,18 +248,24 @@ async def doubling_reduce(link: Link, x: np.ndarray, ufunc: np.ufunc) -> np.ndar
     exchange).  Both partners combine the lower rank's partial first, so
     every rank ends with bit-identical values.
     """
-    n, r = link.size, link.rank
-    steps = n.bit_length() - 1
-    peers = [r ^ (1 << step) for step in range(steps)]
+    r = link.rank
+    peers = _doubling_partners(link.size, r)
     await link.open(*peers)
-    acc = x.reshape(-1)
-    got = np.empty((steps, acc.size), acc.dtype)
+    flat = x.ndim == 1
+    acc = x if flat else x.reshape(-1)
+    got = np.empty((len(peers), acc.size), acc.dtype)
     for step, peer in enumerate(peers):
         link.push(peer, step, acc)
         theirs = await link.post(peer, step, got[step])
         acc = ufunc(acc, theirs) if r < peer else ufunc(theirs, acc)
     await link.flush()
-    return acc.reshape(x.shape)
+    return acc if flat else acc.reshape(x.shape)
+
+
+@functools.lru_cache(maxsize=256)
+def _doubling_partners(n: int, r: int) -> tuple[int, ...]:
+    """Rank ``r``'s partner at each step of recursive doubling over ``n`` (a power of two) ranks."""
+    return tuple(r ^ (1 << step) for step in range(n.bit_length() - 1))
 
 
 def all_reduce(link: Link, x: np.ndarray, op: str) -> Awaitable[np.ndarray]:

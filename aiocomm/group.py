@@ -28,6 +28,7 @@ from .wire import Kind, Signature, signature
 log = logging.getLogger("aiocomm")
 
 WORLD_CONTEXT = 0
+_COLL = Kind.COLL
 T = TypeVar("T")
 
 
@@ -138,11 +139,11 @@ class MeshLink:
                 streams[peer] = await self.mesh.connect(self.members[peer])
 
     def push(self, dst: int, lane: int, data: np.ndarray) -> None:
-        self.mesh.send(self.streams[dst], Kind.COLL, self.context, self.tag_base | lane, self.sig, data)
+        self.mesh.send(self.streams[dst], _COLL, self.context, self.tag_base | lane, self.sig, data)
 
     def post(self, src: int, lane: int, out: np.ndarray) -> Awaitable[np.ndarray]:
         return self.mesh.post(
-            self.members[src], Kind.COLL, self.context, self.tag_base | lane, self.sig, out, self.deadline
+            self.members[src], _COLL, self.context, self.tag_base | lane, self.sig, out, self.deadline
         )
 
     async def flush(self) -> None:
