@@ -15,7 +15,7 @@ import asyncio
 import hashlib
 import logging
 import warnings
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
 import numpy as np
 
@@ -182,7 +182,7 @@ async def _collective(
 _OP_NAMES = {"sum": "all_sum", "max": "all_max", "min": "all_min"}
 
 
-def all_reduce(group: Group, x: np.ndarray, op: str, timeout: float) -> Awaitable[np.ndarray]:
+def all_reduce(group: Group, x: np.ndarray, op: str, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
     """The reduction's coroutine (returned, not awaited here: one frame less per wake-up)."""
     if len(group.members) == 1:
         return _value(x.copy())
