@@ -65,8 +65,7 @@ Key = tuple[int, int, int]  # (kind, context, tag)
 
 HANDSHAKE_TIMEOUT = 10.0
 
-_pack_header = wire.HEADER.pack
-_MAGIC, _VERSION = wire.MAGIC, wire.VERSION
+_encode_head = wire.encode_frame_head
 _DATA_KINDS = wire.DATA_KINDS
 _ABORT = Kind.ABORT
 
@@ -527,9 +526,7 @@ class Mesh:
         if context in self.broken:
             raise self.broken[context]
         nbytes = data.nbytes
-        meta = sig.encoded
-        head = _pack_header(_MAGIC, _VERSION, kind, 0, context, tag, nbytes, len(meta)) + meta
-        stream.send_frame(head, data if nbytes else None)
+        stream.send_frame(_encode_head(kind, context, tag, sig.encoded, nbytes), data if nbytes else None)
         self.bytes_sent += nbytes
 
     async def flush(self, streams: Iterable[PeerStream], deadline: float, sig: Signature) -> None:
