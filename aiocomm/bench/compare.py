@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--op", choices=["all_sum", "all_gather"], default="all_sum")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--small-iters", type=int, default=500, help="timed iterations for sizes under 1 MiB")
-    parser.add_argument("--average", choices=AVERAGES, default="avg",
+    parser.add_argument("--average", choices=list(AVERAGES), default="avg",
                         help="an iteration's time from the ranks' own times (nccl-tests' -a): mean, slowest, ...")
     parser.add_argument("--peers", default="aiocomm,duplex-reference,gloo,openmpi,mlx-ring")
     parser.add_argument("--timeout", type=float, default=900)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             for row in rows:
                 results[(peer, ranks, row["bytes"])] = row
-    how = {"avg": "mean of the ranks", "max": "slowest rank", "min": "fastest rank", "rank0": "rank 0"}[args.average]
+    how = AVERAGES[args.average]
     print(f"# op={args.op} float32, median of {args.iters} iterations ({args.small_iters} under 1 MiB; "
           f"each iteration's time: {how}), same machine, same run")
     print(f"# {'peer':<17} {'ranks':>5} {'bytes':>10} {'median_us':>11} {'busbw_GB/s':>10} {'aiocomm/peer':>12} correct")

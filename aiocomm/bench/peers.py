@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--small-iters", type=int, default=500, help="timed iterations for sizes under 1 MiB")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--average", choices=AVERAGES, default="avg")
+    parser.add_argument("--average", choices=list(AVERAGES), default="avg")
     args = parser.parse_args(argv)
     args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     {"gloo": gloo, "mpi": mpi, "mlx": mlx, "duplex": duplex}[args.peer](args)

@@ -54,7 +54,7 @@ def human(n: float) -> str:
 
 
 #: How one iteration's time is made from every rank's own time for it (nccl-tests' ``-a``).
-AVERAGES = ("avg", "max", "min", "rank0")
+AVERAGES = {"avg": "mean of the ranks", "max": "slowest rank", "min": "fastest rank", "rank0": "rank 0"}
 
 
 def combine(per_rank: np.ndarray, how: str) -> np.ndarray:
@@ -214,9 +214,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="timed iterations for sizes under 1 MiB (latency: one slow wake-up must not be the median)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--face", choices=["async", "blocking"], default="blocking")
-    parser.add_argument("--average", choices=AVERAGES, default="avg",
-                        help="an iteration's time from the ranks' own times: their mean (default, as nccl-tests), "
-                             "the slowest's, the fastest's, or rank 0's")
+    parser.add_argument("--average", choices=list(AVERAGES), default="avg",
+                        help="an iteration's time from the ranks' own times: "
+                             + ", ".join(f"{k} = {v}" for k, v in AVERAGES.items()) + " (default avg, as nccl-tests)")
     parser.add_argument("--json", action="store_true", help="one JSON object per size")
     args = parser.parse_args(argv)
     args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
