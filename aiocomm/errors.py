@@ -27,7 +27,15 @@ __all__ = [
 
 
 class CommError(Exception):
-    """Base class of every communication failure raised by aiocomm."""
+    """Base class of every communication failure raised by aiocomm.
+
+    ``culprit`` is the world rank this rank holds responsible for the failure
+    (the lost peer, the silent one, the one that aborted), or ``None`` when
+    it started here or nobody is known to be at fault.  Launchers use it to
+    blame the right rank (see :mod:`aiocomm.failure_report`).
+    """
+
+    culprit: int | None = None
 
 
 class PeerLostError(CommError):
@@ -39,6 +47,7 @@ class PeerLostError(CommError):
     def __init__(self, message: str, rank: int | None = None) -> None:
         super().__init__(message)
         self.rank = rank
+        self.culprit = rank
 
 
 class CommTimeoutError(CommError, TimeoutError):
@@ -50,6 +59,7 @@ class CommTimeoutError(CommError, TimeoutError):
     def __init__(self, message: str, ranks: tuple[int, ...] = ()) -> None:
         super().__init__(message)
         self.ranks = ranks
+        self.culprit = ranks[0] if len(ranks) == 1 else None
 
 
 class ProtocolError(CommError):

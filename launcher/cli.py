@@ -20,7 +20,7 @@ from typing import Sequence
 
 from .hosts import Host, HostfileError, format_address, is_local, parse_hosts, read_hostfile
 from .job import RankProcess, run_job
-from .placement import POLICIES, SCHEDULING, batch_scheduled, cpu_sets
+from aiocomm.placement import POLICIES, SCHEDULING, batch_scheduled, cpu_sets
 
 
 def build_parser() -> argparse.ArgumentParser:

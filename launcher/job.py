@@ -38,7 +38,7 @@ class RankProcess:
     stdin: str = "null"
     output: str | None = None  # a file for this rank's stdout and stderr instead of the terminal
     cpus: tuple[int, ...] | None = None  # CPUs to bind the rank to (None: where the scheduler likes)
-    batch: bool = False  # start it under SCHED_BATCH (launcher.placement)
+    batch: bool = False  # start it under SCHED_BATCH (aiocomm.placement)
 
 
 @dataclass

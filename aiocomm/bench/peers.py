@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from launcher.placement import cpu_sets
+from aiocomm.placement import cpu_sets
 
 from .run import AVERAGES, bus_factor, combine, iterations, parse_size
 

@@ -1,4 +1,7 @@
-"""Which CPUs each local rank runs on (``--bind-to``), as mpirun binds ranks to cores.
+"""Which CPUs each local rank runs on (`--bind-to`), as mpirun binds ranks to cores.
+
+The launcher applies this rule; the benchmark reads it to place its reference
+processes the same way, so it lives below both.
 
 A rank of aiocomm is two threads that hand work to each other: the caller and
 the event loop that owns the sockets.  On one core that hand-off is a plain
