@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
 import numpy as np
 
-from . import collectives
+from . import collectives, failure_report
 from .config import WorldSpec
 from .errors import CommError
 from .transport import Mesh, PeerStream
@@ -174,8 +174,10 @@ async def _collective(
         # (a peer that left after it gave up).
         cause = mesh.broken.get(group.context)
         if cause is not None and cause is not exc:
+            failure_report.record(mesh.rank, cause)
             raise cause from exc
         mesh.abort(group.context, exc)
+        failure_report.record(mesh.rank, exc)
         raise
 
 

@@ -711,6 +711,7 @@ class Mesh:
         lost_rank = getattr(exc, "rank", None)
         if lost_rank is not None:
             fields["lost"] = lost_rank
+        fields["culprit"] = exc.culprit if exc.culprit is not None else self.rank
         self._tell_members(context, fields, skip=())
 
     def _tell_members(self, context: int, fields: dict[str, Any], skip: Iterable[int]) -> None:
@@ -741,6 +742,7 @@ class Mesh:
         reason = f"{fields['reason']} (reported by rank {fields['origin']})"
         kind = fields["type"]
         exc: CommError
+        culprit = fields.get("culprit", fields["origin"])
         if kind == "PeerLostError":
             exc = PeerLostError(reason, fields.get("lost"))
         elif kind == "CommTimeoutError":
@@ -751,6 +753,7 @@ class Mesh:
             exc = ProtocolError(reason)
         else:
             exc = CommError(reason)
+        exc.culprit = culprit if isinstance(culprit, int) else None
         self._break(context, exc)
         # Pass it on: a member whose data waits on this rank then learns the
         # cause on the same connection, before this rank's close.
