@@ -15,17 +15,18 @@ from typing import Any, Callable, Coroutine, TypeVar
 
 import numpy as np
 
-from . import aio, portal
+from . import aio, args, portal, wire
 from . import group as engine_ops
 from .errors import (
     AuthenticationError,
     CommError,
     CommTimeoutError,
     MismatchError,
+    OutOfMemoryError,
     PeerLostError,
     ProtocolError,
 )
-from .group import Group
+from .group import Group, claim
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,7 @@ __all__ = [
     "CommTimeoutError",
     "ProtocolError",
     "MismatchError",
+    "OutOfMemoryError",
     "AuthenticationError",
 ]
 
@@ -70,63 +72,82 @@ def init(strict: bool = False, backend: str = "any") -> Group:
     return _blocking_call("init", aio.init, strict, backend)
 
 
-def _blocking_collective(
-    what: str, x: Any, group: Group | None, timeout: float | None, start: Callable[..., Coroutine[Any, Any, T]]
-) -> T:
-    """A collective on a formed group goes straight to the engine, its
-    arguments checked here in the calling thread (the async face's coroutine
-    would add a frame to every step); otherwise through the async face, which
-    forms the world first."""
+def _group(group: Group | None, stream: Any) -> Group:
+    """``group`` (checked) or the world, formed now if need be, claimed for
+    the calling thread (see :func:`aiocomm.group.claim`)."""
     g = aio._formed(group)
-    if g is None or g.engine.loop is None:
-        return _blocking_call(what, getattr(aio, what), x, group=group, timeout=timeout)  # type: ignore[no-any-return]
-    return portal.run(g.engine.loop, start(g, aio.as_array(x), aio.check_timeout(timeout)), what)
+    if g is None:
+        g = init()
+    claim(g, stream)
+    return g
+
+
+def _run(g: Group, coro: Coroutine[Any, Any, T], what: str) -> T:
+    """Run an engine coroutine on the loop that owns the group's connections
+    (a world of size 1 has none: its coroutines finish without waiting)."""
+    loop = g.engine.loop
+    if loop is None:
+        return portal.run_now(coro)
+    return portal.run(loop, coro, what)
+
+
+# Each function checks its arguments here, in the calling thread, and hands
+# the engine's coroutine straight to the loop (the async face's coroutine
+# would add a frame to every step).
 
 
 def all_sum(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
-    return _blocking_collective("all_sum", x, group, timeout, _sum)
+    arr, t = args.as_array(x), args.check_timeout(timeout)
+    g = _group(group, "collectives")
+    return _run(g, engine_ops.all_reduce(g, arr, "sum", t), "all_sum")
 
 
 def all_max(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
-    return _blocking_collective("all_max", x, group, timeout, _max)
+    arr, t = args.as_array(x), args.check_timeout(timeout)
+    g = _group(group, "collectives")
+    return _run(g, engine_ops.all_reduce(g, arr, "max", t), "all_max")
 
 
 def all_min(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
-    return _blocking_collective("all_min", x, group, timeout, _min)
+    arr, t = args.as_array(x), args.check_timeout(timeout)
+    g = _group(group, "collectives")
+    return _run(g, engine_ops.all_reduce(g, arr, "min", t), "all_min")
 
 
 def all_gather(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
-    return _blocking_collective("all_gather", x, group, timeout, engine_ops.all_gather)
+    arr, t = args.as_array(x), args.check_timeout(timeout)
+    g = _group(group, "collectives")
+    return _run(g, engine_ops.all_gather(g, arr, t), "all_gather")
 
 
 def sum_scatter(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
-    return _blocking_collective("sum_scatter", x, group, timeout, engine_ops.sum_scatter)
-
-
-def _sum(g: Group, x: np.ndarray, t: float) -> Any:
-    return engine_ops.all_reduce(g, x, "sum", t)
-
-
-def _max(g: Group, x: np.ndarray, t: float) -> Any:
-    return engine_ops.all_reduce(g, x, "max", t)
-
-
-def _min(g: Group, x: np.ndarray, t: float) -> Any:
-    return engine_ops.all_reduce(g, x, "min", t)
+    arr, t = args.as_array(x), args.check_timeout(timeout)
+    g = _group(group, "collectives")
+    return _run(g, engine_ops.sum_scatter(g, arr, t), "sum_scatter")
 
 
 def send(x: Any, dst: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
-    return _blocking_call("send", aio.send, x, dst, group=group, timeout=timeout)
+    arr, t = args.as_array(x), args.check_timeout(timeout)
+    g = aio._formed(group) or init()
+    dst = args.check_peer(g, dst, "dst")
+    claim(g, ("send", dst))
+    _run(g, engine_ops.send(g, arr, dst, t), "send")
+    return arr
 
 
 def recv(
     shape: Any, dtype: Any, src: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None
 ) -> np.ndarray:
-    return _blocking_call("recv", aio.recv, shape, dtype, src, group=group, timeout=timeout)
+    dims, dt, t = args.check_shape(shape), wire.wire_dtype(dtype), args.check_timeout(timeout)
+    g = aio._formed(group) or init()
+    src = args.check_peer(g, src, "src")
+    claim(g, ("recv", src))
+    return _run(g, engine_ops.recv(g, dims, dt, src, t), "recv")
 
 
 def recv_like(x: Any, src: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
-    return _blocking_call("recv_like", aio.recv_like, x, src, group=group, timeout=timeout)
+    arr = np.asarray(x)
+    return recv(arr.shape, arr.dtype, src, group=group, timeout=timeout)
 
 
 # The blocking functions take the same arguments and give the same results

@@ -16,15 +16,14 @@ waited on.
 from __future__ import annotations
 
 import asyncio
-import operator
 import warnings
 from typing import Any, Awaitable, Coroutine, TypeVar
 
 import numpy as np
 
-from . import config, rendezvous, wire
+from . import args, config, portal, rendezvous, wire
 from . import group as engine_ops
-from .group import Engine, Group
+from .group import Engine, Group, claim
 
 __all__ = [
     "init",
@@ -56,49 +55,12 @@ _starting: asyncio.Future[Engine] | None = None
 
 
 # ------------------------------------------------------------------ argument checks
+# (shared with the blocking face and Group.split: aiocomm.args)
 
-
-def as_array(x: Any) -> np.ndarray:
-    """``x`` as a C-contiguous, native-order array of a supported dtype."""
-    if type(x) is np.ndarray and x.dtype in wire.NATIVE_DTYPES and x.flags.c_contiguous:
-        return x  # the common case, without numpy's argument parsing
-    arr = np.asarray(x)
-    dtype = wire.wire_dtype(arr.dtype)
-    return np.asarray(arr, dtype=dtype, order="C")
-
-
-def check_timeout(timeout: float | None) -> float:
-    if timeout is None:
-        return config.op_timeout()
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    return float(timeout)
-
-
-def check_peer(group: Group, peer: Any, name: str) -> int:
-    try:
-        peer = operator.index(peer)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer rank, got {peer!r}") from None
-    if group.size() == 1:
-        raise ValueError(f"{name}={peer}: send/recv need a group of at least 2 ranks (this group has size 1)")
-    if not 0 <= peer < group.size():
-        raise ValueError(f"{name}={peer} is out of range for a group of size {group.size()}")
-    if peer == group.rank():
-        raise ValueError(f"{name}={peer} is this process's own rank; send/recv need another rank")
-    return peer
-
-
-def check_shape(shape: Any) -> tuple[int, ...]:
-    if isinstance(shape, (int, np.integer)):
-        shape = (shape,)
-    try:
-        dims = tuple(operator.index(d) for d in shape)
-    except TypeError:
-        raise TypeError(f"shape must be a sequence of integers, got {shape!r}") from None
-    if any(d < 0 for d in dims):
-        raise ValueError(f"shape {dims} has a negative dimension")
-    return dims
+as_array = args.as_array
+check_timeout = args.check_timeout
+check_peer = args.check_peer
+check_shape = args.check_shape
 
 
 def check_backend(backend: str) -> str:
@@ -183,6 +145,14 @@ async def init(strict: bool = False, backend: str = "any") -> Group:
             warnings.warn(f"{_UNAVAILABLE_WHY[backend]}; returning a group of size 1", RuntimeWarning, stacklevel=2)
             return Engine(None, None, None).world
     if _engine is not None:
+        if _engine.forked_from is not None:
+            raise _engine.forked_error()
+        if strict and _engine.spec is None:
+            raise RuntimeError(
+                "init(strict=True): an earlier non-strict init() found no launcher environment and gave "
+                f"this process a group of size 1 (none of {config.looked_for()}, {rendezvous.looked_for()} "
+                "are set; start it with aiocomm-launch)"
+            )
         return _engine.world
     if _starting is not None:
         if _starting.get_loop() is not asyncio.get_running_loop():
@@ -213,6 +183,8 @@ async def init(strict: bool = False, backend: str = "any") -> Group:
         raise
     _engine = engine
     _starting = None
+    if engine.loop is not None and portal.owns(engine.loop):
+        portal.close_at_exit(engine.close)  # peers then see an orderly close, not a reset
     starting.set_result(engine)
     return engine.world
 
@@ -231,6 +203,7 @@ async def shutdown() -> None:
 
 async def all_sum(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
+    claim(g, "collectives")
     return await _on_engine(g, engine_ops.all_reduce(g, arr, "sum", t))
 
 
@@ -259,11 +232,13 @@ all_sum.__doc__ = _REDUCE_DOC.format(
 
 async def all_max(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
+    claim(g, "collectives")
     return await _on_engine(g, engine_ops.all_reduce(g, arr, "max", t))
 
 
 async def all_min(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
+    claim(g, "collectives")
     return await _on_engine(g, engine_ops.all_reduce(g, arr, "min", t))
 
 
@@ -279,6 +254,7 @@ async def all_gather(x: Any, *, group: Group | None = None, stream: Any = None, 
     arguments and errors as :func:`all_sum`.
     """
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
+    claim(g, "collectives")
     return await _on_engine(g, engine_ops.all_gather(g, arr, t))
 
 
@@ -293,6 +269,7 @@ async def sum_scatter(x: Any, *, group: Group | None = None, stream: Any = None,
         Others as :func:`all_sum`.
     """
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
+    claim(g, "collectives")
     return await _on_engine(g, engine_ops.sum_scatter(g, arr, t))
 
 
@@ -309,6 +286,7 @@ async def send(x: Any, dst: int, *, group: Group | None = None, stream: Any = No
     """
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
     dst = check_peer(g, dst, "dst")
+    claim(g, ("send", dst))
     await _on_engine(g, engine_ops.send(g, arr, dst, t))
     return arr
 
@@ -324,6 +302,7 @@ async def recv(shape: Any, dtype: Any, src: int, *, group: Group | None = None, 
     """
     dims, dt, t, g = check_shape(shape), wire.wire_dtype(dtype), check_timeout(timeout), (_formed(group) or await init())
     src = check_peer(g, src, "src")
+    claim(g, ("recv", src))
     return await _on_engine(g, engine_ops.recv(g, dims, dt, src, t))
 
 
@@ -335,11 +314,9 @@ async def recv_like(x: Any, src: int, *, group: Group | None = None, stream: Any
 
 async def split(color: int, key: int = -1, *, group: Group | None = None, timeout: float | None = None) -> Group:
     """Async form of :meth:`Group.split` (collective over ``group``, default the world)."""
-    try:
-        color, key = operator.index(color), operator.index(key)
-    except TypeError:
-        raise TypeError(f"split color and key must be integers, got {color!r}, {key!r}") from None
+    color, key = args.check_color_key(color, key)
     t, g = check_timeout(timeout), (_formed(group) or await init())
+    claim(g, "collectives")
     return await _on_engine(g, engine_ops.split(g, color, key, t))
 
 

@@ -127,6 +127,30 @@ def float_env(name: str, default: float, environ: Mapping[str, str] | None = Non
     return value
 
 
+#: Default of ``AIOCOMM_BUFFER_BYTES``: what a rank may buffer for receives not yet posted.
+DEFAULT_BUFFER_BYTES = 256 << 20
+_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def buffer_budget(environ: Mapping[str, str] | None = None) -> int:
+    """Bytes this rank buffers for messages no receive has asked for yet
+    (``AIOCOMM_BUFFER_BYTES``: bytes, or with a K, M or G suffix; default
+    256 MiB).  Past it, senders announce messages and wait for the receive
+    (see :mod:`aiocomm.transport.flow`)."""
+    env = os.environ if environ is None else environ
+    text = env.get("AIOCOMM_BUFFER_BYTES", "").strip()
+    if not text:
+        return DEFAULT_BUFFER_BYTES
+    number, suffix = (text[:-1], text[-1].upper()) if text[-1].upper() in "KMG" else (text, "")
+    try:
+        value = int(number) * _SUFFIXES[suffix]
+    except ValueError:
+        raise ValueError(f"AIOCOMM_BUFFER_BYTES={text!r} is not a byte count (e.g. 268435456 or 256M)") from None
+    if value < 0:
+        raise ValueError(f"AIOCOMM_BUFFER_BYTES={text!r} must not be negative")
+    return value
+
+
 _op_timeout: float | None = None
 
 

@@ -11,6 +11,7 @@ Low-level causes (an ``OSError`` from the socket) are chained as ``__cause__``.
     ├── CommTimeoutError    (also a TimeoutError) nothing arrived in time
     ├── ProtocolError       bytes on the wire that are not aiocomm's protocol
     ├── MismatchError       (also a ValueError) ranks disagree on op/shape/dtype
+    ├── OutOfMemoryError    (also a MemoryError) no memory for a message; names its size
     └── AuthenticationError a peer failed the handshake's proof of the job token
 """
 
@@ -22,7 +23,9 @@ __all__ = [
     "CommTimeoutError",
     "ProtocolError",
     "MismatchError",
+    "OutOfMemoryError",
     "AuthenticationError",
+    "broken_earlier",
 ]
 
 
@@ -71,5 +74,20 @@ class MismatchError(CommError, ValueError):
     shapes or dtypes, so their data cannot be combined."""
 
 
+class OutOfMemoryError(CommError, MemoryError):
+    """This rank (or, reported by ABORT, another) could not allocate memory
+    for a message; the message names the size."""
+
+
 class AuthenticationError(ProtocolError):
     """A peer could not prove that it knows this job's token."""
+
+
+def broken_earlier(cause: CommError, what: str) -> CommError:
+    """The error for a call on a group that ``cause`` broke earlier: the same
+    class (so handlers keep working), saying so; raise it ``from cause``."""
+    import copy
+
+    again = copy.copy(cause)
+    again.args = (f"{what}: this group was broken earlier and cannot be used again: {cause}",)
+    return again

@@ -20,7 +20,7 @@ import atexit
 import collections
 import os
 import threading
-from typing import Any, Coroutine, TypeVar
+from typing import Any, Callable, Coroutine, TypeVar
 
 T = TypeVar("T")
 
@@ -157,6 +157,21 @@ def portal() -> LoopThread:
         return _portal
 
 
+def run_now(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that finishes without waiting (a world of size 1)."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    coro.close()
+    raise RuntimeError("aiocomm: an operation of a world of size 1 tried to wait")
+
+
+def owns(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``loop`` is the private loop thread's."""
+    return _portal is not None and loop is _portal.loop
+
+
 def run(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], what: str) -> T:
     """Run ``coro`` on ``loop`` from a thread that is not running it; block for the result."""
     thread = _portal
@@ -178,17 +193,37 @@ def run(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], what: str
     return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
 
+#: Coroutine functions to run on the private loop before the process exits
+#: (the engine registers its clean close here, so peers see an orderly close).
+_at_exit: list[Callable[[], Coroutine[Any, Any, Any]]] = []
+
+
+def close_at_exit(close: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+    """Run ``close()`` on the private loop when the process exits."""
+    _at_exit.append(close)
+
+
 @atexit.register
 def _close_at_exit() -> None:
-    """Close connections cleanly (peers then see an orderly close, not a reset)."""
-    from . import aio
-
-    if _portal is None:
+    thread = _portal
+    if thread is None:
         return
-    engine = aio._engine
-    if engine is not None and engine.loop is _portal.loop:
+    for close in _at_exit:
         try:
-            asyncio.run_coroutine_threadsafe(engine.close(), _portal.loop).result(timeout=5)
+            asyncio.run_coroutine_threadsafe(close(), thread.loop).result(timeout=5)
         except Exception:
             pass
-    _portal.stop()
+    thread.stop()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has no loop thread: it starts its own if it needs one,
+    and never runs the parent's exit handlers."""
+    global _portal, _portal_lock
+    _portal = None
+    _portal_lock = threading.Lock()
+    _at_exit.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -17,7 +17,25 @@ want = np.full(4, sum(range(n)), np.float32)
 check(aiocomm.all_sum(np.full(4, r, np.float32)), want, "plain script")
 
 results = []
-t = threading.Thread(target=lambda: results.append(aiocomm.all_sum(np.full(4, r, np.float32))))
+# The world's collectives belong to the main thread, which called them first:
+# another thread is refused while it lives (threads sharing a group would
+# pair up arbitrarily across ranks), and gets its own group from split.
+errors = []
+
+
+def _call_or_error(g):
+    try:
+        return aiocomm.all_sum(np.full(4, r, np.float32), group=g)
+    except RuntimeError as exc:
+        return exc
+
+
+t = threading.Thread(target=lambda: errors.append(_call_or_error(world)))
+t.start()
+t.join(60)
+assert isinstance(errors[0], RuntimeError) and "split" in str(errors[0]), errors
+mine = world.split(0)
+t = threading.Thread(target=lambda: results.append(aiocomm.all_sum(np.full(4, r, np.float32), group=mine)))
 t.start()
 t.join(60)
 check(results[0], want, "from a thread")
@@ -27,9 +45,10 @@ check(results[0], want, "from a thread")
 import gc
 import os
 
+groups = [world.split(0) for _ in range(30)]
 fds_before = len(os.listdir("/proc/self/fd"))
 for i in range(30):
-    t = threading.Thread(target=lambda: results.append(aiocomm.all_sum(np.full(4, r, np.float32))))
+    t = threading.Thread(target=lambda i=i: results.append(aiocomm.all_sum(np.full(4, r, np.float32), group=groups[i])))
     t.start()
     t.join(60)
     check(results[-1], want, f"from short-lived thread {i}")

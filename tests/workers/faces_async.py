@@ -30,8 +30,11 @@ async def main() -> None:
         assert "deadlock" in str(exc) and "aiocomm.aio.all_sum" in str(exc), exc
     else:
         raise AssertionError("blocking call on the owning loop did not raise")
-    # From another thread, the blocking face is forwarded to this loop.
-    got = await asyncio.get_running_loop().run_in_executor(None, aiocomm.all_max, np.array([r, 5]))
+    # From another thread, the blocking face is forwarded to this loop; that
+    # thread gets a group of its own (the world's collectives belong to this one).
+    theirs = await aio.split(0)
+    got = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: aiocomm.all_max(np.array([r, 5]), group=theirs))
     check(got, np.array([n - 1, 5]), "blocking face from a worker thread")
     print("OK async", flush=True)
 

@@ -45,7 +45,8 @@ for dtype in DTYPES:
         elif r == 0:
             check(aiocomm.recv_like(data(2, shape, dtype), 2), data(2, shape, dtype), f"{dtype}{shape} 2->0")
 
-# A mismatched pair is an error naming both shapes, and nothing is lost after it.
+# A mismatched pair is an error naming both shapes, and the message stays for
+# a receive that fits (a failed recv loses nothing).
 if r == 0:
     aiocomm.send(np.zeros(3, np.float32), 1)
     aiocomm.send(np.zeros(2, np.int16), 1)
@@ -57,12 +58,14 @@ elif r == 1:
         assert "(4,)" in str(exc) and "(3,)" in str(exc) and "rank 0" in str(exc), exc
     else:
         raise AssertionError("shape mismatch not detected")
+    check(aiocomm.recv((3,), np.float32, 0), np.zeros(3, np.float32), "kept after a shape mismatch")
     try:
         aiocomm.recv((2,), np.float32, 0)
     except aiocomm.MismatchError as exc:
         assert "int16" in str(exc) and "float32" in str(exc), exc
     else:
         raise AssertionError("dtype mismatch not detected")
+    check(aiocomm.recv((2,), np.int16, 0), np.zeros(2, np.int16), "kept after a dtype mismatch")
     check(aiocomm.recv((4,), np.float32, 0), np.ones(4, np.float32), "after mismatches")
 
 # Usage errors raise before any traffic.

@@ -1,4 +1,4 @@
-"""The wire format: frames, array metadata and the handshake, with no sockets.
+"""The wire format: frames and array metadata, with no sockets.
 
 Theory of operation
 -------------------
@@ -26,21 +26,21 @@ Every message on an aiocomm connection is one *frame*::
 event loop.  A reader that saw bad bytes goes to its error state and stays
 there; every later call raises the same :class:`ProtocolError`.
 
-The handshake (1.5 round trips, each step a frame with a msgpack map)::
+Large messages and flow control (see :mod:`aiocomm.transport.flow`): a data
+frame that would not fit the receiver's buffer budget is announced instead of
+sent.  The announcement is an ``RTS`` frame (``flags`` holds the data kind;
+meta is the signature followed by 16 bytes: message id and byte count); the
+receiver answers ``CTS`` (``tag`` = the id) once a matching receive is posted,
+and the payload follows as ``RDATA`` (``tag`` = the id).  ``CREDIT`` (``tag`` =
+a byte count) returns buffer budget to a sender.  ``CTS`` and ``CREDIT`` travel
+back on the sender's own connection.
 
-    listener  -> connector  CHALLENGE {nonce}
-    connector -> listener   HELLO     {rank, size, to, nonce, mac}
-    listener  -> connector  WELCOME   {rank, mac}   or REJECT {reason}
-
-``mac`` is an HMAC-SHA256 keyed by the job token over the other side's nonce
-and both ranks, so each side proves it knows the token without sending it.
+The handshake is in :mod:`aiocomm.wire.handshake`.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
-import hmac
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Sequence
@@ -48,7 +48,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import msgpack
 import numpy as np
 
-from .errors import AuthenticationError, MismatchError, ProtocolError
+from ..errors import MismatchError, ProtocolError
 
 MAGIC = b"AIOC"
 VERSION = 1
@@ -62,7 +62,6 @@ MAX_META = 64 * 1024
 MAX_PAYLOAD = 1 << 38  # 256 GiB
 #: Bytes the reader stages at a time for headers, meta and small payloads.
 STAGE_SIZE = 256 * 1024
-NONCE_SIZE = 16
 
 
 class Kind(enum.IntEnum):
@@ -72,6 +71,10 @@ class Kind(enum.IntEnum):
     REJECT = 4
     COLL = 10  # a segment of a collective
     P2P = 11  # a point-to-point message
+    RTS = 12  # a data frame announced, its payload held back until CTS (large or over budget)
+    CTS = 13  # clear to send: a receive is posted for the announced frame (tag = its id)
+    RDATA = 14  # the payload of an announced frame (tag = its id)
+    CREDIT = 15  # buffer budget handed back to a sender (tag = bytes)
     ABORT = 20  # a rank gave up on a context; carries the reason
     JOIN = 30  # rendezvous: a rank publishes its address
     ROSTER = 31  # rendezvous: every rank's address
@@ -79,6 +82,8 @@ class Kind(enum.IntEnum):
 
 HANDSHAKE_KINDS = frozenset({Kind.CHALLENGE, Kind.HELLO, Kind.WELCOME, Kind.REJECT})
 DATA_KINDS = frozenset({Kind.COLL, Kind.P2P})
+PAYLOAD_KINDS = frozenset({Kind.COLL, Kind.P2P, Kind.RDATA})  # the kinds that may carry a payload
+RTS_TRAILER = struct.Struct("<QQ")  # after an RTS frame's signature: message id, byte count
 _KINDS = {int(k): k for k in Kind}  # Kind(n) goes through the enum machinery: slow per frame
 
 #: The documented dtypes, by the name used on the wire.
@@ -177,7 +182,7 @@ def control_frame(kind: Kind, fields: dict[str, Any], context: int = 0, tag: int
     return encode_frame_head(kind, context, tag, msgpack.packb(fields, use_bin_type=True), 0)
 
 
-def decode_header(raw: bytes | memoryview) -> Header:
+def decode_header(raw: bytes | memoryview, max_meta: int = MAX_META) -> Header:
     """Parse and validate a header; ``ProtocolError`` says what is wrong."""
     magic, version, kind, flags, context, tag, payload_len, meta_len = HEADER.unpack(raw)
     if magic != MAGIC:
@@ -188,11 +193,11 @@ def decode_header(raw: bytes | memoryview) -> Header:
     if known is None:
         raise ProtocolError(f"unknown frame kind {kind}")
     kind = known
-    if meta_len > MAX_META:
-        raise ProtocolError(f"meta section of {meta_len} bytes exceeds the limit of {MAX_META}")
+    if meta_len > max_meta:
+        raise ProtocolError(f"meta section of {meta_len} bytes exceeds the limit of {max_meta}")
     if payload_len > MAX_PAYLOAD:
         raise ProtocolError(f"payload of {payload_len} bytes exceeds the limit of {MAX_PAYLOAD}")
-    if kind not in DATA_KINDS and payload_len:
+    if kind not in PAYLOAD_KINDS and payload_len:
         raise ProtocolError(f"{kind.name} frame must not carry a payload ({payload_len} bytes)")
     return Header(kind, flags, context, tag, payload_len, meta_len)
 
@@ -258,60 +263,6 @@ def require_map(meta: Any, kind: Kind, keys: Sequence[str]) -> dict[str, Any]:
     return meta
 
 
-# ---------------------------------------------------------------- handshake
-
-
-def _mac(token: bytes, label: bytes, nonce: bytes, *ints: int) -> bytes:
-    msg = label + nonce + b"".join(i.to_bytes(8, "little", signed=True) for i in ints)
-    return hmac.new(token, msg, hashlib.sha256).digest()
-
-
-def hello_fields(token: bytes, challenge_nonce: bytes, rank: int, size: int, to: int, nonce: bytes) -> dict[str, Any]:
-    """The connector's HELLO map answering a listener's challenge."""
-    return {
-        "rank": rank,
-        "size": size,
-        "to": to,
-        "nonce": nonce,
-        "mac": _mac(token, b"hello", challenge_nonce, rank, size, to),
-    }
-
-
-def check_hello(
-    meta: Any, token: bytes, challenge_nonce: bytes, *, my_rank: int, size: int
-) -> tuple[int, bytes]:
-    """Validate a HELLO on the listening side; returns (peer rank, peer nonce)."""
-    m = require_map(meta, Kind.HELLO, ("rank", "size", "to", "nonce", "mac"))
-    rank, peer_size, to, nonce, mac = m["rank"], m["size"], m["to"], m["nonce"], m["mac"]
-    if not all(isinstance(v, int) for v in (rank, peer_size, to)) or not isinstance(nonce, bytes) or not isinstance(mac, bytes):
-        raise ProtocolError(f"malformed HELLO map {m!r}")
-    if peer_size != size:
-        raise ProtocolError(f"peer claiming rank {rank} has group size {peer_size}, rank {my_rank} has {size}")
-    if to != my_rank:
-        raise ProtocolError(f"peer claiming rank {rank} wanted rank {to} but reached rank {my_rank}")
-    if not 0 <= rank < size or rank == my_rank:
-        raise ProtocolError(f"peer claims invalid rank {rank} (group size {size}, this is rank {my_rank})")
-    if not hmac.compare_digest(mac, _mac(token, b"hello", challenge_nonce, rank, size, to)):
-        raise AuthenticationError(
-            f"peer claiming rank {rank} failed authentication (AIOCOMM_TOKEN differs: another job?)"
-        )
-    return rank, nonce
-
-
-def welcome_fields(token: bytes, peer_nonce: bytes, rank: int, peer: int) -> dict[str, Any]:
-    return {"rank": rank, "mac": _mac(token, b"welcome", peer_nonce, rank, peer)}
-
-
-def check_welcome(meta: Any, token: bytes, my_nonce: bytes, *, my_rank: int, expected: int) -> None:
-    m = require_map(meta, Kind.WELCOME, ("rank", "mac"))
-    if m["rank"] != expected:
-        raise ProtocolError(f"rank {my_rank} connected to rank {m['rank']!r} but expected rank {expected}")
-    if not isinstance(m["mac"], bytes) or not hmac.compare_digest(
-        m["mac"], _mac(token, b"welcome", my_nonce, expected, my_rank)
-    ):
-        raise AuthenticationError(f"rank {expected} failed authentication (AIOCOMM_TOKEN differs: another job?)")
-
-
 # ---------------------------------------------------------------- reader
 
 
@@ -336,6 +287,7 @@ Route = Callable[[Header, bytes], Sink]
 _PARSE = struct.Struct("<6sHQQQI")
 _parse_header = _PARSE.unpack_from
 _PREFIXES = {MAGIC + bytes((VERSION, int(k))): k for k in Kind}
+_PAYLOAD_KINDS = PAYLOAD_KINDS
 
 
 class FrameReader:
@@ -351,10 +303,11 @@ class FrameReader:
     straight into the sink's memory.
     """
 
-    __slots__ = ("_route", "_stage", "_sv", "_lo", "_hi", "_header", "_sink", "_filled", "error")
+    __slots__ = ("_route", "_stage", "_sv", "_lo", "_hi", "_header", "_sink", "_filled", "error", "max_meta")
 
-    def __init__(self, route: Route, *, stage_size: int = STAGE_SIZE) -> None:
-        assert stage_size >= HEADER_SIZE + MAX_META
+    def __init__(self, route: Route, *, stage_size: int = STAGE_SIZE, max_meta: int = MAX_META) -> None:
+        assert stage_size >= HEADER_SIZE + max_meta
+        self.max_meta = max_meta
         self._route = route
         self._stage = bytearray(stage_size)
         self._sv = memoryview(self._stage)
@@ -415,6 +368,18 @@ class FrameReader:
         """Route later frames with ``route`` (after a handshake, say)."""
         self._route = route
 
+    def grow(self, stage_size: int = STAGE_SIZE, max_meta: int = MAX_META) -> None:
+        """Stage more bytes at a time and accept larger meta sections (a
+        connection starts small, so an unauthenticated one costs little)."""
+        assert stage_size >= HEADER_SIZE + max_meta
+        if stage_size > len(self._stage):
+            staged = self._stage[self._lo : self._hi]
+            self._stage = bytearray(stage_size)
+            self._stage[: len(staged)] = staged
+            self._sv = memoryview(self._stage)
+            self._lo, self._hi = 0, len(staged)
+        self.max_meta = max_meta
+
     def _parse(self) -> None:
         stage, sv = self._stage, self._sv
         lo, hi = self._lo, self._hi
@@ -427,10 +392,10 @@ class FrameReader:
                     prefix, flags, context, tag, payload_len, meta_len = _parse_header(stage, lo)
                     kind = _PREFIXES.get(prefix)
                     if (
-                        kind is None or meta_len > MAX_META or payload_len > MAX_PAYLOAD
-                        or (payload_len and kind not in DATA_KINDS)
+                        kind is None or meta_len > self.max_meta or payload_len > MAX_PAYLOAD
+                        or (payload_len and kind not in _PAYLOAD_KINDS)
                     ):
-                        decode_header(sv[lo : lo + HEADER_SIZE])  # raises, naming what is wrong
+                        decode_header(sv[lo : lo + HEADER_SIZE], self.max_meta)  # raises, naming what is wrong
                     start = lo + HEADER_SIZE
                     end = start + meta_len
                     if hi < end:

@@ -1,0 +1,317 @@
+"""Connections: listening, dialling, the registry of streams, and lost peers.
+
+Per peer a rank keeps one *outgoing* connection that it dialled (everything
+it sends that peer goes on it, so messages between a pair stay in order) and
+accepts the peer's own outgoing connection (everything it receives from that
+peer arrives there).  Connections are opened on demand, so any rank can reach
+any rank; at start each rank dials its right ring neighbour and waits for
+its left one, so a broken ring is reported at once.
+
+Two phases:
+
+* *Bring-up* (``init``): peers may not be listening yet, so a refused dial is
+  retried with backoff until ``AIOCOMM_CONNECT_TIMEOUT``.
+* *Formed* (after the bring-up barrier, every rank is known to listen): a
+  refused or reset dial, or a connection closed during its handshake, means
+  the peer is gone: :class:`PeerLostError` at once.  A dial that hangs (a
+  frozen peer) is bounded by the deadline of the operations waiting for it.
+
+Unauthenticated connections cost little: they stage a few hundred bytes, at
+most :data:`MAX_PENDING_HANDSHAKES` may be pending (the oldest is dropped
+for a newer one), and each must finish within :data:`HANDSHAKE_TIMEOUT`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING, Iterator
+
+from ..errors import AuthenticationError, CommError, CommTimeoutError, PeerLostError, ProtocolError
+from ..wire import AcceptorHandshake, DialerHandshake
+from .stream import PeerStream
+from .waits import Op, Wait
+
+if TYPE_CHECKING:
+    from .mesh import Mesh
+
+log = logging.getLogger("aiocomm")
+
+#: Seconds an accepted connection has to complete its handshake.
+HANDSHAKE_TIMEOUT = 10.0
+#: Accepted connections whose handshake is not done yet, at most.
+MAX_PENDING_HANDSHAKES = 64
+
+
+def backoff(first: float = 0.01, cap: float = 0.5) -> Iterator[float]:
+    """Delays between dial attempts: doubling from ``first`` up to ``cap``."""
+    delay = first
+    while True:
+        yield delay
+        delay = min(delay * 2, cap)
+
+
+class Connections:
+    """All of one rank's connections, and which peers are gone."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+        self.loop = mesh.loop
+        self.rank = mesh.rank
+        self.outgoing: dict[int, PeerStream] = {}
+        self.inbound: dict[int, PeerStream] = {}
+        self.lost: dict[int, PeerLostError] = {}
+        self.formed = False  # every rank is known to be listening
+        self.connect_timeout = 60.0
+        self._pending: dict[PeerStream, asyncio.TimerHandle] = {}  # accepted, handshake not done (oldest first)
+        self._dialing: dict[int, asyncio.Task[PeerStream]] = {}
+        self._inbound_waiters: dict[int, asyncio.Future[None]] = {}
+        self._servers: list[asyncio.AbstractServer] = []
+        self.closed = False
+
+    # ---- listening and accepting
+
+    async def listen(self) -> None:
+        spec = self.mesh.spec
+        inherited = list(spec.listen_fds)
+        for host, port in spec.addresses[self.rank]:
+            try:
+                if inherited:
+                    # A listening socket the launcher bound for us: no port race.
+                    sock = socket.socket(fileno=inherited.pop(0))
+                    server = await self.loop.create_server(self._acceptor, sock=sock, backlog=1024)
+                else:
+                    server = await self.loop.create_server(self._acceptor, host, port, reuse_address=True, backlog=1024)
+            except OSError as exc:
+                raise CommError(f"rank {self.rank} cannot listen on {host}:{port}: {exc}") from exc
+            self._servers.append(server)
+
+    def _acceptor(self) -> PeerStream:
+        mesh = self.mesh
+        return PeerStream(mesh, AcceptorHandshake(mesh.token, mesh.rank, mesh.size, mesh.window))
+
+    def accepted(self, stream: PeerStream) -> None:
+        """A connection came in: it has ``HANDSHAKE_TIMEOUT`` to prove itself."""
+        if self.closed:
+            stream.close()
+            return
+        while len(self._pending) >= MAX_PENDING_HANDSHAKES:
+            oldest = next(iter(self._pending))
+            log.warning("rank %d: %d connections are waiting for a handshake; dropping the oldest, from %s",
+                        self.rank, len(self._pending), oldest.where())
+            self._forget_pending(oldest)
+            oldest.close()
+        self._pending[stream] = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired, stream)
+
+    def _forget_pending(self, stream: PeerStream) -> None:
+        timer = self._pending.pop(stream, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _handshake_expired(self, stream: PeerStream) -> None:
+        self._pending.pop(stream, None)
+        log.warning("rank %d: %s sent no handshake within %.0fs; closing it", self.rank, stream.where(), HANDSHAKE_TIMEOUT)
+        stream.close()
+
+    def handshake_done(self, stream: PeerStream) -> None:
+        self._forget_pending(stream)
+        if stream.dialer:
+            return  # the dial that opened it registers it
+        peer = stream.peer
+        assert peer is not None
+        old = self.inbound.get(peer)
+        if old is not None and not old.closed:
+            log.warning("rank %d: rank %d connected twice; closing the newer connection", self.rank, peer)
+            stream.close()
+            return
+        self.inbound[peer] = stream
+        fut = self._inbound_future(peer)
+        if not fut.done():
+            fut.set_result(None)
+
+    def _inbound_future(self, peer: int) -> asyncio.Future[None]:
+        fut = self._inbound_waiters.get(peer)
+        if fut is None:
+            fut = self._inbound_waiters[peer] = self.loop.create_future()
+            if peer in self.inbound:
+                fut.set_result(None)
+        return fut
+
+    # ---- bring-up
+
+    async def bring_up(self, connect_timeout: float) -> None:
+        """Dial the right neighbour and wait for the left one, within ``connect_timeout``."""
+        self.connect_timeout = connect_timeout
+        size = self.mesh.size
+        right, left = (self.rank + 1) % size, (self.rank - 1) % size
+        deadline = self.loop.time() + connect_timeout
+        waiter = self._inbound_future(left)
+        await self._dial(right, deadline)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), max(0.0, deadline - self.loop.time()))
+        except asyncio.TimeoutError:
+            addr = ", ".join(f"{h}:{p}" for h, p in self.mesh.spec.addresses[self.rank])
+            raise CommTimeoutError(
+                f"rank {self.rank} (listening on {addr}) got no connection from its left neighbour "
+                f"rank {left} within {connect_timeout:.1f}s (AIOCOMM_CONNECT_TIMEOUT)",
+                (left,),
+            ) from None
+
+    # ---- dialling
+
+    async def open(self, peer: int, op: Op) -> PeerStream:
+        """The outgoing connection to ``peer``, dialled if needed; the wait
+        belongs to ``op`` (its deadline, its context) and to ``peer``."""
+        stream = self.outgoing.get(peer)
+        if stream is not None and not stream.closed:
+            return stream
+        if peer in self.lost:
+            raise self.lost[peer]
+        task = self._dial_task(peer, None if self.formed else self.loop.time() + self.connect_timeout)
+        wait = Wait(self.mesh.waits, peer, op, "connecting to")
+
+        def finished(t: asyncio.Task[PeerStream]) -> None:
+            if t.cancelled():
+                wait.fail(CommError(f"rank {self.rank}: connecting to rank {peer} was cancelled (shutting down)"))
+            elif t.exception() is not None:
+                wait.fail(t.exception())  # type: ignore[arg-type]
+            else:
+                wait.resolve(t.result())
+
+        if task.done():
+            finished(task)
+        else:
+            task.add_done_callback(finished)
+        return await wait.future  # type: ignore[no-any-return]
+
+    def _dial_task(self, peer: int, deadline: float | None) -> asyncio.Task[PeerStream]:
+        task = self._dialing.get(peer)
+        if task is None:
+            task = self._dialing[peer] = self.loop.create_task(self._dial(peer, deadline))
+            task.add_done_callback(lambda t, p=peer: self._dialing.pop(p, None) if self._dialing.get(p) is t else None)
+        return task
+
+    async def _dial(self, peer: int, deadline: float | None) -> PeerStream:
+        """Dial ``peer``: during bring-up retry until ``deadline``; once formed, a
+        refusal means the peer is gone."""
+        mesh = self.mesh
+        host, port = mesh.spec.addresses[peer][0]
+        last: BaseException | None = None
+        for delay in backoff():
+            stream: PeerStream | None = None
+            try:
+                connecting = self.loop.create_connection(
+                    lambda: PeerStream(mesh, DialerHandshake(mesh.token, mesh.rank, mesh.size, peer), (host, port)),
+                    host,
+                    port,
+                )
+                if deadline is None:
+                    _, stream = await connecting
+                    await stream.opened
+                else:
+                    left = max(0.01, deadline - self.loop.time())
+                    _, stream = await asyncio.wait_for(connecting, left)
+                    await asyncio.wait_for(asyncio.shield(stream.opened), max(0.01, deadline - self.loop.time()))
+                self.outgoing[peer] = stream
+                return stream
+            except (AuthenticationError, ProtocolError) as exc:
+                if stream is not None:
+                    stream.close()
+                raise type(exc)(f"rank {self.rank} connecting to rank {peer} at {host}:{port}: {exc}") from exc
+            except (OSError, asyncio.TimeoutError) as exc:
+                if stream is not None:  # connected, but no handshake: do not leak it
+                    stream.close()
+                last = exc
+            if self.formed and not isinstance(last, asyncio.TimeoutError):
+                err = PeerLostError(
+                    f"rank {self.rank} lost rank {peer}: connecting to it at {host}:{port} failed ({last!r}); "
+                    "every rank was listening once the world formed, so rank "
+                    f"{peer} is gone",
+                    peer,
+                )
+                err.__cause__ = last
+                self.peer_lost(peer, err)
+                raise err
+            if deadline is None or self.loop.time() + delay >= deadline:
+                raise CommTimeoutError(
+                    f"rank {self.rank} could not reach rank {peer} at {host}:{port} within "
+                    f"{self.connect_timeout:.1f}s (AIOCOMM_CONNECT_TIMEOUT; last error: {last!r})",
+                    (peer,),
+                ) from last
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def dial_once(self, peer: int, timeout: float) -> PeerStream:
+        """The outgoing connection to ``peer`` within ``timeout`` (best effort, for ABORTs)."""
+        stream = self.outgoing.get(peer)
+        if stream is not None and not stream.closed:
+            return stream
+        task = self._dial_task(peer, self.loop.time() + timeout)
+        return await asyncio.wait_for(asyncio.shield(task), timeout)
+
+    # ---- losing peers
+
+    def stream_lost(self, stream: PeerStream, exc: BaseException | None) -> None:
+        self._forget_pending(stream)
+        peer = stream.peer
+        if peer is None or self.closed:
+            return
+        if self.outgoing.get(peer) is stream:
+            del self.outgoing[peer]
+            if peer in self.inbound:
+                # What ``peer`` sends us arrives on its own connection, maybe
+                # still with frames (an ABORT) queued before its close: that
+                # connection's end decides.
+                return
+        elif self.inbound.get(peer) is stream:
+            del self.inbound[peer]
+        else:
+            return  # a duplicate we closed ourselves
+        cause = stream.lost_reason or exc
+        how = f": {cause}" if cause else " (closed by the peer)"
+        err = PeerLostError(f"rank {self.rank} lost rank {peer} ({stream.where()}){how}", peer)
+        err.__cause__ = cause
+        self.peer_lost(peer, err)
+
+    def peer_lost(self, peer: int, err: PeerLostError) -> None:
+        if peer in self.lost:
+            return
+        self.lost[peer] = err
+        self.mesh.peer_lost(peer, err)
+
+    # ---- teardown
+
+    def streams(self) -> list[PeerStream]:
+        return list(self.outgoing.values()) + list(self.inbound.values()) + list(self._pending)
+
+    def fds(self) -> list[int]:
+        """Every socket descriptor (for a forked child to let go of)."""
+        fds = []
+        for stream in self.streams():
+            sock = stream.transport.get_extra_info("socket") if stream.transport is not None else None
+            if sock is not None and sock.fileno() >= 0:
+                fds.append(sock.fileno())
+        for server in self._servers:
+            fds.extend(s.fileno() for s in server.sockets or () if s.fileno() >= 0)
+        return fds
+
+    async def close(self) -> None:
+        self.closed = True
+        for server in self._servers:
+            server.close()
+        for task in list(self._dialing.values()):
+            task.cancel()
+        for stream, timer in list(self._pending.items()):
+            timer.cancel()
+            stream.close()
+        self._pending.clear()
+        for stream in list(self.outgoing.values()) + list(self.inbound.values()):
+            done = stream.drained_future()
+            if done is not None:
+                try:
+                    await asyncio.wait_for(done, 1.0)
+                except Exception:
+                    pass
+            stream.close()
+

@@ -1,0 +1,349 @@
+"""Matching arriving frames with posted receives: no sockets in here.
+
+Theory of operation
+-------------------
+Each data frame has a key ``(kind, context, tag)`` and comes from one source
+rank.  Per source a :class:`Mailbox` keeps, per key, a FIFO of *posted*
+receives and a FIFO of *arrivals* (frames that came before their receive).
+A frame is paired with the oldest posted receive that it fits, and its
+payload is read straight into that receive's memory; with no receive posted
+it lands in a buffer of its own (an :class:`Arrival`) that the receive takes
+over later.  Messages announced instead of sent (``RTS``, see
+:mod:`aiocomm.transport.flow`) queue the same way as an :class:`Announced`
+with no buffer; once a receive takes one, the sender is cleared to send and
+the payload (``RDATA``) goes straight into the receive's memory.
+
+Invariants:
+
+* FIFO per (source, key): the n-th receive posted gets the n-th frame sent.
+* Nothing is lost by a receive that fails: a receive that does not fit the
+  oldest message (another shape, dtype or operation) raises
+  :class:`MismatchError` and leaves the message queued; a receive that timed
+  out or was failed is skipped by later frames.
+* Every receive is a :class:`~aiocomm.transport.waits.Wait` on its source,
+  from posting until its last byte is in, so losing the source, aborting the
+  context or the deadline ends it, also halfway through its payload.
+* Buffered bytes are counted: each eager frame's bytes are handed back to the
+  sender's credit (:meth:`MatchEvents.credit`) once no buffer of ours holds
+  them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Protocol
+
+import numpy as np
+
+from .. import wire
+from ..errors import MismatchError, PeerLostError, ProtocolError
+from ..wire import Signature, Sink
+from .waits import Op, Wait, WaitSet
+
+Key = tuple[int, int, int]  # (kind, context, tag)
+
+
+def byte_view(arr: np.ndarray) -> memoryview:
+    """A flat writable/readable byte view of a C-contiguous array."""
+    try:
+        return memoryview(arr).cast("B")  # a quarter of the cost of numpy's views
+    except TypeError:  # a shape with a zero in it
+        return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def sig_nbytes(sig: Signature) -> int:
+    count = 1
+    for d in sig.shape:
+        count *= d
+    return count * np.dtype(sig.dtype).itemsize
+
+
+class MatchEvents(Protocol):
+    """What matching asks of the transport."""
+
+    def credit(self, src: int, nbytes: int) -> None:
+        """``nbytes`` of eager data from ``src`` are no longer buffered here."""
+
+    def clear_to_send(self, src: int, context: int, rid: int) -> None:
+        """A receive is posted for ``src``'s announced message ``rid``."""
+
+    def allocate(self, shape: tuple[int, ...], dtype: str, src: int, op: Op | None, context: int) -> np.ndarray:
+        """A new array (raises a CommError naming the size if memory runs out)."""
+
+
+class PendingRecv(Wait):
+    """A posted receive: a wait on its source, and the sink of its frame.
+
+    ``out`` is its destination (``None`` until its frame says nothing more
+    than its signature does: allocated when the frame arrives); ``view`` is
+    set when its frame is routed to it.
+    """
+
+    __slots__ = ("out", "sig")
+
+    def __init__(self, waits: WaitSet, src: int, op: Op, sig: Signature, out: np.ndarray | None) -> None:
+        Wait.__init__(self, waits, src, op, "waiting for data from")
+        self.out = out
+        self.sig = sig
+
+    def done(self) -> None:
+        """Its frame is in ``out``: wake the waiting coroutine."""
+        self.waits.pending.discard(self)
+        future = self.future
+        if not future.done():
+            future.set_result(self.out)
+
+
+class Arrival(Sink):
+    """An eager frame that arrived before its receive was posted."""
+
+    __slots__ = ("data", "meta", "complete", "waiter", "matcher", "src")
+
+    def __init__(self, matcher: Matcher, src: int, meta: bytes, data: np.ndarray) -> None:
+        self.data = data
+        self.view = memoryview(data)
+        self.meta = meta  # raw signature, checked when its receive is posted
+        self.complete = False
+        self.waiter: PendingRecv | None = None  # a receive posted while the payload was still coming
+        self.matcher = matcher
+        self.src = src
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    def done(self) -> None:
+        self.complete = True
+        pending = self.waiter
+        if pending is not None:  # its receive was posted while the payload was coming
+            self.waiter = None
+            pending.out = take(self, pending.out, pending.sig)
+            self.matcher.events.credit(self.src, self.data.nbytes)
+            pending.done()
+
+
+class Announced:
+    """A message announced by ``RTS`` whose receive is not posted yet."""
+
+    __slots__ = ("meta", "nbytes", "rid")
+
+    def __init__(self, meta: bytes, nbytes: int, rid: int) -> None:
+        self.meta = meta
+        self.nbytes = nbytes
+        self.rid = rid
+
+
+class Mailbox:
+    """Matching state for frames from one source rank."""
+
+    __slots__ = ("posted", "arrived", "cleared")
+
+    def __init__(self) -> None:
+        self.posted: dict[Key, collections.deque[PendingRecv]] = {}
+        self.arrived: dict[Key, collections.deque[Arrival | Announced]] = {}
+        self.cleared: dict[int, PendingRecv] = {}  # announced id -> the receive its RDATA fills
+
+
+def take(arrival: Arrival, out: np.ndarray | None, sig: Signature) -> np.ndarray:
+    """An arrived frame's data, in ``out`` or (``None``) as an array of ``sig``."""
+    if out is None:  # signatures matched: take the buffer as it is
+        return arrival.data.view(np.dtype(sig.dtype)).reshape(sig.shape)
+    byte_view(out)[:] = arrival.data
+    return out
+
+
+class Matcher:
+    """The mailboxes of one rank, one per source."""
+
+    def __init__(self, rank: int, size: int, waits: WaitSet, events: MatchEvents, lost: dict[int, PeerLostError]) -> None:
+        self.rank = rank
+        self.waits = waits
+        self.events = events
+        self.lost = lost  # peers known gone (owned by the connections)
+        self.boxes = [Mailbox() for _ in range(size)]
+
+    # ---- checks
+
+    def _misfit(self, sig: Signature, out: np.ndarray | None, meta: bytes, nbytes: int, src: int) -> MismatchError | None:
+        """Why a message (``meta``, ``nbytes``) does not fit a receive, or None."""
+        if meta != sig.encoded:  # equal bytes: the common case, no decoding
+            try:
+                wire.check_signature(sig, meta, me=self.rank, peer=src)
+            except MismatchError as exc:
+                return exc
+        if out is None:
+            if sig_nbytes(sig) != nbytes:
+                raise ProtocolError(f"rank {src} sent {nbytes} bytes for {sig.describe()}")
+        elif out.nbytes != nbytes:
+            return MismatchError(
+                f"rank {self.rank} expected a {out.nbytes}-byte segment of {sig.describe()} "
+                f"from rank {src}, got {nbytes} bytes"
+            )
+        return None
+
+    def _first_fitting(self, box: Mailbox, key: Key, meta: bytes, nbytes: int, src: int) -> PendingRecv | None:
+        """Pop the oldest live posted receive the message fits; receives it
+        does not fit fail with MismatchError (the message stays for the next)."""
+        queue = box.posted.get(key)
+        while queue:
+            pending = queue.popleft()
+            if not queue:
+                del box.posted[key]
+            if pending.future.done():  # timed out or failed: skipped, it takes nothing
+                queue = box.posted.get(key)
+                continue
+            problem = self._misfit(pending.sig, pending.out, meta, nbytes, src)
+            if problem is None:
+                return pending
+            pending.fail(problem)
+            queue = box.posted.get(key)
+        return None
+
+    # ---- arriving (called by the reader, through the mesh's routing)
+
+    def arrive(self, src: int, kind: int, context: int, tag: int, meta: bytes, nbytes: int) -> Sink:
+        """An eager data frame's header is in: where its payload goes."""
+        box = self.boxes[src]
+        key = (kind, context, tag)
+        queue = box.posted.get(key)
+        if queue:
+            pending = queue[0]
+            if meta == pending.sig.encoded and pending.out is not None and pending.out.nbytes == nbytes \
+                    and not pending.future.done():
+                queue.popleft()  # the common case, checked inline
+                if not queue:
+                    del box.posted[key]
+            else:
+                pending = self._first_fitting(box, key, meta, nbytes, src)  # type: ignore[assignment]
+            if pending is not None:
+                out = pending.out
+                if out is None:
+                    try:
+                        out = pending.out = self.events.allocate(pending.sig.shape, pending.sig.dtype, src, pending.op, context)
+                    except Exception as exc:
+                        pending.fail(exc)
+                        self.events.credit(src, nbytes)
+                        return Sink(None)
+                pending.view = byte_view(out)
+                if nbytes:
+                    self.events.credit(src, nbytes)  # straight into a receive's memory: nothing buffered
+                return pending
+        try:
+            data = self.events.allocate((nbytes,), "uint8", src, None, context)
+        except Exception:
+            self.events.credit(src, nbytes)
+            return Sink(None)  # the context is aborted: its receives fail
+        arrival = Arrival(self, src, meta, data)
+        arrivals = box.arrived.get(key)
+        if arrivals is None:
+            arrivals = box.arrived[key] = collections.deque()
+        arrivals.append(arrival)
+        return arrival
+
+    def announce(self, src: int, kind: int, context: int, tag: int, meta: bytes, nbytes: int, rid: int) -> None:
+        """An ``RTS``: clear it at once if a receive waits for it, else queue it."""
+        box = self.boxes[src]
+        key = (kind, context, tag)
+        pending = self._first_fitting(box, key, meta, nbytes, src)
+        if pending is not None:
+            self._clear(box, pending, src, context, rid)
+            return
+        arrivals = box.arrived.get(key)
+        if arrivals is None:
+            arrivals = box.arrived[key] = collections.deque()
+        arrivals.append(Announced(meta, nbytes, rid))
+
+    def _clear(self, box: Mailbox, pending: PendingRecv, src: int, context: int, rid: int) -> None:
+        if pending.out is None:
+            try:
+                pending.out = self.events.allocate(pending.sig.shape, pending.sig.dtype, src, pending.op, context)
+            except Exception as exc:
+                pending.fail(exc)
+                return
+        box.cleared[rid] = pending
+        self.events.clear_to_send(src, context, rid)
+
+    def payload(self, src: int, rid: int, nbytes: int) -> Sink:
+        """An ``RDATA`` frame's header is in: the receive its announcement cleared."""
+        pending = self.boxes[src].cleared.pop(rid, None)
+        if pending is None or pending.future.done():
+            return Sink(None)  # that receive gave up (timeout, abort): drop the payload
+        assert pending.out is not None
+        if pending.out.nbytes != nbytes:
+            raise ProtocolError(f"rank {src} sent {nbytes} bytes for announced message {rid} of {pending.out.nbytes}")
+        pending.view = byte_view(pending.out)
+        return pending
+
+    # ---- posting
+
+    def post(self, src: int, kind: int, context: int, tag: int, sig: Signature, out: np.ndarray | None, op: Op) -> asyncio.Future[np.ndarray]:
+        """Post a receive from ``src``; the future gives the filled array.
+
+        ``out`` is the destination (contiguous, exactly the frame's size) or
+        ``None`` for a new array of ``sig``'s shape and dtype.  Raises
+        ``MismatchError`` (consuming nothing) if the oldest message waiting
+        for this key does not fit.
+        """
+        box = self.boxes[src]
+        key = (kind, context, tag)
+        arrivals = box.arrived.get(key)
+        if arrivals:
+            arrival = arrivals[0]
+            problem = self._misfit(sig, out, arrival.meta, arrival.nbytes, src)
+            if problem is not None:
+                raise problem  # the message stays queued for a receive that fits
+            arrivals.popleft()
+            if not arrivals:
+                del box.arrived[key]
+            if type(arrival) is Announced:
+                pending = PendingRecv(self.waits, src, op, sig, out)
+                self._clear(box, pending, src, context, arrival.rid)
+                return pending.future
+            assert isinstance(arrival, Arrival)
+            if arrival.complete:
+                future = self.waits.loop.create_future()
+                future.set_result(take(arrival, out, sig))
+                self.events.credit(src, arrival.nbytes)
+                return future
+            if src in self.lost:  # its payload will never be complete
+                raise self.lost[src]
+            pending = PendingRecv(self.waits, src, op, sig, out)
+            arrival.waiter = pending
+            return pending.future
+        if src in self.lost:
+            raise self.lost[src]
+        pending = PendingRecv(self.waits, src, op, sig, out)
+        queue = box.posted.get(key)
+        if queue is None:
+            queue = box.posted[key] = collections.deque()
+        queue.append(pending)
+        return pending.future
+
+    # ---- ending
+
+    def drop_context(self, context: int) -> None:
+        """Forget everything of an aborted context (its waits are failed by the WaitSet)."""
+        for src, box in enumerate(self.boxes):
+            for key in [k for k in box.posted if k[1] == context]:
+                del box.posted[key]
+            for key in [k for k in box.arrived if k[1] == context]:
+                for arrival in box.arrived.pop(key):
+                    if type(arrival) is Arrival and arrival.complete:
+                        self.events.credit(src, arrival.nbytes)
+            for rid in [r for r, p in box.cleared.items() if p.op.context == context]:
+                del box.cleared[rid]
+
+    def drop_peer(self, src: int) -> None:
+        """``src`` is lost: what it announced or half sent will never come.
+        (Complete messages stay receivable; the waits are failed by the WaitSet.)"""
+        box = self.boxes[src]
+        box.posted.clear()
+        box.cleared.clear()
+        for key in list(box.arrived):
+            kept = collections.deque(a for a in box.arrived[key] if type(a) is Arrival and a.complete)
+            if kept:
+                box.arrived[key] = kept
+            else:
+                del box.arrived[key]
+

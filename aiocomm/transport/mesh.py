@@ -1,0 +1,240 @@
+"""The mesh: one rank's transport, composed of parts with one job each.
+
+=====================  ===============================================
+part                   job
+=====================  ===============================================
+``connections``        listening, dialling, the stream registry, lost peers
+``stream``             one connection: asyncio glue, handshake, writes
+``matching``           pairing frames with posted receives (no sockets)
+``flow``               the budget for unexpected data: credit, RTS/CTS
+``waits``              every wait, its deadline, who can end it; polling
+``contexts``           groups on the wire, and aborting them
+=====================  ===============================================
+
+:class:`Mesh` wires them together and is what the engine (:mod:`aiocomm.group`)
+calls: ``open`` a peer, ``send`` a frame, ``post`` a receive, ``flush``,
+``abort`` a context.  It owns the events that cross parts: a lost peer fails
+its waits and its half-received messages; an aborted context fails its waits
+everywhere and tells the other members.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Iterable
+
+import numpy as np
+
+from .. import wire
+from ..config import WorldSpec, buffer_budget, poll_seconds
+from ..errors import CommError, OutOfMemoryError, PeerLostError, ProtocolError
+from ..wire import Header, Kind, Signature, Sink
+from .connections import Connections
+from .contexts import Contexts, abort_error, abort_fields
+from .flow import ReceiveBudget, describe_bytes, window_for
+from .matching import Matcher
+from .stream import PeerStream
+from .waits import Op, Wait, WaitSet
+
+log = logging.getLogger("aiocomm")
+
+_encode_head = wire.encode_frame_head
+_DATA_KINDS = wire.DATA_KINDS
+_RTS_TRAILER = wire.RTS_TRAILER
+_EMPTY = b""
+#: The context of the bring-up barrier (never a group's: those are 0 or odd).
+BRING_UP_CONTEXT = (1 << 64) - 2
+
+
+class Mesh:
+    """All of one rank's connections, and the matching of what arrives."""
+
+    def __init__(self, spec: WorldSpec, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.spec = spec
+        self.rank = spec.rank
+        self.size = spec.size
+        self.token = spec.token
+        self.loop = loop or asyncio.get_running_loop()
+        self.window = window_for(buffer_budget(), self.size)
+        self.waits = WaitSet(self.loop, self.rank, poll_seconds(spec))
+        self.contexts = Contexts(self.size)
+        self.broken = self.contexts.broken
+        self.connections = Connections(self)
+        self.lost = self.connections.lost
+        self.budget = ReceiveBudget(self.window, self.size)
+        self.matcher = Matcher(self.rank, self.size, self.waits, self, self.lost)
+        self._abort_tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+        self.bytes_sent = 0  # payload bytes, for the benchmark's wire count
+
+    # ---- bring-up and tear-down
+
+    async def start(self, connect_timeout: float) -> None:
+        """Listen, form the ring, and make sure every rank is up."""
+        await self.connections.listen()
+        if self.size == 1:
+            return
+        await self.connections.bring_up(connect_timeout)
+        await self._barrier(connect_timeout)
+        self.connections.formed = True
+
+    async def _barrier(self, timeout: float) -> None:
+        """``size - 1`` empty steps around the ring: after step ``s`` a rank
+        knows that the ``s + 1`` ranks to its left are up, so in the end that
+        every rank listens (a later refused dial then means a lost rank)."""
+        op = Op("forming the world", BRING_UP_CONTEXT, timeout, self.loop.time() + timeout)
+        right, left = (self.rank + 1) % self.size, (self.rank - 1) % self.size
+        stream = await self.connections.open(right, op)
+        nothing = np.empty(0, np.uint8)
+        sig = wire.signature("bring-up", nothing.dtype, (0,))
+        for step in range(self.size - 1):
+            self.send(stream, Kind.COLL, BRING_UP_CONTEXT, step, sig, nothing, op)
+            await self.post(left, Kind.COLL, BRING_UP_CONTEXT, step, sig, nothing, op)
+
+    async def close(self) -> None:
+        """Close every connection and listener (a clean exit)."""
+        if self.closed:
+            return
+        if self._abort_tasks:  # let the other ranks learn why this one gave up
+            await asyncio.wait(list(self._abort_tasks), timeout=2.0)
+        self.closed = True
+        self.waits.close()
+        await self.connections.close()
+        await asyncio.sleep(0)
+
+    def fds(self) -> list[int]:
+        return self.connections.fds()
+
+    # ---- the engine's calls
+
+    async def open(self, peer: int, op: Op) -> PeerStream:
+        if op.context in self.broken:
+            raise self.broken[op.context]
+        return await self.connections.open(peer, op)
+
+    def send(self, stream: PeerStream, kind: Kind, context: int, tag: int, sig: Signature, data: np.ndarray, op: Op) -> Wait | None:
+        """Queue one data frame on an open outgoing stream (no waiting).
+        Returns None, or the wait of an announced message (its payload goes
+        once the receiver posts a receive)."""
+        if context in self.broken:
+            raise self.broken[context]
+        self.bytes_sent += data.nbytes
+        return stream.send_data(kind, context, tag, sig, data, op)
+
+    async def flush(self, streams: Iterable[PeerStream], op: Op, announced: list[Wait] | None = None) -> None:
+        """Wait until announced messages are sent and what was queued on
+        ``streams`` is handed to the kernel."""
+        if announced:
+            for wait in announced:
+                await wait.future
+            announced.clear()
+        for stream in streams:
+            if stream.paused:
+                wait = stream.drained(op)
+                if wait is not None:
+                    await wait.future
+
+    def post(self, src: int, kind: Kind, context: int, tag: int, sig: Signature, out: np.ndarray | None, op: Op) -> asyncio.Future[np.ndarray]:
+        """Post a receive from ``src``; the future gives the filled array."""
+        if context in self.broken:
+            raise self.broken[context]
+        return self.matcher.post(src, kind, context, tag, sig, out, op)
+
+    # ---- arriving frames (called by the acceptor side of each stream)
+
+    def route(self, src: int, header: Header, meta: bytes) -> Sink:
+        kind, flags, context, tag, payload_len, _ = header
+        if kind in _DATA_KINDS:
+            if context in self.broken:
+                self.credit(src, payload_len)
+                return Sink(None)
+            return self.matcher.arrive(src, kind, context, tag, meta, payload_len)
+        if kind == Kind.RDATA:
+            return self.matcher.payload(src, tag, payload_len)
+        if kind == Kind.RTS:
+            if flags not in _DATA_KINDS or len(meta) < _RTS_TRAILER.size:
+                raise ProtocolError(f"malformed RTS frame from rank {src}")
+            if context not in self.broken:
+                rid, nbytes = _RTS_TRAILER.unpack_from(meta, len(meta) - _RTS_TRAILER.size)
+                self.matcher.announce(src, flags, context, tag, meta[: -_RTS_TRAILER.size], nbytes, rid)
+            return Sink(None)
+        if kind == Kind.ABORT:
+            self._abort_received(src, context, wire.decode_meta(meta))
+            return Sink(None)
+        raise ProtocolError(f"unexpected {kind.name} frame from rank {src} after the handshake")
+
+    # ---- what matching asks of the transport (matching.MatchEvents)
+
+    def credit(self, src: int, nbytes: int) -> None:
+        back = self.budget.consumed(src, nbytes)
+        if back:
+            stream = self.connections.inbound.get(src)
+            if stream is not None and not stream.closing:
+                stream.send_frame(_encode_head(Kind.CREDIT, 0, back, _EMPTY, 0))
+
+    def clear_to_send(self, src: int, context: int, rid: int) -> None:
+        stream = self.connections.inbound.get(src)
+        if stream is not None and not stream.closing:
+            stream.send_frame(_encode_head(Kind.CTS, context, rid, _EMPTY, 0))
+
+    def allocate(self, shape: tuple[int, ...], dtype: str, src: int, op: Op | None, context: int) -> np.ndarray:
+        try:
+            return np.empty(shape, dtype)
+        except MemoryError as exc:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            what = op.what if op is not None else "a message that arrived before its receive"
+            err = OutOfMemoryError(
+                f"rank {self.rank} ran out of memory allocating {describe_bytes(nbytes)} for {what} from rank {src}"
+            )
+            err.__cause__ = exc
+            self.abort(context, err)
+            raise err from exc
+
+    # ---- lost peers and aborted contexts
+
+    def peer_lost(self, peer: int, err: PeerLostError) -> None:
+        self.waits.fail_peer(peer, err)
+        self.matcher.drop_peer(peer)
+
+    def abort(self, context: int, exc: CommError) -> None:
+        """Mark ``context`` broken with ``exc`` here and tell its other members."""
+        if self._break(context, exc):
+            self._tell_members(context, abort_fields(exc, self.rank), skip=())
+
+    def _break(self, context: int, exc: CommError) -> bool:
+        if not self.contexts.break_(context, exc):
+            return False
+        self.waits.fail_context(context, exc)
+        self.matcher.drop_context(context)
+        return True
+
+    def _abort_received(self, src: int, context: int, meta: Any) -> None:
+        exc, fields = abort_error(meta)
+        if self._break(context, exc):
+            # Pass it on: a member whose data waits on this rank then learns the
+            # cause on the same connection, before this rank's close.
+            self._tell_members(context, fields, skip=(src, fields["origin"]))
+
+    def _tell_members(self, context: int, fields: dict[str, Any], skip: Iterable[int]) -> None:
+        frame = wire.control_frame(Kind.ABORT, fields, context=context)
+        skipped = set(skip)
+        for peer in self.contexts.members_of(context):
+            if peer != self.rank and peer not in self.lost and peer not in skipped:
+                task = self.loop.create_task(self._send_abort(peer, frame))
+                self._abort_tasks.add(task)
+                task.add_done_callback(self._abort_tasks.discard)
+
+    async def _send_abort(self, peer: int, frame: bytes) -> None:
+        try:
+            stream = await self.connections.dial_once(peer, 2.0)
+            stream.send_frame(frame, None)
+            done = stream.drained_future()
+            if done is not None:
+                await asyncio.wait_for(done, 5.0)
+        except Exception as exc:  # best effort: the peer may be the one that is gone
+            log.debug("rank %d: could not tell rank %d about an abort: %r", self.rank, peer, exc)
+
+    def register_context(self, context: int, members: tuple[int, ...]) -> None:
+        self.contexts.register(context, members)
+

@@ -1,0 +1,252 @@
+"""One TCP connection: asyncio glue around the socket-free layers.
+
+A :class:`PeerStream` is an ``asyncio.BufferedProtocol``.  Until its
+handshake (:mod:`aiocomm.wire.handshake`) is done it stages only a few
+hundred bytes and routes frames to the handshake; then it routes them to the
+mesh.  The *dialer* of a connection sends data on it; the *acceptor* only
+receives data there and sends flow control (``CTS``, ``CREDIT``) back, which
+the dialer's side handles itself (:class:`~aiocomm.transport.flow.SendWindow`).
+
+Everything that waits on this connection is a
+:class:`~aiocomm.transport.waits.Wait` on its peer: a drain (the kernel
+taking what was written) or an announced message.  When the connection
+ends they fail with :class:`PeerLostError` naming the peer and address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import socket
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .. import wire
+from ..errors import PeerLostError, ProtocolError
+from ..wire import AcceptorHandshake, DialerHandshake, Header, Kind, Signature, Sink
+from .flow import SendWindow
+from .waits import Op, Wait
+
+if TYPE_CHECKING:
+    from .mesh import Mesh
+
+log = logging.getLogger("aiocomm")
+
+Address = tuple[str, int]
+_encode_head = wire.encode_frame_head
+_EMPTY = b""
+
+
+class PeerStream(asyncio.BufferedProtocol):
+    """One connection to or from a peer."""
+
+    def __init__(self, mesh: Mesh, handshake: AcceptorHandshake | DialerHandshake, address: Address | None = None) -> None:
+        self.mesh = mesh
+        self.handshake = handshake
+        self.dialer = isinstance(handshake, DialerHandshake)
+        self.address = address
+        self.peer: int | None = None  # known once the handshake is done
+        self.transport: asyncio.Transport | None = None
+        self.opened: asyncio.Future[None] = mesh.loop.create_future()
+        self.reader = wire.FrameReader(self._handshake_frame, stage_size=wire.HANDSHAKE_STAGE,
+                                       max_meta=wire.HANDSHAKE_MAX_META)
+        # BufferedProtocol.get_buffer is the reader's own method: uvloop looks
+        # it up once per connection, and this saves a Python call per read.
+        self.get_buffer = self.reader.get_buffer  # type: ignore[method-assign]
+        self.closed = False  # connection_lost has run
+        self.closing = True  # no data may be written: not yet connected, or closing, or closed
+        self.paused = False  # True while written bytes wait in our buffer for the kernel
+        self._drains: list[Wait] = []
+        self.lost_reason: BaseException | None = None
+        self.outbox: SendWindow | None = None  # the dialer's credit and announced messages
+
+    # ---- asyncio.BufferedProtocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
+        self.closing = False
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=0)
+        if not self.dialer:
+            self.address = transport.get_extra_info("peername")
+            self.mesh.connections.accepted(self)
+            if not self.closing:
+                self._write(self.handshake.start())  # type: ignore[union-attr]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self.reader.buffer_updated(nbytes)  # completed frames call their sink's done()
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = self.closing = True
+        error = self.lost_error(self.lost_reason or exc)
+        for wait in self._drains:
+            wait.fail(error)
+        self._drains.clear()
+        if self.outbox is not None:
+            self.outbox.fail_all(error)
+        if not self.opened.done():
+            self.opened.set_exception(
+                self.lost_reason or ConnectionError(f"connection to {self.where()} closed during the handshake")
+            )
+            self.opened.exception()  # mark retrieved; the dialer reports it
+        self.mesh.connections.stream_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        drains, self._drains = self._drains, []
+        for wait in drains:
+            wait.resolve(None)
+
+    # ---- writing
+
+    def _write(self, data: bytes) -> None:
+        if data and self.transport is not None and not self.closing:
+            self.transport.write(data)
+
+    def send_frame(self, head: bytes, payload: Any = None) -> None:
+        """Queue one frame: ``head`` then ``payload`` (None, or a non-empty
+        C-contiguous array or buffer), written in one go, so frames from
+        concurrent tasks never interleave."""
+        if self.closing:
+            raise self.lost_error(self.lost_reason)
+        if payload is None:
+            self.transport.write(head)  # type: ignore[union-attr]
+        else:
+            self.transport.writelines((head, payload))  # type: ignore[union-attr]  # one writev; the array itself, no copy
+
+    def send_data(self, kind: Kind, context: int, tag: int, sig: Signature, data: np.ndarray, op: Op) -> Wait | None:
+        """Send one data frame: eagerly if the receiver's budget allows (None
+        is returned), else announced (the returned wait ends when its payload
+        is written)."""
+        nbytes = data.nbytes
+        outbox = self.outbox
+        assert outbox is not None and self.peer is not None
+        if nbytes == 0:
+            self.send_frame(_encode_head(kind, context, tag, sig.encoded, 0))
+            return None
+        if outbox.take_eager(nbytes):
+            self.send_frame(_encode_head(kind, context, tag, sig.encoded, nbytes), data)
+            return None
+        if self.closing:
+            raise self.lost_error(self.lost_reason)
+        entry = outbox.announce(self.mesh.waits, self.peer, op, data)
+        meta = sig.encoded + wire.RTS_TRAILER.pack(entry.rid, nbytes)
+        self.send_frame(wire.HEADER.pack(wire.MAGIC, wire.VERSION, Kind.RTS, kind, context, tag, 0, len(meta)) + meta)
+        return entry
+
+    def drained(self, op: Op) -> Wait | None:
+        """A wait that ends when everything written is in the kernel, or None if it already is."""
+        if not self.paused:
+            return None  # nothing waits in our buffer (even if the peer has since closed)
+        if self.closed:
+            raise self.lost_error(self.lost_reason)
+        assert self.peer is not None
+        wait = Wait(self.mesh.waits, self.peer, op, "waiting for what it wrote to be read by")
+        self._drains.append(wait)
+        return wait
+
+    def drained_future(self) -> asyncio.Future[None] | None:
+        """Like :meth:`drained` for writes outside any operation (a clean
+        close, an ABORT): a future that ends either way, or None."""
+        if not self.paused or self.closed:
+            return None
+        drain = _PlainDrain(self.mesh.loop.create_future())
+        self._drains.append(drain)  # type: ignore[arg-type]
+        return drain.future
+
+    def lost_error(self, exc: BaseException | None) -> PeerLostError:
+        err = PeerLostError(
+            f"rank {self.mesh.rank}: connection to rank {self.peer} ({self.where()}) is closed"
+            + (f": {exc}" if exc else ""),
+            self.peer,
+        )
+        err.__cause__ = exc
+        return err
+
+    def where(self) -> str:
+        if self.address is None:
+            return "unknown address"
+        host, port = self.address[:2]
+        return f"{host}:{port}"
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self, reason: BaseException) -> None:
+        self.lost_reason = reason
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ---- reading
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        who = f"rank {self.peer}" if self.peer is not None else "unidentified peer"
+        log.warning("rank %d: closing connection from %s at %s: %s", self.mesh.rank, who, self.where(), exc)
+        self.abort(exc)
+
+    def _handshake_frame(self, header: Header, meta: bytes) -> Sink:
+        """Frames until the handshake is done go to its state machine."""
+        hs = self.handshake
+        reply = hs.receive(header, meta)  # ProtocolError: the connection is closed
+        self._write(reply)
+        if hs.done:
+            assert hs.peer is not None
+            self.peer = hs.peer
+            self.reader.grow()
+            if self.dialer:
+                self.outbox = SendWindow(hs.window)
+                self.reader.set_route(self._route_back)
+            else:
+                self.reader.set_route(functools.partial(self.mesh.route, hs.peer))
+            self.mesh.connections.handshake_done(self)
+            if not self.opened.done():
+                self.opened.set_result(None)
+        return Sink(None)
+
+    def _route_back(self, header: Header, meta: bytes) -> Sink:
+        """Flow control from the acceptor, on a connection this rank dialled."""
+        kind = header[0]
+        outbox = self.outbox
+        assert outbox is not None
+        if kind == Kind.CTS:
+            entry = outbox.cleared(header[3])
+            if entry is not None:
+                data = entry.data
+                self.send_frame(_encode_head(Kind.RDATA, header[2], entry.rid, _EMPTY, data.nbytes), data)
+                entry.resolve(None)
+        elif kind == Kind.CREDIT:
+            outbox.credit += header[3]
+        else:
+            raise ProtocolError(f"unexpected {kind.name} frame from rank {self.peer} on a connection it accepted")
+        return Sink(None)
+
+
+class _PlainDrain:
+    """A drain wait that belongs to no operation: its future ends either way."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.future = future
+
+    def resolve(self, value: object = None) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+    fail = resolve

@@ -1,0 +1,172 @@
+"""The handshake as a state machine with no sockets: frames in, frames out.
+
+Theory of operation
+-------------------
+A connection is opened by the rank that will *send* on it (the dialer); the
+rank that accepted it only receives data there, and answers with flow
+control.  Before any data, 1.5 round trips prove that both ends hold the
+job's token and agree on who they are::
+
+    acceptor -> dialer    CHALLENGE {nonce}
+    dialer   -> acceptor  HELLO     {rank, size, to, nonce, mac}
+    acceptor -> dialer    WELCOME   {rank, window, mac}   or REJECT {reason}
+
+``mac`` is an HMAC-SHA256 keyed by the job token over the other side's nonce
+and the fields, so each side proves it knows the token without sending it.
+``window`` is how many bytes the acceptor will buffer for this dialer's
+messages that no receive has asked for yet (see :mod:`aiocomm.transport.flow`).
+
+:class:`AcceptorHandshake` and :class:`DialerHandshake` take each frame's
+header and raw meta (:meth:`receive`) and return the bytes to write back.  A
+handshake that saw a bad frame is in its error state for good: every later
+call raises the same :class:`ProtocolError`.  Handshake frames are small, so
+a connection stages only :data:`HANDSHAKE_STAGE` bytes until it is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from typing import Any
+
+from ..errors import AuthenticationError, ProtocolError
+from .frames import HEADER_SIZE, Header, Kind, control_frame, decode_meta, require_map
+
+NONCE_SIZE = 16
+#: Largest meta section a handshake frame may have.
+HANDSHAKE_MAX_META = 1024
+#: Bytes a connection stages until its handshake is done.
+HANDSHAKE_STAGE = HEADER_SIZE + HANDSHAKE_MAX_META
+
+
+def _mac(token: bytes, label: bytes, nonce: bytes, *ints: int) -> bytes:
+    msg = label + nonce + b"".join(i.to_bytes(8, "little", signed=True) for i in ints)
+    return hmac.new(token, msg, hashlib.sha256).digest()
+
+
+def hello_fields(token: bytes, challenge_nonce: bytes, rank: int, size: int, to: int, nonce: bytes) -> dict[str, Any]:
+    """The dialer's HELLO map answering an acceptor's challenge."""
+    return {
+        "rank": rank,
+        "size": size,
+        "to": to,
+        "nonce": nonce,
+        "mac": _mac(token, b"hello", challenge_nonce, rank, size, to),
+    }
+
+
+def check_hello(
+    meta: Any, token: bytes, challenge_nonce: bytes, *, my_rank: int, size: int
+) -> tuple[int, bytes]:
+    """Validate a HELLO on the accepting side; returns (peer rank, peer nonce)."""
+    m = require_map(meta, Kind.HELLO, ("rank", "size", "to", "nonce", "mac"))
+    rank, peer_size, to, nonce, mac = m["rank"], m["size"], m["to"], m["nonce"], m["mac"]
+    if not all(isinstance(v, int) for v in (rank, peer_size, to)) or not isinstance(nonce, bytes) or not isinstance(mac, bytes):
+        raise ProtocolError(f"malformed HELLO map {m!r}")
+    if peer_size != size:
+        raise ProtocolError(f"peer claiming rank {rank} has group size {peer_size}, rank {my_rank} has {size}")
+    if to != my_rank:
+        raise ProtocolError(f"peer claiming rank {rank} wanted rank {to} but reached rank {my_rank}")
+    if not 0 <= rank < size or rank == my_rank:
+        raise ProtocolError(f"peer claims invalid rank {rank} (group size {size}, this is rank {my_rank})")
+    if not hmac.compare_digest(mac, _mac(token, b"hello", challenge_nonce, rank, size, to)):
+        raise AuthenticationError(
+            f"peer claiming rank {rank} failed authentication (AIOCOMM_TOKEN differs: another job?)"
+        )
+    return rank, nonce
+
+
+def welcome_fields(token: bytes, peer_nonce: bytes, rank: int, peer: int, window: int = 0) -> dict[str, Any]:
+    return {"rank": rank, "window": window, "mac": _mac(token, b"welcome", peer_nonce, rank, peer, window)}
+
+
+def check_welcome(meta: Any, token: bytes, my_nonce: bytes, *, my_rank: int, expected: int) -> int:
+    """Validate a WELCOME on the dialing side; returns the acceptor's window."""
+    m = require_map(meta, Kind.WELCOME, ("rank", "window", "mac"))
+    if m["rank"] != expected:
+        raise ProtocolError(f"rank {my_rank} connected to rank {m['rank']!r} but expected rank {expected}")
+    window = m["window"]
+    if not isinstance(window, int) or window < 0:
+        raise ProtocolError(f"rank {expected} sent a malformed window {window!r}")
+    if not isinstance(m["mac"], bytes) or not hmac.compare_digest(
+        m["mac"], _mac(token, b"welcome", my_nonce, expected, my_rank, window)
+    ):
+        raise AuthenticationError(f"rank {expected} failed authentication (AIOCOMM_TOKEN differs: another job?)")
+    return window
+
+
+class Handshake:
+    """What both sides share: the identity checked so far, and a sticky error."""
+
+    def __init__(self, token: bytes, rank: int, size: int) -> None:
+        self.token = token
+        self.rank = rank
+        self.size = size
+        self.nonce = os.urandom(NONCE_SIZE)
+        self.peer: int | None = None  # known once done
+        self.done = False
+        self.error: ProtocolError | None = None
+
+    def receive(self, header: Header, meta: bytes) -> bytes:
+        """Take one frame; return the bytes to send back (maybe none)."""
+        if self.error is not None:
+            raise self.error
+        if self.done:
+            raise ProtocolError(f"{header.kind.name} frame after the handshake ended")
+        try:
+            return self._receive(header.kind, decode_meta(meta))
+        except ProtocolError as exc:
+            self.error = exc
+            raise
+
+    def _receive(self, kind: Kind, meta: Any) -> bytes:
+        raise NotImplementedError
+
+
+class AcceptorHandshake(Handshake):
+    """The accepting side: challenge, then check the HELLO and welcome."""
+
+    def __init__(self, token: bytes, rank: int, size: int, window: int) -> None:
+        super().__init__(token, rank, size)
+        self.window = window
+
+    def start(self) -> bytes:
+        return control_frame(Kind.CHALLENGE, {"nonce": self.nonce})
+
+    def _receive(self, kind: Kind, meta: Any) -> bytes:
+        if kind != Kind.HELLO:
+            raise ProtocolError(f"expected HELLO, got {kind.name}")
+        peer, peer_nonce = check_hello(meta, self.token, self.nonce, my_rank=self.rank, size=self.size)
+        self.peer = peer
+        self.done = True
+        return control_frame(Kind.WELCOME, welcome_fields(self.token, peer_nonce, self.rank, peer, self.window))
+
+
+class DialerHandshake(Handshake):
+    """The dialing side: answer the challenge, then check the WELCOME."""
+
+    def __init__(self, token: bytes, rank: int, size: int, to: int) -> None:
+        super().__init__(token, rank, size)
+        self.to = to
+        self.window = 0  # the acceptor's, once done
+        self.challenged = False
+
+    def _receive(self, kind: Kind, meta: Any) -> bytes:
+        if kind == Kind.CHALLENGE and not self.challenged:
+            fields = require_map(meta, Kind.CHALLENGE, ("nonce",))
+            if not isinstance(fields["nonce"], bytes):
+                raise ProtocolError("malformed CHALLENGE nonce")
+            self.challenged = True
+            return control_frame(
+                Kind.HELLO, hello_fields(self.token, fields["nonce"], self.rank, self.size, self.to, self.nonce)
+            )
+        if kind == Kind.WELCOME and self.challenged:
+            self.window = check_welcome(meta, self.token, self.nonce, my_rank=self.rank, expected=self.to)
+            self.peer = self.to
+            self.done = True
+            return b""
+        if kind == Kind.REJECT:
+            reason = meta.get("reason") if isinstance(meta, dict) else meta
+            raise ProtocolError(f"rank {self.to} rejected rank {self.rank}: {reason}")
+        raise ProtocolError(f"unexpected {kind.name} frame during the handshake")
