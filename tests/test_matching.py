@@ -1,0 +1,275 @@
+"""Matching, flow control, waits, aborts and the handshake, without sockets."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from aiocomm import wire
+from aiocomm.errors import (
+    AuthenticationError,
+    CommError,
+    CommTimeoutError,
+    MismatchError,
+    OutOfMemoryError,
+    PeerLostError,
+    ProtocolError,
+)
+from aiocomm.transport.contexts import abort_error, abort_fields
+from aiocomm.transport.flow import ReceiveBudget, SendWindow
+from aiocomm.transport.matching import Matcher
+from aiocomm.transport.waits import Op, Wait, WaitSet
+from aiocomm.wire import Kind, Sink
+
+P2P = int(Kind.P2P)
+
+
+class Events:
+    """Records what matching asks of the transport."""
+
+    def __init__(self, fail_alloc_over: int | None = None) -> None:
+        self.credited: list[tuple[int, int]] = []
+        self.cleared: list[tuple[int, int, int]] = []
+        self.fail_alloc_over = fail_alloc_over
+
+    def credit(self, src, nbytes):
+        self.credited.append((src, nbytes))
+
+    def clear_to_send(self, src, context, rid):
+        self.cleared.append((src, context, rid))
+
+    def allocate(self, shape, dtype, src, op, context):
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if self.fail_alloc_over is not None and nbytes > self.fail_alloc_over:
+            raise OutOfMemoryError(f"no memory for {nbytes} bytes")
+        return np.empty(shape, dtype)
+
+
+@pytest.fixture
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def make(loop, events=None, size=3):
+    waits = WaitSet(loop, rank=0, poll_s=0.0)
+    lost: dict[int, PeerLostError] = {}
+    matcher = Matcher(0, size, waits, events or Events(), lost)
+    return matcher, waits, lost
+
+
+def op(loop, context=0, timeout=30.0, what="test op"):
+    return Op(what, context, timeout, loop.time() + timeout)
+
+
+def deliver(sink: Sink, payload: bytes) -> None:
+    """What the frame reader does with a routed frame."""
+    if sink.view is not None:
+        sink.view[:] = payload
+    sink.done()
+
+
+def sig_of(arr):
+    return wire.signature("send", arr.dtype, arr.shape)
+
+
+def test_messages_pair_in_order_whichever_comes_first(loop):
+    matcher, _, _ = make(loop)
+    a, b, c = (np.full(4, i, np.float32) for i in range(3))
+    # a arrives before any receive; b and c after their receives are posted
+    deliver(matcher.arrive(1, P2P, 0, 0, sig_of(a).encoded, a.nbytes), a.tobytes())
+    futs = [matcher.post(1, P2P, 0, 0, sig_of(a), None, op(loop)) for _ in range(3)]
+    for arr in (b, c):
+        deliver(matcher.arrive(1, P2P, 0, 0, sig_of(arr).encoded, arr.nbytes), arr.tobytes())
+    assert [f.result()[0] for f in futs] == [0, 1, 2]
+
+
+def test_a_receive_that_does_not_fit_leaves_the_message(loop):
+    matcher, _, _ = make(loop)
+    msg = np.arange(4, dtype=np.float32)
+    deliver(matcher.arrive(1, P2P, 0, 0, sig_of(msg).encoded, msg.nbytes), msg.tobytes())
+    with pytest.raises(MismatchError, match=r"\(5,\)"):
+        matcher.post(1, P2P, 0, 0, wire.signature("send", np.dtype(np.float32), (5,)), None, op(loop))
+    with pytest.raises(MismatchError, match="int32"):
+        matcher.post(1, P2P, 0, 0, wire.signature("send", np.dtype(np.int32), (4,)), None, op(loop))
+    got = matcher.post(1, P2P, 0, 0, sig_of(msg), None, op(loop))
+    assert np.array_equal(got.result(), msg)
+
+
+def test_a_posted_receive_that_does_not_fit_fails_and_the_next_takes_the_message(loop):
+    matcher, _, _ = make(loop)
+    msg = np.arange(4, dtype=np.float32)
+    wrong = matcher.post(1, P2P, 0, 0, wire.signature("send", np.dtype(np.float32), (5,)), None, op(loop))
+    deliver(matcher.arrive(1, P2P, 0, 0, sig_of(msg).encoded, msg.nbytes), msg.tobytes())
+    assert isinstance(wrong.exception(), MismatchError)
+    right = matcher.post(1, P2P, 0, 0, sig_of(msg), None, op(loop))
+    assert np.array_equal(right.result(), msg)
+
+
+def test_a_timed_out_receive_takes_nothing(loop):
+    matcher, waits, _ = make(loop)
+    msg = np.arange(3, dtype=np.int64)
+    first = matcher.post(1, P2P, 0, 0, sig_of(msg), None, op(loop, timeout=0.01))
+    loop.run_until_complete(asyncio.sleep(0.05))
+    err = first.exception()
+    assert isinstance(err, CommTimeoutError) and "0.01s" in str(err) and "AIOCOMM_TIMEOUT" in str(err)
+    assert err.culprit == 1
+    deliver(matcher.arrive(1, P2P, 0, 0, sig_of(msg).encoded, msg.nbytes), msg.tobytes())
+    later = matcher.post(1, P2P, 0, 0, sig_of(msg), None, op(loop))
+    assert np.array_equal(later.result(), msg)
+    assert not waits.pending
+
+
+def test_credit_is_handed_back_when_no_buffer_holds_the_bytes(loop):
+    events = Events()
+    matcher, _, _ = make(loop, events)
+    msg = np.zeros(10, np.uint8)
+    # into a posted receive: credited at once
+    fut = matcher.post(1, P2P, 0, 0, sig_of(msg), None, op(loop))
+    deliver(matcher.arrive(1, P2P, 0, 0, sig_of(msg).encoded, 10), bytes(10))
+    assert fut.done() and events.credited == [(1, 10)]
+    # buffered: credited when its receive takes it
+    deliver(matcher.arrive(1, P2P, 0, 0, sig_of(msg).encoded, 10), bytes(10))
+    assert events.credited == [(1, 10)]
+    matcher.post(1, P2P, 0, 0, sig_of(msg), None, op(loop))
+    assert events.credited == [(1, 10), (1, 10)]
+
+
+def test_announced_message_is_cleared_once_a_receive_is_posted(loop):
+    events = Events()
+    matcher, _, _ = make(loop, events)
+    msg = np.arange(8, dtype=np.float64)
+    matcher.announce(2, P2P, 0, 0, sig_of(msg).encoded, msg.nbytes, rid=7)
+    assert events.cleared == []
+    fut = matcher.post(2, P2P, 0, 0, sig_of(msg), None, op(loop))
+    assert events.cleared == [(2, 0, 7)]
+    deliver(matcher.payload(2, 7, msg.nbytes), msg.tobytes())
+    assert np.array_equal(fut.result(), msg)
+    # announced when a receive is already posted: cleared at once
+    fut = matcher.post(2, P2P, 0, 0, sig_of(msg), None, op(loop))
+    matcher.announce(2, P2P, 0, 0, sig_of(msg).encoded, msg.nbytes, rid=8)
+    assert events.cleared[-1] == (2, 0, 8)
+    deliver(matcher.payload(2, 8, msg.nbytes), msg.tobytes())
+    assert np.array_equal(fut.result(), msg)
+    assert events.credited == []  # announced bytes never used the budget
+
+
+def test_losing_a_peer_fails_its_receives_even_halfway(loop):
+    matcher, waits, lost = make(loop)
+    msg = np.zeros(1000, np.uint8)
+    posted = matcher.post(1, P2P, 0, 0, sig_of(msg), None, op(loop))
+    sink = matcher.arrive(1, P2P, 0, 0, sig_of(msg).encoded, 1000)
+    sink.view[:10] = bytes(10)  # half a payload, then the peer dies
+    err = PeerLostError("rank 1 is gone", 1)
+    lost[1] = err
+    waits.fail_peer(1, err)
+    matcher.drop_peer(1)
+    assert posted.exception() is err
+    with pytest.raises(PeerLostError):
+        matcher.post(1, P2P, 0, 0, sig_of(msg), None, op(loop))
+
+
+def test_complete_messages_of_a_lost_peer_stay_receivable(loop):
+    matcher, waits, lost = make(loop)
+    msg = np.arange(5, dtype=np.int16)
+    deliver(matcher.arrive(1, P2P, 0, 0, sig_of(msg).encoded, msg.nbytes), msg.tobytes())
+    lost[1] = PeerLostError("gone", 1)
+    waits.fail_peer(1, lost[1])
+    matcher.drop_peer(1)
+    assert np.array_equal(matcher.post(1, P2P, 0, 0, sig_of(msg), None, op(loop)).result(), msg)
+    with pytest.raises(PeerLostError):
+        matcher.post(1, P2P, 0, 0, sig_of(msg), None, op(loop))
+
+
+def test_aborting_a_context_fails_only_its_waits(loop):
+    matcher, waits, _ = make(loop)
+    msg = np.zeros(2, np.float32)
+    mine = matcher.post(1, P2P, 5, 0, sig_of(msg), None, op(loop, context=5))
+    other = matcher.post(1, P2P, 6, 0, sig_of(msg), None, op(loop, context=6))
+    connecting = Wait(waits, 2, op(loop, context=5), "connecting to")
+    err = CommError("aborted")
+    waits.fail_context(5, err)
+    matcher.drop_context(5)
+    assert mine.exception() is err and connecting.future.exception() is err
+    assert not other.done()
+
+
+def test_out_of_memory_fails_the_receive_naming_the_size(loop):
+    matcher, _, _ = make(loop, Events(fail_alloc_over=100))
+    msg = np.zeros(1000, np.uint8)
+    fut = matcher.post(1, P2P, 0, 0, sig_of(msg), None, op(loop))
+    sink = matcher.arrive(1, P2P, 0, 0, sig_of(msg).encoded, 1000)
+    assert sink.view is None  # the payload is dropped
+    assert isinstance(fut.exception(), OutOfMemoryError) and "1000" in str(fut.exception())
+
+
+def test_send_window_goes_eager_within_credit_and_announces_past_it():
+    window = SendWindow(100)
+    assert window.take_eager(50) and window.credit == 50
+    assert not window.take_eager(51)  # over half the window: always announced
+    assert window.take_eager(50) and window.credit == 0
+    assert not window.take_eager(1)
+    budget = ReceiveBudget(100, size=2)
+    assert budget.consumed(1, 20) == 0 and budget.consumed(1, 5) == 25  # a quarter: hand it back
+
+
+def test_abort_maps_round_trip_with_their_culprit():
+    lost = PeerLostError("rank 2 lost rank 3", 3)
+    exc, fields = abort_error(abort_fields(lost, me=2))
+    assert isinstance(exc, PeerLostError) and exc.rank == 3 and exc.culprit == 3
+    assert "reported by rank 2" in str(exc) and fields["origin"] == 2
+    mismatch, _ = abort_error(abort_fields(MismatchError("shapes differ"), me=1))
+    assert isinstance(mismatch, MismatchError) and mismatch.culprit == 1
+    strange, _ = abort_error({"origin": 0, "type": "os.system", "reason": "x"})
+    assert type(strange) is CommError
+    with pytest.raises(ProtocolError):
+        abort_error({"origin": 0})
+
+
+def frames(data: bytes) -> list[tuple[wire.Header, bytes]]:
+    out = []
+
+    def route(header, meta):
+        out.append((header, meta))
+        return Sink(None)
+
+    reader = wire.FrameReader(route)
+    buf = reader.get_buffer(-1)
+    buf[: len(data)] = data
+    reader.buffer_updated(len(data))
+    return out
+
+
+def run_handshake(acceptor, dialer):
+    (challenge,) = frames(acceptor.start())
+    (hello,) = frames(dialer.receive(*challenge))
+    (welcome,) = frames(acceptor.receive(*hello))
+    assert dialer.receive(*welcome) == b""
+
+
+def test_handshake_state_machines_agree_on_identity_and_window():
+    acceptor = wire.AcceptorHandshake(b"tok", rank=2, size=4, window=12345)
+    dialer = wire.DialerHandshake(b"tok", rank=1, size=4, to=2)
+    run_handshake(acceptor, dialer)
+    assert acceptor.done and dialer.done
+    assert acceptor.peer == 1 and dialer.peer == 2 and dialer.window == 12345
+
+
+def test_handshake_with_another_token_fails_and_stays_failed():
+    acceptor = wire.AcceptorHandshake(b"job-a", rank=0, size=2, window=1)
+    dialer = wire.DialerHandshake(b"job-b", rank=1, size=2, to=0)
+    (challenge,) = frames(acceptor.start())
+    (hello,) = frames(dialer.receive(*challenge))
+    with pytest.raises(AuthenticationError):
+        acceptor.receive(*hello)
+    with pytest.raises(AuthenticationError):  # sticky
+        acceptor.receive(*hello)
+    assert not acceptor.done
+
+
+def test_handshake_refuses_data_before_it_is_done():
+    acceptor = wire.AcceptorHandshake(b"t", rank=0, size=2, window=1)
+    header = wire.Header(Kind.P2P, 0, 0, 0, 0, 0)
+    with pytest.raises(ProtocolError, match="expected HELLO"):
+        acceptor.receive(header, b"\x90")
