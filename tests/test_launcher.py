@@ -209,3 +209,86 @@ def test_spawning_thread_gets_its_policy_back():
     with _placed(None, True):
         assert os.sched_getscheduler(0) == os.SCHED_BATCH
     assert os.sched_getscheduler(0) == before
+
+
+# --- the pure parts: blame and rendering ----------------------------------------------------
+
+
+def _outcomes(*specs):
+    from launcher.blame import RankOutcome
+
+    out = {}
+    for rank, (code, stopped, culprit, ended) in enumerate(specs):
+        records = [] if culprit == "none" else [{"rank": rank, "error": "PeerLostError", "culprit": culprit,
+                                                 "message": "lost"}]
+        out[rank] = RankOutcome(rank, code, stopped, records, ended)
+    return out
+
+
+def test_blame_follows_culprits_to_the_rank_that_failed_on_its_own():
+    from launcher.blame import decide, summary
+
+    # rank 2 blames 0, which blames 1; rank 1 failed with no record (SystemExit(7)); victims ended first.
+    outcomes = _outcomes((1, False, 1, 1.0), (7, False, "none", 3.0), (1, False, 0, 0.5), (-15, True, "none", 4.0))
+    verdict = decide(outcomes)
+    assert (verdict.cause, verdict.status, verdict.victims) == (1, 7, {0: 1, 2: 1})
+    assert summary(outcomes, verdict) == ("rank 1 exited with code 7 (the cause); ranks 0, 2 failed because of "
+                                          "rank 1; rank 3 stopped by the launcher")
+
+
+def test_blame_never_falls_on_a_rank_the_launcher_stopped():
+    from launcher.blame import decide
+
+    # rank 0 timed out waiting for rank 1 (hung; stopped by the launcher): rank 0 is the cause.
+    verdict = decide(_outcomes((1, False, 1, 1.0), (-15, True, "none", 3.0)))
+    assert (verdict.cause, verdict.status) == (0, 1)
+    # a rank that blames itself, or a rank out of range, blames nobody else
+    verdict = decide(_outcomes((1, False, 0, 1.0), (2, False, 9, 0.5)))
+    assert (verdict.cause, verdict.status, verdict.others) == (1, 2, [0])
+
+
+def test_blame_a_rank_that_left_early_and_cycles():
+    from launcher.blame import decide, summary
+
+    outcomes = _outcomes((1, False, 1, 1.0), (0, False, "none", 0.5))  # rank 1 exited 0 while rank 0 needed it
+    verdict = decide(outcomes)
+    assert (verdict.cause, verdict.status) == (1, 1)
+    assert "rank 1 exited with code 0 while other ranks still needed it (the cause)" in summary(outcomes, verdict)
+    verdict = decide(_outcomes((1, False, 1, 2.0), (3, False, 0, 1.0)))  # each blames the other
+    assert verdict.cause in (0, 1) and verdict.status in (1, 3)
+    signal_death = _outcomes((0, False, "none", 1.0), (-9, False, "none", 1.0))
+    assert decide(signal_death).status == 137
+    assert "rank 1 killed by SIGKILL (the cause)" in summary(signal_death, decide(signal_death))
+
+
+def _render(chunks, *, tty=False, raw=False):
+    import asyncio
+
+    from launcher.output import Console, RankText
+
+    async def go():
+        r, w = os.pipe()
+        console = Console(w, asyncio.get_running_loop(), tty=tty, raw=raw)
+        reports = []
+        texts = {rank: RankText(rank, console, b"\x1eM", reports.append) for rank in (0, 1)}
+        for rank, data in chunks:
+            texts[rank].feed(data)
+        for text in texts.values():
+            text.finish()
+        await asyncio.to_thread(console.close)
+        os.close(w)
+        with os.fdopen(r, "rb") as fh:
+            return fh.read(), reports
+
+    return asyncio.run(go())
+
+
+def test_lines_are_whole_and_carriage_returns_render_as_a_terminal_would():
+    out, reports = _render([(0, b"half "), (1, b"one\r\n"), (0, b"line\n\x1eM {\"exit\": 0}\nlast"),
+                            (1, b"\r 10%\r 20%\r100%"), (1, b"\n")])
+    assert out == b"[rank 1] one\n[rank 0] half line\n[rank 1] 100%\n[rank 0] last\n"
+    assert reports == [b' {"exit": 0}']
+    out, _ = _render([(0, b"a\r\nb\rc"), (1, b"x" * 10)], raw=True)  # log files: the bytes as they came
+    assert out == b"a\r\nb\rcxxxxxxxxxx"
+    out, _ = _render([(0, b"\r 10%"), (1, b"note\n"), (0, b"\r 50%\r100%\n")], tty=True)
+    assert out == b"\r\x1b[K[rank 0]  10%" + b"\r\x1b[K[rank 1] note\n[rank 0]  10%" + b"\r\x1b[K[rank 0] 100%\n"
