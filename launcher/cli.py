@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
 import secrets
 import shlex
+import shutil
 import socket
 import sys
 import tempfile
 from typing import Sequence
 
-from .hosts import Host, HostfileError, format_address, is_local, parse_hosts, read_hostfile
+from .hosts import HostfileError, format_address, is_local, parse_hosts, read_hostfile
 from .job import RankProcess, run_job
 from aiocomm.placement import POLICIES, SCHEDULING, batch_scheduled, cpu_sets
 
@@ -81,8 +83,8 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
 
 def bind_listeners(host: str, n: int, ports: Sequence[int] | None = None) -> list[socket.socket]:
     """Listening sockets on ``host`` (free ports, or the ``ports`` given) that
-    the ranks inherit, so no other program takes a port between choosing and
-    using it."""
+    the ranks inherit (through ``pass_fds``: each rank gets its own and no
+    other), so no other program takes a port between choosing and using it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     socks = []
     for i in range(n):
@@ -96,19 +98,27 @@ def bind_listeners(host: str, n: int, ports: Sequence[int] | None = None) -> lis
                 other.close()
             raise SystemExit(f"aiocomm-launch: cannot listen on {format_address(host, port)}: {exc}") from None
         s.listen(1024)
-        s.set_inheritable(True)
         socks.append(s)
     return socks
 
 
-def remote_argv(ssh: str, host: Host, cwd: str, env: dict[str, str], argv: list[str], python: str) -> list[str]:
-    """ssh command line that runs ``argv`` under the remote agent with ``env``."""
-    assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in env.items())
-    command = (
-        f"cd {shlex.quote(cwd)} && exec env {assignments} {shlex.quote(python)} -m launcher.remote -- "
-        + " ".join(shlex.quote(a) for a in argv)
-    )
-    return [*shlex.split(ssh), "-o", "BatchMode=yes", host.ssh, command]
+def check_command(argv: Sequence[str], cwd: str | None, env: dict[str, str]) -> None:
+    """Report a script or program that does not exist once, up front, instead
+    of letting every rank fail on it (only for ranks on this machine)."""
+    cwd = cwd or os.getcwd()
+    if len(argv) >= 2 and argv[1].endswith(".py") and not argv[1].startswith("-"):
+        script = os.path.join(cwd, argv[1])
+        if not os.path.isfile(script):
+            print(f"aiocomm-launch: {argv[1]}: no such file (looked in {cwd})", file=sys.stderr)
+            raise SystemExit(2)  # as python says it
+    program = argv[0]
+    if os.sep in program:
+        found = os.path.isfile(os.path.join(cwd, program)) and os.access(os.path.join(cwd, program), os.X_OK)
+    else:
+        found = shutil.which(program, path=env.get("PATH", os.defpath)) is not None
+    if not found:
+        print(f"aiocomm-launch: {program}: command not found", file=sys.stderr)
+        raise SystemExit(127)
 
 
 def plan_job(args: argparse.Namespace, hostfile: str) -> tuple[list[RankProcess], list[socket.socket]]:
@@ -121,6 +131,10 @@ def plan_job(args: argparse.Namespace, hostfile: str) -> tuple[list[RankProcess]
     per = args.connections_per_ip
     if per < 1:
         raise SystemExit("aiocomm-launch: --connections-per-ip must be at least 1")
+    argv = command_argv(args.command, args.python)
+    extra = parse_env(plan.envs) | parse_env(args.env)
+    if any(is_local(host) for host in slots):
+        check_command(argv, args.cwd, dict(os.environ, **extra))
     base = args.starting_port if args.starting_port is not None else None
     remote_base = base if base is not None else random.randrange(20000, 60000 - len(slots) * per)
     listeners: list[socket.socket] = []
@@ -139,26 +153,25 @@ def plan_job(args: argparse.Namespace, hostfile: str) -> tuple[list[RankProcess]
     hostfile_text = json.dumps(addresses)
     with open(hostfile, "w") as fh:
         fh.write(hostfile_text)
-    argv = command_argv(args.command, args.python)
-    extra = parse_env(plan.envs) | parse_env(args.env)
+    # The token reaches every rank in its agent's header (a pipe, or ssh's
+    # stdin), never on a command line, where any local user could read it.
     token = secrets.token_hex(16)
     local = [r for r, host in enumerate(slots) if is_local(host)]
     bound = dict(zip(local, cpu_sets(len(local), args.bind_to)))
     batch = batch_scheduled(len(local), args.sched)
+    ssh = shlex.split(args.ssh)
     ranks = []
     for r, host in enumerate(slots):
         job_env = dict(extra, AIOCOMM_RANK=str(r), AIOCOMM_TOKEN=token, PYTHONUNBUFFERED="1")
         output = os.path.join(args.output_dir, f"rank-{r}.log") if args.output_dir else None
+        stdin = "inherit" if r == 0 else "null"
         if is_local(host):
-            env = dict(os.environ, **job_env, AIOCOMM_HOSTFILE=hostfile, AIOCOMM_LISTEN_FDS=",".join(map(str, fds[r])))
-            ranks.append(RankProcess(r, argv, env, args.cwd, fds[r], stdin="inherit" if r == 0 else "null",
-                                     output=output, cpus=bound[r], batch=batch))
+            job_env.update(AIOCOMM_HOSTFILE=hostfile, AIOCOMM_LISTEN_FDS=",".join(map(str, fds[r])))
+            ranks.append(RankProcess(r, argv, job_env, args.cwd, fds[r], stdin=stdin, output=output,
+                                     cpus=bound[r], batch=batch))
         else:
-            job_env["AIOCOMM_HOSTFILE_JSON"] = hostfile_text
-            cwd = args.cwd or os.getcwd()
-            ranks.append(RankProcess(r, remote_argv(args.ssh, host, cwd, job_env, argv, args.python),
-                                     dict(os.environ), None, (), stdin="forward" if r == 0 else "pipe",
-                                     output=output))
+            ranks.append(RankProcess(r, argv, job_env, args.cwd or os.getcwd(), (), stdin=stdin, output=output,
+                                     ssh=[*ssh, host.ssh], python=args.python, hostfile_json=hostfile_text))
     return ranks, listeners
 
 
@@ -183,12 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 close_listeners()
             if result.exit_status != 0:
-                print(f"aiocomm-launch: {result.summary()}", file=sys.stderr, flush=True)
+                with contextlib.suppress(OSError):
+                    os.write(2, f"aiocomm-launch: {result.summary()}\n".encode(errors="replace"))
             return result.exit_status
 
-        try:
-            import uvloop
-
-            return uvloop.run(go()) if hasattr(uvloop, "run") else asyncio.run(go())
-        except ImportError:
-            return asyncio.run(go())
+        return asyncio.run(go())

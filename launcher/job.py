@@ -1,27 +1,61 @@
 """Run the ranks of one job, watch them, and stop them all when one fails.
 
-Each rank is a child process in its own session (so a signal reaches its
-whole process tree).  Output lines are read from pipes and written whole,
-tagged ``[rank N]``, so lines of different ranks never interleave mid-line.
-The job's exit status is 0 only when every rank exited 0; otherwise it is the
-first failing rank's status (128 + signal number for a signal), and a one-line
-summary says which ranks failed and how.
+Theory of operation
+-------------------
+Every rank runs under an agent (:mod:`.agent`) on its host: a child of the
+launcher for a local rank, the remote command of an ssh client for another
+host.  The launcher talks to each agent over a control channel (a pipe, or
+the ssh client's stdin) and the agent reports back in marked lines on the
+stderr it shares with the rank.  Because an agent stops its rank when that
+channel closes, a launcher that dies, even by SIGKILL, takes its ranks with
+it; and because it clears what the rank left behind when the rank exits,
+no grandchild holds the job's output open after the ranks are gone.
+
+The launcher spawns with :class:`subprocess.Popen` (``close_fds`` is
+honoured: a rank inherits its own listening sockets and nothing else), waits
+for each agent in a thread, and reads the output pipes on the event loop
+(:mod:`.output`).
+
+A job ends at the first of: every rank exited 0; a rank failed; ``timeout``
+passed; the launcher got SIGINT/SIGTERM/SIGHUP; its output was closed.
+After a failure the launcher waits up to ``COLLECT`` seconds (less once
+every rank has exited) for the other ranks to end on their own, so the rank
+that caused the failure is seen failing, not stopped; then it stops the rest
+(SIGTERM, SIGKILL ``GRACE`` seconds later) and :mod:`.blame` decides the
+cause from the exits and the runtime's failure records.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import secrets
+import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import IO, Callable, Iterator, Sequence
+from importlib import resources
+from typing import Any, Callable, Iterator, Sequence
 
-#: Seconds between SIGTERM and SIGKILL when stopping ranks.
-GRACE = 5.0
+from . import agent
+from .blame import RankOutcome, Verdict, decide, summary
+from .output import Console, RankText
+
+#: Seconds the agents give ranks between SIGTERM and SIGKILL.
+GRACE = agent.GRACE
+#: Seconds after GRACE before the launcher kills an agent that has not ended.
+BACKSTOP = 5.0
+#: Seconds, after the first failure, that the other ranks get to end on their own.
+COLLECT = 2.0
+#: Once every agent has ended, seconds a pipe may stay silent (held by some
+#: leftover process) before the launcher stops reading it.
+DRAIN_IDLE = 0.5
 
 
 @dataclass
@@ -30,114 +64,204 @@ class RankProcess:
 
     rank: int
     argv: list[str]
-    env: dict[str, str]
+    env: dict[str, str]  # the job's variables for this rank, added to its host's environment
     cwd: str | None = None
-    pass_fds: tuple[int, ...] = ()
-    # "inherit": the launcher's stdin; "null"; "pipe": held open for an ssh
-    # agent (launcher.remote); "forward": also carries the launcher's stdin to it
-    stdin: str = "null"
-    output: str | None = None  # a file for this rank's stdout and stderr instead of the terminal
-    cpus: tuple[int, ...] | None = None  # CPUs to bind the rank to (None: where the scheduler likes)
+    pass_fds: tuple[int, ...] = ()  # listening sockets the rank inherits (local ranks)
+    stdin: str = "null"  # "inherit": the launcher's stdin; "null"
+    output: str | None = None  # a file for this rank's stdout and stderr instead of the launcher's
+    cpus: tuple[int, ...] | None = None  # CPUs to bind a local rank to (None: where the scheduler likes)
     batch: bool = False  # start it under SCHED_BATCH (aiocomm.placement)
+    ssh: list[str] | None = None  # ssh command reaching the rank's host, host name last (None: local)
+    python: str = sys.executable  # interpreter that runs the agent
+    hostfile_json: str | None = None  # the hostfile, for an agent to write on its own host
 
 
 @dataclass
 class JobResult:
-    returncodes: dict[int, int | None] = field(default_factory=dict)
-    first_failure: int | None = None  # rank
+    outcomes: dict[int, RankOutcome] = field(default_factory=dict)
+    ending: str | None = None  # what ended the job other than a rank's failure
+    ending_status: int = 0
     timed_out: bool = False
 
     @property
+    def verdict(self) -> Verdict:
+        return decide(self.outcomes)
+
+    @property
     def exit_status(self) -> int:
-        if self.timed_out:
-            return 124
-        if self.first_failure is None:
-            return 0
-        return status_of(self.returncodes[self.first_failure])
+        if self.ending is not None:
+            return self.ending_status
+        return self.verdict.status
+
+    @property
+    def returncodes(self) -> dict[int, int | None]:
+        return {rank: o.code for rank, o in self.outcomes.items()}
 
     def summary(self) -> str:
-        failed = []
-        for rank, code in sorted(self.returncodes.items()):
-            if code is None:
-                failed.append(f"rank {rank} did not finish")
-            elif code < 0:
+        return summary(self.outcomes, self.verdict, self.ending)
+
+
+def agent_source() -> bytes:
+    return resources.files(__package__).joinpath("agent.py").read_bytes()
+
+
+def agent_argv(python: str, fd: int, source: bytes) -> list[str]:
+    return [python, "-I", "-S", "-c", agent.BOOTSTRAP, str(fd), str(len(source))]
+
+
+class _Channel:
+    """Frames to one agent, written by a thread: the loop never blocks on a full pipe."""
+
+    HIGH_WATER = 1 << 20
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._frames: deque[bytes] = deque()
+        self._pending = 0
+        self._closing = False
+        self._cond = threading.Condition()
+        threading.Thread(target=self._run, name="aiocomm-control", daemon=True).start()
+
+    def send(self, data: bytes, wait: bool = False) -> None:
+        """Queue ``data``; with ``wait``, first block while much is pending (the stdin thread)."""
+        with self._cond:
+            while wait and self._pending > self.HIGH_WATER and not self._closing:
+                self._cond.wait()
+            if self._closing:
+                return
+            self._frames.append(data)
+            self._pending += len(data)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Close the channel once what is queued is written: the agent stops its rank if it still runs."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        broken = False
+        while True:
+            with self._cond:
+                while not self._frames and not self._closing:
+                    self._cond.wait()
+                if not self._frames:
+                    break
+                data = self._frames.popleft()
+            if not broken:
                 try:
-                    name = signal.Signals(-code).name
-                except ValueError:
-                    name = f"signal {-code}"
-                failed.append(f"rank {rank} killed by {name}")
-            elif code != 0:
-                failed.append(f"rank {rank} exited with code {code}")
-        head = "job timed out; " if self.timed_out else ""
-        return head + ("; ".join(failed) if failed else "all ranks exited 0")
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(self.fd, view):]
+                except OSError:  # the agent is gone
+                    broken = True
+            with self._cond:
+                self._pending -= len(data)
+                self._cond.notify_all()
+        os.close(self.fd)
 
 
-def status_of(code: int | None) -> int:
-    if code is None:
-        return 1
-    if code < 0:
-        return 128 - code
-    return code
+class _Pump:
+    """Reads one output pipe of a rank on the event loop into its RankText."""
 
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, text: RankText) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.text = text
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.last_read = time.monotonic()
+        self.paused = False
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, self._readable)
 
-class _Output:
-    """Writes whole lines, optionally prefixed, to one stream."""
-
-    def __init__(self, stream: IO[bytes], prefix: bool) -> None:
-        self.stream = stream
-        self.prefix = prefix
-
-    def line(self, rank: int, data: bytes) -> None:
-        if self.prefix:
-            data = b"[rank %d] " % rank + data
-        if not data.endswith(b"\n"):
-            data += b"\n"
-        self.stream.write(data)
-        self.stream.flush()
-
-
-async def _pump(reader: asyncio.StreamReader, rank: int, out: _Output) -> None:
-    while True:
+    def _readable(self) -> None:
         try:
-            line = await reader.readuntil(b"\n")
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial:
-                out.line(rank, exc.partial)
+            data = os.read(self.fd, 1 << 16)
+        except (BlockingIOError, InterruptedError):
             return
-        except asyncio.LimitOverrunError as exc:
-            line = await reader.readexactly(exc.consumed)
-        out.line(rank, line)
-
-
-def _forward_stdin(loop: asyncio.AbstractEventLoop, proc: asyncio.subprocess.Process) -> None:
-    """Copy the launcher's stdin to a remote agent in length-prefixed frames
-    (see launcher.remote); a zero-length frame says the input ended."""
-    writer = proc.stdin
-    assert writer is not None
-
-    def send(frame: bytes) -> None:
-        if not writer.is_closing():
-            writer.write(frame)
-
-    def read() -> None:
-        try:
-            while chunk := sys.stdin.buffer.read1(65536):
-                loop.call_soon_threadsafe(send, len(chunk).to_bytes(4, "big") + chunk)
-        except (OSError, ValueError, RuntimeError):
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
             return
+        self.last_read = time.monotonic()
+        self.text.feed(data)
+        console = self.text.console
+        if console.full:
+            self.paused = True
+            self.loop.remove_reader(self.fd)
+            console.when_room(self._resume)
+
+    def _resume(self) -> None:
+        if self.done.done():
+            return
+        self.paused = False
+        self.last_read = time.monotonic()
+        self.loop.add_reader(self.fd, self._readable)
+
+    @property
+    def idle(self) -> float:
+        return 0.0 if self.paused else time.monotonic() - self.last_read
+
+    def close(self) -> None:
+        if self.done.done():
+            return
+        self.loop.remove_reader(self.fd)
+        os.close(self.fd)
+        self.text.finish()
+        self.done.set_result(None)
+
+
+class _RankRun:
+    """One rank's agent while the job runs."""
+
+    def __init__(self, spec: RankProcess, marker: bytes) -> None:
+        self.spec = spec
+        self.marker = marker
+        self.outcome = RankOutcome(spec.rank)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.channel: _Channel | None = None
+        self.pumps: list[_Pump] = []
+        self.rank_pid: int | None = None
+        self.agent_code: int | None = None
+        self.reported_exit: dict[str, Any] | None = None
+        self.stop_sent = False
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.agent_code is None
+
+    @property
+    def failed_on_its_own(self) -> bool:
+        """Ended non-zero before the launcher asked it to stop."""
+        return self.agent_code is not None and self.agent_code != 0 and not self.stop_sent
+
+    def on_report(self, raw: bytes) -> None:
         try:
-            loop.call_soon_threadsafe(send, b"\0\0\0\0")
-        except RuntimeError:  # the job already ended
-            pass
+            report = json.loads(raw)
+        except ValueError:
+            return
+        if not isinstance(report, dict):
+            return
+        if "started" in report:
+            self.rank_pid = report["started"]
+        elif isinstance(report.get("failure"), dict):
+            self.outcome.records.append(report["failure"])
+        elif "exit" in report:
+            self.reported_exit = report
 
-    threading.Thread(target=read, name="aiocomm-stdin", daemon=True).start()
+    def send(self, data: bytes) -> None:
+        if self.channel is not None and self.running:
+            self.channel.send(data)
 
-
-def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+    def settle(self) -> None:
+        """Fill in the outcome from the agent's report, or from its own end."""
+        if self.reported_exit is not None:
+            self.outcome.code = self.reported_exit.get("exit")
+            self.outcome.stopped = bool(self.reported_exit.get("stopped"))
+        else:  # the agent itself died (or ssh could not reach the host)
+            self.outcome.code = self.agent_code
+            self.outcome.stopped = self.stop_sent
 
 
 @contextlib.contextmanager
@@ -162,6 +286,71 @@ def _placed(cpus: tuple[int, ...] | None, batch: bool) -> Iterator[None]:
             os.sched_setscheduler(0, *before_policy)
 
 
+def _start(run: _RankRun, source: bytes, stdout: Console, stderr: Console,
+           files: list[Console], loop: asyncio.AbstractEventLoop) -> None:
+    spec = run.spec
+    header = {
+        "argv": spec.argv,
+        "env": spec.env,
+        "cwd": spec.cwd,
+        "stdin": "frames" if spec.ssh is not None and spec.stdin == "inherit" else spec.stdin,
+        "pass_fds": list(spec.pass_fds),
+        "hostfile_json": spec.hostfile_json,
+        "marker": run.marker.decode(),
+    }
+    opening = source + agent.frame(b"H", json.dumps(header).encode())
+    if spec.ssh is None:
+        control_r, control_w = os.pipe()
+        try:
+            with _placed(spec.cpus, spec.batch):  # the agent and its rank inherit the CPUs and policy
+                run.proc = subprocess.Popen(
+                    agent_argv(spec.python, control_r, source),
+                    stdin=None if spec.stdin == "inherit" else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    pass_fds=(control_r, *spec.pass_fds), start_new_session=True,
+                )
+        except BaseException:
+            os.close(control_w)
+            raise
+        finally:
+            os.close(control_r)
+        run.channel = _Channel(control_w)
+    else:
+        remote = "exec " + " ".join(shlex.quote(a) for a in agent_argv(spec.python, 0, source))
+        run.proc = subprocess.Popen(
+            [*spec.ssh[:-1], "-o", "BatchMode=yes", spec.ssh[-1], remote],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        )
+        assert run.proc.stdin is not None
+        run.channel = _Channel(os.dup(run.proc.stdin.fileno()))
+        run.proc.stdin.close()
+    run.channel.send(opening)
+    out, err = stdout, stderr
+    if spec.output is not None:
+        fd = os.open(spec.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        out = err = Console(fd, loop, prefix=False, raw=True, name=f"rank-{spec.rank}.log")
+        files.append(out)
+    assert run.proc.stdout is not None and run.proc.stderr is not None
+    for pipe, console, marker in ((run.proc.stdout, out, None), (run.proc.stderr, err, run.marker)):
+        fd = os.dup(pipe.fileno())
+        pipe.close()
+        run.pumps.append(_Pump(loop, fd, RankText(spec.rank, console, marker, run.on_report)))
+
+
+def _forward_stdin(channel: _Channel) -> None:
+    """Copy the launcher's stdin to a remote agent in frames (a thread)."""
+
+    def read() -> None:
+        try:
+            while chunk := os.read(0, 1 << 16):
+                channel.send(agent.frame(b"I", chunk), wait=True)
+        except OSError:
+            pass
+        channel.send(agent.frame(b"E"))
+
+    threading.Thread(target=read, name="aiocomm-stdin", daemon=True).start()
+
+
 async def run_job(
     ranks: Sequence[RankProcess],
     *,
@@ -169,110 +358,155 @@ async def run_job(
     timeout: float | None = None,
     verbose: bool = False,
     on_started: Callable[[], None] | None = None,
+    stdout_fd: int = 1,
+    stderr_fd: int = 2,
 ) -> JobResult:
-    """Start every rank, wait, and stop the rest as soon as one fails."""
+    """Start every rank, wait, and stop the rest as soon as one fails.
+
+    Returns the result once every rank has ended and its output is written;
+    the caller prints ``result.summary()`` when ``result.exit_status`` is not 0.
+    """
     loop = asyncio.get_running_loop()
-    stdout = _Output(sys.stdout.buffer, prefix)
-    stderr = _Output(sys.stderr.buffer, prefix)
-    procs: dict[int, asyncio.subprocess.Process] = {}
-    pumps: list[asyncio.Task[None]] = []
     result = JobResult()
-    files: list[IO[bytes]] = []
-    stdin_modes = {
-        "inherit": None,
-        "pipe": asyncio.subprocess.PIPE,
-        "forward": asyncio.subprocess.PIPE,
-        "null": asyncio.subprocess.DEVNULL,
-    }
-    for spec in ranks:
-        with _placed(spec.cpus, spec.batch):  # the child inherits the spawning thread's CPUs and policy
-            proc = await asyncio.create_subprocess_exec(
-                *spec.argv,
-                env=spec.env,
-                cwd=spec.cwd,
-                pass_fds=spec.pass_fds,
-                stdin=stdin_modes[spec.stdin],
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-                limit=1 << 20,
-            )
-        procs[spec.rank] = proc
-        result.returncodes[spec.rank] = None
-        assert proc.stdout is not None and proc.stderr is not None
-        out, err = stdout, stderr
-        if spec.output is not None:
-            fh = open(spec.output, "wb")
-            files.append(fh)
-            out = err = _Output(fh, False)
-        pumps.append(loop.create_task(_pump(proc.stdout, spec.rank, out)))
-        pumps.append(loop.create_task(_pump(proc.stderr, spec.rank, err)))
-        if spec.stdin == "forward":
-            _forward_stdin(loop, proc)
-        if verbose:
-            where = f" on CPUs {','.join(map(str, spec.cpus))}" if spec.cpus else ""
-            print(f"aiocomm-launch: rank {spec.rank} pid {proc.pid}{where}: {' '.join(spec.argv)}", file=sys.stderr)
+    events: asyncio.Queue[tuple[_RankRun, int]] = asyncio.Queue()
+    runs: list[_RankRun] = []
+    files: list[Console] = []
+    state = {"stopping": False}
 
-    if on_started is not None:
-        on_started()
-    stopping = False
-
-    def stop_all(sig: int = signal.SIGTERM) -> None:
-        nonlocal stopping
-        if stopping and sig == signal.SIGTERM:
-            return
-        stopping = True
-        for proc in procs.values():
-            if proc.returncode is None:
-                _signal_group(proc, sig)
-        loop.call_later(GRACE, _kill_rest)
-
-    def _kill_rest() -> None:
-        for proc in procs.values():
-            if proc.returncode is None:
-                _signal_group(proc, signal.SIGKILL)
-
-    def forward(sig: int) -> None:
-        for proc in procs.values():
-            if proc.returncode is None:
-                _signal_group(proc, sig)
+    def end(ending: str, status: int) -> None:
+        if result.ending is None and not any(r.failed_on_its_own for r in runs):
+            result.ending, result.ending_status = ending, status
         stop_all()
 
+    def output_broken(console: Console, exc: OSError) -> None:
+        if not state["stopping"]:
+            end(f"the launcher's {console.name} was closed ({exc.strerror or exc})", 128 + signal.SIGPIPE)
+
+    stdout, stderr = _consoles(loop, stdout_fd, stderr_fd, prefix, output_broken)
+
+    def stop_all() -> None:
+        if state["stopping"]:
+            return
+        state["stopping"] = True
+        for run in runs:
+            if run.running:
+                run.stop_sent = True
+                run.send(agent.frame(b"T"))
+        loop.call_later(GRACE + BACKSTOP, kill_agents)
+
+    def kill_agents() -> None:
+        for run in runs:
+            if run.running:
+                if run.spec.ssh is None and run.rank_pid is not None:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(run.rank_pid, signal.SIGKILL)
+                assert run.proc is not None
+                with contextlib.suppress(ProcessLookupError):
+                    run.proc.kill()
+
+    def forward(sig: int) -> None:
+        for run in runs:
+            if run.running:
+                run.stop_sent = True
+                run.send(agent.frame(b"S", str(int(sig)).encode()))
+        end(f"the launcher got {signal.Signals(sig).name}", 128 + sig)
+
+    def wait_for(run: _RankRun) -> None:
+        assert run.proc is not None
+        code = run.proc.wait()
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            loop.call_soon_threadsafe(events.put_nowait, (run, code))
+
+    source = agent_source()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, forward, sig)
-
-    waits = {loop.create_task(proc.wait()): rank for rank, proc in procs.items()}
-    deadline = None if timeout is None else time.monotonic() + timeout
-    pending = set(waits)
     try:
-        while pending:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done, pending = await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                result.timed_out = True
-                stop_all()
-                deadline = None
-                continue
-            for task in done:
-                rank = waits[task]
-                code = task.result()
-                result.returncodes[rank] = code
-                if code != 0 and result.first_failure is None and not result.timed_out:
-                    result.first_failure = rank
+        for spec in ranks:
+            run = _RankRun(spec, b"\x1eaiocomm-agent-" + secrets.token_hex(8).encode())
+            try:
+                _start(run, source, stdout, stderr, files, loop)
+            except OSError as exc:
+                stderr.note(f"aiocomm-launch: cannot start rank {spec.rank}: {exc}")
+                result.outcomes[spec.rank] = RankOutcome(spec.rank, code=127)
+                end(f"rank {spec.rank} could not be started", 127)
+                break
+            runs.append(run)
+            result.outcomes[spec.rank] = run.outcome
+            threading.Thread(target=wait_for, args=(run,), name=f"aiocomm-wait-{spec.rank}", daemon=True).start()
+            if spec.ssh is not None and spec.stdin == "inherit" and run.channel is not None:
+                _forward_stdin(run.channel)
+            if verbose:
+                where = f" on CPUs {','.join(map(str, spec.cpus))}" if spec.cpus else ""
+                host = f" on {spec.ssh[-1]}" if spec.ssh else ""
+                stderr.note(f"aiocomm-launch: rank {spec.rank}{host}{where}: {' '.join(spec.argv)}")
+        if on_started is not None:
+            on_started()
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        collect_until: float | None = None
+        running = sum(1 for r in runs if r.running)
+        while running:
+            wake = min((t for t in (deadline, collect_until) if t is not None), default=None)
+            try:
+                if wake is None:
+                    run, code = await events.get()
+                else:
+                    run, code = await asyncio.wait_for(events.get(), max(0.0, wake - time.monotonic()))
+            except asyncio.TimeoutError:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    deadline = None
+                    result.timed_out = True
+                    end(f"the job timed out after {timeout:g} s", 124)
+                if collect_until is not None and now >= collect_until:
+                    collect_until = None
                     stop_all()
+                continue
+            run.agent_code = code
+            run.outcome.ended_at = time.monotonic()
+            running -= 1
+            if run.channel is not None:
+                run.channel.close()
+            if run.failed_on_its_own and not state["stopping"] and collect_until is None:
+                collect_until = time.monotonic() + COLLECT
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        for proc in procs.values():
-            if proc.returncode is None:
-                _signal_group(proc, signal.SIGKILL)
-        # Reap whatever a rank left in its process group.
-        for proc in procs.values():
-            _signal_group(proc, signal.SIGKILL)
-        await asyncio.gather(*pumps, return_exceptions=True)
-        for proc in procs.values():
-            if proc.stdin is not None:
-                proc.stdin.close()
-        for fh in files:
-            fh.close()
+        for run in runs:  # only if run_job itself failed: the agents stop their ranks
+            if run.channel is not None:
+                run.channel.close()
+    await _drain([p for r in runs for p in r.pumps])
+    for run in runs:
+        run.settle()
+    for console in files:
+        await asyncio.to_thread(console.close)
+    await asyncio.to_thread(stdout.close)
+    if stderr is not stdout:
+        await asyncio.to_thread(stderr.close)
     return result
+
+
+async def _drain(pumps: list[_Pump]) -> None:
+    """Read each pipe to its end, unless it stays silent for DRAIN_IDLE: then
+    something other than the (ended) ranks holds it open, and it is closed."""
+    while True:
+        pending = [p for p in pumps if not p.done.done()]
+        if not pending:
+            return
+        await asyncio.wait([p.done for p in pending], timeout=DRAIN_IDLE / 4)
+        for pump in pending:
+            if not pump.done.done() and pump.idle >= DRAIN_IDLE:
+                pump.close()
+
+
+def _consoles(loop: asyncio.AbstractEventLoop, stdout_fd: int, stderr_fd: int, prefix: bool,
+              on_broken: Callable[[Console, OSError], None]) -> tuple[Console, Console]:
+    """The launcher's stdout and stderr; one console when both are the same file
+    (a terminal, or ``2>&1``), so their lines never cut into each other."""
+    out_stat, err_stat = os.fstat(stdout_fd), os.fstat(stderr_fd)
+    tty = os.isatty(stdout_fd)
+    stdout = Console(stdout_fd, loop, prefix=prefix, tty=tty, on_broken=on_broken, name="stdout")
+    if (out_stat.st_dev, out_stat.st_ino) == (err_stat.st_dev, err_stat.st_ino):
+        return stdout, stdout
+    stderr = Console(stderr_fd, loop, prefix=prefix, tty=os.isatty(stderr_fd), on_broken=on_broken, name="stderr")
+    return stdout, stderr

@@ -112,3 +112,52 @@ def test_stdin_reaches_a_remote_rank_zero(ssh_config):
                           timeout=90)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[rank 0] GOT over ssh" in proc.stdout
+
+
+def _ssh_cmd(cfg, script: str, *args: str, hosts=HOSTS, n: int = 2, launcher_args=()) -> list[str]:
+    return [sys.executable, "-m", "launcher", "--hosts", ",".join(hosts), "-n", str(n), "--ssh", f"ssh -F {cfg}",
+            *launcher_args, str(WORKERS / script), *args]
+
+
+@pytest.mark.timeout(120)
+def test_the_job_token_is_on_no_command_line(ssh_config):
+    proc = subprocess.Popen(_ssh_cmd(ssh_config, "launcher_token.py"), cwd=ROOT, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert "TOKEN" in line, proc.stderr.read()[-3000:]
+    token = line.split("TOKEN ")[1].strip()
+    assert len(token) == 32
+    # Every process's command line, while the ssh clients and remote agents run.
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+        except OSError:
+            continue
+        assert token.encode() not in cmdline, cmdline.replace(b"\0", b" ")[:300]
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+
+
+@pytest.mark.timeout(120)
+def test_the_remote_agent_cannot_be_replaced_from_the_working_directory(ssh_config, tmp_path):
+    for name in ("launcher.py", "json.py", "subprocess.py", "signal.py", "tempfile.py"):
+        (tmp_path / name).write_text("raise SystemExit('HIJACKED')\n")
+    (tmp_path / "launcher").mkdir()
+    for name in ("__init__.py", "__main__.py", "remote.py", "agent.py"):
+        (tmp_path / "launcher" / name).write_text("raise SystemExit('HIJACKED')\n")
+    proc = subprocess.run(_ssh_cmd(ssh_config, "where.py", "clean", launcher_args=("--cwd", str(tmp_path))),
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "HIJACKED" not in proc.stdout + proc.stderr
+    assert f"[rank 3] RANK 3 OF 4 AT {HOSTS[1]} SUM 4 clean" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_remote_ranks_blame_the_rank_that_failed(ssh_config):
+    proc = subprocess.run(_ssh_cmd(ssh_config, "launcher_blame.py", "2"), cwd=ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 7, proc.stderr[-3000:]
+    summary = proc.stderr.strip().splitlines()[-1]
+    assert "rank 2 exited with code 7 (the cause)" in summary, summary
+    assert "failed because of rank 2" in summary, summary  # the remote agents relayed the runtime's records
