@@ -57,6 +57,8 @@ T = TypeVar("T")
 
 def _blocking_call(what: str, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
     engine = aio._engine
+    if engine is not None and engine.forked_from is not None:
+        raise engine.forked_error()
     loop = engine.loop if engine is not None and engine.loop is not None else None
     if loop is None:
         starting = aio._starting

@@ -56,13 +56,16 @@ class PeerLostError(CommError):
 class CommTimeoutError(CommError, TimeoutError):
     """An operation waited longer than its timeout.
 
-    ``ranks`` lists the world ranks that were being waited on.
+    ``ranks`` lists the world ranks that were being waited on.  ``culprit``
+    is set only when the silent rank is known to be at fault (it did not
+    answer a connection); a rank that sends no data may itself be waiting
+    for another, so waiting for data blames nobody.
     """
 
-    def __init__(self, message: str, ranks: tuple[int, ...] = ()) -> None:
+    def __init__(self, message: str, ranks: tuple[int, ...] = (), culprit: int | None = None) -> None:
         super().__init__(message)
         self.ranks = ranks
-        self.culprit = ranks[0] if len(ranks) == 1 else None
+        self.culprit = culprit
 
 
 class ProtocolError(CommError):

@@ -192,11 +192,10 @@ def claim(group: Group, stream: Any) -> None:
     if owner is not None and owner[1].is_alive() and owner[1] is not threading.current_thread():
         what = stream if isinstance(stream, str) else f"{stream[0]}s with rank {stream[1]}"
         raise RuntimeError(
-            f"aiocomm: {group!r} is used from two threads at once: its {what} belong to thread "
-            f"{owner[1].name!r}, and thread {threading.current_thread().name!r} called too. Operations on "
-            "one group are matched across ranks by their order, so threads sharing a group would pair up "
-            "arbitrarily. Give each thread its own group, made in one thread before they start: "
-            "groups = [world.split(0) for _ in range(n_threads)]"
+            f"aiocomm: use group.split() to give thread {threading.current_thread().name!r} a group of its own: "
+            f"the {what} of {group!r} belong to thread {owner[1].name!r}, which is still running, and threads "
+            "sharing a group would pair up arbitrarily across ranks. Make one group per thread before they "
+            "start: groups = [world.split(0) for _ in range(n_threads)]"
         )
     group._owners[stream] = (ident, threading.current_thread())
 

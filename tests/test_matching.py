@@ -114,7 +114,7 @@ def test_a_timed_out_receive_takes_nothing(loop):
     loop.run_until_complete(asyncio.sleep(0.05))
     err = first.exception()
     assert isinstance(err, CommTimeoutError) and "0.01s" in str(err) and "AIOCOMM_TIMEOUT" in str(err)
-    assert err.culprit == 1
+    assert err.culprit is None  # a silent peer may be waiting for another
     deliver(matcher.arrive(1, P2P, 0, 0, sig_of(msg).encoded, msg.nbytes), msg.tobytes())
     later = matcher.post(1, P2P, 0, 0, sig_of(msg), None, op(loop))
     assert np.array_equal(later.result(), msg)

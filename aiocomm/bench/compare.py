@@ -42,7 +42,7 @@ def _peer_modules_available(module: str) -> bool:
 def commands(peer: str, ranks: int, op: str, common: list[str]) -> list[str] | None | str:
     py = sys.executable
     if peer == "aiocomm":
-        return [py, "-m", "launcher", "-n", str(ranks), py, "-m", "aiocomm.bench", "--json", *common]
+        return [py, "-m", "aiocomm_launch", "-n", str(ranks), py, "-m", "aiocomm.bench", "--json", *common]
     if peer == "gloo":
         torchrun = _tool("torchrun")
         if torchrun is None or not _peer_modules_available("torch"):

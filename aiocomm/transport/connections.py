@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Iterator
 from ..errors import AuthenticationError, CommError, CommTimeoutError, PeerLostError, ProtocolError
 from ..wire import AcceptorHandshake, DialerHandshake
 from .stream import PeerStream
-from .waits import Op, Wait
+from .waits import CONNECTING, Op, Wait
 
 if TYPE_CHECKING:
     from .mesh import Mesh
@@ -156,6 +156,7 @@ class Connections:
                 f"rank {self.rank} (listening on {addr}) got no connection from its left neighbour "
                 f"rank {left} within {connect_timeout:.1f}s (AIOCOMM_CONNECT_TIMEOUT)",
                 (left,),
+                culprit=left,
             ) from None
 
     # ---- dialling
@@ -169,7 +170,7 @@ class Connections:
         if peer in self.lost:
             raise self.lost[peer]
         task = self._dial_task(peer, None if self.formed else self.loop.time() + self.connect_timeout)
-        wait = Wait(self.mesh.waits, peer, op, "connecting to")
+        wait = Wait(self.mesh.waits, peer, op, CONNECTING)
 
         def finished(t: asyncio.Task[PeerStream]) -> None:
             if t.cancelled():
@@ -238,6 +239,7 @@ class Connections:
                     f"rank {self.rank} could not reach rank {peer} at {host}:{port} within "
                     f"{self.connect_timeout:.1f}s (AIOCOMM_CONNECT_TIMEOUT; last error: {last!r})",
                     (peer,),
+                    culprit=peer,
                 ) from last
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")

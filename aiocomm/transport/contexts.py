@@ -37,7 +37,9 @@ def abort_fields(exc: CommError, me: int) -> dict[str, Any]:
         "origin": me,
         "type": type(exc).__name__,
         "reason": str(exc),
-        "culprit": exc.culprit if exc.culprit is not None else me,
+        # Who is at fault: what this rank knows, else this rank itself, except
+        # for a timeout, which says only that a peer was silent.
+        "culprit": exc.culprit if exc.culprit is not None else (None if isinstance(exc, CommTimeoutError) else me),
     }
     lost = getattr(exc, "rank", None)
     if lost is not None:
@@ -55,7 +57,7 @@ def abort_error(meta: Any) -> tuple[CommError, dict[str, Any]]:
         lost = fields.get("lost")
         exc = PeerLostError(reason, lost if isinstance(lost, int) else None)
     elif cls is CommTimeoutError:
-        exc = CommTimeoutError(reason)
+        exc = CommTimeoutError(reason, (src,) if isinstance((src := fields["origin"]), int) else ())
     else:
         exc = cls(reason)
     culprit = fields.get("culprit", fields["origin"])

@@ -33,6 +33,9 @@ from ..errors import CommError, CommTimeoutError
 from ..wire import Sink
 
 
+CONNECTING = "connecting to"
+
+
 class Op:
     """One operation: what it is (for messages), its context and its deadline."""
 
@@ -86,6 +89,9 @@ class Wait(Sink):
             f"the whole operation may take at most timeout={op.timeout:g}s: pass a larger timeout= "
             "or set AIOCOMM_TIMEOUT (seconds)",
             (self.peer,),
+            # Only a peer that does not answer a connection is known to be at
+            # fault: one that sends no data may be waiting for another rank.
+            culprit=self.peer if self.what == CONNECTING else None,
         )
 
 
