@@ -71,6 +71,9 @@ def is_available(backend: str = "any") -> bool:
 
 
 def init(strict: bool = False, backend: str = "any") -> Group:
+    alone = aio.unavailable_world(backend, strict, stacklevel=2)  # warns here, pointing at the caller's line
+    if alone is not None:
+        return alone
     return _blocking_call("init", aio.init, strict, backend)
 
 
@@ -84,15 +87,6 @@ def _group(group: Group | None, stream: Any) -> Group:
     return g
 
 
-def _run(g: Group, coro: Coroutine[Any, Any, T], what: str) -> T:
-    """Run an engine coroutine on the loop that owns the group's connections
-    (a world of size 1 has none: its coroutines finish without waiting)."""
-    loop = g.engine.loop
-    if loop is None:
-        return portal.run_now(coro)
-    return portal.run(loop, coro, what)
-
-
 # Each function checks its arguments here, in the calling thread, and hands
 # the engine's coroutine straight to the loop (the async face's coroutine
 # would add a frame to every step).
@@ -101,31 +95,31 @@ def _run(g: Group, coro: Coroutine[Any, Any, T], what: str) -> T:
 def all_sum(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
     arr, t = args.as_array(x), args.check_timeout(timeout)
     g = _group(group, "collectives")
-    return _run(g, engine_ops.all_reduce(g, arr, "sum", t), "all_sum")
+    return engine_ops.call_blocking(g, "all_sum", engine_ops.all_reduce, arr, "sum", t)
 
 
 def all_max(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
     arr, t = args.as_array(x), args.check_timeout(timeout)
     g = _group(group, "collectives")
-    return _run(g, engine_ops.all_reduce(g, arr, "max", t), "all_max")
+    return engine_ops.call_blocking(g, "all_max", engine_ops.all_reduce, arr, "max", t)
 
 
 def all_min(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
     arr, t = args.as_array(x), args.check_timeout(timeout)
     g = _group(group, "collectives")
-    return _run(g, engine_ops.all_reduce(g, arr, "min", t), "all_min")
+    return engine_ops.call_blocking(g, "all_min", engine_ops.all_reduce, arr, "min", t)
 
 
 def all_gather(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
     arr, t = args.as_array(x), args.check_timeout(timeout)
     g = _group(group, "collectives")
-    return _run(g, engine_ops.all_gather(g, arr, t), "all_gather")
+    return engine_ops.call_blocking(g, "all_gather", engine_ops.all_gather, arr, t)
 
 
 def sum_scatter(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
     arr, t = args.as_array(x), args.check_timeout(timeout)
     g = _group(group, "collectives")
-    return _run(g, engine_ops.sum_scatter(g, arr, t), "sum_scatter")
+    return engine_ops.call_blocking(g, "sum_scatter", engine_ops.sum_scatter, arr, t)
 
 
 def send(x: Any, dst: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
@@ -133,7 +127,7 @@ def send(x: Any, dst: int, *, group: Group | None = None, stream: Any = None, ti
     g = aio._formed(group) or init()
     dst = args.check_peer(g, dst, "dst")
     claim(g, ("send", dst))
-    _run(g, engine_ops.send(g, arr, dst, t), "send")
+    engine_ops.call_blocking(g, "send", engine_ops.send, arr, dst, t)
     return arr
 
 
@@ -144,7 +138,7 @@ def recv(
     g = aio._formed(group) or init()
     src = args.check_peer(g, src, "src")
     claim(g, ("recv", src))
-    return _run(g, engine_ops.recv(g, dims, dt, src, t), "recv")
+    return engine_ops.call_blocking(g, "recv", engine_ops.recv, dims, dt, src, t)
 
 
 def recv_like(x: Any, src: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
@@ -157,3 +151,9 @@ def recv_like(x: Any, src: int, *, group: Group | None = None, stream: Any = Non
 for _name in ("is_available", "init", "all_sum", "all_max", "all_min", "all_gather", "sum_scatter", "send", "recv", "recv_like"):
     globals()[_name].__doc__ = getattr(aio, _name).__doc__
 del _name
+
+
+def __dir__() -> list[str]:
+    """``dir(aiocomm)`` lists the API (``__all__``), not the names this module
+    uses internally (``np``, ``Any``, its helper modules)."""
+    return sorted([*__all__, "__version__", "__doc__", "__file__", "__name__", "__path__", "__spec__"])

@@ -16,6 +16,7 @@ waited on.
 from __future__ import annotations
 
 import asyncio
+import os
 import warnings
 from typing import Any, Awaitable, Coroutine, TypeVar
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from . import args, config, portal, rendezvous, wire
 from . import group as engine_ops
+from .backends import mpi as mpi_backend
 from .group import Engine, Group, claim
 
 __all__ = [
@@ -43,9 +45,7 @@ __all__ = [
 T = TypeVar("T")
 
 BACKENDS = ("any", "ring", "mpi", "nccl", "jaccl")
-AVAILABLE = {"any": True, "ring": True, "mpi": False, "nccl": False, "jaccl": False}
 _UNAVAILABLE_WHY = {
-    "mpi": "aiocomm implements only the 'ring' backend (TCP); 'mpi' is not implemented",
     "nccl": "aiocomm implements only the 'ring' backend (TCP); 'nccl' is not implemented (no GPU transport)",
     "jaccl": "aiocomm implements only the 'ring' backend (TCP); 'jaccl' (RDMA over Thunderbolt) is not implemented",
 }
@@ -110,10 +110,52 @@ def is_available(backend: str = "any") -> bool:
     """Whether ``backend`` can be used in this install.
 
     ``"any"`` and ``"ring"`` (aiocomm's TCP ring) are always available;
-    ``"mpi"``, ``"nccl"`` and ``"jaccl"`` are not implemented; any other name
-    gives ``False``.
+    ``"mpi"`` when mpi4py is installed and loads an MPI library (checking
+    does not start MPI); ``"nccl"`` and ``"jaccl"`` are not implemented; any
+    other name gives ``False``.
     """
-    return AVAILABLE.get(backend, False)
+    if backend in ("any", "ring"):
+        return True
+    if backend == "mpi":
+        return mpi_backend.load() is not None
+    return False
+
+
+def _why_unavailable(backend: str) -> str:
+    if backend == "mpi":
+        return mpi_backend.why_unavailable()
+    return _UNAVAILABLE_WHY[backend]
+
+
+def unavailable_world(backend: str, strict: bool, stacklevel: int) -> Group | None:
+    """For an unavailable ``backend``: raise (``strict``) or warn, pointing at
+    the caller's line, and give a group of size 1; None if it is available."""
+    check_backend(backend)
+    if is_available(backend):
+        return None
+    why = _why_unavailable(backend)
+    if strict:
+        raise RuntimeError(f"backend {backend!r} is unavailable: {why}")
+    if _engine is not None:
+        return _engine.world
+    warnings.warn(f"backend {backend!r} is unavailable: {why}; returning a group of size 1",
+                  RuntimeWarning, stacklevel=stacklevel + 1)
+    return Engine.alone().world
+
+
+def _wants_mpi(backend: str, spec: config.WorldSpec | None) -> bool:
+    """``mpi`` if asked for; with ``any``, when an MPI launcher started this
+    process, mpi4py loads, and neither aiocomm's hostfile nor an explicit
+    ``AIOCOMM_COORDINATOR`` (a TCP join) says otherwise."""
+    if backend == "mpi":
+        return True
+    return (
+        backend == "any"
+        and spec is None
+        and mpi_backend.started_by_mpi_launcher()
+        and not os.environ.get("AIOCOMM_COORDINATOR")
+        and mpi_backend.load() is not None
+    )
 
 
 async def init(strict: bool = False, backend: str = "any") -> Group:
@@ -137,17 +179,13 @@ async def init(strict: bool = False, backend: str = "any") -> Group:
             and address.  This is raised whatever ``strict`` says.
     """
     global _engine, _starting
-    check_backend(backend)
-    if not AVAILABLE[backend]:
-        if strict:
-            raise RuntimeError(f"backend {backend!r} is unavailable: {_UNAVAILABLE_WHY[backend]}")
-        if _engine is None:
-            warnings.warn(f"{_UNAVAILABLE_WHY[backend]}; returning a group of size 1", RuntimeWarning, stacklevel=2)
-            return Engine(None, None, None).world
+    alone = unavailable_world(backend, strict, stacklevel=2)
+    if alone is not None:
+        return alone
     if _engine is not None:
         if _engine.forked_from is not None:
             raise _engine.forked_error()
-        if strict and _engine.spec is None:
+        if strict and not _engine.launched:
             raise RuntimeError(
                 "init(strict=True): an earlier non-strict init() found no launcher environment and gave "
                 f"this process a group of size 1 (none of {config.looked_for()}, {rendezvous.looked_for()} "
@@ -160,7 +198,10 @@ async def init(strict: bool = False, backend: str = "any") -> Group:
                 asyncio.run_coroutine_threadsafe(_await_future(_starting), _starting.get_loop())
             )
         return (await asyncio.shield(_starting)).world
-    spec = config.spec_from_env()
+    spec = config.spec_from_env() if backend != "mpi" else None
+    if _wants_mpi(backend, spec):
+        _engine = Engine.start_mpi()
+        return _engine.world
     join = rendezvous.join_spec_from_env() if spec is None else None
     if spec is None and join is None:
         if strict:
@@ -168,7 +209,7 @@ async def init(strict: bool = False, backend: str = "any") -> Group:
                 "this process was not started as part of a group: none of "
                 f"{config.looked_for()}, {rendezvous.looked_for()} are set (start it with aiocomm-launch)"
             )
-        _engine = Engine(None, None, None)
+        _engine = Engine.alone()
         return _engine.world
     starting = _starting = asyncio.get_running_loop().create_future()
     try:

@@ -27,50 +27,86 @@ under the parent's feet and no number is reused) and every later call raises
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import threading
 import warnings
 import weakref
-from typing import Any, Awaitable, Callable, Coroutine, TypeVar
+from typing import Any, Callable, Coroutine, Protocol, TypeVar
 
 import numpy as np
 
-from . import args, collectives, failure_report, portal
+from . import args, collectives, portal
+from .backends import SplitResult
+from .backends.ring import RingBackend
 from .config import WorldSpec
-from .errors import CommError, broken_earlier
-from .transport import Mesh, Op, PeerStream, Wait
-from .wire import Kind, Signature, signature
+from .backends.ring import split_context
+from .transport import Mesh, PeerStream
 
 log = logging.getLogger("aiocomm")
 
 WORLD_CONTEXT = 0
-_COLL = Kind.COLL
 T = TypeVar("T")
+
+
+class Backend(Protocol):
+    """What moves a group's data (see :mod:`aiocomm.backends`)."""
+
+    name: str
+    direct: bool  # blocking calls run in the caller's thread (call_blocking), not on a loop
+
+    def all_reduce(self, group: Group, x: np.ndarray, op: str, timeout: float) -> Coroutine[Any, Any, np.ndarray]: ...
+
+    def all_gather(self, group: Group, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]: ...
+
+    def sum_scatter(self, group: Group, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]: ...
+
+    def send(self, group: Group, x: np.ndarray, dst: int, timeout: float) -> Coroutine[Any, Any, None]: ...
+
+    def recv(self, group: Group, shape: tuple[int, ...], dtype: np.dtype, src: int, timeout: float) -> Coroutine[Any, Any, np.ndarray]: ...
+
+    def split(self, group: Group, index: int, color: int, key: int, timeout: float) -> Coroutine[Any, Any, SplitResult]: ...
+
+    async def close(self) -> None: ...
+
+    def fds(self) -> list[int]: ...
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 class Engine:
-    """The world of this process: its mesh and the loop that owns it."""
+    """The world of this process: its backend, and the loop that owns the
+    backend's connections (``None`` when nothing is bound to a loop: a world
+    of size 1, or the MPI backend)."""
 
-    def __init__(self, spec: WorldSpec | None, loop: asyncio.AbstractEventLoop | None, mesh: Mesh | None) -> None:
-        self.spec = spec
-        self.loop = loop  # None for a world of size 1: nothing is bound to a loop
-        self.mesh = mesh
+    def __init__(self, rank: int, size: int, backend: Backend | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None, spec: WorldSpec | None = None,
+                 handle: Any = None) -> None:
+        self.spec = spec  # None when the world did not come from a launcher's environment
+        self.loop = loop
+        self.backend = backend
+        self.launched = spec is not None or backend is not None
         self.forked_from: int | None = None  # the parent's pid, in a forked child
         self.pid = os.getpid()
-        rank = spec.rank if spec else 0
-        size = spec.size if spec else 1
-        self.world = Group(self, tuple(range(size)), rank, WORLD_CONTEXT)  # the mesh knows it already
-        if mesh is not None:
+        self.world = Group(self, tuple(range(size)), rank, WORLD_CONTEXT, handle)
+        if backend is not None:
             _engines.add(self)
+
+    @property
+    def mesh(self) -> Mesh | None:
+        """The ring backend's mesh (the benchmark counts its bytes)."""
+        return getattr(self.backend, "mesh", None)
+
+    @classmethod
+    def alone(cls, spec: WorldSpec | None = None) -> Engine:
+        """A world of size 1: nothing to connect."""
+        return cls(0, 1, spec=spec)
 
     @classmethod
     async def start(cls, spec: WorldSpec | None, connect_timeout: float) -> Engine:
+        """Form the world over the ring backend (TCP) from ``spec``."""
         if spec is None or spec.size == 1:
-            return cls(spec, None, None)
+            return cls.alone(spec)
         if not spec.token:
             warnings.warn(
                 "AIOCOMM_TOKEN is not set: peers are not authenticated, so any local process "
@@ -85,11 +121,19 @@ class Engine:
         except BaseException:
             await mesh.close()
             raise
-        return cls(spec, loop, mesh)
+        return cls(spec.rank, spec.size, RingBackend(mesh), loop, spec)
+
+    @classmethod
+    def start_mpi(cls) -> Engine:
+        """Form the world over the MPI backend from MPI's world communicator."""
+        from .backends import mpi
+
+        backend, world = mpi.start_world()
+        return cls(world.comm.Get_rank(), world.comm.Get_size(), backend, None, None, world)
 
     async def close(self) -> None:
-        if self.mesh is not None and self.forked_from is None:
-            await self.mesh.close()
+        if self.backend is not None and self.forked_from is None:
+            await self.backend.close()
 
     def forked_error(self) -> RuntimeError:
         rank = self.spec.rank if self.spec else 0
@@ -104,10 +148,10 @@ class Engine:
         """In a forked child: drop every socket of the parent's world without touching it."""
         self.forked_from = self.pid
         self.pid = os.getpid()
-        if self.mesh is None:
+        if self.backend is None:
             return
         try:
-            fds = self.mesh.fds()
+            fds = self.backend.fds()
             null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         except Exception:  # never break the child's fork over this
             return
@@ -136,8 +180,9 @@ class Group:
     Get the world with :func:`aiocomm.init`; make subgroups with :meth:`split`.
     """
 
-    def __init__(self, engine: Engine, members: tuple[int, ...], rank: int, context: int) -> None:
+    def __init__(self, engine: Engine, members: tuple[int, ...], rank: int, context: int, handle: Any = None) -> None:
         self._engine = engine
+        self.handle = handle  # the backend's own state of this group (an MPI communicator)
         self.members = members  # world ranks, indexed by group rank
         self._rank = rank
         self.context = context
@@ -168,8 +213,16 @@ class Group:
         color, key = args.check_color_key(color, key)
         t = args.check_timeout(timeout)
         claim(self, "collectives")
-        loop = self._engine.loop or portal.portal().loop
-        return portal.run(loop, split(self, color, key, t), "split")
+        backend = self._engine.backend
+        if backend is not None and backend.direct and self.size() > 1:
+            index = self._splits
+            self._splits += 1
+            return self._child(backend.call_blocking("split", self, index, color, key, t))  # type: ignore[attr-defined]
+        return call_blocking(self, "split", split, color, key, t)
+
+    def _child(self, result: SplitResult) -> Group:
+        members, rank, context, handle = result
+        return Group(self._engine, members, rank, context, handle)
 
     def __repr__(self) -> str:
         return f"<aiocomm.Group rank={self._rank} size={self.size()} context={self.context:#x}>"
@@ -200,95 +253,40 @@ def claim(group: Group, stream: Any) -> None:
     group._owners[stream] = (ident, threading.current_thread())
 
 
-class MeshLink:
-    """A :class:`collectives.Link` for one collective call on the real mesh."""
-
-    __slots__ = ("mesh", "members", "rank", "size", "context", "tag_base", "sig", "op", "streams", "announced")
-
-    def __init__(self, group: Group, mesh: Mesh, sig: Signature, timeout: float) -> None:
-        self.mesh = mesh
-        self.members = group.members
-        self.rank = group._rank
-        self.size = len(group.members)
-        self.context = group.context
-        seq = group._seq  # collectives started on the group so far
-        group._seq = seq + 1
-        self.tag_base = seq << 8
-        self.sig = sig
-        self.op = Op(sig.describe(), group.context, timeout, mesh.loop.time() + timeout)
-        # The group's connections, kept across calls: opening costs a lookup
-        # per peer per call otherwise.
-        self.streams = group._streams
-        self.announced: list[Wait] = []  # messages over the receiver's budget, sent once it posts
-
-    async def open(self, *peers: int) -> None:
-        streams = self.streams
-        for peer in peers:
-            stream = streams.get(peer)
-            if stream is None or stream.closed:
-                streams[peer] = await self.mesh.open(self.members[peer], self.op)
-
-    def push(self, dst: int, lane: int, data: np.ndarray) -> None:
-        wait = self.mesh.send(self.streams[dst], _COLL, self.context, self.tag_base | lane, self.sig, data, self.op)
-        if wait is not None:
-            self.announced.append(wait)
-
-    def post(self, src: int, lane: int, out: np.ndarray) -> Awaitable[np.ndarray]:
-        return self.mesh.post(self.members[src], _COLL, self.context, self.tag_base | lane, self.sig, out, self.op)
-
-    async def flush(self) -> None:
-        if self.announced:
-            await self.mesh.flush(self.streams.values(), self.op, self.announced)
-            return
-        for stream in self.streams.values():
-            if stream.paused:
-                await self.mesh.flush(self.streams.values(), self.op)
-                return
+def call_blocking(group: Group, what: str, op: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+    """Run engine operation ``op(group, *args)`` for a blocking caller: in the
+    calling thread for a backend that can (MPI), else on the loop that owns
+    the group's connections (a world of size 1 has none: its operations
+    finish without waiting)."""
+    engine = group._engine
+    backend = engine.backend
+    if backend is not None and backend.direct and group.size() > 1:
+        return backend.call_blocking(op.__name__, group, *args)  # type: ignore[attr-defined,no-any-return]
+    coro = op(group, *args)
+    loop = engine.loop
+    if loop is None:
+        if backend is not None and group.size() > 1:  # a backend that needs a loop, none of its own
+            return portal.run(portal.portal().loop, coro, what)
+        return portal.run_now(coro)
+    return portal.run(loop, coro, what)
 
 
 # ------------------------------------------------------------------ engine operations
-# Arguments arrive checked by a face; these run on the engine's loop.
+# Arguments arrive checked by a face; these run on the loop that owns the
+# group's connections (or any loop, for a backend bound to none).
 
 
-def _raise_broken(mesh: Mesh, context: int, what: str) -> None:
-    cause = mesh.broken.get(context)
-    if cause is not None:
-        failure_report.record(mesh.rank, cause)
-        raise broken_earlier(cause, f"rank {mesh.rank}: {what}") from cause
-
-
-async def _collective(
-    group: Group, op: str, x: np.ndarray, timeout: float, body: Callable[..., Awaitable[T]], *args: Any
-) -> T:
-    """Run ``body(link, *args)`` as one collective call of ``group``; a
-    failure here aborts the group on every rank."""
-    mesh = group._engine.mesh
-    assert mesh is not None
-    link = MeshLink(group, mesh, signature(op, x.dtype, x.shape), timeout)
-    if group.context in mesh.broken:
-        _raise_broken(mesh, group.context, op)
-    try:
-        return await body(link, *args)
-    except CommError as exc:
-        # Prefer the root cause another rank reported over a symptom seen here
-        # (a peer that left after it gave up).
-        cause = mesh.broken.get(group.context)
-        if cause is not None and cause is not exc:
-            failure_report.record(mesh.rank, cause)
-            raise cause from exc
-        mesh.abort(group.context, exc)
-        failure_report.record(mesh.rank, exc)
-        raise
-
-
-_OP_NAMES = {"sum": "all_sum", "max": "all_max", "min": "all_min"}
+def _backend(group: Group) -> Backend:
+    backend = group._engine.backend
+    assert backend is not None
+    return backend
 
 
 def all_reduce(group: Group, x: np.ndarray, op: str, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
     """The reduction's coroutine (returned, not awaited here: one frame less per wake-up)."""
     if len(group.members) == 1:
         return _value(x.copy())
-    return _collective(group, _OP_NAMES[op], x, timeout, collectives.all_reduce, x, op)
+    return _backend(group).all_reduce(group, x, op, timeout)
 
 
 async def _value(value: T) -> T:
@@ -298,76 +296,34 @@ async def _value(value: T) -> T:
 async def all_gather(group: Group, x: np.ndarray, timeout: float) -> np.ndarray:
     if group.size() == 1:
         return x.reshape(collectives.gathered_shape(x.shape, 1)).copy()
-    return await _collective(group, "all_gather", x, timeout, collectives.all_gather, x)
+    return await _backend(group).all_gather(group, x, timeout)
 
 
 async def sum_scatter(group: Group, x: np.ndarray, timeout: float) -> np.ndarray:
     collectives.scattered_shape(x.shape, group.size())  # ValueError before any traffic
     if group.size() == 1:
         return x.copy()
-    return await _collective(group, "sum_scatter", x, timeout, collectives.reduce_scatter, x, "sum")
+    return await _backend(group).sum_scatter(group, x, timeout)
 
 
 async def send(group: Group, x: np.ndarray, dst: int, timeout: float) -> None:
-    mesh = group.engine.mesh
-    assert mesh is not None
-    world_dst = group.members[dst]
-    sig = signature("send", x.dtype, x.shape)
-    op = Op(f"send of {sig.describe()} to rank {world_dst}", group.context, timeout, mesh.loop.time() + timeout)
-    if group.context in mesh.broken:
-        _raise_broken(mesh, group.context, "send")
-    try:
-        stream = await mesh.open(world_dst, op)
-        wait = mesh.send(stream, Kind.P2P, group.context, 0, sig, x, op)
-        await mesh.flush((stream,), op, [wait] if wait is not None else None)
-    except CommError as exc:
-        failure_report.record(mesh.rank, exc)
-        raise
+    await _backend(group).send(group, x, dst, timeout)
 
 
 async def recv(group: Group, shape: tuple[int, ...], dtype: np.dtype, src: int, timeout: float) -> np.ndarray:
-    mesh = group.engine.mesh
-    assert mesh is not None
-    world_src = group.members[src]
-    sig = signature("send", dtype, shape)
-    op = Op(f"recv of {sig.describe()} from rank {world_src}", group.context, timeout, mesh.loop.time() + timeout)
-    if group.context in mesh.broken:
-        _raise_broken(mesh, group.context, "recv")
-    try:
-        return await mesh.post(world_src, Kind.P2P, group.context, 0, sig, None, op)
-    except CommError as exc:
-        failure_report.record(mesh.rank, exc)
-        raise
-
-
-def split_context(parent: int, index: int, color: int) -> int:
-    """A context id for a split's subgroup: the same on every member, distinct
-    from every other group's with overwhelming probability."""
-    digest = hashlib.blake2b(f"{parent}:{index}:{color}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") | 1  # never the world's 0
+    return await _backend(group).recv(group, shape, dtype, src, timeout)
 
 
 async def split(group: Group, color: int, key: int, timeout: float) -> Group:
     index = group._splits
     group._splits += 1
-    mine = np.array([color, key], np.int64)
     if group.size() == 1:
-        table = mine.reshape(1, 2)
-    else:
-        table = (await all_gather(group, mine, timeout)).reshape(group.size(), 2)
-    chosen = [
-        (int(k) if k >= 0 else parent_rank, parent_rank)
-        for parent_rank, (c, k) in enumerate(table.tolist())
-        if c == color
-    ]
-    chosen.sort()
-    order = [parent_rank for _, parent_rank in chosen]
-    members = tuple(group.members[p] for p in order)
-    context = split_context(group.context, index, color)
-    engine = group.engine
-    if engine.mesh is not None:
-        engine.mesh.register_context(context, members)
-    return Group(engine, members, order.index(group.rank()), context)
+        return Group(group._engine, group.members, 0, _alone_context(group.context, index, color))
+    return group._child(await _backend(group).split(group, index, color, key, timeout))
 
 
-__all__ = ["Engine", "Group", "claim", "all_reduce", "all_gather", "sum_scatter", "send", "recv", "split"]
+def _alone_context(parent: int, index: int, color: int) -> int:
+    return split_context(parent, index, color)
+
+
+__all__ = ["Engine", "Group", "claim", "call_blocking", "all_reduce", "all_gather", "sum_scatter", "send", "recv", "split"]

@@ -18,8 +18,21 @@ from .conftest import ROOT, clean_env
 def test_is_available():
     assert aiocomm.is_available() is True
     assert aiocomm.is_available("ring") is True
-    for name in ("mpi", "nccl", "jaccl", "gloo", "nonsense"):
+    for name in ("nccl", "jaccl", "gloo", "nonsense"):
         assert aiocomm.is_available(name) is False
+    try:
+        from mpi4py import MPI  # noqa: F401
+    except ImportError:
+        assert aiocomm.is_available("mpi") is False
+    else:
+        assert aiocomm.is_available("mpi") is True
+
+
+def test_is_available_mpi_does_not_start_mpi():
+    code = ("import aiocomm, sys; aiocomm.is_available('mpi'); "
+            "MPI = sys.modules.get('mpi4py.MPI'); print(MPI is None or not MPI.Is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=clean_env())
+    assert out.stdout.strip() == "True", out.stderr
 
 
 def test_init_singleton_size_one(fresh_world):
@@ -40,13 +53,15 @@ def test_unknown_backend(fresh_world):
 
 
 def test_unavailable_backend(fresh_world):
-    with pytest.raises(RuntimeError, match="'mpi' is not implemented"):
-        aiocomm.init(strict=True, backend="mpi")
+    with pytest.raises(RuntimeError, match="'jaccl' is unavailable"):
+        aiocomm.init(strict=True, backend="jaccl")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         group = aiocomm.init(backend="nccl")
     assert group.size() == 1
     assert any("nccl" in str(w.message) for w in caught)
+    # the warning points at the caller's line, not at aiocomm's insides
+    assert all(w.filename == __file__ for w in caught if "nccl" in str(w.message)), [w.filename for w in caught]
 
 
 @pytest.mark.parametrize("dtype", ["bool", "int8", "uint64", "float16", "complex128"])

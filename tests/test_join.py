@@ -82,7 +82,9 @@ def test_aiocomm_variables_take_precedence(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_missing_coordinator_is_a_clear_error():
-    results = run_group(1, lambda r: {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"})
+    # mpirun without mpi4py (with it, init() would use the MPI backend)
+    no_mpi4py = "import sys; sys.modules['mpi4py'] = None; " + CODE
+    results = run_group(1, lambda r: {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}, code=no_mpi4py)
     code, out, err = results[0]
     assert code != 0 and "AIOCOMM_COORDINATOR" in err and "Open MPI" in err
 

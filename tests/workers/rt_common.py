@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import resource
+import os
 import sys
 import time
 
@@ -18,7 +19,10 @@ import aiocomm
 
 
 def say(*parts: object) -> None:
-    print(*parts, flush=True)
+    """One whole line in one write: a forked child shares the parent's stdout,
+    and print() writes the text and its newline separately."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (" ".join(map(str, parts)) + "\n").encode())
 
 
 def chain(exc: BaseException) -> list[str]:

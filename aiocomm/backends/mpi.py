@@ -1,0 +1,573 @@
+"""The MPI backend: the job's MPI library through mpi4py.
+
+Theory of operation
+-------------------
+The world is ``MPI.COMM_WORLD`` duplicated (so aiocomm's traffic never
+matches the program's own MPI calls), with errors *returned* instead of
+aborting; a split is ``MPI_Comm_split`` of the parent's communicator.
+
+Every operation is written once, as a generator of *steps*: it issues
+nonblocking MPI requests (``Iallreduce``, ``Isend``, ...) and yields each
+one it must see complete.  Two drivers run the same steps:
+
+* the blocking face calls MPI straight from the caller's thread
+  (:meth:`MpiBackend.call_blocking`): no hand-off to a loop thread, so an
+  8-byte ``all_sum`` costs little more than MPI's own;
+* the async face awaits each request through a :class:`Poller`, which tests
+  the requests of its loop between the loop's other work, so the loop stays
+  responsive during a long operation.
+
+Both drivers bound every wait by the operation's deadline.  An MPI
+collective cannot be cancelled: one that timed out is abandoned (its buffers
+are kept alive) and its group is broken.  A receive that timed out is
+cancelled, so nothing it would have taken is lost.
+
+MPI checks nothing of what ranks pass: mismatched counts are undefined
+behaviour and mismatched dtypes silently wrong.  So every collective first
+agrees on a signature: one 16-byte ``Iallreduce`` (MAX of ``[h, -h]``, ``h`` a
+hash of the operation, dtype and shape) tells every rank whether all hashes
+are equal; if not, the ranks gather each other's descriptions and raise
+:class:`MismatchError` naming them.  Point-to-point messages carry a header
+message (the signature) before the data, on the same communicator and
+source; a receive whose signature does not fit keeps the header for the next
+receive, and the data stays queued in MPI.
+
+Reductions MPI lacks (float16, bfloat16, bool sums) and those whose numpy
+semantics differ from MPI's (floating max/min propagate NaN; complex max/min
+compare lexicographically) are user-defined MPI operations that run numpy's
+ufunc on each pair of buffers.
+
+Collectives of one group are issued in call order on every rank (MPI
+requires it): a group runs one collective at a time, in the order they were
+called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Generator, TypeVar
+
+import numpy as np
+
+from .. import collectives, failure_report, wire
+from ..errors import CommError, CommTimeoutError, MismatchError, broken_earlier
+from . import SplitResult
+
+if TYPE_CHECKING:
+    from ..group import Group
+
+T = TypeVar("T")
+# A step generator yields a request (or a request and a status to fill) and
+# gets nothing back; its return value is the operation's result.
+Steps = Generator[Any, None, T]
+
+#: Environment variables an MPI launcher sets (Open MPI, MPICH/Hydra, PMIx).
+MPI_LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+HEAD_TAG, DATA_TAG = 1, 2
+MAX_HEAD = 4096
+
+_MPI: Any = None
+_why_unavailable = ""
+
+
+def load() -> Any:
+    """The ``mpi4py.MPI`` module, loaded without initialising MPI, or None."""
+    global _MPI, _why_unavailable
+    if _MPI is not None:
+        return _MPI
+    try:
+        import mpi4py
+    except ImportError as exc:
+        _why_unavailable = f"mpi4py is not installed ({exc}); pip install 'aiocomm[mpi]'"
+        return None
+    import sys
+
+    if "mpi4py.MPI" not in sys.modules:
+        mpi4py.rc.initialize = False  # is_available() must not start MPI; init() does
+        mpi4py.rc.finalize = False
+    try:
+        from mpi4py import MPI
+    except Exception as exc:  # the MPI library itself could not be loaded
+        _why_unavailable = f"mpi4py could not load an MPI library: {exc}"
+        return None
+    _MPI = MPI
+    return MPI
+
+
+def why_unavailable() -> str:
+    load()
+    return _why_unavailable
+
+
+def started_by_mpi_launcher(environ: Any = None) -> bool:
+    env = os.environ if environ is None else environ
+    return any(var in env for var in MPI_LAUNCHER_VARS)
+
+
+class MpiGroup:
+    """A group's state on the MPI backend (``Group.handle``)."""
+
+    __slots__ = ("comm", "broken", "busy", "queue", "kept_heads")
+
+    def __init__(self, comm: Any) -> None:
+        self.comm = comm
+        self.broken: CommError | None = None  # why a collective failed: the group is unusable
+        self.busy = 0  # async collectives in progress
+        self.queue: asyncio.Future[None] | None = None  # done when the last collective called is done
+        self.kept_heads: dict[int, bytes] = {}  # source -> a message header no receive has taken yet
+
+
+def world(MPI: Any) -> Any:
+    """COMM_WORLD, MPI initialised first if need be (and finalised at exit)."""
+    if not MPI.Is_initialized():
+        MPI.Init_thread(MPI.THREAD_MULTIPLE)
+        import atexit
+
+        atexit.register(_finalize, MPI)
+    comm = MPI.COMM_WORLD.Dup()
+    comm.Set_errhandler(MPI.ERRORS_RETURN)
+    return comm
+
+
+# ------------------------------------------------------------------ reductions
+
+_ELEMENT_TYPES: dict[int, str] = {1: "BYTE", 2: "UINT16_T", 4: "UINT32_T", 8: "UINT64_T", 16: "C_DOUBLE_COMPLEX"}
+_UFUNCS = {"sum": np.add, "max": np.maximum, "min": np.minimum}
+_NATIVE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+_user_ops: dict[tuple[str, np.dtype], Any] = {}
+
+
+def element_type(MPI: Any, dtype: np.dtype) -> Any:
+    """An MPI datatype of ``dtype``'s size (the data travel as raw elements)."""
+    return getattr(MPI, _ELEMENT_TYPES[dtype.itemsize])
+
+
+def reduction(MPI: Any, dtype: np.dtype, op: str) -> tuple[Any, Any]:
+    """The MPI datatype and operation that reduce ``dtype`` as numpy would."""
+    native = dtype.kind in "iu" or (dtype.kind == "c" and op == "sum") or (dtype.kind == "f" and op == "sum" and dtype.itemsize >= 4)
+    if native:
+        return MPI._typedict[dtype.char], getattr(MPI, _NATIVE_OPS[op])
+    key = (op, dtype)
+    mpi_op = _user_ops.get(key)
+    if mpi_op is None:
+        ufunc = _UFUNCS[op]
+
+        def apply(inbuf: Any, inoutbuf: Any, datatype: Any, ufunc: Callable[..., Any] = ufunc, dtype: np.dtype = dtype) -> None:
+            a = np.frombuffer(inbuf, dtype)
+            b = np.frombuffer(inoutbuf, dtype)
+            ufunc(a, b, out=b)  # inout = in (op) inout; numpy's ufuncs are commutative here
+
+        mpi_op = _user_ops[key] = MPI.Op.Create(apply, commute=True)
+    return element_type(MPI, dtype), mpi_op
+
+
+def _bytes(x: np.ndarray) -> np.ndarray:
+    return x.reshape(-1).view(np.uint8)
+
+
+# ------------------------------------------------------------------ steps
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True) >> 1
+
+
+def agree(MPI: Any, comm: Any, what: str, rank: int) -> Steps[None]:
+    """Every rank of ``comm`` called the same ``what``, or MismatchError naming them."""
+    h = _hash(what)
+    mine = np.array([h, -h], np.int64)
+    out = np.empty(2, np.int64)
+    yield comm.Iallreduce(mine, out, op=MPI.MAX)
+    if out[0] == -out[1]:  # max == min: every rank's hash is the same
+        return
+    text = what.encode()[: 255]
+    row = np.zeros(256, np.uint8)
+    row[0] = len(text)
+    row[1 : 1 + len(text)] = np.frombuffer(text, np.uint8)
+    table = np.empty((comm.Get_size(), 256), np.uint8)
+    yield comm.Iallgather([row, MPI.BYTE], [table, MPI.BYTE])
+    calls = [bytes(r[1 : 1 + r[0]]).decode(errors="replace") for r in table]
+    others = "; ".join(f"rank {i}: {c}" for i, c in enumerate(calls) if c != what)
+    raise MismatchError(f"rank {rank} called {what}, but not every rank did the same ({others})")
+
+
+def all_reduce_steps(MPI: Any, group: Group, x: np.ndarray, op: str) -> Steps[np.ndarray]:
+    comm = group.handle.comm
+    yield from agree(MPI, comm, wire.signature(f"all_{op}", x.dtype, x.shape).describe(), group.rank())
+    out = np.empty(x.shape, x.dtype)
+    datatype, mpi_op = reduction(MPI, x.dtype, op)
+    yield comm.Iallreduce([x, x.size, datatype], [out, x.size, datatype], op=mpi_op)
+    return out
+
+
+def all_gather_steps(MPI: Any, group: Group, x: np.ndarray) -> Steps[np.ndarray]:
+    comm = group.handle.comm
+    yield from agree(MPI, comm, wire.signature("all_gather", x.dtype, x.shape).describe(), group.rank())
+    out = np.empty(collectives.gathered_shape(x.shape, group.size()), x.dtype)
+    datatype = element_type(MPI, x.dtype)
+    yield comm.Iallgather([x, x.size, datatype], [out, x.size, datatype])
+    return out
+
+
+def sum_scatter_steps(MPI: Any, group: Group, x: np.ndarray) -> Steps[np.ndarray]:
+    comm = group.handle.comm
+    yield from agree(MPI, comm, wire.signature("sum_scatter", x.dtype, x.shape).describe(), group.rank())
+    out = np.empty(collectives.scattered_shape(x.shape, group.size()), x.dtype)
+    datatype, mpi_op = reduction(MPI, x.dtype, "sum")
+    yield comm.Ireduce_scatter_block([x, out.size, datatype], [out, out.size, datatype], op=mpi_op)
+    return out
+
+
+def split_steps(MPI: Any, group: Group, index: int, color: int, key: int) -> Steps[SplitResult]:
+    from .ring import split_order
+
+    comm = group.handle.comm
+    yield from agree(MPI, comm, "split", group.rank())
+    mine = np.array([color, key], np.int64)
+    table = np.empty((group.size(), 2), np.int64)
+    yield comm.Iallgather(mine, table)
+    members, rank = split_order(group, table, color)
+    colors = sorted({int(c) for c in table[:, 0]})
+    # Every rank has reached this split (all gave their color): MPI's blocking
+    # split waits only for the others to get here too.
+    sub = comm.Split(colors.index(color), rank)
+    sub.Set_errhandler(MPI.ERRORS_RETURN)
+    context = _hash(f"{group.context}:{index}:{color}") | 1
+    return SplitResult(members, rank, context, MpiGroup(sub))
+
+
+def send_steps(MPI: Any, group: Group, x: np.ndarray, dst: int) -> Steps[None]:
+    comm = group.handle.comm
+    head = np.frombuffer(wire.signature("send", x.dtype, x.shape).encoded, np.uint8)
+    first = comm.Isend([head, MPI.BYTE], dst, tag=HEAD_TAG)
+    second = comm.Isend([_bytes(x), MPI.BYTE], dst, tag=DATA_TAG)
+    yield first
+    yield second
+
+
+def recv_steps(MPI: Any, group: Group, shape: tuple[int, ...], dtype: np.dtype, src: int) -> Steps[np.ndarray]:
+    comm = group.handle.comm
+    sig = wire.signature("send", dtype, shape)
+    kept = group.handle.kept_heads
+    head = kept.pop(src, None)
+    if head is None:
+        buf = np.empty(MAX_HEAD, np.uint8)
+        status = MPI.Status()
+        request = comm.Irecv([buf, MPI.BYTE], src, tag=HEAD_TAG)
+        try:
+            yield request, status
+        except BaseException:
+            request.Cancel()
+            request.Wait(status)
+            if not status.Is_cancelled():  # it came after all: keep it for the next receive
+                kept[src] = bytes(buf[: status.Get_count(MPI.BYTE)])
+            raise
+        head = bytes(buf[: status.Get_count(MPI.BYTE)])
+    try:
+        wire.check_signature(sig, head, me=group.members[group.rank()], peer=group.members[src])
+    except MismatchError:
+        kept[src] = head  # the message waits for a receive that fits
+        raise
+    out = np.empty(shape, dtype)
+    request = comm.Irecv([_bytes(out), MPI.BYTE], src, tag=DATA_TAG)
+    try:
+        yield request
+    except BaseException:
+        request.Cancel()
+        status = MPI.Status()
+        request.Wait(status)
+        if status.Is_cancelled():
+            kept[src] = head  # the data stays queued in MPI for the next receive
+        raise
+    return out
+
+
+_STEPS: dict[str, Callable[..., Steps[Any]]] = {
+    "all_reduce": all_reduce_steps,
+    "all_gather": all_gather_steps,
+    "sum_scatter": sum_scatter_steps,
+    "split": split_steps,
+    "send": send_steps,
+    "recv": recv_steps,
+}
+
+
+# ------------------------------------------------------------------ drivers
+
+
+class Poller:
+    """Tests the MPI requests awaited on one event loop, between its other work.
+
+    While requests are pending it runs once per loop iteration; after a
+    while without completions it backs off to a timer (up to 1 ms), so an
+    idle wait does not spin the CPU.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.waiting: list[tuple[Any, Any, asyncio.Future[None]]] = []
+        self.scheduled = False
+        self.idle_since = 0.0
+
+    def wait(self, request: Any, status: Any = None) -> asyncio.Future[None]:
+        future = self.loop.create_future()
+        if request.Test(status):
+            future.set_result(None)
+            return future
+        self.waiting.append((request, status, future))
+        self.idle_since = time.monotonic()
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self._poll)
+        return future
+
+    def _poll(self) -> None:
+        still = []
+        progressed = False
+        for request, status, future in self.waiting:
+            if future.done():  # given up (timeout): the driver keeps the request
+                continue
+            try:
+                done = request.Test(status)
+            except Exception as exc:
+                future.set_exception(translate(exc))
+                continue
+            if done:
+                future.set_result(None)
+                progressed = True
+            else:
+                still.append((request, status, future))
+        self.waiting = still
+        if not still:
+            self.scheduled = False
+            return
+        now = time.monotonic()
+        if progressed:
+            self.idle_since = now
+        idle = now - self.idle_since
+        if idle < 0.001:
+            self.loop.call_soon(self._poll)
+        else:
+            self.loop.call_later(min(0.001, idle / 10), self._poll)
+
+
+def _finalize(MPI: Any) -> None:
+    """At exit: finalize MPI, unless an operation this rank gave up on is
+    still incomplete (MPI_Finalize would wait for it forever): then abort
+    the job, so no rank hangs."""
+    if MPI.Is_finalized():
+        return
+    for steps, step in _abandoned:
+        request = step[0] if isinstance(step, tuple) else step
+        try:
+            done = request is None or request.Test()
+        except Exception:
+            done = False
+        if not done:
+            MPI.COMM_WORLD.Abort(1)
+    MPI.Finalize()
+
+
+_pollers: dict[asyncio.AbstractEventLoop, Poller] = {}
+_abandoned: list[Any] = []  # timed-out operations whose buffers MPI may still use
+
+
+def poller(loop: asyncio.AbstractEventLoop) -> Poller:
+    p = _pollers.get(loop)
+    if p is None:
+        p = _pollers[loop] = Poller(loop)
+    return p
+
+
+def translate(exc: BaseException) -> BaseException:
+    """An mpi4py exception as aiocomm's error (once, here)."""
+    if _MPI is None or not isinstance(exc, _MPI.Exception):
+        return exc
+    try:
+        text = exc.Get_error_string()  # type: ignore[attr-defined]
+    except Exception:
+        text = str(exc)
+    err = CommError(f"MPI error: {text}")
+    err.__cause__ = exc
+    return err
+
+
+def _split_step(step: Any) -> tuple[Any, Any]:
+    return step if isinstance(step, tuple) else (step, None)
+
+
+def _timed_out(group: Group, what: str, timeout: float) -> CommTimeoutError:
+    return CommTimeoutError(
+        f"rank {group.members[group.rank()]} timed out after {timeout:g}s in {what} on the MPI backend; "
+        f"the whole operation may take at most timeout={timeout:g}s: pass a larger timeout= or set "
+        "AIOCOMM_TIMEOUT (seconds)",
+        tuple(m for i, m in enumerate(group.members) if i != group.rank()),
+    )
+
+
+class MpiBackend:
+    """Groups over MPI communicators."""
+
+    name = "mpi"
+    direct = True  # blocking calls run in the caller's thread
+
+    def __init__(self, MPI: Any, rank: int) -> None:
+        self.MPI = MPI
+        self.rank = rank
+
+    # ---- running steps
+
+    def _start(self, group: Group, what: str) -> None:
+        cause = group.handle.broken
+        if cause is not None:
+            failure_report.record(self.rank, cause)
+            raise broken_earlier(cause, f"rank {self.rank}: {what}") from cause
+
+    def _failed(self, group: Group, collective: bool, exc: BaseException) -> None:
+        if collective and isinstance(exc, CommError) and group.handle.broken is None:
+            group.handle.broken = exc
+        if isinstance(exc, CommError):
+            failure_report.record(self.rank, exc)
+
+    def call_blocking(self, name: str, group: Group, *args: Any) -> Any:
+        """Run operation ``name`` in the calling thread."""
+        timeout = args[-1]
+        what = name
+        collective = name not in ("send", "recv")
+        self._start(group, what)
+        if collective and group.handle.busy:
+            raise RuntimeError(
+                f"aiocomm.{name}: a collective started with aiocomm.aio on this group has not finished; "
+                "await it before calling the blocking face on the same group"
+            )
+        steps = _STEPS[name](self.MPI, group, *args[:-1])
+        deadline = time.monotonic() + timeout
+        step: Any = None
+        try:
+            step = next(steps)
+            while True:
+                request, status = _split_step(step)
+                spins = 0
+                while not request.Test(status):
+                    spins += 1
+                    if spins > 200:
+                        now = time.monotonic()
+                        if now >= deadline:
+                            raise _timed_out(group, what, timeout)
+                        time.sleep(0 if spins < 2000 else min(0.001, (spins - 2000) * 1e-6))
+                step = steps.send(None)
+        except StopIteration as stop:
+            return stop.value
+        except CommTimeoutError as exc:
+            self._give_up(steps, step, exc)
+            self._failed(group, collective, exc)
+            raise
+        except BaseException as exc:
+            err = translate(exc)
+            self._failed(group, collective, err)
+            if err is exc:
+                raise
+            raise err from exc
+
+    def _give_up(self, steps: Steps[Any], step: Any, exc: BaseException) -> None:
+        """A timed-out operation: let its steps clean up (a receive cancels
+        itself); keep what MPI may still write into alive."""
+        try:
+            steps.throw(exc)
+        except BaseException:
+            pass
+        _abandoned.append((steps, step))
+
+    async def _run(self, name: str, group: Group, *args: Any) -> Any:
+        timeout = args[-1]
+        collective = name not in ("send", "recv")
+        state = group.handle
+        self._start(group, name)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        turn = mine = None
+        if collective:
+            # One collective of a group at a time, in call order: MPI needs
+            # every rank to issue them in the same order.
+            turn, mine = state.queue, loop.create_future()
+            state.queue = mine
+        step: Any = None
+        steps: Steps[Any] | None = None
+        busy = False
+        try:
+            if turn is not None and not turn.done():
+                await asyncio.wait_for(asyncio.shield(turn), max(0.0, deadline - loop.time()))
+                self._start(group, name)  # the one before may have broken the group
+            if collective:
+                state.busy += 1
+                busy = True
+            steps = _STEPS[name](self.MPI, group, *args[:-1])
+            p = poller(loop)
+            step = next(steps)
+            while True:
+                request, status = _split_step(step)
+                await asyncio.wait_for(p.wait(request, status), max(0.0, deadline - loop.time()))
+                step = steps.send(None)
+        except StopIteration as stop:
+            return stop.value
+        except asyncio.TimeoutError:
+            exc = _timed_out(group, name, timeout)
+            if steps is not None:
+                self._give_up(steps, step, exc)
+            self._failed(group, collective, exc)
+            raise exc from None
+        except BaseException as exc:
+            err = translate(exc)
+            self._failed(group, collective, err)
+            if err is exc:
+                raise
+            raise err from exc
+        finally:
+            if busy:
+                state.busy -= 1
+            if mine is not None and not mine.done():
+                mine.set_result(None)
+
+    # ---- the backend's operations (coroutines, for the async face)
+
+    def all_reduce(self, group: Group, x: np.ndarray, op: str, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+        return self._run("all_reduce", group, x, op, timeout)
+
+    def all_gather(self, group: Group, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+        return self._run("all_gather", group, x, timeout)
+
+    def sum_scatter(self, group: Group, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+        return self._run("sum_scatter", group, x, timeout)
+
+    def send(self, group: Group, x: np.ndarray, dst: int, timeout: float) -> Coroutine[Any, Any, None]:
+        return self._run("send", group, x, dst, timeout)
+
+    def recv(self, group: Group, shape: tuple[int, ...], dtype: np.dtype, src: int, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+        return self._run("recv", group, shape, dtype, src, timeout)
+
+    def split(self, group: Group, index: int, color: int, key: int, timeout: float) -> Coroutine[Any, Any, SplitResult]:
+        return self._run("split", group, index, color, key, timeout)
+
+    async def close(self) -> None:
+        return None
+
+    def fds(self) -> list[int]:
+        return []
+
+
+_lock = threading.Lock()
+
+
+def start_world() -> tuple[MpiBackend, MpiGroup]:
+    """The MPI backend and the world group's state."""
+    MPI = load()
+    if MPI is None:
+        raise RuntimeError(f"backend 'mpi' is unavailable: {_why_unavailable}")
+    with _lock:
+        comm = world(MPI)
+    return MpiBackend(MPI, comm.Get_rank()), MpiGroup(comm)

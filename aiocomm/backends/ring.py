@@ -1,0 +1,184 @@
+"""The ring backend: aiocomm's TCP mesh and its own collectives.
+
+Each collective call gets a :class:`MeshLink`: the group's members and
+context, a per-group sequence number in its tags, and one
+:class:`~aiocomm.transport.Op` whose deadline bounds every wait of the call.
+A failure in a collective aborts the group on every rank (the mesh sends the
+reason to the other members).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, TypeVar
+
+import numpy as np
+
+from .. import collectives, failure_report
+from ..errors import CommError, broken_earlier
+from ..transport import Mesh, Op, Wait
+from ..wire import Kind, Signature, signature
+from . import SplitResult
+
+if TYPE_CHECKING:
+    from ..group import Group
+
+_COLL = Kind.COLL
+T = TypeVar("T")
+_OP_NAMES = {"sum": "all_sum", "max": "all_max", "min": "all_min"}
+
+
+class MeshLink:
+    """A :class:`collectives.Link` for one collective call on the real mesh."""
+
+    __slots__ = ("mesh", "members", "rank", "size", "context", "tag_base", "sig", "op", "streams", "announced")
+
+    def __init__(self, group: Group, mesh: Mesh, sig: Signature, timeout: float) -> None:
+        self.mesh = mesh
+        self.members = group.members
+        self.rank = group._rank
+        self.size = len(group.members)
+        self.context = group.context
+        seq = group._seq  # collectives started on the group so far
+        group._seq = seq + 1
+        self.tag_base = seq << 8
+        self.sig = sig
+        self.op = Op(sig.describe(), group.context, timeout, mesh.loop.time() + timeout)
+        # The group's connections, kept across calls: opening costs a lookup
+        # per peer per call otherwise.
+        self.streams = group._streams
+        self.announced: list[Wait] = []  # messages over the receiver's budget, sent once it posts
+
+    async def open(self, *peers: int) -> None:
+        streams = self.streams
+        for peer in peers:
+            stream = streams.get(peer)
+            if stream is None or stream.closed:
+                streams[peer] = await self.mesh.open(self.members[peer], self.op)
+
+    def push(self, dst: int, lane: int, data: np.ndarray) -> None:
+        wait = self.mesh.send(self.streams[dst], _COLL, self.context, self.tag_base | lane, self.sig, data, self.op)
+        if wait is not None:
+            self.announced.append(wait)
+
+    def post(self, src: int, lane: int, out: np.ndarray) -> Awaitable[np.ndarray]:
+        return self.mesh.post(self.members[src], _COLL, self.context, self.tag_base | lane, self.sig, out, self.op)
+
+    async def flush(self) -> None:
+        if self.announced:
+            await self.mesh.flush(self.streams.values(), self.op, self.announced)
+            return
+        for stream in self.streams.values():
+            if stream.paused:
+                await self.mesh.flush(self.streams.values(), self.op)
+                return
+
+
+def split_context(parent: int, index: int, color: int) -> int:
+    """A context id for a split's subgroup: the same on every member, distinct
+    from every other group's with overwhelming probability."""
+    digest = hashlib.blake2b(f"{parent}:{index}:{color}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") | 1  # never the world's 0
+
+
+class RingBackend:
+    """Groups over this process's :class:`~aiocomm.transport.Mesh`."""
+
+    name = "ring"
+    direct = False  # blocking calls go through the loop that owns the mesh
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+        self.rank = mesh.rank
+
+    def _raise_broken(self, context: int, what: str) -> None:
+        cause = self.mesh.broken.get(context)
+        if cause is not None:
+            failure_report.record(self.rank, cause)
+            raise broken_earlier(cause, f"rank {self.rank}: {what}") from cause
+
+    async def _collective(
+        self, group: Group, op: str, x: np.ndarray, timeout: float, body: Callable[..., Awaitable[T]], *args: Any
+    ) -> T:
+        """Run ``body(link, *args)`` as one collective call of ``group``; a
+        failure here aborts the group on every rank."""
+        mesh = self.mesh
+        link = MeshLink(group, mesh, signature(op, x.dtype, x.shape), timeout)
+        if group.context in mesh.broken:
+            self._raise_broken(group.context, op)
+        try:
+            return await body(link, *args)
+        except CommError as exc:
+            # Prefer the root cause another rank reported over a symptom seen here
+            # (a peer that left after it gave up).
+            cause = mesh.broken.get(group.context)
+            if cause is not None and cause is not exc:
+                failure_report.record(self.rank, cause)
+                raise cause from exc
+            mesh.abort(group.context, exc)
+            failure_report.record(self.rank, exc)
+            raise
+
+    def all_reduce(self, group: Group, x: np.ndarray, op: str, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+        return self._collective(group, _OP_NAMES[op], x, timeout, collectives.all_reduce, x, op)
+
+    def all_gather(self, group: Group, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+        return self._collective(group, "all_gather", x, timeout, collectives.all_gather, x)
+
+    def sum_scatter(self, group: Group, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+        return self._collective(group, "sum_scatter", x, timeout, collectives.reduce_scatter, x, "sum")
+
+    async def send(self, group: Group, x: np.ndarray, dst: int, timeout: float) -> None:
+        mesh = self.mesh
+        world_dst = group.members[dst]
+        sig = signature("send", x.dtype, x.shape)
+        op = Op(f"send of {sig.describe()} to rank {world_dst}", group.context, timeout, mesh.loop.time() + timeout)
+        if group.context in mesh.broken:
+            self._raise_broken(group.context, "send")
+        try:
+            stream = await mesh.open(world_dst, op)
+            wait = mesh.send(stream, Kind.P2P, group.context, 0, sig, x, op)
+            await mesh.flush((stream,), op, [wait] if wait is not None else None)
+        except CommError as exc:
+            failure_report.record(self.rank, exc)
+            raise
+
+    async def recv(self, group: Group, shape: tuple[int, ...], dtype: np.dtype, src: int, timeout: float) -> np.ndarray:
+        mesh = self.mesh
+        world_src = group.members[src]
+        sig = signature("send", dtype, shape)
+        op = Op(f"recv of {sig.describe()} from rank {world_src}", group.context, timeout, mesh.loop.time() + timeout)
+        if group.context in mesh.broken:
+            self._raise_broken(group.context, "recv")
+        try:
+            return await mesh.post(world_src, Kind.P2P, group.context, 0, sig, None, op)
+        except CommError as exc:
+            failure_report.record(self.rank, exc)
+            raise
+
+    async def split(self, group: Group, index: int, color: int, key: int, timeout: float) -> SplitResult:
+        mine = np.array([color, key], np.int64)
+        table = (await self.all_gather(group, mine, timeout)).reshape(group.size(), 2)
+        members, rank = split_order(group, table, color)
+        context = split_context(group.context, index, color)
+        self.mesh.register_context(context, members)
+        return SplitResult(members, rank, context)
+
+    async def close(self) -> None:
+        await self.mesh.close()
+
+    def fds(self) -> list[int]:
+        return self.mesh.fds()
+
+
+def split_order(group: Group, table: np.ndarray, color: int) -> tuple[tuple[int, ...], int]:
+    """The world ranks of this rank's new group, ordered by key (ties and
+    negative keys by parent rank), and this rank's place in it, from every
+    parent rank's ``(color, key)``."""
+    chosen = sorted(
+        (int(k) if k >= 0 else parent_rank, parent_rank)
+        for parent_rank, (c, k) in enumerate(table.tolist())
+        if c == color
+    )
+    order = [parent_rank for _, parent_rank in chosen]
+    return tuple(group.members[p] for p in order), order.index(group.rank())
