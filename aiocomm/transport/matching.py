@@ -48,7 +48,7 @@ def byte_view(arr: np.ndarray) -> memoryview:
     """A flat writable/readable byte view of a C-contiguous array."""
     try:
         return memoryview(arr).cast("B")  # a quarter of the cost of numpy's views
-    except TypeError:  # a shape with a zero in it
+    except (TypeError, ValueError):  # a shape with a zero in it; a dtype with no buffer format (bfloat16)
         return memoryview(arr.reshape(-1).view(np.uint8))
 
 
@@ -56,7 +56,7 @@ def sig_nbytes(sig: Signature) -> int:
     count = 1
     for d in sig.shape:
         count *= d
-    return count * np.dtype(sig.dtype).itemsize
+    return count * wire.dtype_from_name(sig.dtype).itemsize
 
 
 class MatchEvents(Protocol):
@@ -148,7 +148,7 @@ class Mailbox:
 def take(arrival: Arrival, out: np.ndarray | None, sig: Signature) -> np.ndarray:
     """An arrived frame's data, in ``out`` or (``None``) as an array of ``sig``."""
     if out is None:  # signatures matched: take the buffer as it is
-        return arrival.data.view(np.dtype(sig.dtype)).reshape(sig.shape)
+        return arrival.data.view(wire.dtype_from_name(sig.dtype)).reshape(sig.shape)
     byte_view(out)[:] = arrival.data
     return out
 

@@ -120,6 +120,8 @@ class Mesh:
         if context in self.broken:
             raise self.broken[context]
         self.bytes_sent += data.nbytes
+        if data.dtype.kind == "V":  # bfloat16 (ml_dtypes') has no buffer format for the socket: send its bits
+            data = data.view(np.uint16)
         return stream.send_data(kind, context, tag, sig, data, op)
 
     async def flush(self, streams: Iterable[PeerStream], op: Op, announced: list[Wait] | None = None) -> None:
@@ -180,9 +182,9 @@ class Mesh:
 
     def allocate(self, shape: tuple[int, ...], dtype: str, src: int, op: Op | None, context: int) -> np.ndarray:
         try:
-            return np.empty(shape, dtype)
+            return np.empty(shape, wire.dtype_from_name(dtype))
         except MemoryError as exc:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            nbytes = int(np.prod(shape, dtype=np.int64)) * wire.dtype_from_name(dtype).itemsize
             what = op.what if op is not None else "a message that arrived before its receive"
             err = OutOfMemoryError(
                 f"rank {self.rank} ran out of memory allocating {describe_bytes(nbytes)} for {what} from rank {src}"

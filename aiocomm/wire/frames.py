@@ -86,7 +86,10 @@ PAYLOAD_KINDS = frozenset({Kind.COLL, Kind.P2P, Kind.RDATA})  # the kinds that m
 RTS_TRAILER = struct.Struct("<QQ")  # after an RTS frame's signature: message id, byte count
 _KINDS = {int(k): k for k in Kind}  # Kind(n) goes through the enum machinery: slow per frame
 
-#: The documented dtypes, by the name used on the wire.
+#: The documented dtypes, by the name used on the wire.  ``bfloat16`` is the
+#: one numpy lacks: it comes from ``ml_dtypes`` (the package JAX uses), which
+#: is imported only when a program uses it (a program that passes a bfloat16
+#: array has it installed).
 DTYPE_NAMES: tuple[str, ...] = (
     "bool",
     "int8",
@@ -98,30 +101,99 @@ DTYPE_NAMES: tuple[str, ...] = (
     "uint32",
     "uint64",
     "float16",
+    "bfloat16",
     "float32",
     "float64",
     "complex64",
     "complex128",
 )
-_DTYPES = {name: np.dtype(name) for name in DTYPE_NAMES}
+_WIRE_NAMES = frozenset(DTYPE_NAMES)  # what a peer may name in array metadata
+# The dtypes loaded so far, by name; bfloat16 joins when ml_dtypes is first needed.
+_DTYPES = {name: np.dtype(name) for name in DTYPE_NAMES if name != "bfloat16"}
 _NATIVE = {dt: dt for dt in _DTYPES.values()}  # dtype -> itself, a fast membership test
-NATIVE_DTYPES = frozenset(_NATIVE)
+#: The supported dtypes loaded so far (a set that bfloat16 joins once loaded).
+NATIVE_DTYPES: set[np.dtype] = set(_NATIVE)
 _NAMES = {dt: name for name, dt in _DTYPES.items()}
+
+_BFLOAT16_FIX = "install ml_dtypes (pip install ml_dtypes) and use ml_dtypes.bfloat16"
+
+
+def _load_bfloat16() -> np.dtype:
+    """ml_dtypes' bfloat16, registered as a supported dtype (``TypeError``
+    saying how to get it when ml_dtypes is missing)."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError(f"aiocomm's bfloat16 is ml_dtypes.bfloat16, and ml_dtypes is not installed: {_BFLOAT16_FIX}") from None
+    dt = np.dtype(ml_dtypes.bfloat16)
+    _DTYPES["bfloat16"] = _NATIVE[dt] = dt
+    _NAMES[dt] = "bfloat16"
+    NATIVE_DTYPES.add(dt)
+    return dt
+
+
+def dtype_from_name(name: str) -> np.dtype:
+    """The numpy dtype a wire name (one of :data:`DTYPE_NAMES`) stands for;
+    ``TypeError`` for any other name, or for bfloat16 without ml_dtypes."""
+    dt = _DTYPES.get(name)
+    if dt is not None:
+        return dt
+    if name == "bfloat16":
+        return _load_bfloat16()
+    raise TypeError(f"aiocomm does not support dtype {name!r}; supported: {', '.join(DTYPE_NAMES)}")
+
+
+def _unsupported(dt: np.dtype) -> TypeError:
+    """The ``TypeError`` for an unsupported numpy dtype: what it is, and the
+    fix where there is one."""
+    what = f"aiocomm does not support dtype {dt}" + ("" if str(dt) == dt.str else f" ({dt.str})")
+    if dt.kind == "S":
+        hint = ("byte strings are not arrays of bytes; pass bytes, bytearray or memoryview as they are "
+                "(aiocomm takes them as uint8), or view them yourself: np.frombuffer(b, np.uint8)")
+    elif dt.kind == "U":
+        hint = "text is not an array of numbers; encode it and pass the bytes: np.frombuffer(s.encode(), np.uint8)"
+    elif dt.kind == "O":
+        hint = ("Python objects have no fixed layout to send; convert to a numeric dtype, or send "
+                "serialized bytes: np.frombuffer(pickle.dumps(obj), np.uint8)")
+    elif dt.kind in "mM":
+        hint = f"send the underlying integers: x.view(np.int64) (and .view({dt.str!r}) after receiving)"
+    elif dt.fields is not None:
+        hint = "send each field as an array of its own, or the raw bytes: x.view(np.uint8)"
+    elif dt.type.__module__.split(".")[0] == "ml_dtypes":
+        hint = "of ml_dtypes' types aiocomm supports bfloat16; send others as raw bytes, x.view(np.uint8)"
+    elif dt.kind == "V" and dt.itemsize == 2:
+        hint = ("if these are bfloat16 values, aiocomm's bfloat16 is ml_dtypes.bfloat16: "
+                "pip install ml_dtypes and pass x.view(ml_dtypes.bfloat16)")
+    elif dt.kind == "f":
+        hint = "use float64 (x.astype(np.float64))"
+    elif dt.kind == "c":
+        hint = "use complex128 (x.astype(np.complex128))"
+    else:
+        hint = "send the raw bytes, x.view(np.uint8), and view them back after receiving"
+    return TypeError(f"{what}: {hint}. Supported: {', '.join(DTYPE_NAMES)}")
 
 
 def wire_dtype(dtype: Any) -> np.dtype:
-    """The native-order numpy dtype for ``dtype``, or ``TypeError`` naming it."""
+    """The native-order numpy dtype for ``dtype``, or ``TypeError`` naming it
+    and, where there is one, the fix."""
     native = _NATIVE.get(dtype) if isinstance(dtype, np.dtype) else None
     if native is not None:
         return native
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        return dtype_from_name(dtype)
     try:
         dt = np.dtype(dtype)
     except TypeError as exc:
-        raise TypeError(f"aiocomm does not support dtype {dtype!r}") from exc
-    if dt.name not in _DTYPES or dt.fields is not None:
+        raise TypeError(f"aiocomm does not support dtype {dtype!r}: numpy does not know it ({exc})") from exc
+    if dt.name == "bfloat16" and dt.kind == "V" and dt.itemsize == 2:
+        if dt.type.__module__.split(".")[0] == "ml_dtypes":
+            return dtype_from_name("bfloat16")
         raise TypeError(
-            f"aiocomm does not support dtype {dt} ({dt.str}); supported: {', '.join(DTYPE_NAMES)}"
+            f"aiocomm does not support this bfloat16 ({dt.type.__module__}.{dt.type.__name__}): "
+            f"aiocomm's bfloat16 is ml_dtypes.bfloat16; {_BFLOAT16_FIX}"
         )
+    if dt.name not in _DTYPES or dt.fields is not None:
+        raise _unsupported(dt)
     return _DTYPES[dt.name]
 
 
@@ -231,7 +303,7 @@ def decode_signature(meta: Any) -> Signature:
         or len(meta[2]) > 64
     ):
         raise ProtocolError(f"malformed array metadata {meta!r}")
-    if meta[1] not in _DTYPES:
+    if meta[1] not in _WIRE_NAMES:
         raise ProtocolError(f"unknown dtype {meta[1]!r} in array metadata")
     return Signature(meta[0], meta[1], tuple(meta[2]))
 
