@@ -18,12 +18,61 @@ class Sized(Protocol):
 
 
 def as_array(x: Any) -> np.ndarray:
-    """``x`` as a C-contiguous, native-order array of a supported dtype."""
+    """``x`` as a C-contiguous, native-order array of a supported dtype.
+
+    Besides numpy arrays and what ``numpy.asarray`` accepts: ``bytes`` and
+    ``bytearray`` are uint8 arrays of their bytes (as MLX takes them), a
+    ``memoryview`` is an array of its format (uint8 for bytes), and objects
+    with ``__dlpack__`` (torch CPU tensors, say) are viewed through DLPack.
+    None of these copies unless the memory is not contiguous or not in
+    native byte order.  ``TypeError`` names an unsupported dtype and the fix.
+    """
     if type(x) is np.ndarray and x.dtype in wire.NATIVE_DTYPES and x.flags.c_contiguous:
         return x  # the common case, without numpy's argument parsing
-    arr = np.asarray(x)
+    arr = view_array(x)
     dtype = wire.wire_dtype(arr.dtype)
     return np.asarray(arr, dtype=dtype, order="C")
+
+
+def view_array(x: Any) -> np.ndarray:
+    """``x`` as a numpy array, without copying where numpy can view it: bytes
+    and bytearray as uint8, ``__dlpack__`` through :func:`numpy.from_dlpack`,
+    the rest (``__array__``, the buffer protocol, lists) through
+    :func:`numpy.asarray`."""
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, (bytes, bytearray)):
+        return np.frombuffer(x, np.uint8)
+    if hasattr(x, "__dlpack__") and not isinstance(x, memoryview):
+        try:
+            return np.from_dlpack(x)
+        except (TypeError, ValueError, RuntimeError, BufferError):
+            pass  # a device numpy cannot see, or a dtype DLPack cannot carry: numpy.asarray may still manage
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        hint = _conversion_hint(x)
+        if not hint:
+            raise
+        raise TypeError(f"aiocomm cannot use a {type(x).__module__}.{type(x).__qualname__} as a numpy array: {exc}{hint}") from exc
+
+
+def _conversion_hint(x: Any) -> str:
+    """A way out for objects numpy cannot take, where one is known."""
+    if type(x).__module__.split(".")[0] == "torch":
+        dtype = str(getattr(x, "dtype", ""))
+        if dtype == "torch.bfloat16":
+            return ("; numpy has no bfloat16 of its own: pass t.detach().cpu().view(torch.int16).numpy()"
+                    ".view(ml_dtypes.bfloat16) (pip install ml_dtypes)")
+        return "; pass t.detach().cpu() (numpy sees tensors on the CPU that need no gradient)"
+    return ""
+
+
+def shape_and_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and (supported) dtype of an array like ``x``, for
+    ``recv_like``: bytes-like objects are uint8 arrays of their length."""
+    arr = view_array(x)
+    return arr.shape, wire.wire_dtype(arr.dtype)
 
 
 def check_timeout(timeout: float | None) -> float:
