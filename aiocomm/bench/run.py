@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .. import aio, portal
+from ..wire import wire_dtype
 
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 SMALL = 1 << 20  # sizes below this are latency cases: more iterations
@@ -43,6 +44,21 @@ def parse_size(text: str) -> int:
     text = text.strip().upper().removesuffix("B")
     unit = text[-1] if text and text[-1] in UNITS else ""
     return int(float(text[: len(text) - len(unit)]) * UNITS[unit])
+
+
+def check_sizes(sizes: list[int], dtype: np.dtype) -> str | None:
+    """Why ``sizes`` cannot be measured in ``dtype`` (a size that is not a
+    whole number of items would be silently rounded), or None."""
+    item = dtype.itemsize
+    for size in sizes:
+        if size <= 0:
+            return f"--sizes: {size} bytes: a size must be at least one {dtype} item ({item} bytes)"
+        if size % item:
+            lower, upper = size // item * item, -(-size // item) * item
+            near = f"{lower} or {upper}" if lower else str(upper)
+            return (f"--sizes: {size} bytes is not a whole number of {dtype} items ({item} bytes each); "
+                    f"use {near}, or another --dtype")
+    return None
 
 
 def human(n: float) -> str:
@@ -145,7 +161,7 @@ async def bench(args: argparse.Namespace) -> None:
     world = aiocomm.init() if blocking else await aio.init()
     rank, n = world.rank(), world.size()
     mesh = world.engine.mesh
-    dtype = np.dtype(args.dtype)
+    dtype = wire_dtype(args.dtype)
     if rank == 0 and not args.json:
         print(f"# aiocomm.bench op={args.op} ranks={n} dtype={dtype} face={args.face} iters={args.iters} "
               f"(under 1 MiB: {iterations(args, 0)[0]}) warmup={args.warmup} average={args.average}")
@@ -154,6 +170,8 @@ async def bench(args: argparse.Namespace) -> None:
     for nbytes in args.sizes:
         case = result = None  # free the previous size's arrays before the next ones exist
         case = Case(args.op, nbytes, dtype, rank, n)
+        if case.nbytes != nbytes and rank == 0 and not args.json:
+            print(f"# {nbytes} bytes is not {n} equal blocks of {dtype}: measuring {case.nbytes} bytes", flush=True)
         ok = True
         iters, warmup = iterations(args, nbytes)
         for _ in range(warmup):
@@ -178,6 +196,7 @@ async def bench(args: argparse.Namespace) -> None:
             "op": args.op,
             "ranks": n,
             "bytes": case.nbytes,
+            "requested_bytes": nbytes,
             "dtype": dtype.name,
             "face": args.face,
             "average": args.average,
@@ -219,7 +238,17 @@ def main(argv: list[str] | None = None) -> None:
                              + ", ".join(f"{k} = {v}" for k, v in AVERAGES.items()) + " (default avg, as nccl-tests)")
     parser.add_argument("--json", action="store_true", help="one JSON object per size")
     args = parser.parse_args(argv)
-    args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    try:
+        args.dtype = wire_dtype(args.dtype)
+    except TypeError as exc:
+        parser.error(f"--dtype {args.dtype}: {exc}")
+    try:
+        args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    except (ValueError, IndexError):
+        parser.error(f"--sizes {args.sizes!r}: expected a comma list of byte counts such as 8,1K,64M")
+    bad = check_sizes(args.sizes, args.dtype)
+    if bad:
+        parser.error(bad)
     if args.face == "blocking":
         # Plain-script conditions: no event loop runs in this thread.  With the
         # blocking face the coroutine never suspends, so step it by hand.
