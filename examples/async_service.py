@@ -2,8 +2,9 @@
 
 Each rank runs a tiny TCP "status" endpoint on loopback and a heartbeat timer
 while it runs a series of all_sum and all_gather calls through aiocomm.aio.
-Rank 0 queries its own endpoint during the collectives to show that the loop
-stays responsive.
+Rank 0 queries its own endpoint five times as the rounds go by; each reply
+reports the rounds done so far, so the replies show the work advancing while
+the loop keeps serving.
 
     aiocomm-launch -n 4 examples/async_service.py [rounds]
 """
@@ -21,11 +22,11 @@ async def main() -> None:
     world = await aio.init()
     rank, size = world.rank(), world.size()
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 50
-    state = {"round": 0, "beats": 0}
+    state = {"done": 0, "beats": 0}  # rounds completed, heartbeats
 
     async def status(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readline()
-        writer.write(f"rank {rank} round {state['round']} beats {state['beats']}\n".encode())
+        writer.write(f"rank {rank}: {state['done']}/{rounds} rounds done, {state['beats']} heartbeats\n".encode())
         await writer.drain()
         writer.close()
 
@@ -40,15 +41,17 @@ async def main() -> None:
     async def work() -> float:
         total = 0.0
         for i in range(rounds):
-            state["round"] = i
             x = np.full(10_000, rank + i, np.float64)
             total += float((await aio.all_sum(x))[0])
             await aio.all_gather(np.array([rank]))
+            state["done"] = i + 1
         return total
 
     async def ask_status() -> list[str]:
         answers = []
-        for _ in range(5):
+        for k in range(5):
+            while state["done"] < k * rounds // 5:  # spread the queries over the run
+                await asyncio.sleep(0.001)
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"status\n")
             answers.append((await reader.readline()).decode().strip())
@@ -66,6 +69,8 @@ async def main() -> None:
     want = sum(sum(r + i for r in range(size)) for i in range(rounds))
     assert total == want, (total, want)
     if rank == 0:
+        done = [int(a.split(": ")[1].split("/")[0]) for a in answers]
+        assert done == sorted(done) and done[-1] > done[0], f"the replies show no progress: {answers}"
         print(f"{rounds} rounds of collectives on {size} ranks, total {total:.0f} (correct); "
               f"the loop stayed responsive: {len(answers)} status replies, {state['beats']} heartbeats")
         for a in answers:

@@ -1,5 +1,6 @@
 """Every example runs on 4 local ranks with a small size (a smoke test)."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -14,7 +15,11 @@ CASES = {
     "async_service.py": (["10"], "the loop stayed responsive: 5 status replies"),
     "split_groups.py": ([], "rank 3 at (1, 1): row sum 5, column sum 4, row members [2, 3]"),
     "port_from_mlx.py": ([], "ported: every mx.distributed call ran on 4 ranks"),
+    "share_file.py": (["100000", "30000"], "shared 100000 bytes from rank 0 in 4 chunks"),
+    "bfloat16_gradients.py": (["150", "500"], "weights identical on every rank"),
 }
+#: What an example needs beyond aiocomm's own dependencies (the test extra has it).
+NEEDS = {"bfloat16_gradients.py": "ml_dtypes"}
 
 
 def test_every_example_is_tested():
@@ -25,6 +30,8 @@ def test_every_example_is_tested():
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_example(name):
     args, expected = CASES[name]
+    if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:
+        pytest.skip(f"{name} needs {NEEDS[name]} (pip install -e '.[test]')")
     proc = subprocess.run(
         [sys.executable, "-m", "launcher", "-n", "4", str(ROOT / "examples" / name), *args],
         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=110,
