@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ranks per host (default 1; with the default host, N local ranks)")
     parser.add_argument("--hosts", default="127.0.0.1", help="comma-separated hosts (default 127.0.0.1)")
     parser.add_argument("--hostfile", default=None, help="JSON hostfile in the formats mlx.launch reads")
-    parser.add_argument("--backend", default="ring", choices=["ring"], help="only 'ring' (aiocomm's TCP ring)")
+    parser.add_argument("--backend", default="ring", choices=["ring", "mpi"],
+                        help="'ring' (default: aiocomm's TCP ring, ranks started by this launcher) or 'mpi' "
+                        "(ranks started by mpirun, the world formed over MPI)")
+    parser.add_argument("--mpirun", default="mpirun", help="mpirun command for --backend mpi")
+    parser.add_argument("--mpirun-args", default="", help="extra mpirun arguments for --backend mpi, e.g. \"--bind-to core\"")
     parser.add_argument("-p", "--starting-port", type=int, default=None,
                         help="first listening port (default: free ports for local ranks, a random base for ssh ones)")
     parser.add_argument("--connections-per-ip", type=int, default=1, help="listening addresses per rank")
@@ -181,6 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("aiocomm-launch: -n must be at least 1")
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
+    if args.backend == "mpi":
+        from . import mpi
+
+        rank_argv = command_argv(args.command, args.python)
+        check_command(rank_argv, args.cwd, dict(os.environ))
+        return mpi.run(args, rank_argv, [h.strip() for h in args.hosts.split(",") if h.strip()])
     with tempfile.TemporaryDirectory(prefix="aiocomm-") as tmp:
         ranks, listeners = plan_job(args, os.path.join(tmp, "hostfile.json"))
 

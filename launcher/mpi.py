@@ -1,0 +1,89 @@
+"""``aiocomm-launch --backend mpi``: start the job under ``mpirun``, as
+``mlx.launch --backend mpi`` does.
+
+mpirun starts the ranks (they form their world with the MPI backend), routes
+stdin to rank 0 and stops the job when a rank fails; its exit status is the
+failing rank's.  The launcher keeps its own promises on top: each output
+line tagged ``[rank N]`` (a small relay around each rank, started by mpirun,
+tags whole lines), ``--timeout`` (status 124), and the job's status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from typing import Sequence
+
+# Runs each rank and tags its output lines with its MPI rank; exits as the rank did.
+TAG_LINES = r"""
+import os, subprocess, sys, threading
+rank = next((os.environ[v] for v in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK") if v in os.environ), "?")
+tag = b"[rank " + rank.encode() + b"] "
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def pump(src, dst):
+    for line in iter(src.readline, b""):
+        dst.write(tag + (line if line.endswith(b"\n") else line + b"\n"))
+        dst.flush()
+pumps = [threading.Thread(target=pump, args=(proc.stdout, sys.stdout.buffer)),
+         threading.Thread(target=pump, args=(proc.stderr, sys.stderr.buffer))]
+for t in pumps: t.start()
+code = proc.wait()
+for t in pumps: t.join()
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def mpirun_argv(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[str]) -> list[str]:
+    """The mpirun command line for ``args`` (``-n`` ranks per host)."""
+    mpirun = shutil.which(args.mpirun)
+    if mpirun is None:
+        raise SystemExit(f"aiocomm-launch: --backend mpi needs {args.mpirun!r} (Open MPI or MPICH) on PATH")
+    total = args.n * max(len(hosts), 1)
+    cmd = [mpirun, "-n", str(total)]
+    remote = [h for h in hosts if h not in ("127.0.0.1", "localhost")]
+    if remote:
+        cmd += ["--host", ",".join(f"{h}:{args.n}" for h in hosts)]
+    for item in args.env:
+        cmd += ["-x", item]
+    if args.cwd:
+        cmd += ["-wdir", args.cwd]
+    cmd += shlex.split(args.mpirun_args)
+    if args.prefix:
+        cmd += [args.python, "-I", "-S", "-c", TAG_LINES]
+    return cmd + list(rank_argv)
+
+
+def run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[str]) -> int:
+    cmd = mpirun_argv(args, rank_argv, hosts)
+    env = dict(os.environ)
+    for item in args.env:
+        key, _, value = item.partition("=")
+        env[key] = value
+    if args.verbose:
+        print(f"aiocomm-launch: {shlex.join(cmd)}", file=sys.stderr)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        code = proc.wait(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        print(f"aiocomm-launch: job timed out after {args.timeout:g}s", file=sys.stderr)
+        return 124
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGINT)
+        return 128 + signal.SIGINT
+    if code != 0:
+        status = code if code > 0 else 128 - code
+        print(f"aiocomm-launch: mpirun exited with status {status} (a rank failed; mpirun's report is above)",
+              file=sys.stderr)
+        return status
+    return 0

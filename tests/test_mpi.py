@@ -1,0 +1,71 @@
+"""The MPI backend in real mpirun jobs (skipped without mpirun and mpi4py)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT, WORKERS, clean_env
+
+MPIRUN = shutil.which("mpirun")
+try:
+    import mpi4py  # noqa: F401
+
+    HAVE_MPI4PY = True
+except ImportError:
+    HAVE_MPI4PY = False
+
+pytestmark = pytest.mark.skipif(
+    MPIRUN is None or not HAVE_MPI4PY,
+    reason="needs Open MPI's mpirun and mpi4py (.ci/run installs both)",
+)
+
+# Open MPI refuses root unless told, and more ranks than CPUs unless told.
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMPI_MCA_btl_vader_single_copy_mechanism": "none"}
+
+
+def mpirun(n, script, *args, timeout=120, env=None):
+    cmd = [MPIRUN, "-n", str(n), sys.executable, str(WORKERS / script), *args]
+    return subprocess.run(cmd, cwd=WORKERS, env=clean_env(**MPI_ENV, **(env or {})), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def ok(proc, n, marker):
+    detail = f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-5000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, detail
+    assert proc.stdout.count(marker) == n, detail
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("n", [2, 3])
+def test_every_collective_every_dtype_over_mpi(n):
+    ok(mpirun(n, "collectives_matrix.py", timeout=170), n, "OK ")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("n", [2, 4])
+def test_p2p_split_faces_mismatch_timeout_over_mpi(n):
+    ok(mpirun(n, "mpi_program.py", timeout=170), n, "OK mpi")
+
+
+@pytest.mark.timeout(120)
+def test_launcher_backend_mpi_prefixes_and_status():
+    code = ("import aiocomm, numpy as np, sys; w = aiocomm.init(strict=True); "
+            "print('SUM', aiocomm.all_sum(np.array([w.rank() + 1])).tolist(), w.engine.backend.name); "
+            "sys.exit(5 if w.rank() == 1 and len(sys.argv) > 1 else 0)")
+    script = WORKERS / "mpi_tiny.py"
+    script.write_text(code + "\n")
+    try:
+        base = [sys.executable, "-m", "launcher", "--backend", "mpi", "-n", "3", str(script)]
+        proc = subprocess.run(base, cwd=ROOT, env=clean_env(**MPI_ENV), capture_output=True, text=True, timeout=100)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        for r in range(3):
+            assert f"[rank {r}] SUM [6] mpi" in proc.stdout, proc.stdout + proc.stderr
+        failed = subprocess.run(base + ["fail"], cwd=ROOT, env=clean_env(**MPI_ENV), capture_output=True, text=True,
+                                timeout=100)
+        assert failed.returncode == 5, failed.stdout + failed.stderr
+    finally:
+        os.unlink(script)

@@ -1,0 +1,122 @@
+"""The MPI backend beyond the matrix: p2p between every pair, a recv that
+does not fit, split, the async face (several in flight, the loop responsive
+during a large all_sum), mismatches and timeouts."""
+
+import asyncio
+import sys
+import time
+
+import numpy as np
+
+import aiocomm
+from aiocomm import aio
+from common import check
+
+world = aiocomm.init(strict=True)
+n, r = world.size(), world.rank()
+assert world.engine.backend.name == "mpi", world.engine.backend
+assert aiocomm.init() is world and aiocomm.is_available("mpi")
+
+# p2p: every ordered pair, several messages each, in order
+for src in range(n):
+    for dst in range(n):
+        if src == dst:
+            continue
+        if r == src:
+            for i in range(5):
+                aiocomm.send(np.full((3, 2), src * 100 + dst * 10 + i, np.int32), dst)
+        elif r == dst:
+            for i in range(5):
+                check(aiocomm.recv((3, 2), np.int32, src), np.full((3, 2), src * 100 + dst * 10 + i, np.int32),
+                      f"p2p {src}->{dst} #{i}")
+aiocomm.all_sum(np.zeros(1))
+
+# a recv that does not fit raises and keeps the message for one that does
+if r == 0:
+    aiocomm.send(np.arange(4, dtype=np.float32), 1)
+    aiocomm.send(np.arange(10, 14, dtype=np.float32), 1)
+elif r == 1:
+    for wrong in (((5,), np.float32), ((4,), np.int32)):
+        try:
+            aiocomm.recv(*wrong, 0)
+        except aiocomm.MismatchError as exc:
+            assert "rank 0" in str(exc), exc
+        else:
+            raise AssertionError(f"recv{wrong} of a (4,) float32 message did not raise")
+    check(aiocomm.recv((4,), np.float32, 0), np.arange(4, dtype=np.float32), "kept after mismatches")
+    check(aiocomm.recv_like(np.zeros(4, np.float32), 0), np.arange(10, 14, dtype=np.float32), "next message")
+
+# split: reversed order inside each color, collectives on subgroup and world
+sub = world.split(r % 2, key=n - r)
+members = [q for q in range(n) if q % 2 == r % 2]
+assert sub.size() == len(members) and sub.rank() == sorted(members, reverse=True).index(r), (sub.rank(), sub.size())
+check(aiocomm.all_sum(np.array([r]), group=sub), np.array([sum(members)]), "sum on a split")
+check(aiocomm.all_gather(np.array([r]), group=sub), np.array(sorted(members, reverse=True)), "gather on a split")
+check(aiocomm.all_sum(np.array([1.5])), np.array([1.5 * n]), "world after split")
+
+
+async def async_face() -> None:
+    # several collectives in flight at once, on two groups
+    coros = [aio.all_sum(np.full(5, i + r, np.float64)) for i in range(6)]
+    coros += [aio.all_gather(np.array([r, i]), group=sub) for i in range(3)]
+    got = await asyncio.gather(*coros)
+    for i in range(6):
+        check(got[i], np.full(5, n * i + sum(range(n)), np.float64), f"async sum {i}")
+    # the loop stays responsive during a large all_sum
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.001)
+            ticks += 1
+
+    task = asyncio.get_running_loop().create_task(ticker())
+    big = np.ones(8 << 20, np.float32)  # 32 MiB
+    start = time.monotonic()
+    out = await aio.all_sum(big)
+    took = time.monotonic() - start
+    task.cancel()
+    assert out[0] == n and out[-1] == n
+    assert ticks >= min(5, int(took / 0.002)), f"the loop ticked {ticks} times in {took:.3f}s"
+    # p2p on the async face
+    if r == 0:
+        await aio.send(np.arange(3), 1)
+    elif r == 1:
+        check(await aio.recv((3,), np.arange(3).dtype, 0), np.arange(3), "async p2p")
+
+
+asyncio.run(async_face())
+
+# ranks that disagree get MismatchError naming the calls, never wrong numbers
+mine = world.split(0)
+try:
+    aiocomm.all_sum(np.zeros(3 + r), group=mine)
+except aiocomm.MismatchError as exc:
+    assert "shape=(3,)" in str(exc) and f"shape=({3 + n - 1},)" in str(exc), exc
+else:
+    assert n == 1, "mismatched shapes did not raise"
+try:
+    aiocomm.all_sum(np.zeros(3), group=mine)
+except aiocomm.MismatchError as exc:
+    assert "broken earlier" in str(exc) and exc.__cause__ is not None, exc
+else:
+    raise AssertionError("a broken group was usable")
+
+# a timeout bounds the wait, says how long, and breaks only that group
+late = world.split(0)
+if r == 0:
+    start = time.monotonic()
+    try:
+        aiocomm.all_sum(np.ones(2), group=late, timeout=1.0)
+    except aiocomm.CommTimeoutError as exc:
+        waited = time.monotonic() - start
+        assert 0.9 < waited < 3.0 and "timeout=1s" in str(exc), (waited, exc)
+    else:
+        raise AssertionError("no timeout")
+else:
+    time.sleep(2.0)
+    aiocomm.all_sum(np.ones(2), group=late)  # completes the abandoned one
+check(aiocomm.all_sum(np.array([1])), np.array([n]), "world after a timeout on another group")
+print("OK mpi", flush=True)
+sys.stdout.flush()
