@@ -151,6 +151,9 @@ def mlx(args: argparse.Namespace) -> None:
             ok = bool(np.array_equal(np.array(y), np.repeat(np.arange(1, n + 1), part).astype(np.float32)))
             size = part * n * 4
         per_rank = mx.distributed.all_gather(mx.array(times.reshape(1, -1)))
+        # MLX is lazy: a rank that does not evaluate the gather never takes part
+        # in it, and rank 0 then reads whatever the buffer held (times of -1e36 s).
+        mx.eval(per_rank)
         if rank == 0:
             _report("mlx-ring", args.op, n, size, combine(np.array(per_rank), args.average), ok)
 
