@@ -63,7 +63,7 @@ def _blocking_call(what: str, fn: Callable[..., Coroutine[Any, Any, T]], *args: 
     if loop is None:
         starting = aio._starting
         loop = starting.get_loop() if starting is not None else portal.portal().loop
-    return portal.run(loop, fn(*args, **kwargs), what)
+    return portal.run(loop, fn(*args, **kwargs), what, task=True)
 
 
 def is_available(backend: str = "any") -> bool:

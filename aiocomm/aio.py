@@ -25,6 +25,7 @@ import numpy as np
 from . import args, config, portal, rendezvous, wire
 from . import group as engine_ops
 from .backends import mpi as mpi_backend
+from .backends.ring import RingBackend
 from .group import Engine, Group, claim
 
 __all__ = [
@@ -226,6 +227,8 @@ async def init(strict: bool = False, backend: str = "any") -> Group:
     _starting = None
     if engine.loop is not None and portal.owns(engine.loop):
         portal.close_at_exit(engine.close)  # peers then see an orderly close, not a reset
+        if isinstance(engine.backend, RingBackend):
+            engine.backend.hold_sends = True  # that close sends what large sends left held
     starting.set_result(engine)
     return engine.world
 

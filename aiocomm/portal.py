@@ -55,8 +55,9 @@ class Call:
     loop takes the call (as Python 3.12's eager tasks do) instead of one loop
     iteration later, and the waiting thread is woken from the last step
     instead of from a done-callback another iteration later.  Inside,
-    ``asyncio.current_task()`` is ``None``; the engine's coroutines do not
-    use it (``wait_for``, ``shield`` and ``sleep`` do not need it).
+    ``asyncio.current_task()`` is ``None``: the engine's operations do not
+    use it (nor ``wait_for``, which on Python 3.12 needs a task: forming the
+    world, which does, runs as a task: ``run(..., task=True)``).
     """
 
     __slots__ = ("coro", "waiter", "done", "result", "error")
@@ -172,10 +173,16 @@ def owns(loop: asyncio.AbstractEventLoop) -> bool:
     return _portal is not None and loop is _portal.loop
 
 
-def run(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], what: str) -> T:
-    """Run ``coro`` on ``loop`` from a thread that is not running it; block for the result."""
+def run(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], what: str, task: bool = False) -> T:
+    """Run ``coro`` on ``loop`` from a thread that is not running it; block for the result.
+
+    ``task``: run it as an ``asyncio.Task`` (needed by code that uses
+    ``asyncio.wait_for`` or ``asyncio.timeout``, which want a current task
+    from Python 3.12 on); otherwise it is stepped without one (faster).
+    """
     thread = _portal
-    if thread is not None and loop is thread.loop and threading.get_ident() != thread.ident and loop.is_running():
+    if (not task and thread is not None and loop is thread.loop and threading.get_ident() != thread.ident
+            and loop.is_running()):
         return thread.call(coro)  # the common case: another thread calls the running private loop
     if asyncio._get_running_loop() is loop:
         coro.close()

@@ -243,7 +243,9 @@ def test_send_to_departed_peer_fails_fast(tmp_path, n, victim, how):
 def test_sender_killed_mid_message(tmp_path):
     """Rank 0 is killed while rank 1 has only part of a 256 MiB message; rank
     1's posted recv raises PeerLostError naming rank 0 (AIOCOMM_TIMEOUT 300)."""
-    with world(tmp_path, 2, "rt_midmessage.py") as ranks:
+    # A budget that lets the message go eagerly, so it is really cut halfway
+    # through its bytes (not waiting for its receive to be cleared).
+    with world(tmp_path, 2, "rt_midmessage.py", env={"AIOCOMM_BUFFER_BYTES": "1G"}) as ranks:
         assert ranks[0].wait_line("^GOT-READY", 30), "world did not form" + dump(ranks)
         time.sleep(0.3)  # rank 1's receive is posted by now
         os.kill(ranks[1].pid, signal.SIGSTOP)  # the transfer will stall with a few MiB delivered

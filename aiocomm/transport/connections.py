@@ -42,6 +42,8 @@ log = logging.getLogger("aiocomm")
 HANDSHAKE_TIMEOUT = 10.0
 #: Accepted connections whose handshake is not done yet, at most.
 MAX_PENDING_HANDSHAKES = 64
+#: Seconds a clean close waits for written data to drain and peers to close.
+CLOSE_SECONDS = 2.0
 
 
 def backoff(first: float = 0.01, cap: float = 0.5) -> Iterator[float]:
@@ -120,6 +122,10 @@ class Connections:
             return  # the dial that opened it registers it
         peer = stream.peer
         assert peer is not None
+        if peer in self.lost:  # a lost peer stays lost: what it sends now could not be matched in order
+            log.warning("rank %d: rank %d, lost earlier, connected again; closing it", self.rank, peer)
+            stream.close()
+            return
         old = self.inbound.get(peer)
         if old is not None and not old.closed:
             log.warning("rank %d: rank %d connected twice; closing the newer connection", self.rank, peer)
@@ -280,6 +286,12 @@ class Connections:
         if peer in self.lost:
             return
         self.lost[peer] = err
+        # Close our side too, so the peer learns it is lost here (say, after
+        # it broke the protocol) instead of sending on into the void.
+        for streams in (self.outgoing, self.inbound):
+            stream = streams.pop(peer, None)
+            if stream is not None:
+                stream.close()
         self.mesh.peer_lost(peer, err)
 
     # ---- teardown
@@ -308,12 +320,22 @@ class Connections:
             timer.cancel()
             stream.close()
         self._pending.clear()
-        for stream in list(self.outgoing.values()) + list(self.inbound.values()):
+        # A graceful close: what was written drains, then each side says it
+        # is done writing and reads on until the peer closes too.  Closing a
+        # socket with unread bytes in it (flow control from the peer) would
+        # reset the connection and destroy data the peer has not read yet.
+        streams = list(self.outgoing.values()) + list(self.inbound.values())
+        deadline = self.loop.time() + CLOSE_SECONDS
+        for stream in streams:
             done = stream.drained_future()
             if done is not None:
                 try:
-                    await asyncio.wait_for(done, 1.0)
+                    await asyncio.wait_for(done, max(0.0, deadline - self.loop.time()))
                 except Exception:
                     pass
+            stream.finish_writing()
+        ends = [stream.ended for stream in streams if not stream.closed]
+        if ends:
+            await asyncio.wait(ends, timeout=max(0.05, deadline - self.loop.time()))
+        for stream in streams:
             stream.close()
-

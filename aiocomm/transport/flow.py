@@ -30,6 +30,8 @@ back on the sender's own connection.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from .waits import Op, Wait, WaitSet
@@ -40,19 +42,37 @@ def window_for(budget: int, size: int) -> int:
 
 
 class Announcement(Wait):
-    """An announced message waiting for its receiver's ``CTS``."""
+    """An announced message waiting for its receiver's ``CTS``.
 
-    __slots__ = ("data", "outbox", "rid")
+    A *detached* one belongs to a ``send`` that already returned: its payload
+    is a copy the sender holds (within its own budget) until the receiver
+    asks; it has no deadline and ends only with its peer or its context.
+    """
+
+    __slots__ = ("data", "outbox", "rid", "on_end", "revoke")
 
     def __init__(self, waits: WaitSet, peer: int, op: Op, data: np.ndarray, outbox: SendWindow, rid: int) -> None:
         Wait.__init__(self, waits, peer, op, "waiting for a receive to be posted by")
         self.data = data
         self.outbox = outbox
         self.rid = rid
+        self.on_end: Callable[[], None] | None = None  # releases a detached copy's bytes
+        self.revoke: Callable[[int, int], None] | None = None  # tells the receiver it is withdrawn
+
+    def resolve(self, value: object = None) -> None:
+        self._ended()
+        Wait.resolve(self, value)
 
     def fail(self, exc: BaseException) -> None:
-        self.outbox.announced.pop(self.rid, None)  # the payload will not be sent
+        if self.outbox.announced.pop(self.rid, None) is not None and self.revoke is not None:
+            self.revoke(self.op.context, self.rid)  # the receiver must not wait for a payload that will not come
+        self._ended()
         Wait.fail(self, exc)
+
+    def _ended(self) -> None:
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            on_end()
 
 
 class SendWindow:

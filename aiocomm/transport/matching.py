@@ -42,6 +42,7 @@ from ..wire import Signature, Sink
 from .waits import Op, Wait, WaitSet
 
 Key = tuple[int, int, int]  # (kind, context, tag)
+_P2P = int(wire.Kind.P2P)
 
 
 def byte_view(arr: np.ndarray) -> memoryview:
@@ -77,30 +78,52 @@ class PendingRecv(Wait):
 
     ``out`` is its destination (``None`` until its frame says nothing more
     than its signature does: allocated when the frame arrives); ``view`` is
-    set when its frame is routed to it.
+    set when its frame is routed to it.  ``key`` and ``matcher`` let a
+    receive that fails give back what it claimed (see :meth:`done`).
     """
 
-    __slots__ = ("out", "sig")
+    __slots__ = ("out", "sig", "key", "matcher", "queue")
 
-    def __init__(self, waits: WaitSet, src: int, op: Op, sig: Signature, out: np.ndarray | None) -> None:
+    def __init__(self, waits: WaitSet, src: int, op: Op, sig: Signature, out: np.ndarray | None,
+                 key: Key | None = None, matcher: Matcher | None = None) -> None:
         Wait.__init__(self, waits, src, op, "waiting for data from")
         self.out = out
         self.sig = sig
+        self.key = key
+        self.matcher = matcher
+        self.queue: collections.deque[PendingRecv] | None = None  # the posted queue it waits in
+
+    def fail(self, exc: BaseException) -> None:
+        queue = self.queue
+        if queue is not None:  # a dead receive leaves its queue at once (a polling loop must not grow it)
+            self.queue = None
+            try:
+                queue.remove(self)
+            except ValueError:
+                pass
+        Wait.fail(self, exc)
 
     def done(self) -> None:
-        """Its frame is in ``out``: wake the waiting coroutine."""
+        """Its frame is in ``out``: wake the waiting coroutine.  A receive
+        that failed meanwhile (its deadline passed while the payload was
+        coming) gives the message back, first in line for the next receive."""
         self.waits.pending.discard(self)
         future = self.future
         if not future.done():
             future.set_result(self.out)
+        elif self.matcher is not None and self.out is not None:
+            self.matcher.give_back(self.waits_src(), self.key, self.sig.encoded, self.out)
+
+    def waits_src(self) -> int:
+        return self.peer
 
 
 class Arrival(Sink):
     """An eager frame that arrived before its receive was posted."""
 
-    __slots__ = ("data", "meta", "complete", "waiter", "matcher", "src")
+    __slots__ = ("data", "meta", "complete", "waiter", "matcher", "src", "key", "orphaned")
 
-    def __init__(self, matcher: Matcher, src: int, meta: bytes, data: np.ndarray) -> None:
+    def __init__(self, matcher: Matcher, src: int, meta: bytes, data: np.ndarray, key: Key) -> None:
         self.data = data
         self.view = memoryview(data)
         self.meta = meta  # raw signature, checked when its receive is posted
@@ -108,6 +131,8 @@ class Arrival(Sink):
         self.waiter: PendingRecv | None = None  # a receive posted while the payload was still coming
         self.matcher = matcher
         self.src = src
+        self.key = key
+        self.orphaned = False  # its context was aborted while it came: only its credit matters
 
     @property
     def nbytes(self) -> int:
@@ -115,11 +140,18 @@ class Arrival(Sink):
 
     def done(self) -> None:
         self.complete = True
+        if self.orphaned:
+            self.matcher.events.credit(self.src, self.data.nbytes)
+            return
         pending = self.waiter
         if pending is not None:  # its receive was posted while the payload was coming
             self.waiter = None
+            if pending.future.done():  # ... and failed meanwhile: the message waits for the next one
+                self.matcher.requeue(self)
+                return
             pending.out = take(self, pending.out, pending.sig)
             self.matcher.events.credit(self.src, self.data.nbytes)
+            pending.matcher = None  # nothing to give back: the message is taken
             pending.done()
 
 
@@ -217,6 +249,7 @@ class Matcher:
             else:
                 pending = self._first_fitting(box, key, meta, nbytes, src)  # type: ignore[assignment]
             if pending is not None:
+                pending.queue = None
                 out = pending.out
                 if out is None:
                     try:
@@ -234,7 +267,7 @@ class Matcher:
         except Exception:
             self.events.credit(src, nbytes)
             return Sink(None)  # the context is aborted: its receives fail
-        arrival = Arrival(self, src, meta, data)
+        arrival = Arrival(self, src, meta, data, key)
         arrivals = box.arrived.get(key)
         if arrivals is None:
             arrivals = box.arrived[key] = collections.deque()
@@ -255,6 +288,7 @@ class Matcher:
         arrivals.append(Announced(meta, nbytes, rid))
 
     def _clear(self, box: Mailbox, pending: PendingRecv, src: int, context: int, rid: int) -> None:
+        pending.queue = None
         if pending.out is None:
             try:
                 pending.out = self.events.allocate(pending.sig.shape, pending.sig.dtype, src, pending.op, context)
@@ -265,15 +299,37 @@ class Matcher:
         self.events.clear_to_send(src, context, rid)
 
     def payload(self, src: int, rid: int, nbytes: int) -> Sink:
-        """An ``RDATA`` frame's header is in: the receive its announcement cleared."""
-        pending = self.boxes[src].cleared.pop(rid, None)
-        if pending is None or pending.future.done():
-            return Sink(None)  # that receive gave up (timeout, abort): drop the payload
+        """An ``RDATA`` frame's header is in: the receive its announcement
+        cleared (one that gave up meanwhile gives the message back when it is in)."""
+        box = self.boxes[src]
+        pending = box.cleared.pop(rid, None)
+        if pending is None:
+            return self._unsolicited(box, src, rid, nbytes)
         assert pending.out is not None
         if pending.out.nbytes != nbytes:
             raise ProtocolError(f"rank {src} sent {nbytes} bytes for announced message {rid} of {pending.out.nbytes}")
         pending.view = byte_view(pending.out)
         return pending
+
+    def _unsolicited(self, box: Mailbox, src: int, rid: int, nbytes: int) -> Sink:
+        """The payload of an announcement no receive has cleared: its sender
+        is closing and sends what it still held.  It becomes an ordinary
+        arrival in the announcement's place (or is dropped if its context
+        was aborted)."""
+        for key, arrivals in box.arrived.items():
+            for i, entry in enumerate(arrivals):
+                if type(entry) is Announced and entry.rid == rid:
+                    if entry.nbytes != nbytes:
+                        raise ProtocolError(f"rank {src} sent {nbytes} bytes for announced message {rid} of {entry.nbytes}")
+                    try:
+                        data = self.events.allocate((nbytes,), "uint8", src, None, key[1])
+                    except Exception:
+                        return Sink(None)
+                    arrival = Arrival(self, src, entry.meta, data, key)
+                    arrivals[i] = arrival
+                    self.events.credit(src, -nbytes)  # buffered now, though never credited to the sender
+                    return arrival
+        return Sink(None)
 
     # ---- posting
 
@@ -297,7 +353,7 @@ class Matcher:
             if not arrivals:
                 del box.arrived[key]
             if type(arrival) is Announced:
-                pending = PendingRecv(self.waits, src, op, sig, out)
+                pending = PendingRecv(self.waits, src, op, sig, out, key, self)
                 self._clear(box, pending, src, context, arrival.rid)
                 return pending.future
             assert isinstance(arrival, Arrival)
@@ -308,17 +364,80 @@ class Matcher:
                 return future
             if src in self.lost:  # its payload will never be complete
                 raise self.lost[src]
-            pending = PendingRecv(self.waits, src, op, sig, out)
+            pending = PendingRecv(self.waits, src, op, sig, out, key, self)
             arrival.waiter = pending
             return pending.future
         if src in self.lost:
             raise self.lost[src]
-        pending = PendingRecv(self.waits, src, op, sig, out)
+        pending = PendingRecv(self.waits, src, op, sig, out, key, self)
         queue = box.posted.get(key)
         if queue is None:
             queue = box.posted[key] = collections.deque()
         queue.append(pending)
+        pending.queue = queue
         return pending.future
+
+    # ---- receives that failed after they claimed a message
+
+    def requeue(self, arrival: Arrival) -> None:
+        """A complete message whose receive gave up: first in line again
+        (point-to-point only: a collective that fails aborts its context)."""
+        if arrival.key[0] != _P2P:
+            self.events.credit(arrival.src, arrival.data.nbytes)
+            return
+        box = self.boxes[arrival.src]
+        arrivals = box.arrived.get(arrival.key)
+        if arrivals is None:
+            arrivals = box.arrived[arrival.key] = collections.deque()
+        arrivals.appendleft(arrival)
+        # A receive posted meanwhile would wait behind it: hand it over.
+        queue = box.posted.get(arrival.key)
+        while queue and arrivals:
+            pending = queue.popleft()
+            if pending.future.done():
+                continue
+            pending.queue = None
+            if self._misfit(pending.sig, pending.out, arrival.meta, arrival.nbytes, arrival.src) is not None:
+                queue.appendleft(pending)
+                pending.queue = queue
+                break
+            arrivals.popleft()
+            pending.out = take(arrival, pending.out, pending.sig)
+            self.events.credit(arrival.src, arrival.data.nbytes)
+            pending.matcher = None
+            pending.done()
+
+    def give_back(self, src: int, key: Key | None, meta: bytes, data: np.ndarray) -> None:
+        """A receive that failed while its payload came: the payload, now
+        complete in the receive's memory, goes back as the first message."""
+        if key is None:
+            return
+        arrival = Arrival(self, src, meta, data.reshape(-1).view(np.uint8), key)
+        arrival.complete = True
+        # Its bytes were credited when it was routed; count them again as buffered.
+        self.events.credit(src, -arrival.data.nbytes)
+        self.requeue(arrival)
+
+    def revoke(self, src: int, rid: int) -> None:
+        """``src`` gave up on announced message ``rid`` (its send failed):
+        forget the announcement; a receive it was cleared for waits again."""
+        box = self.boxes[src]
+        pending = box.cleared.pop(rid, None)
+        if pending is not None:
+            if not pending.future.done() and pending.key is not None:
+                queue = box.posted.get(pending.key)
+                if queue is None:
+                    queue = box.posted[pending.key] = collections.deque()
+                queue.appendleft(pending)
+                pending.queue = queue
+            return
+        for key, arrivals in list(box.arrived.items()):
+            for arrival in arrivals:
+                if type(arrival) is Announced and arrival.rid == rid:
+                    arrivals.remove(arrival)
+                    if not arrivals:
+                        del box.arrived[key]
+                    return
 
     # ---- ending
 
@@ -329,8 +448,11 @@ class Matcher:
                 del box.posted[key]
             for key in [k for k in box.arrived if k[1] == context]:
                 for arrival in box.arrived.pop(key):
-                    if type(arrival) is Arrival and arrival.complete:
-                        self.events.credit(src, arrival.nbytes)
+                    if type(arrival) is Arrival:
+                        if arrival.complete:
+                            self.events.credit(src, arrival.nbytes)
+                        else:
+                            arrival.orphaned = True  # credited when its last byte is in
             for rid in [r for r, p in box.cleared.items() if p.op.context == context]:
                 del box.cleared[rid]
 

@@ -67,6 +67,8 @@ class Mesh:
         self._abort_tasks: set[asyncio.Task[None]] = set()
         self.closed = False
         self.bytes_sent = 0  # payload bytes, for the benchmark's wire count
+        self.hold_budget = buffer_budget()  # what this rank may hold of its own sends not yet received
+        self.held = 0
 
     # ---- bring-up and tear-down
 
@@ -99,9 +101,26 @@ class Mesh:
         if self._abort_tasks:  # let the other ranks learn why this one gave up
             await asyncio.wait(list(self._abort_tasks), timeout=2.0)
         self.closed = True
+        self._send_held()
+        self.waits.fail_all(CommError(f"rank {self.rank}: aiocomm was shut down while this operation waited"))
         self.waits.close()
         await self.connections.close()
         await asyncio.sleep(0)
+
+    def _send_held(self) -> None:
+        """Closing: send the payloads of sends that returned before their
+        receive was posted (copies this rank held), so they are delivered as
+        an eager send's bytes are after an exit."""
+        for stream in list(self.connections.outgoing.values()):
+            outbox = stream.outbox
+            if outbox is None or stream.closing:
+                continue
+            for rid, entry in list(outbox.announced.items()):
+                if entry.on_end is not None:  # a detached (held) send
+                    del outbox.announced[rid]
+                    stream.send_frame(_encode_head(Kind.RDATA, entry.op.context, rid, _EMPTY, entry.data.nbytes),
+                                      entry.data)
+                    entry.resolve(None)
 
     def fds(self) -> list[int]:
         return self.connections.fds()
@@ -113,16 +132,27 @@ class Mesh:
             raise self.broken[op.context]
         return await self.connections.open(peer, op)
 
-    def send(self, stream: PeerStream, kind: Kind, context: int, tag: int, sig: Signature, data: np.ndarray, op: Op) -> Wait | None:
+    def send(self, stream: PeerStream, kind: Kind, context: int, tag: int, sig: Signature, data: np.ndarray, op: Op,
+             detach: bool = False) -> Wait | None:
         """Queue one data frame on an open outgoing stream (no waiting).
         Returns None, or the wait of an announced message (its payload goes
-        once the receiver posts a receive)."""
+        once the receiver posts a receive); ``detach``: see ``PeerStream.send_data``."""
         if context in self.broken:
             raise self.broken[context]
         self.bytes_sent += data.nbytes
         if data.dtype.kind == "V":  # bfloat16 (ml_dtypes') has no buffer format for the socket: send its bits
             data = data.view(np.uint16)
-        return stream.send_data(kind, context, tag, sig, data, op)
+        return stream.send_data(kind, context, tag, sig, data, op, detach)
+
+    def hold(self, nbytes: int) -> bool:
+        """Take ``nbytes`` of this rank's budget for a copy of an announced send, if it fits."""
+        if self.held + nbytes > self.hold_budget:
+            return False
+        self.held += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.held -= nbytes
 
     async def flush(self, streams: Iterable[PeerStream], op: Op, announced: list[Wait] | None = None) -> None:
         """Wait until announced messages are sent and what was queued on
@@ -131,7 +161,7 @@ class Mesh:
             for wait in announced:
                 await wait.future
             announced.clear()
-        for stream in streams:
+        for stream in list(streams):  # (a concurrent collective may open another meanwhile)
             if stream.paused:
                 wait = stream.drained(op)
                 if wait is not None:
@@ -160,6 +190,9 @@ class Mesh:
             if context not in self.broken:
                 rid, nbytes = _RTS_TRAILER.unpack_from(meta, len(meta) - _RTS_TRAILER.size)
                 self.matcher.announce(src, flags, context, tag, meta[: -_RTS_TRAILER.size], nbytes, rid)
+            return Sink(None)
+        if kind == Kind.REVOKE:
+            self.matcher.revoke(src, tag)
             return Sink(None)
         if kind == Kind.ABORT:
             self._abort_received(src, context, wire.decode_meta(meta))

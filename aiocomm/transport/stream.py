@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,7 @@ class PeerStream(asyncio.BufferedProtocol):
         self.peer: int | None = None  # known once the handshake is done
         self.transport: asyncio.Transport | None = None
         self.opened: asyncio.Future[None] = mesh.loop.create_future()
+        self.ended: asyncio.Future[None] = mesh.loop.create_future()  # done when connection_lost has run
         self.reader = wire.FrameReader(self._handshake_frame, stage_size=wire.HANDSHAKE_STAGE,
                                        max_meta=wire.HANDSHAKE_MAX_META)
         # BufferedProtocol.get_buffer is the reader's own method: uvloop looks
@@ -88,6 +90,8 @@ class PeerStream(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = self.closing = True
+        if not self.ended.done():
+            self.ended.set_result(None)
         error = self.lost_error(self.lost_reason or exc)
         for wait in self._drains:
             wait.fail(error)
@@ -127,10 +131,13 @@ class PeerStream(asyncio.BufferedProtocol):
         else:
             self.transport.writelines((head, payload))  # type: ignore[union-attr]  # one writev; the array itself, no copy
 
-    def send_data(self, kind: Kind, context: int, tag: int, sig: Signature, data: np.ndarray, op: Op) -> Wait | None:
+    def send_data(self, kind: Kind, context: int, tag: int, sig: Signature, data: np.ndarray, op: Op,
+                  detach: bool = False) -> Wait | None:
         """Send one data frame: eagerly if the receiver's budget allows (None
-        is returned), else announced (the returned wait ends when its payload
-        is written)."""
+        is returned), else announced: the returned wait ends when its payload
+        is written.  With ``detach`` (a point-to-point send) an announced
+        message is copied, if this rank's own budget allows, and None is
+        returned: the send need not wait for the receive (see :mod:`.flow`)."""
         nbytes = data.nbytes
         outbox = self.outbox
         assert outbox is not None and self.peer is not None
@@ -142,10 +149,22 @@ class PeerStream(asyncio.BufferedProtocol):
             return None
         if self.closing:
             raise self.lost_error(self.lost_reason)
-        entry = outbox.announce(self.mesh.waits, self.peer, op, data)
+        mesh = self.mesh
+        held = detach and mesh.hold(nbytes)
+        if held:
+            data = data.copy()
+            op = Op(op.what, op.context, math.inf, math.inf)  # no deadline: it ends with its peer or context
+        entry = outbox.announce(mesh.waits, self.peer, op, data)
+        entry.revoke = self._revoke
+        if held:
+            entry.on_end = lambda: mesh.release(nbytes)
         meta = sig.encoded + wire.RTS_TRAILER.pack(entry.rid, nbytes)
         self.send_frame(wire.HEADER.pack(wire.MAGIC, wire.VERSION, Kind.RTS, kind, context, tag, 0, len(meta)) + meta)
-        return entry
+        return None if held else entry
+
+    def _revoke(self, context: int, rid: int) -> None:
+        if not self.closing:
+            self.send_frame(_encode_head(Kind.REVOKE, context, rid, _EMPTY, 0))
 
     def drained(self, op: Op) -> Wait | None:
         """A wait that ends when everything written is in the kernel, or None if it already is."""
@@ -181,6 +200,16 @@ class PeerStream(asyncio.BufferedProtocol):
             return "unknown address"
         host, port = self.address[:2]
         return f"{host}:{port}"
+
+    def finish_writing(self) -> None:
+        """Say this side is done writing (the peer then closes its side)."""
+        self.closing = True
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+            try:
+                transport.write_eof()
+            except (OSError, RuntimeError):
+                pass
 
     def close(self) -> None:
         self.closing = True

@@ -32,7 +32,8 @@ sent.  The announcement is an ``RTS`` frame (``flags`` holds the data kind;
 meta is the signature followed by 16 bytes: message id and byte count); the
 receiver answers ``CTS`` (``tag`` = the id) once a matching receive is posted,
 and the payload follows as ``RDATA`` (``tag`` = the id).  ``CREDIT`` (``tag`` =
-a byte count) returns buffer budget to a sender.  ``CTS`` and ``CREDIT`` travel
+a byte count) returns buffer budget to a sender; ``REVOKE`` (``tag`` = the id)
+withdraws an announcement whose send failed.  ``CTS`` and ``CREDIT`` travel
 back on the sender's own connection.
 
 The handshake is in :mod:`aiocomm.wire.handshake`.
@@ -75,6 +76,7 @@ class Kind(enum.IntEnum):
     CTS = 13  # clear to send: a receive is posted for the announced frame (tag = its id)
     RDATA = 14  # the payload of an announced frame (tag = its id)
     CREDIT = 15  # buffer budget handed back to a sender (tag = bytes)
+    REVOKE = 16  # the sender gave up on an announced frame (tag = its id)
     ABORT = 20  # a rank gave up on a context; carries the reason
     JOIN = 30  # rendezvous: a rank publishes its address
     ROSTER = 31  # rendezvous: every rank's address
