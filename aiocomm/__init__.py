@@ -142,8 +142,8 @@ def recv(
 
 
 def recv_like(x: Any, src: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
-    arr = np.asarray(x)
-    return recv(arr.shape, arr.dtype, src, group=group, timeout=timeout)
+    shape, dtype = args.shape_and_dtype(x)  # bytes-like: a uint8 array of their length
+    return recv(shape, dtype, src, group=group, timeout=timeout)
 
 
 # The blocking functions take the same arguments and give the same results

@@ -352,8 +352,8 @@ async def recv(shape: Any, dtype: Any, src: int, *, group: Group | None = None, 
 
 async def recv_like(x: Any, src: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
     """``recv(x.shape, x.dtype, src)``: receive an array shaped like ``x``."""
-    arr = np.asarray(x)
-    return await recv(arr.shape, arr.dtype, src, group=group, timeout=timeout)
+    shape, dtype = args.shape_and_dtype(x)  # bytes-like: a uint8 array of their length
+    return await recv(shape, dtype, src, group=group, timeout=timeout)
 
 
 async def split(color: int, key: int = -1, *, group: Group | None = None, timeout: float | None = None) -> Group:

@@ -170,8 +170,6 @@ def test_bfloat16_ring_in_small_segments():
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(reason="aiocomm.recv_like and aio.recv_like take np.asarray(x) (a 0-d |S array for bytes); "
-                          "they should take args.shape_and_dtype(x)", strict=False)
 def test_recv_like_bytes():
     pytest.importorskip("ml_dtypes")
     assert_ok(launch(2, "inputs.py", "recv_like_bytes", env={"AIOCOMM_TIMEOUT": "20"}, timeout=50), 2)
