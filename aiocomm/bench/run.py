@@ -20,8 +20,8 @@ import argparse
 import asyncio
 import json
 import resource
-import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -75,15 +75,18 @@ AVERAGES = {"avg": "mean of the ranks", "max": "slowest rank", "min": "fastest r
 
 def combine(per_rank: np.ndarray, how: str) -> np.ndarray:
     """Per-iteration times from a (ranks, iterations) table of each rank's own times."""
+    times: np.ndarray
     if how == "avg":
-        return per_rank.mean(axis=0)
-    if how == "max":
-        return per_rank.max(axis=0)
-    if how == "min":
-        return per_rank.min(axis=0)
-    if how == "rank0":
-        return per_rank[0]
-    raise ValueError(f"--average must be one of {', '.join(AVERAGES)}, got {how!r}")
+        times = per_rank.mean(axis=0)
+    elif how == "max":
+        times = per_rank.max(axis=0)
+    elif how == "min":
+        times = per_rank.min(axis=0)
+    elif how == "rank0":
+        times = per_rank[0]
+    else:
+        raise ValueError(f"--average must be one of {', '.join(AVERAGES)}, got {how!r}")
+    return times
 
 
 def bus_factor(op: str, n: int) -> float:
@@ -134,6 +137,7 @@ class Case:
         """Compare in 1 MiB slices, so the check adds no big temporary to the RSS."""
         n = self.size
         flat = result.reshape(-1)
+        want: Callable[[int], Any]
         if self.op in ("all_sum", "sum_scatter"):
             if result.size != self.count:
                 return False
@@ -165,7 +169,8 @@ async def bench(args: argparse.Namespace) -> None:
     if rank == 0 and not args.json:
         print(f"# aiocomm.bench op={args.op} ranks={n} dtype={dtype} face={args.face} iters={args.iters} "
               f"(under 1 MiB: {iterations(args, 0)[0]}) warmup={args.warmup} average={args.average}")
-        print(f"# {'bytes':>10} {'median_us':>11} {'min_us':>10} {'max_us':>10} {'algbw_GB/s':>10} {'busbw_GB/s':>10} {'wire/buf':>8} {'rss_MiB':>8} correct")
+        print(f"# {'bytes':>10} {'median_us':>11} {'min_us':>10} {'max_us':>10} {'algbw_GB/s':>10} "
+              f"{'busbw_GB/s':>10} {'wire/buf':>8} {'rss_MiB':>8} correct")
     case = result = None
     for nbytes in args.sizes:
         case = result = None  # free the previous size's arrays before the next ones exist
@@ -183,6 +188,7 @@ async def bench(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             result = await case.run(blocking)
             times[i] = time.perf_counter() - t0
+        assert result is not None  # iters >= 1 (main() checks --iters)
         ok &= case.check(result)
         wire = ((mesh.bytes_sent - sent0) / iters / case.nbytes) if mesh is not None else 0.0
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -230,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--iters", type=int, default=20, help="timed iterations per size")
     parser.add_argument("--small-iters", type=int, default=500,
-                        help="timed iterations for sizes under 1 MiB (latency: one slow wake-up must not be the median)")
+                        help="timed iterations for sizes under 1 MiB "
+                             "(latency: one slow wake-up must not be the median)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--face", choices=["async", "blocking"], default="blocking")
     parser.add_argument("--average", choices=list(AVERAGES), default="avg",
@@ -238,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
                              + ", ".join(f"{k} = {v}" for k, v in AVERAGES.items()) + " (default avg, as nccl-tests)")
     parser.add_argument("--json", action="store_true", help="one JSON object per size")
     args = parser.parse_args(argv)
+    if args.iters < 1:
+        parser.error(f"--iters {args.iters}: at least one timed iteration is needed")
     try:
         args.dtype = wire_dtype(args.dtype)
     except TypeError as exc:
