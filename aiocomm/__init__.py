@@ -11,7 +11,8 @@ that owns the connections raises ``RuntimeError`` instead of deadlocking.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Coroutine, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -122,7 +123,9 @@ def sum_scatter(x: Any, *, group: Group | None = None, stream: Any = None, timeo
     return engine_ops.call_blocking(g, "sum_scatter", engine_ops.sum_scatter, arr, t)
 
 
-def send(x: Any, dst: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
+def send(
+    x: Any, dst: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None
+) -> np.ndarray:
     arr, t = args.as_array(x), args.check_timeout(timeout)
     g = aio._formed(group) or init()
     dst = args.check_peer(g, dst, "dst")
@@ -141,14 +144,18 @@ def recv(
     return engine_ops.call_blocking(g, "recv", engine_ops.recv, dims, dt, src, t)
 
 
-def recv_like(x: Any, src: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
+def recv_like(
+    x: Any, src: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None
+) -> np.ndarray:
     shape, dtype = args.shape_and_dtype(x)  # bytes-like: a uint8 array of their length
     return recv(shape, dtype, src, group=group, timeout=timeout)
 
 
 # The blocking functions take the same arguments and give the same results
 # as their coroutines; they share the documentation.
-for _name in ("is_available", "init", "all_sum", "all_max", "all_min", "all_gather", "sum_scatter", "send", "recv", "recv_like"):
+for _name in (
+    "is_available", "init", "all_sum", "all_max", "all_min", "all_gather", "sum_scatter", "send", "recv", "recv_like"
+):
     globals()[_name].__doc__ = getattr(aio, _name).__doc__
 del _name
 

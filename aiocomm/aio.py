@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import os
 import warnings
-from typing import Any, Awaitable, Coroutine, TypeVar
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -245,7 +246,9 @@ async def shutdown() -> None:
         await _on_engine(engine.world, engine.close())
 
 
-async def all_sum(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
+async def all_sum(
+    x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None
+) -> np.ndarray:
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
     claim(g, "collectives")
     return await _on_engine(g, engine_ops.all_reduce(g, arr, "sum", t))
@@ -274,13 +277,17 @@ all_sum.__doc__ = _REDUCE_DOC.format(
 )
 
 
-async def all_max(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
+async def all_max(
+    x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None
+) -> np.ndarray:
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
     claim(g, "collectives")
     return await _on_engine(g, engine_ops.all_reduce(g, arr, "max", t))
 
 
-async def all_min(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
+async def all_min(
+    x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None
+) -> np.ndarray:
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
     claim(g, "collectives")
     return await _on_engine(g, engine_ops.all_reduce(g, arr, "min", t))
@@ -290,7 +297,9 @@ all_max.__doc__ = _REDUCE_DOC.format(what="maximum", how=_EXTREMUM.format("maxim
 all_min.__doc__ = _REDUCE_DOC.format(what="minimum", how=_EXTREMUM.format("minimum"), note="")
 
 
-async def all_gather(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
+async def all_gather(
+    x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None
+) -> np.ndarray:
     """The arrays of all ranks concatenated along axis 0, in rank order.
 
     Every rank must pass the same shape and dtype.  A 0-d ``x`` gives shape
@@ -302,7 +311,9 @@ async def all_gather(x: Any, *, group: Group | None = None, stream: Any = None, 
     return await _on_engine(g, engine_ops.all_gather(g, arr, t))
 
 
-async def sum_scatter(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
+async def sum_scatter(
+    x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None
+) -> np.ndarray:
     """This rank's block of ``all_sum(x)`` split evenly along axis 0.
 
     Returns an array of shape ``(x.shape[0] // size, *x.shape[1:])``.
@@ -317,7 +328,9 @@ async def sum_scatter(x: Any, *, group: Group | None = None, stream: Any = None,
     return await _on_engine(g, engine_ops.sum_scatter(g, arr, t))
 
 
-async def send(x: Any, dst: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
+async def send(
+    x: Any, dst: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None
+) -> np.ndarray:
     """Send ``x`` to rank ``dst`` of the group (any rank, not only neighbours).
 
     Returns ``x`` (as an array) once its bytes have left this process, so the
@@ -335,7 +348,9 @@ async def send(x: Any, dst: int, *, group: Group | None = None, stream: Any = No
     return arr
 
 
-async def recv(shape: Any, dtype: Any, src: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
+async def recv(
+    shape: Any, dtype: Any, src: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None
+) -> np.ndarray:
     """Receive a new array of ``shape`` and ``dtype`` from rank ``src``.
 
     Raises:
@@ -344,13 +359,16 @@ async def recv(shape: Any, dtype: Any, src: int, *, group: Group | None = None, 
         TypeError: unsupported dtype.
         PeerLostError, CommTimeoutError: ``src`` is gone or sent nothing in time.
     """
-    dims, dt, t, g = check_shape(shape), wire.wire_dtype(dtype), check_timeout(timeout), (_formed(group) or await init())
+    dims, dt, t = check_shape(shape), wire.wire_dtype(dtype), check_timeout(timeout)
+    g = _formed(group) or await init()
     src = check_peer(g, src, "src")
     claim(g, ("recv", src))
     return await _on_engine(g, engine_ops.recv(g, dims, dt, src, t))
 
 
-async def recv_like(x: Any, src: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
+async def recv_like(
+    x: Any, src: int, *, group: Group | None = None, stream: Any = None, timeout: float | None = None
+) -> np.ndarray:
     """``recv(x.shape, x.dtype, src)``: receive an array shaped like ``x``."""
     shape, dtype = args.shape_and_dtype(x)  # bytes-like: a uint8 array of their length
     return await recv(shape, dtype, src, group=group, timeout=timeout)

@@ -54,7 +54,9 @@ def view_array(x: Any) -> np.ndarray:
         hint = _conversion_hint(x)
         if not hint:
             raise
-        raise TypeError(f"aiocomm cannot use a {type(x).__module__}.{type(x).__qualname__} as a numpy array: {exc}{hint}") from exc
+        raise TypeError(
+            f"aiocomm cannot use a {type(x).__module__}.{type(x).__qualname__} as a numpy array: {exc}{hint}"
+        ) from exc
 
 
 def _conversion_hint(x: Any) -> str:

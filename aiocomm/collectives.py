@@ -39,7 +39,8 @@ from __future__ import annotations
 import collections
 import functools
 import os
-from typing import Awaitable, Protocol
+from collections.abc import Awaitable
+from typing import Protocol
 
 import numpy as np
 
@@ -207,7 +208,7 @@ async def ring_all_gather(
     for a, b in segments(blocks[(r + shift) % n], seg):
         link.push(right, lane, flat[a:b])
     plan = _all_gather_plan(n, r, blocks, shift, seg)
-    for (step, a, b), fut in zip(plan, posted):
+    for (step, a, b), fut in zip(plan, posted, strict=True):
         await fut
         if step < n - 2:
             link.push(right, lane, flat[a:b])
@@ -232,7 +233,7 @@ async def exchange_reduce(link: Link, blocks: list[np.ndarray], ufunc: np.ufunc)
     posted = [link.post(p, 0, parts[p]) for p in peers]
     for fut in posted:
         await fut
-    out = ufunc(parts[0], parts[1])
+    out: np.ndarray = ufunc(parts[0], parts[1])
     for k in range(2, n):
         ufunc(out, parts[k], out=out)
     await link.flush()
@@ -356,4 +357,5 @@ async def reduce_scatter(link: Link, x: np.ndarray, op: str) -> np.ndarray:
     blocks = [(i * m, (i + 1) * m) for i in range(n)]
     await ring_reduce_scatter(link, work, blocks, REDUCERS[op], 0)
     await link.flush()
-    return work[r * m : (r + 1) * m].reshape(shape).copy()
+    mine: np.ndarray = work[r * m : (r + 1) * m].reshape(shape).copy()
+    return mine

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from .errors import CommError
 
@@ -96,7 +96,8 @@ def spec_from_env(environ: Mapping[str, str] | None = None) -> WorldSpec | None:
             return WorldSpec(rank, addresses, token_from_env(env), f"{rank_var}/{file_var}", listen_fds(env))
         if rank_var in env or file_var in env:
             missing = file_var if rank_var in env else rank_var
-            warnings.warn(f"{missing} is not set; ignoring the lone {rank_var if rank_var in env else file_var}")
+            lone = rank_var if rank_var in env else file_var
+            warnings.warn(f"{missing} is not set; ignoring the lone {lone}", stacklevel=1)
     return None
 
 

@@ -32,15 +32,15 @@ import os
 import threading
 import warnings
 import weakref
-from typing import Any, Callable, Coroutine, Protocol, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from . import args, collectives, portal
 from .backends import SplitResult
-from .backends.ring import RingBackend
+from .backends.ring import RingBackend, split_context
 from .config import WorldSpec
-from .backends.ring import split_context
 from .transport import Mesh, PeerStream
 
 log = logging.getLogger("aiocomm")
@@ -63,9 +63,13 @@ class Backend(Protocol):
 
     def send(self, group: Group, x: np.ndarray, dst: int, timeout: float) -> Coroutine[Any, Any, None]: ...
 
-    def recv(self, group: Group, shape: tuple[int, ...], dtype: np.dtype, src: int, timeout: float) -> Coroutine[Any, Any, np.ndarray]: ...
+    def recv(
+        self, group: Group, shape: tuple[int, ...], dtype: np.dtype, src: int, timeout: float
+    ) -> Coroutine[Any, Any, np.ndarray]: ...
 
-    def split(self, group: Group, index: int, color: int, key: int, timeout: float) -> Coroutine[Any, Any, SplitResult]: ...
+    def split(
+        self, group: Group, index: int, color: int, key: int, timeout: float
+    ) -> Coroutine[Any, Any, SplitResult]: ...
 
     async def close(self) -> None: ...
 
@@ -295,14 +299,16 @@ async def _value(value: T) -> T:
 
 async def all_gather(group: Group, x: np.ndarray, timeout: float) -> np.ndarray:
     if group.size() == 1:
-        return x.reshape(collectives.gathered_shape(x.shape, 1)).copy()
+        gathered: np.ndarray = x.reshape(collectives.gathered_shape(x.shape, 1)).copy()
+        return gathered
     return await _backend(group).all_gather(group, x, timeout)
 
 
 async def sum_scatter(group: Group, x: np.ndarray, timeout: float) -> np.ndarray:
     collectives.scattered_shape(x.shape, group.size())  # ValueError before any traffic
     if group.size() == 1:
-        return x.copy()
+        scattered: np.ndarray = x.copy()
+        return scattered
     return await _backend(group).sum_scatter(group, x, timeout)
 
 
@@ -326,4 +332,6 @@ def _alone_context(parent: int, index: int, color: int) -> int:
     return split_context(parent, index, color)
 
 
-__all__ = ["Engine", "Group", "claim", "call_blocking", "all_reduce", "all_gather", "sum_scatter", "send", "recv", "split"]
+__all__ = [
+    "Engine", "Group", "claim", "call_blocking", "all_reduce", "all_gather", "sum_scatter", "send", "recv", "split"
+]

@@ -34,7 +34,7 @@ on or off.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 POLICIES = ("auto", "core", "none")
 SCHEDULING = ("auto", "batch", "normal")

@@ -25,8 +25,9 @@ import hashlib
 import hmac
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from . import wire
 from .config import Address, WorldSpec, parse_address, token_from_env

@@ -49,7 +49,8 @@ import hashlib
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Coroutine, Generator, TypeVar
+from collections.abc import Callable, Coroutine, Generator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -152,7 +153,11 @@ def element_type(MPI: Any, dtype: np.dtype) -> Any:
 
 def reduction(MPI: Any, dtype: np.dtype, op: str) -> tuple[Any, Any]:
     """The MPI datatype and operation that reduce ``dtype`` as numpy would."""
-    native = dtype.kind in "iu" or (dtype.kind == "c" and op == "sum") or (dtype.kind == "f" and op == "sum" and dtype.itemsize >= 4)
+    native = (
+        dtype.kind in "iu"
+        or (dtype.kind == "c" and op == "sum")
+        or (dtype.kind == "f" and op == "sum" and dtype.itemsize >= 4)
+    )
     if native:
         return MPI._typedict[dtype.char], getattr(MPI, _NATIVE_OPS[op])
     key = (op, dtype)
@@ -160,7 +165,9 @@ def reduction(MPI: Any, dtype: np.dtype, op: str) -> tuple[Any, Any]:
     if mpi_op is None:
         ufunc = _UFUNCS[op]
 
-        def apply(inbuf: Any, inoutbuf: Any, datatype: Any, ufunc: Callable[..., Any] = ufunc, dtype: np.dtype = dtype) -> None:
+        def apply(
+            inbuf: Any, inoutbuf: Any, datatype: Any, ufunc: Callable[..., Any] = ufunc, dtype: np.dtype = dtype
+        ) -> None:
             a = np.frombuffer(inbuf, dtype)
             b = np.frombuffer(inoutbuf, dtype)
             ufunc(a, b, out=b)  # inout = in (op) inout; numpy's ufuncs are commutative here
@@ -364,7 +371,7 @@ class Poller:
     """
 
     def __init__(self) -> None:
-        self._new: list[tuple[Any, Any, asyncio.Future[None]]] = []
+        self._new: list[tuple[Any, Any, asyncio.Future[None] | None]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="aiocomm-mpi-progress", daemon=True)
@@ -490,7 +497,7 @@ def translate(exc: BaseException) -> BaseException:
     if _MPI is None or not isinstance(exc, _MPI.Exception):
         return exc
     try:
-        text = exc.Get_error_string()  # type: ignore[attr-defined]
+        text = exc.Get_error_string()
     except Exception:
         text = str(exc)
     err = CommError(f"MPI error: {text}")
@@ -668,7 +675,9 @@ class MpiBackend:
     def send(self, group: Group, x: np.ndarray, dst: int, timeout: float) -> Coroutine[Any, Any, None]:
         return self._run("send", group, x, dst, timeout)
 
-    def recv(self, group: Group, shape: tuple[int, ...], dtype: np.dtype, src: int, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+    def recv(
+        self, group: Group, shape: tuple[int, ...], dtype: np.dtype, src: int, timeout: float
+    ) -> Coroutine[Any, Any, np.ndarray]:
         return self._run("recv", group, shape, dtype, src, timeout)
 
     def split(self, group: Group, index: int, color: int, key: int, timeout: float) -> Coroutine[Any, Any, SplitResult]:

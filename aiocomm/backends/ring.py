@@ -10,7 +10,8 @@ reason to the other members).
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 

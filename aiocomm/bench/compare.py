@@ -39,7 +39,7 @@ def _peer_modules_available(module: str) -> bool:
     return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0
 
 
-def commands(peer: str, ranks: int, op: str, common: list[str]) -> list[str] | None | str:
+def commands(peer: str, ranks: int, op: str, common: list[str]) -> list[str] | str | None:
     py = sys.executable
     if peer == "aiocomm":
         return [py, "-m", "aiocomm_launch", "-n", str(ranks), py, "-m", "aiocomm.bench", "--json", *common]
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peers", default="aiocomm,duplex-reference,gloo,openmpi,mlx-ring")
     parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args(argv)
-    common = ["--op", args.op, "--sizes", args.sizes, "--iters", str(args.iters), "--small-iters", str(args.small_iters),
-              "--average", args.average]
+    common = ["--op", args.op, "--sizes", args.sizes, "--iters", str(args.iters),
+              "--small-iters", str(args.small_iters), "--average", args.average]
     results: dict[tuple[str, int, int], dict[str, Any]] = {}
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     for ranks in (int(r) for r in args.ranks.split(",")):
@@ -116,8 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     how = AVERAGES[args.average]
     print(f"# op={args.op} float32, median of {args.iters} iterations ({args.small_iters} under 1 MiB; "
           f"each iteration's time: {how}), same machine, same run")
-    print(f"# {'peer':<17} {'ranks':>5} {'bytes':>10} {'median_us':>11} {'busbw_GB/s':>10} {'aiocomm/peer':>12} correct")
-    for (peer, ranks, nbytes), row in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0] != "aiocomm")):
+    print(f"# {'peer':<17} {'ranks':>5} {'bytes':>10} {'median_us':>11} {'busbw_GB/s':>10} "
+          f"{'aiocomm/peer':>12} correct")
+    ordered = sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0] != "aiocomm"))
+    for (peer, ranks, nbytes), row in ordered:
         mine = results.get(("aiocomm", ranks, nbytes))
         if mine is None or peer == "aiocomm":
             ratio = ""

@@ -38,7 +38,8 @@ def main() -> None:
     comm = MPI.COMM_WORLD
     n, r = world.size(), world.rank()
     if r == 0:
-        print(f"# aiocomm MPI backend vs raw mpi4py Allreduce, {n} ranks, float32, {MPI.Get_library_version().splitlines()[0]}")
+        library = MPI.Get_library_version().splitlines()[0]
+        print(f"# aiocomm MPI backend vs raw mpi4py Allreduce, {n} ranks, float32, {library}")
         print(f"# {'bytes':>10} {'aiocomm_us':>11} {'raw_us':>9} {'raw/aiocomm':>11}")
     for size in (parse_size(s) for s in args.sizes.split(",")):
         x = np.ones(max(size // 4, 1), np.float32)
@@ -59,7 +60,8 @@ def main() -> None:
         mean_ours = comm.allreduce(np.median(ours)) / n
         mean_raw = comm.allreduce(np.median(raw)) / n
         if r == 0:
-            print(f"  {size:>10} {mean_ours * 1e6:>11.1f} {mean_raw * 1e6:>9.1f} {mean_raw / mean_ours:>11.2f}", flush=True)
+            print(f"  {size:>10} {mean_ours * 1e6:>11.1f} {mean_raw * 1e6:>9.1f} {mean_raw / mean_ours:>11.2f}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -175,10 +176,10 @@ def _duplex_side(port: int, nbytes: int, iters: int, warmup: int, server: bool, 
                 time.sleep(0.01)
     send_buf = np.ones(nbytes, np.uint8)
     recv_buf = np.empty(nbytes, np.uint8)
-    view = memoryview(recv_buf)
+    view = recv_buf.data
 
     def exchange() -> None:
-        sender = threading.Thread(target=conn.sendall, args=(memoryview(send_buf),))
+        sender = threading.Thread(target=conn.sendall, args=(send_buf.data,))
         sender.start()
         got = 0
         while got < nbytes:
@@ -201,7 +202,7 @@ def duplex(args: argparse.Namespace) -> None:
             port = s.getsockname()[1]
         q = ctx.Queue()
         procs = [ctx.Process(target=_duplex_side, args=(port, nbytes, *iterations(args, nbytes), side, cpus, q))
-                 for side, cpus in zip((True, False), placed)]
+                 for side, cpus in zip((True, False), placed, strict=True)]
         for p in procs:
             p.start()
         results = [np.array(q.get(timeout=300)) for _ in procs]

@@ -26,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ..errors import AuthenticationError, CommError, CommTimeoutError, PeerLostError, ProtocolError
 from ..wire import AcceptorHandshake, DialerHandshake
@@ -69,7 +70,7 @@ class Connections:
         self._pending: dict[PeerStream, asyncio.TimerHandle] = {}  # accepted, handshake not done (oldest first)
         self._dialing: dict[int, asyncio.Task[PeerStream]] = {}
         self._inbound_waiters: dict[int, asyncio.Future[None]] = {}
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[asyncio.Server] = []
         self.closed = False
 
     # ---- listening and accepting
@@ -113,7 +114,9 @@ class Connections:
 
     def _handshake_expired(self, stream: PeerStream) -> None:
         self._pending.pop(stream, None)
-        log.warning("rank %d: %s sent no handshake within %.0fs; closing it", self.rank, stream.where(), HANDSHAKE_TIMEOUT)
+        log.warning(
+            "rank %d: %s sent no handshake within %.0fs; closing it", self.rank, stream.where(), HANDSHAKE_TIMEOUT
+        )
         stream.close()
 
     def handshake_done(self, stream: PeerStream) -> None:
@@ -196,7 +199,12 @@ class Connections:
         task = self._dialing.get(peer)
         if task is None:
             task = self._dialing[peer] = self.loop.create_task(self._dial(peer, deadline))
-            task.add_done_callback(lambda t, p=peer: self._dialing.pop(p, None) if self._dialing.get(p) is t else None)
+
+            def forget(t: asyncio.Task[PeerStream]) -> None:
+                if self._dialing.get(peer) is t:
+                    self._dialing.pop(peer, None)
+
+            task.add_done_callback(forget)
         return task
 
     async def _dial(self, peer: int, deadline: float | None) -> PeerStream:
@@ -205,20 +213,23 @@ class Connections:
         mesh = self.mesh
         host, port = mesh.spec.addresses[peer][0]
         last: BaseException | None = None
+
+        def dialer() -> PeerStream:
+            return PeerStream(mesh, DialerHandshake(mesh.token, mesh.rank, mesh.size, peer), (host, port))
+
         for delay in backoff():
             stream: PeerStream | None = None
             try:
-                connecting = self.loop.create_connection(
-                    lambda: PeerStream(mesh, DialerHandshake(mesh.token, mesh.rank, mesh.size, peer), (host, port)),
-                    host,
-                    port,
-                )
+                connecting = self.loop.create_connection(dialer, host, port)
                 if deadline is None:
                     _, stream = await connecting
                     await stream.opened
                 else:
                     left = max(0.01, deadline - self.loop.time())
-                    _, stream = await asyncio.wait_for(connecting, left)
+                    # (not unpacked into `stream` itself: its declared Optional would
+                    # become the type wait_for is inferred to return)
+                    _, dialed = await asyncio.wait_for(connecting, left)
+                    stream = dialed
                     await asyncio.wait_for(asyncio.shield(stream.opened), max(0.01, deadline - self.loop.time()))
                 self.outgoing[peer] = stream
                 return stream

@@ -30,11 +30,12 @@ back on the sender's own connection.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from .waits import Op, Wait, WaitSet
+
 
 def window_for(budget: int, size: int) -> int:
     """Each sender's share of a rank's ``budget`` in a world of ``size``."""

@@ -48,9 +48,9 @@ _P2P = int(wire.Kind.P2P)
 def byte_view(arr: np.ndarray) -> memoryview:
     """A flat writable/readable byte view of a C-contiguous array."""
     try:
-        return memoryview(arr).cast("B")  # a quarter of the cost of numpy's views
+        return memoryview(arr).cast("B")  # type: ignore[arg-type]  # numpy types ndarray.__buffer__ for Python>=3.12 only
     except (TypeError, ValueError):  # a shape with a zero in it; a dtype with no buffer format (bfloat16)
-        return memoryview(arr.reshape(-1).view(np.uint8))
+        return memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
 def sig_nbytes(sig: Signature) -> int:
@@ -125,7 +125,7 @@ class Arrival(Sink):
 
     def __init__(self, matcher: Matcher, src: int, meta: bytes, data: np.ndarray, key: Key) -> None:
         self.data = data
-        self.view = memoryview(data)
+        self.view = memoryview(data)  # type: ignore[arg-type]  # (numpy's stubs: as in byte_view)
         self.meta = meta  # raw signature, checked when its receive is posted
         self.complete = False
         self.waiter: PendingRecv | None = None  # a receive posted while the payload was still coming
@@ -181,14 +181,16 @@ def take(arrival: Arrival, out: np.ndarray | None, sig: Signature) -> np.ndarray
     """An arrived frame's data, in ``out`` or (``None``) as an array of ``sig``."""
     if out is None:  # signatures matched: take the buffer as it is
         return arrival.data.view(wire.dtype_from_name(sig.dtype)).reshape(sig.shape)
-    byte_view(out)[:] = arrival.data
+    byte_view(out)[:] = arrival.data  # type: ignore[call-overload]  # (numpy's stubs: as in byte_view)
     return out
 
 
 class Matcher:
     """The mailboxes of one rank, one per source."""
 
-    def __init__(self, rank: int, size: int, waits: WaitSet, events: MatchEvents, lost: dict[int, PeerLostError]) -> None:
+    def __init__(
+        self, rank: int, size: int, waits: WaitSet, events: MatchEvents, lost: dict[int, PeerLostError]
+    ) -> None:
         self.rank = rank
         self.waits = waits
         self.events = events
@@ -197,7 +199,9 @@ class Matcher:
 
     # ---- checks
 
-    def _misfit(self, sig: Signature, out: np.ndarray | None, meta: bytes, nbytes: int, src: int) -> MismatchError | None:
+    def _misfit(
+        self, sig: Signature, out: np.ndarray | None, meta: bytes, nbytes: int, src: int
+    ) -> MismatchError | None:
         """Why a message (``meta``, ``nbytes``) does not fit a receive, or None."""
         if meta != sig.encoded:  # equal bytes: the common case, no decoding
             try:
@@ -253,7 +257,9 @@ class Matcher:
                 out = pending.out
                 if out is None:
                     try:
-                        out = pending.out = self.events.allocate(pending.sig.shape, pending.sig.dtype, src, pending.op, context)
+                        out = pending.out = self.events.allocate(
+                            pending.sig.shape, pending.sig.dtype, src, pending.op, context
+                        )
                     except Exception as exc:
                         pending.fail(exc)
                         self.events.credit(src, nbytes)
@@ -320,7 +326,9 @@ class Matcher:
             for i, entry in enumerate(arrivals):
                 if type(entry) is Announced and entry.rid == rid:
                     if entry.nbytes != nbytes:
-                        raise ProtocolError(f"rank {src} sent {nbytes} bytes for announced message {rid} of {entry.nbytes}")
+                        raise ProtocolError(
+                            f"rank {src} sent {nbytes} bytes for announced message {rid} of {entry.nbytes}"
+                        )
                     try:
                         data = self.events.allocate((nbytes,), "uint8", src, None, key[1])
                     except Exception:
@@ -333,7 +341,9 @@ class Matcher:
 
     # ---- posting
 
-    def post(self, src: int, kind: int, context: int, tag: int, sig: Signature, out: np.ndarray | None, op: Op) -> asyncio.Future[np.ndarray]:
+    def post(
+        self, src: int, kind: int, context: int, tag: int, sig: Signature, out: np.ndarray | None, op: Op
+    ) -> asyncio.Future[np.ndarray]:
         """Post a receive from ``src``; the future gives the filled array.
 
         ``out`` is the destination (contiguous, exactly the frame's size) or
@@ -463,7 +473,9 @@ class Matcher:
         box.posted.clear()
         box.cleared.clear()
         for key in list(box.arrived):
-            kept = collections.deque(a for a in box.arrived[key] if type(a) is Arrival and a.complete)
+            kept: collections.deque[Arrival | Announced] = collections.deque(
+                a for a in box.arrived[key] if type(a) is Arrival and a.complete
+            )
             if kept:
                 box.arrived[key] = kept
             else:

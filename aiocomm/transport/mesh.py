@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -163,11 +164,13 @@ class Mesh:
             announced.clear()
         for stream in list(streams):  # (a concurrent collective may open another meanwhile)
             if stream.paused:
-                wait = stream.drained(op)
-                if wait is not None:
-                    await wait.future
+                drain = stream.drained(op)
+                if drain is not None:
+                    await drain.future
 
-    def post(self, src: int, kind: Kind, context: int, tag: int, sig: Signature, out: np.ndarray | None, op: Op) -> asyncio.Future[np.ndarray]:
+    def post(
+        self, src: int, kind: Kind, context: int, tag: int, sig: Signature, out: np.ndarray | None, op: Op
+    ) -> asyncio.Future[np.ndarray]:
         """Post a receive from ``src``; the future gives the filled array."""
         if context in self.broken:
             raise self.broken[context]

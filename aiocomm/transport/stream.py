@@ -43,7 +43,9 @@ _EMPTY = b""
 class PeerStream(asyncio.BufferedProtocol):
     """One connection to or from a peer."""
 
-    def __init__(self, mesh: Mesh, handshake: AcceptorHandshake | DialerHandshake, address: Address | None = None) -> None:
+    def __init__(
+        self, mesh: Mesh, handshake: AcceptorHandshake | DialerHandshake, address: Address | None = None
+    ) -> None:
         self.mesh = mesh
         self.handshake = handshake
         self.dialer = isinstance(handshake, DialerHandshake)
@@ -72,7 +74,7 @@ class PeerStream(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=0)
+        transport.set_write_buffer_limits(high=0)  # type: ignore[attr-defined]  # a stream transport: it has this
         if not self.dialer:
             self.address = transport.get_extra_info("peername")
             self.mesh.connections.accepted(self)

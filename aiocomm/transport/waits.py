@@ -27,11 +27,11 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import CommError, CommTimeoutError
 from ..wire import Sink
-
 
 CONNECTING = "connecting to"
 

@@ -5,15 +5,5 @@
 here, so ``from aiocomm import wire`` gives the whole layer.
 """
 
-from .frames import *  # noqa: F401,F403
-from .handshake import (  # noqa: F401
-    HANDSHAKE_MAX_META,
-    HANDSHAKE_STAGE,
-    NONCE_SIZE,
-    AcceptorHandshake,
-    DialerHandshake,
-    check_hello,
-    check_welcome,
-    hello_fields,
-    welcome_fields,
-)
+from .frames import *  # noqa: F403
+from .handshake import *  # noqa: F403

@@ -43,8 +43,9 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -126,8 +127,10 @@ def _load_bfloat16() -> np.dtype:
     try:
         import ml_dtypes
     except ImportError:
-        raise TypeError(f"aiocomm's bfloat16 is ml_dtypes.bfloat16, and ml_dtypes is not installed: {_BFLOAT16_FIX}") from None
-    dt = np.dtype(ml_dtypes.bfloat16)
+        raise TypeError(
+            f"aiocomm's bfloat16 is ml_dtypes.bfloat16, and ml_dtypes is not installed: {_BFLOAT16_FIX}"
+        ) from None
+    dt: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
     _DTYPES["bfloat16"] = _NATIVE[dt] = dt
     _NAMES[dt] = "bfloat16"
     NATIVE_DTYPES.add(dt)
@@ -436,7 +439,8 @@ class FrameReader:
         try:
             self._parse()
         except ProtocolError as exc:
-            raise self._fail(exc)
+            self._fail(exc)
+            raise
 
     def set_route(self, route: Route) -> None:
         """Route later frames with ``route`` (after a handshake, say)."""

@@ -33,6 +33,19 @@ from typing import Any
 from ..errors import AuthenticationError, ProtocolError
 from .frames import HEADER_SIZE, Header, Kind, control_frame, decode_meta, require_map
 
+# What aiocomm.wire re-exports.
+__all__ = [
+    "HANDSHAKE_MAX_META",
+    "HANDSHAKE_STAGE",
+    "NONCE_SIZE",
+    "AcceptorHandshake",
+    "DialerHandshake",
+    "check_hello",
+    "check_welcome",
+    "hello_fields",
+    "welcome_fields",
+]
+
 NONCE_SIZE = 16
 #: Largest meta section a handshake frame may have.
 HANDSHAKE_MAX_META = 1024
@@ -62,7 +75,11 @@ def check_hello(
     """Validate a HELLO on the accepting side; returns (peer rank, peer nonce)."""
     m = require_map(meta, Kind.HELLO, ("rank", "size", "to", "nonce", "mac"))
     rank, peer_size, to, nonce, mac = m["rank"], m["size"], m["to"], m["nonce"], m["mac"]
-    if not all(isinstance(v, int) for v in (rank, peer_size, to)) or not isinstance(nonce, bytes) or not isinstance(mac, bytes):
+    if (
+        not all(isinstance(v, int) for v in (rank, peer_size, to))
+        or not isinstance(nonce, bytes)
+        or not isinstance(mac, bytes)
+    ):
         raise ProtocolError(f"malformed HELLO map {m!r}")
     if peer_size != size:
         raise ProtocolError(f"peer claiming rank {rank} has group size {peer_size}, rank {my_rank} has {size}")
