@@ -23,6 +23,6 @@ def _open_standard_fds() -> None:
 
 _open_standard_fds()
 
-from .job import JobResult, RankProcess, run_job
+from .job import JobResult, RankProcess, run_job  # noqa: E402 -- after _open_standard_fds(), on purpose
 
 __all__ = ["JobResult", "RankProcess", "run_job"]

@@ -18,11 +18,12 @@ import shutil
 import socket
 import sys
 import tempfile
-from typing import Sequence
+from collections.abc import Sequence
+
+from aiocomm.placement import POLICIES, SCHEDULING, batch_scheduled, cpu_sets
 
 from .hosts import HostfileError, format_address, is_local, parse_hosts, read_hostfile
 from .job import RankProcess, run_job
-from aiocomm.placement import POLICIES, SCHEDULING, batch_scheduled, cpu_sets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,16 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'ring' (default: aiocomm's TCP ring, ranks started by this launcher) or 'mpi' "
                         "(ranks started by mpirun, the world formed over MPI)")
     parser.add_argument("--mpirun", default="mpirun", help="mpirun command for --backend mpi")
-    parser.add_argument("--mpirun-args", default="", help="extra mpirun arguments for --backend mpi, e.g. \"--bind-to core\"")
+    parser.add_argument("--mpirun-args", default="",
+                        help="extra mpirun arguments for --backend mpi, e.g. \"--bind-to core\"")
     parser.add_argument("-p", "--starting-port", type=int, default=None,
                         help="first listening port (default: free ports for local ranks, a random base for ssh ones)")
     parser.add_argument("--connections-per-ip", type=int, default=1, help="listening addresses per rank")
-    parser.add_argument("--python", default=sys.executable, help="interpreter for *.py commands (same path on ssh hosts)")
-    parser.add_argument("--cwd", default=None, help="working directory of the ranks (ssh ranks: the launcher's by default)")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment (repeatable)")
+    parser.add_argument("--python", default=sys.executable,
+                        help="interpreter for *.py commands (same path on ssh hosts)")
+    parser.add_argument("--cwd", default=None,
+                        help="working directory of the ranks (ssh ranks: the launcher's by default)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment (repeatable)")
     parser.add_argument("--ssh", default="ssh", help="ssh command and options, e.g. \"ssh -F cluster.conf\"")
-    parser.add_argument("--timeout", type=float, default=None, help="stop the whole job after this many seconds (exit 124)")
-    parser.add_argument("--prefix", action=argparse.BooleanOptionalAction, default=True, help="tag output lines with [rank N]")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="stop the whole job after this many seconds (exit 124)")
+    parser.add_argument("--prefix", action=argparse.BooleanOptionalAction, default=True,
+                        help="tag output lines with [rank N]")
     parser.add_argument("--output-dir", default=None, help="write each rank's output to DIR/rank-N.log instead")
     parser.add_argument("--bind-to", default="auto", choices=POLICIES,
                         help="bind local ranks to CPUs: 'auto' (default) when more than one rank runs here, "
@@ -90,7 +97,7 @@ def bind_listeners(host: str, n: int, ports: Sequence[int] | None = None) -> lis
     the ranks inherit (through ``pass_fds``: each rank gets its own and no
     other), so no other program takes a port between choosing and using it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    socks = []
+    socks: list[socket.socket] = []
     for i in range(n):
         s = socket.socket(family, socket.SOCK_STREAM)
         port = 0 if ports is None else ports[i]
@@ -161,7 +168,7 @@ def plan_job(args: argparse.Namespace, hostfile: str) -> tuple[list[RankProcess]
     # stdin), never on a command line, where any local user could read it.
     token = secrets.token_hex(16)
     local = [r for r, host in enumerate(slots) if is_local(host)]
-    bound = dict(zip(local, cpu_sets(len(local), args.bind_to)))
+    bound = dict(zip(local, cpu_sets(len(local), args.bind_to), strict=True))
     batch = batch_scheduled(len(local), args.sched)
     ssh = shlex.split(args.ssh)
     ranks = []

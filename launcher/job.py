@@ -39,9 +39,10 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from . import agent
 from .blame import RankOutcome, Verdict, decide, summary

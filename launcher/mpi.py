@@ -17,7 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 # Runs each rank and tags its output lines with its MPI rank; exits as the rank did.
 TAG_LINES = r"""

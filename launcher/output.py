@@ -33,7 +33,7 @@ import select
 import threading
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 #: Pending bytes above which the pumps stop reading from the ranks.
 HIGH_WATER = 1 << 20
