@@ -29,7 +29,7 @@ y = X @ true_w + np.float32(0.01) * rng.normal(size=rows).astype(np.float32)
 w = np.zeros(features, np.float32)  # float32 master weights
 lr = np.float32(0.1)
 losses = []
-for step in range(steps):
+for _ in range(steps):
     residual = X @ w - y
     grad = (X.T @ residual / rows).astype(ml_dtypes.bfloat16)
     total = aiocomm.all_sum(grad)  # bfloat16 in, bfloat16 out

@@ -26,7 +26,7 @@ y = X @ true_w + 0.01 * rng.normal(size=rows)
 w = np.zeros(features)
 lr = 0.1
 first_loss = None
-for step in range(steps):
+for _ in range(steps):
     residual = X @ w - y
     grad = X.T @ residual / rows
     loss_and_grad = aiocomm.all_sum(np.concatenate([[residual @ residual / rows], grad])) / size

@@ -99,7 +99,7 @@ def test_small_exchange_path(size, op, monkeypatch):
                 await collectives.reduce_scatter(link, inputs[link.rank], op),
                 await collectives.all_gather(link, inputs[link.rank]))
 
-    results, links = asyncio.run(run_all(size, body))
+    results, _links = asyncio.run(run_all(size, body))
     ufunc = collectives.REDUCERS[op]
     total = reduce(ufunc, inputs)
     for r, (reduced, scattered, gathered) in enumerate(results):

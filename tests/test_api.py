@@ -43,7 +43,7 @@ def test_init_singleton_size_one(fresh_world):
 
 
 def test_init_strict_names_the_variables(fresh_world):
-    with pytest.raises(RuntimeError, match="AIOCOMM_RANK.*AIOCOMM_HOSTFILE.*MLX_RANK"):
+    with pytest.raises(RuntimeError, match=r"AIOCOMM_RANK.*AIOCOMM_HOSTFILE.*MLX_RANK"):
         aiocomm.init(strict=True)
 
 
@@ -100,7 +100,7 @@ def test_unsupported_dtype_is_type_error(fresh_world, bad):
 
 
 def test_recv_unsupported_dtype(fresh_world):
-    with pytest.raises(TypeError, match="float128|longdouble"):
+    with pytest.raises(TypeError, match=r"float128|longdouble"):
         aiocomm.recv((1,), np.longdouble, 1)
 
 

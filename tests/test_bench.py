@@ -24,7 +24,8 @@ def _json_rows(out):
 @pytest.mark.parametrize("face", ["blocking", "async"])
 def test_bench_runs_and_checks(op, face):
     proc = subprocess.run([sys.executable, "-m", "launcher", "-n", "2", sys.executable, "-m", "aiocomm.bench",
-                           "--op", op, "--sizes", "8,40K", "--iters", "3", "--small-iters", "3", "--face", face, "--json"],
+                           "--op", op, "--sizes", "8,40K", "--iters", "3", "--small-iters", "3", "--face", face,
+                           "--json"],
                           cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _json_rows(proc.stdout)
@@ -58,7 +59,8 @@ def test_bench_average_option(average):
 
 @pytest.mark.timeout(120)
 def test_duplex_reference_runs():
-    proc = subprocess.run([sys.executable, "-m", "aiocomm.bench.peers", "duplex", "--sizes", "64K", "--iters", "2", "--small-iters", "2"],
+    proc = subprocess.run([sys.executable, "-m", "aiocomm.bench.peers", "duplex", "--sizes", "64K", "--iters", "2",
+                           "--small-iters", "2"],
                           cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _json_rows(proc.stdout)[0]["peer"] == "duplex-reference"

@@ -117,7 +117,8 @@ def test_bfloat16_without_ml_dtypes_says_how_to_get_it():
         "assert wire.parse_signature(wire.Signature('send', 'bfloat16', (2,)).encoded).dtype == 'bfloat16'\n"
         "try:\n    wire.wire_dtype('bfloat16')\nexcept TypeError as exc:\n    print(exc)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=30)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                          timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert "pip install ml_dtypes" in proc.stdout and "ml_dtypes.bfloat16" in proc.stdout
 

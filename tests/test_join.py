@@ -1,12 +1,15 @@
 """Joining groups that other tools start: their variables and a coordinator."""
 
+import re
+import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, clean_env
+from .conftest import ROOT, WORKERS, clean_env
 
 CODE = ("import aiocomm, numpy as np; g = aiocomm.init(strict=True); "
         "print('SUM', g.rank(), g.size(), aiocomm.all_sum(np.array([g.rank() + 1])).tolist(), "
@@ -51,8 +54,11 @@ def check_group(results, n):
 @pytest.mark.timeout(60)
 def test_torchrun_variables():
     port = _free_port_pair()
-    env = lambda r: {"RANK": str(r), "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                     "AIOCOMM_CONNECT_TIMEOUT": "20"}
+
+    def env(r):
+        return {"RANK": str(r), "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                "AIOCOMM_CONNECT_TIMEOUT": "20"}
+
     check_group(run_group(3, env), 3)
 
 
@@ -64,7 +70,10 @@ def test_torchrun_variables():
 ])
 def test_mpi_and_slurm_variables_with_coordinator(rank_var, size_var):
     coordinator = f"127.0.0.1:{_free_port()}"
-    env = lambda r: {rank_var: str(r), size_var: "2", "AIOCOMM_COORDINATOR": coordinator, "AIOCOMM_TOKEN": "tok"}
+
+    def env(r):
+        return {rank_var: str(r), size_var: "2", "AIOCOMM_COORDINATOR": coordinator, "AIOCOMM_TOKEN": "tok"}
+
     check_group(run_group(2, env), 2)
 
 
@@ -75,8 +84,11 @@ def test_aiocomm_variables_take_precedence(tmp_path):
     ports = [_free_port() for _ in range(2)]
     hostfile = tmp_path / "h.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
-    env = lambda r: {"AIOCOMM_RANK": str(r), "AIOCOMM_HOSTFILE": str(hostfile), "AIOCOMM_TOKEN": "x",
-                     "RANK": str(1 - r), "WORLD_SIZE": "5"}
+
+    def env(r):
+        return {"AIOCOMM_RANK": str(r), "AIOCOMM_HOSTFILE": str(hostfile), "AIOCOMM_TOKEN": "x",
+                "RANK": str(1 - r), "WORLD_SIZE": "5"}
+
     check_group(run_group(2, env), 2)
 
 
@@ -85,28 +97,24 @@ def test_missing_coordinator_is_a_clear_error():
     # mpirun without mpi4py (with it, init() would use the MPI backend)
     no_mpi4py = "import sys; sys.modules['mpi4py'] = None; " + CODE
     results = run_group(1, lambda r: {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}, code=no_mpi4py)
-    code, out, err = results[0]
+    code, _, err = results[0]
     assert code != 0 and "AIOCOMM_COORDINATOR" in err and "Open MPI" in err
 
 
 @pytest.mark.timeout(60)
 def test_wrong_token_is_rejected_by_the_coordinator():
     coordinator = f"127.0.0.1:{_free_port()}"
-    env = lambda r: {"PMI_RANK": str(r), "PMI_SIZE": "2", "AIOCOMM_COORDINATOR": coordinator,
-                     "AIOCOMM_TOKEN": f"tok{r}", "AIOCOMM_CONNECT_TIMEOUT": "5"}
+
+    def env(r):
+        return {"PMI_RANK": str(r), "PMI_SIZE": "2", "AIOCOMM_COORDINATOR": coordinator,
+                "AIOCOMM_TOKEN": f"tok{r}", "AIOCOMM_CONNECT_TIMEOUT": "5"}
+
     results = run_group(2, env)
     assert all(code != 0 for code, _, _ in results)
     assert "failed authentication" in results[1][2], results[1][2][-2000:]
 
 
 # ---- the real tools, where they are installed
-
-import os
-import re
-import shutil
-from pathlib import Path
-
-from .conftest import WORKERS
 
 
 def _tool(name):

@@ -88,10 +88,10 @@ def test_mlx_hostfile_formats(tmp_path, fmt):
 
 @pytest.mark.timeout(60)
 def test_starting_port_and_connections_per_ip(tmp_path):
+    import random
     import socket
 
     from .conftest import WORKERS
-    import random
 
     def bindable(port: int) -> bool:
         with socket.socket() as s:
@@ -132,7 +132,8 @@ def test_signal_to_launcher_stops_every_rank(sig):
 
     from .conftest import ROOT, WORKERS, clean_env
     marker = uuid.uuid4().hex
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "-n", "3", str(WORKERS / "where.py"), marker, "-1", "60"],
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "-n", "3", str(WORKERS / "where.py"), marker, "-1",
+                             "60"],
                             cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     out = ""
@@ -143,7 +144,7 @@ def test_signal_to_launcher_stops_every_rank(sig):
     assert proc.returncode != 0
     time.sleep(0.5)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert marker not in ps.replace(f"ps -eo args", "")
+    assert marker not in ps.replace("ps -eo args", "")
 
 
 def test_cpu_sets_policies():
@@ -283,7 +284,8 @@ def test_no_byte_is_lost_to_a_slow_reader_whatever_the_buffering():
     sizes = [5000, 70_000, 300_000, 4097, 1_000_000, 12_345]
     for rank in range(2):
         mine = [line for line in lines if line.startswith(b"[rank %d] " % rank)]
-        assert mine == [b"[rank %d] rank %d line %d " % (rank, rank, i) + b"x" * n + b" end" for i, n in enumerate(sizes)]
+        want = [b"[rank %d] rank %d line %d " % (rank, rank, i) + b"x" * n + b" end" for i, n in enumerate(sizes)]
+        assert mine == want
 
 
 @pytest.mark.timeout(60)

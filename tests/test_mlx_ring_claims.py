@@ -16,8 +16,10 @@ from .conftest import ROOT, WORKERS, clean_env
 
 mx = pytest.importorskip("mlx.core")
 CHECKED_ON = "0.32.4"  # the version the README names
-pytestmark = pytest.mark.skipif(mx.__version__ != CHECKED_ON,
-                                reason=f"the README's MLX claims were checked on {CHECKED_ON}; this is {mx.__version__}")
+pytestmark = pytest.mark.skipif(
+    mx.__version__ != CHECKED_ON,
+    reason=f"the README's MLX claims were checked on {CHECKED_ON}; this is {mx.__version__}",
+)
 
 
 def _spawn(n, mode, tmp_path):
@@ -42,7 +44,8 @@ def test_ring_refuses_sum_scatter_split_and_distant_sends(tmp_path):
     out = _outputs(_spawn(4, "ops", tmp_path))
     assert all("sum_scatter: RuntimeError: [ring] sum_scatter not supported" in o for o in out), out
     assert all("split: RuntimeError: [ring] Group split not supported" in o for o in out), out
-    assert "Send only supported to direct neighbors" in out[0] and "Recv only supported from direct neighbors" in out[2], out
+    assert "Send only supported to direct neighbors" in out[0], out
+    assert "Recv only supported from direct neighbors" in out[2], out
 
 
 @pytest.mark.timeout(90)

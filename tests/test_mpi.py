@@ -64,7 +64,7 @@ def test_launcher_backend_mpi_prefixes_and_status():
         assert proc.returncode == 0, proc.stdout + proc.stderr
         for r in range(3):
             assert f"[rank {r}] SUM [6] mpi" in proc.stdout, proc.stdout + proc.stderr
-        failed = subprocess.run(base + ["fail"], cwd=ROOT, env=clean_env(**MPI_ENV), capture_output=True, text=True,
+        failed = subprocess.run([*base, "fail"], cwd=ROOT, env=clean_env(**MPI_ENV), capture_output=True, text=True,
                                 timeout=100)
         assert failed.returncode == 5, failed.stdout + failed.stderr
     finally:

@@ -193,7 +193,8 @@ def test_first_contact_with_dead_or_frozen_peer_in_all_sum(tmp_path, how):
             ranks[r].tell("go")
         hung = finish(ranks, survivors, limit + 15)
         detail = dump(ranks)
-    assert not hung, f"ranks {hung} still waiting {limit + 15:.0f}s after rank 3 was {how.replace('stop', 'stopp')}ed" + detail
+    done = how.replace("stop", "stopp") + "ed"
+    assert not hung, f"ranks {hung} still waiting {limit + 15:.0f}s after rank 3 was {done}" + detail
     for r in survivors:
         info = ranks[r].info()
         assert info is not None, f"rank {r} raised nothing (see RESULT line)" + detail
@@ -329,7 +330,9 @@ def test_threads_sharing_one_group_are_refused_never_mispaired(tmp_path):
             assert not st[t]["other"], f"rank {s['rank']} thread {t}: unexpected errors {st[t]['other'][:2]}" + detail
         assert st[0]["ok"] == 50, f"rank {s['rank']}: the owner thread got {st[0]['ok']}/50 right" + detail
         for t in (1, 2, 3):
-            assert st[t]["ok"] == 0, f"rank {s['rank']} thread {t} was let use a group another live thread owns" + detail
+            assert st[t]["ok"] == 0, (
+                f"rank {s['rank']} thread {t} was let use a group another live thread owns" + detail
+            )
             assert st[t]["refused"] + len(st[t]["commerror"]) == 50, detail
         msgs = [m for t in (1, 2, 3) for m in st[t]["refusal_msgs"]]
         assert msgs, f"rank {s['rank']}: no thread was refused" + detail
@@ -548,5 +551,5 @@ def test_timeout_is_a_deadline_for_the_whole_operation(tmp_path):
     info = ranks[0].info()
     assert info is not None, "rank 0 never failed while rank 1 trickled its data for 20 s" + detail
     assert info["commerror"], detail
-    longest = max(durations + [info["elapsed"]])
+    longest = max([*durations, info["elapsed"]])
     assert longest < 4.0, f"an all_sum with timeout=2 ran {longest:.1f}s" + detail

@@ -135,7 +135,7 @@ def test_the_job_token_is_on_no_command_line(ssh_config):
         except OSError:
             continue
         assert token.encode() not in cmdline, cmdline.replace(b"\0", b" ")[:300]
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-3000:]
 
 

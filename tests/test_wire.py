@@ -57,7 +57,7 @@ def test_frames_survive_any_chunking(seed):
     reader = FrameReader(route)
     feed(reader, stream, rng)
     assert [h.tag for h in completed] == list(range(30))
-    for got, want in zip(destinations, arrays):
+    for got, want in zip(destinations, arrays, strict=True):
         assert np.array_equal(got, want)
     assert reader.idle
 
@@ -102,7 +102,8 @@ def test_signature_checks():
     with pytest.raises(ProtocolError):
         wire.decode_signature(["send", "object", [1]])
     a, b = Signature("all_sum", "float32", (3,)), Signature("all_sum", "float32", (4,))
-    with pytest.raises(MismatchError, match=r"rank 0 expected all_sum\(shape=\(3,\).*rank 1 sent all_sum\(shape=\(4,\)"):
+    want = r"rank 0 expected all_sum\(shape=\(3,\).*rank 1 sent all_sum\(shape=\(4,\)"
+    with pytest.raises(MismatchError, match=want):
         wire.check_signature(a, b, me=0, peer=1)
 
 

@@ -6,6 +6,7 @@ from functools import reduce
 import numpy as np
 
 import aiocomm
+
 from common import DTYPES, SHAPES, check, data
 
 ops = sys.argv[1].split(",") if len(sys.argv) > 1 else ["all_sum", "all_max", "all_min", "all_gather", "sum_scatter"]

@@ -1,12 +1,15 @@
 """The blocking face from a plain script, a thread and a running event loop."""
 
 import asyncio
+import gc
+import os
 import threading
 
 import numpy as np
 
 import aiocomm
 from aiocomm import aio
+
 from common import check
 
 world = aiocomm.init()
@@ -42,9 +45,6 @@ check(results[0], want, "from a thread")
 
 # Many short-lived calling threads: each gets its own wake-up eventfd, which
 # must close when the thread is gone (no descriptor leak).
-import gc
-import os
-
 groups = [world.split(0) for _ in range(30)]
 fds_before = len(os.listdir("/proc/self/fd"))
 for i in range(30):

@@ -7,6 +7,7 @@ import uvloop
 
 import aiocomm
 from aiocomm import aio
+
 from common import check
 
 

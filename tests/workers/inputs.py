@@ -32,7 +32,9 @@ def close(got: np.ndarray, want32: np.ndarray, what: str) -> None:
     assert got.dtype == bf16, f"{what}: dtype {got.dtype}"
     assert got.shape == want32.shape, f"{what}: shape {got.shape} != {want32.shape}"
     err = np.abs(got.astype(np.float32) - want32) / np.abs(want32)
-    assert float(err.max(initial=0)) <= n * 2.0**-8, f"{what}: relative error {err.max()}\n got {got[:8]}\nwant {want32[:8]}"
+    assert float(err.max(initial=0)) <= n * 2.0**-8, (
+        f"{what}: relative error {err.max()}\n got {got[:8]}\nwant {want32[:8]}"
+    )
 
 
 def same_everywhere(x: np.ndarray, what: str) -> None:

@@ -2,14 +2,13 @@
 
 import os
 import socket
-import struct
-import time
 
 import msgpack
 import numpy as np
 
 import aiocomm
 from aiocomm import config, wire
+
 from common import check
 
 world = aiocomm.init()

@@ -10,6 +10,7 @@ import numpy as np
 
 import aiocomm
 from aiocomm import aio
+
 from common import check
 
 world = aiocomm.init(strict=True)

@@ -3,6 +3,7 @@
 import numpy as np
 
 import aiocomm
+
 from common import DTYPES, check, data
 
 world = aiocomm.init(strict=True)

@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 import aiocomm
+
 from rt_common import maxrss_kib, report, say
 
 COUNT, SIZE = 12, 32 << 20

@@ -10,8 +10,8 @@ Workers print one fact per line, which tests/test_runtime_faults.py parses:
 from __future__ import annotations
 
 import json
-import resource
 import os
+import resource
 import sys
 import time
 

@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 import aiocomm
+
 from rt_common import report, say
 
 world = aiocomm.init()

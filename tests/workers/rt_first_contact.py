@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 import aiocomm
+
 from rt_common import report, ring_sync, say, wait_go
 
 mode, victim = sys.argv[1], int(sys.argv[2])

@@ -11,6 +11,7 @@ import numpy as np
 import uvloop
 
 from aiocomm import aio
+
 from rt_common import report, say
 
 SIZE = 64 << 20

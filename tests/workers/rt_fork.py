@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 import aiocomm
+
 from rt_common import say
 
 world = aiocomm.init()

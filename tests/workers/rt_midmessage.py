@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 import aiocomm
+
 from rt_common import report, say, wait_go
 
 N = 256 << 20

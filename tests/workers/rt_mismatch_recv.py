@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 import aiocomm
+
 from rt_common import report, say
 
 order, kind = sys.argv[1], sys.argv[2]

@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 import aiocomm
+
 from rt_common import report, say, status_kib, wait_go
 
 N = 1 << 30

@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 import aiocomm
+
 from rt_common import raise_nofile, report, say, status_kib, wait_go
 
 raise_nofile()

@@ -18,6 +18,7 @@ import traceback
 import numpy as np
 
 import aiocomm
+
 from rt_common import say
 
 mode = sys.argv[1]
@@ -69,7 +70,8 @@ if mode == "shared":
         for i in range(ITERS):
             one_call(t, i, None)
 
-    threads = [threading.Thread(target=owner, daemon=True)] + [threading.Thread(target=other, args=(t,), daemon=True) for t in (1, 2, 3)]
+    threads = [threading.Thread(target=owner, daemon=True)]
+    threads += [threading.Thread(target=other, args=(t,), daemon=True) for t in (1, 2, 3)]
     for th in threads:
         th.start()
     for th in threads[1:]:

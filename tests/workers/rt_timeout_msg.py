@@ -1,12 +1,12 @@
 """Timeout messages say how long and how to change it; a later call on the
 broken group says so and chains the first error.  Rank 1 never calls."""
 
-import json
 import time
 
 import numpy as np
 
 import aiocomm
+
 from rt_common import report, say
 
 world = aiocomm.init()

@@ -12,6 +12,7 @@ import numpy as np
 import uvloop
 
 from aiocomm import aio
+
 from common import check
 
 OPS = int(sys.argv[1]) if len(sys.argv) > 1 else 200
@@ -48,7 +49,7 @@ async def task(t: int, group) -> int:
 
 
 async def main() -> None:
-    world = await aio.init()
+    await aio.init()
     groups = [await aio.split(0) for _ in range(TASKS)]
     counts = await asyncio.gather(*(task(t, g) for t, g in enumerate(groups)))
     print(f"OK soak {sum(counts)} operations", flush=True)

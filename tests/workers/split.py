@@ -5,8 +5,8 @@ import asyncio
 import numpy as np
 import uvloop
 
-import aiocomm
 from aiocomm import aio
+
 from common import check
 
 
