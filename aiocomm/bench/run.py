@@ -33,6 +33,10 @@ UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 SMALL = 1 << 20  # sizes below this are latency cases: more iterations
 
 
+def _wire_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def iterations(args: argparse.Namespace, nbytes: int) -> tuple[int, int]:
     """Timed and warm-up iterations for one size (more for latency sizes)."""
     if nbytes < SMALL:
@@ -190,7 +194,8 @@ async def bench(args: argparse.Namespace) -> None:
             times[i] = time.perf_counter() - t0
         assert result is not None  # iters >= 1 (main() checks --iters)
         ok &= case.check(result)
-        wire = ((mesh.bytes_sent - sent0) / iters / case.nbytes) if mesh is not None else 0.0
+        # bytes on the wire are counted by the ring's mesh only (NaN: not measured, e.g. on MPI)
+        wire = ((mesh.bytes_sent - sent0) / iters / case.nbytes) if mesh is not None else float("nan")
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         summary = np.array([rss, wire, 0.0 if ok else 1.0])
         rss, wire, bad = await _maybe((aiocomm.all_max if blocking else aio.all_max)(summary))
@@ -211,7 +216,7 @@ async def bench(args: argparse.Namespace) -> None:
             "max_us": float(times.max()) * 1e6,
             "algbw_GBps": algbw,
             "busbw_GBps": algbw * bus_factor(args.op, n),
-            "wire_per_buffer": float(wire),
+            "wire_per_buffer": float(wire) if wire == wire else None,
             "peak_rss_MiB": float(rss),
             "correct": bool(bad == 0),
         }
@@ -221,7 +226,7 @@ async def bench(args: argparse.Namespace) -> None:
             else:
                 print(
                     f"  {case.nbytes:>10} {row['median_us']:>11.1f} {row['min_us']:>10.1f} {row['max_us']:>10.1f} "
-                    f"{row['algbw_GBps']:>10.3f} {row['busbw_GBps']:>10.3f} {row['wire_per_buffer']:>8.3f} "
+                    f"{row['algbw_GBps']:>10.3f} {row['busbw_GBps']:>10.3f} {_wire_text(row['wire_per_buffer']):>8} "
                     f"{row['peak_rss_MiB']:>8.0f} {'yes' if row['correct'] else 'NO'}",
                     flush=True,
                 )
