@@ -241,16 +241,22 @@ def agree(MPI: Any, comm: Any, what: str, rank: int) -> Steps[None]:
     raise MismatchError(f"rank {rank} called {what}, but not every rank did the same ({others})")
 
 
+def _collective_step(nbytes: int, blocking: Callable[..., Any], nonblocking: Callable[..., Any],
+                     *args: Any, **kwargs: Any) -> Any:
+    """The step of a collective moving ``nbytes``: MPI's blocking call in a
+    worker thread from :data:`BLOCKING_FROM` on, else its nonblocking request."""
+    if nbytes >= BLOCKING_FROM:
+        return Call(lambda: blocking(*args, **kwargs))
+    return nonblocking(*args, **kwargs)
+
+
 def all_reduce_steps(MPI: Any, group: Group, x: np.ndarray, op: str) -> Steps[np.ndarray]:
     comm = group.handle.comm
     yield from agree(MPI, comm, wire.signature(f"all_{op}", x.dtype, x.shape).describe(), group.rank())
     out = np.empty(x.shape, x.dtype)
     datatype, mpi_op = reduction(MPI, x.dtype, op)
     send, recv = [x, x.size, datatype], [out, x.size, datatype]
-    if x.nbytes >= BLOCKING_FROM:
-        yield Call(lambda: comm.Allreduce(send, recv, op=mpi_op))
-    else:
-        yield comm.Iallreduce(send, recv, op=mpi_op)
+    yield _collective_step(x.nbytes, comm.Allreduce, comm.Iallreduce, send, recv, op=mpi_op)
     return out
 
 
@@ -260,10 +266,7 @@ def all_gather_steps(MPI: Any, group: Group, x: np.ndarray) -> Steps[np.ndarray]
     out = np.empty(collectives.gathered_shape(x.shape, group.size()), x.dtype)
     datatype = element_type(MPI, x.dtype)
     send, recv = [x, x.size, datatype], [out, x.size, datatype]
-    if out.nbytes >= BLOCKING_FROM:
-        yield Call(lambda: comm.Allgather(send, recv))
-    else:
-        yield comm.Iallgather(send, recv)
+    yield _collective_step(out.nbytes, comm.Allgather, comm.Iallgather, send, recv)
     return out
 
 
@@ -273,10 +276,7 @@ def sum_scatter_steps(MPI: Any, group: Group, x: np.ndarray) -> Steps[np.ndarray
     out = np.empty(collectives.scattered_shape(x.shape, group.size()), x.dtype)
     datatype, mpi_op = reduction(MPI, x.dtype, "sum")
     send, recv = [x, out.size, datatype], [out, out.size, datatype]
-    if x.nbytes >= BLOCKING_FROM:
-        yield Call(lambda: comm.Reduce_scatter_block(send, recv, op=mpi_op))
-    else:
-        yield comm.Ireduce_scatter_block(send, recv, op=mpi_op)
+    yield _collective_step(x.nbytes, comm.Reduce_scatter_block, comm.Ireduce_scatter_block, send, recv, op=mpi_op)
     return out
 
 
