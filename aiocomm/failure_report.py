@@ -17,19 +17,18 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import CommError
+from .errors import CommError, broken_earlier
 
 ENV = "AIOCOMM_FAILURE_FILE"
-
-_reported: set[int] = set()  # id() of errors already written (a broken group re-raises its cause)
-
 
 def record(rank: int, exc: BaseException) -> None:
     """Append ``exc`` (raised on world rank ``rank``) to the launcher's failure file, once."""
     path = os.environ.get(ENV)
-    if not path or not isinstance(exc, CommError) or id(exc) in _reported:
+    # Once per error (a broken group raises its cause again), marked on the
+    # error itself: ids of freed errors are reused.
+    if not path or not isinstance(exc, CommError) or getattr(exc, "_aiocomm_reported", False):
         return
-    _reported.add(id(exc))
+    exc._aiocomm_reported = True  # type: ignore[attr-defined]
     line = json.dumps(
         {
             "rank": rank,
@@ -47,3 +46,10 @@ def record(rank: int, exc: BaseException) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def raise_broken(rank: int, cause: CommError, what: str) -> None:
+    """Raise for a call on a group that ``cause`` broke earlier: recorded
+    (once) for the launcher, the same class, chained to the cause."""
+    record(rank, cause)
+    raise broken_earlier(cause, f"rank {rank}: {what}") from cause

@@ -140,7 +140,7 @@ class Engine:
             await self.backend.close()
 
     def forked_error(self) -> RuntimeError:
-        rank = self.spec.rank if self.spec else 0
+        rank = self.world.rank()
         return RuntimeError(
             f"aiocomm: this process (pid {os.getpid()}) was forked from rank {rank} (pid {self.forked_from}) "
             "after its world formed; a forked child cannot use its parent's connections. Call aiocomm "
@@ -268,9 +268,7 @@ def call_blocking(group: Group, what: str, op: Callable[..., Coroutine[Any, Any,
         return backend.call_blocking(op.__name__, group, *args)  # type: ignore[attr-defined,no-any-return]
     coro = op(group, *args)
     loop = engine.loop
-    if loop is None:
-        if backend is not None and group.size() > 1:  # a backend that needs a loop, none of its own
-            return portal.run(portal.portal().loop, coro, what)
+    if loop is None:  # a world of size 1 (the loop-less MPI backend went the direct way)
         return portal.run_now(coro)
     return portal.run(loop, coro, what)
 
@@ -324,12 +322,8 @@ async def split(group: Group, color: int, key: int, timeout: float) -> Group:
     index = group._splits
     group._splits += 1
     if group.size() == 1:
-        return Group(group._engine, group.members, 0, _alone_context(group.context, index, color))
+        return Group(group._engine, group.members, 0, split_context(group.context, index, color))
     return group._child(await _backend(group).split(group, index, color, key, timeout))
-
-
-def _alone_context(parent: int, index: int, color: int) -> int:
-    return split_context(parent, index, color)
 
 
 __all__ = [

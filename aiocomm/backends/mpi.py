@@ -45,6 +45,7 @@ called.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 import threading
@@ -55,7 +56,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from .. import collectives, failure_report, wire
-from ..errors import CommError, CommTimeoutError, MismatchError, broken_earlier
+from ..errors import CommError, CommTimeoutError, MismatchError
 from . import SplitResult
 
 if TYPE_CHECKING:
@@ -218,13 +219,16 @@ def _executor() -> Any:
     return _pool
 
 
-def _hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True) >> 1
+@functools.lru_cache(maxsize=1024)
+def _identity(call: wire.Signature | str) -> tuple[str, int]:
+    """A call's description and a 63-bit hash of it (cached: signatures repeat)."""
+    what = call if isinstance(call, str) else call.describe()
+    return what, int.from_bytes(hashlib.blake2b(what.encode(), digest_size=8).digest(), "little", signed=True) >> 1
 
 
-def agree(MPI: Any, comm: Any, what: str, rank: int) -> Steps[None]:
-    """Every rank of ``comm`` called the same ``what``, or MismatchError naming them."""
-    h = _hash(what)
+def agree(MPI: Any, comm: Any, call: wire.Signature | str, rank: int) -> Steps[None]:
+    """Every rank of ``comm`` made the same ``call``, or MismatchError naming them."""
+    what, h = _identity(call)
     mine = np.array([h, -h], np.int64)
     out = np.empty(2, np.int64)
     yield comm.Iallreduce(mine, out, op=MPI.MAX)
@@ -252,7 +256,7 @@ def _collective_step(nbytes: int, blocking: Callable[..., Any], nonblocking: Cal
 
 def all_reduce_steps(MPI: Any, group: Group, x: np.ndarray, op: str) -> Steps[np.ndarray]:
     comm = group.handle.comm
-    yield from agree(MPI, comm, wire.signature(f"all_{op}", x.dtype, x.shape).describe(), group.rank())
+    yield from agree(MPI, comm, wire.signature(f"all_{op}", x.dtype, x.shape), group.rank())
     out = np.empty(x.shape, x.dtype)
     datatype, mpi_op = reduction(MPI, x.dtype, op)
     send, recv = [x, x.size, datatype], [out, x.size, datatype]
@@ -262,7 +266,7 @@ def all_reduce_steps(MPI: Any, group: Group, x: np.ndarray, op: str) -> Steps[np
 
 def all_gather_steps(MPI: Any, group: Group, x: np.ndarray) -> Steps[np.ndarray]:
     comm = group.handle.comm
-    yield from agree(MPI, comm, wire.signature("all_gather", x.dtype, x.shape).describe(), group.rank())
+    yield from agree(MPI, comm, wire.signature("all_gather", x.dtype, x.shape), group.rank())
     out = np.empty(collectives.gathered_shape(x.shape, group.size()), x.dtype)
     datatype = element_type(MPI, x.dtype)
     send, recv = [x, x.size, datatype], [out, x.size, datatype]
@@ -272,7 +276,7 @@ def all_gather_steps(MPI: Any, group: Group, x: np.ndarray) -> Steps[np.ndarray]
 
 def sum_scatter_steps(MPI: Any, group: Group, x: np.ndarray) -> Steps[np.ndarray]:
     comm = group.handle.comm
-    yield from agree(MPI, comm, wire.signature("sum_scatter", x.dtype, x.shape).describe(), group.rank())
+    yield from agree(MPI, comm, wire.signature("sum_scatter", x.dtype, x.shape), group.rank())
     out = np.empty(collectives.scattered_shape(x.shape, group.size()), x.dtype)
     datatype, mpi_op = reduction(MPI, x.dtype, "sum")
     send, recv = [x, out.size, datatype], [out, out.size, datatype]
@@ -281,7 +285,7 @@ def sum_scatter_steps(MPI: Any, group: Group, x: np.ndarray) -> Steps[np.ndarray
 
 
 def split_steps(MPI: Any, group: Group, index: int, color: int, key: int) -> Steps[SplitResult]:
-    from .ring import split_order
+    from .ring import split_context, split_order
 
     comm = group.handle.comm
     yield from agree(MPI, comm, "split", group.rank())
@@ -294,7 +298,7 @@ def split_steps(MPI: Any, group: Group, index: int, color: int, key: int) -> Ste
     # split waits only for the others to get here too.
     sub = comm.Split(colors.index(color), rank)
     sub.Set_errhandler(MPI.ERRORS_RETURN)
-    context = _hash(f"{group.context}:{index}:{color}") | 1
+    context = split_context(group.context, index, color)
     return SplitResult(members, rank, context, MpiGroup(sub))
 
 
@@ -343,6 +347,8 @@ def recv_steps(MPI: Any, group: Group, shape: tuple[int, ...], dtype: np.dtype, 
         raise
     return out
 
+
+_PUBLIC = {"all_reduce": "a collective"}  # engine operation names as the user called them
 
 _STEPS: dict[str, Callable[..., Steps[Any]]] = {
     "all_reduce": all_reduce_steps,
@@ -533,8 +539,7 @@ class MpiBackend:
     def _start(self, group: Group, what: str) -> None:
         cause = group.handle.broken
         if cause is not None:
-            failure_report.record(self.rank, cause)
-            raise broken_earlier(cause, f"rank {self.rank}: {what}") from cause
+            failure_report.raise_broken(self.rank, cause, _PUBLIC.get(what, what))
 
     def _failed(self, group: Group, collective: bool, exc: BaseException) -> None:
         if collective and isinstance(exc, CommError) and group.handle.broken is None:

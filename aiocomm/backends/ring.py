@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from .. import collectives, failure_report
-from ..errors import CommError, broken_earlier
+from ..errors import CommError
 from ..transport import Mesh, Op, Wait
 from ..wire import Kind, Signature, signature
 from . import SplitResult
@@ -99,8 +99,7 @@ class RingBackend:
     def _raise_broken(self, context: int, what: str) -> None:
         cause = self.mesh.broken.get(context)
         if cause is not None:
-            failure_report.record(self.rank, cause)
-            raise broken_earlier(cause, f"rank {self.rank}: {what}") from cause
+            failure_report.raise_broken(self.rank, cause, what)
 
     async def _collective(
         self, group: Group, op: str, x: np.ndarray, timeout: float, body: Callable[..., Awaitable[T]], *args: Any

@@ -112,10 +112,7 @@ class PendingRecv(Wait):
         if not future.done():
             future.set_result(self.out)
         elif self.matcher is not None and self.out is not None:
-            self.matcher.give_back(self.waits_src(), self.key, self.sig.encoded, self.out)
-
-    def waits_src(self) -> int:
-        return self.peer
+            self.matcher.give_back(self.peer, self.key, self.sig.encoded, self.out)
 
 
 class Arrival(Sink):

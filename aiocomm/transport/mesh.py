@@ -57,7 +57,8 @@ class Mesh:
         self.size = spec.size
         self.token = spec.token
         self.loop = loop or asyncio.get_running_loop()
-        self.window = window_for(buffer_budget(), self.size)
+        budget = buffer_budget()
+        self.window = window_for(budget, self.size)
         self.waits = WaitSet(self.loop, self.rank, poll_seconds(spec))
         self.contexts = Contexts(self.size)
         self.broken = self.contexts.broken
@@ -68,7 +69,7 @@ class Mesh:
         self._abort_tasks: set[asyncio.Task[None]] = set()
         self.closed = False
         self.bytes_sent = 0  # payload bytes, for the benchmark's wire count
-        self.hold_budget = buffer_budget()  # what this rank may hold of its own sends not yet received
+        self.hold_budget = budget  # what this rank may hold of its own sends not yet received
         self.held = 0
 
     # ---- bring-up and tear-down
@@ -118,10 +119,7 @@ class Mesh:
                 continue
             for rid, entry in list(outbox.announced.items()):
                 if entry.on_end is not None:  # a detached (held) send
-                    del outbox.announced[rid]
-                    stream.send_frame(_encode_head(Kind.RDATA, entry.op.context, rid, _EMPTY, entry.data.nbytes),
-                                      entry.data)
-                    entry.resolve(None)
+                    stream.send_payload(outbox.cleared(rid) or entry)
 
     def fds(self) -> list[int]:
         return self.connections.fds()

@@ -27,7 +27,7 @@ import numpy as np
 from .. import wire
 from ..errors import PeerLostError, ProtocolError
 from ..wire import AcceptorHandshake, DialerHandshake, Header, Kind, Signature, Sink
-from .flow import SendWindow
+from .flow import Announcement, SendWindow
 from .waits import Op, Wait
 
 if TYPE_CHECKING:
@@ -164,6 +164,12 @@ class PeerStream(asyncio.BufferedProtocol):
         self.send_frame(wire.HEADER.pack(wire.MAGIC, wire.VERSION, Kind.RTS, kind, context, tag, 0, len(meta)) + meta)
         return None if held else entry
 
+    def send_payload(self, entry: Announcement) -> None:
+        """The payload of announced message ``entry`` (taken from the outbox), as ``RDATA``."""
+        data = entry.data
+        self.send_frame(_encode_head(Kind.RDATA, entry.op.context, entry.rid, _EMPTY, data.nbytes), data)
+        entry.resolve(None)
+
     def _revoke(self, context: int, rid: int) -> None:
         if not self.closing:
             self.send_frame(_encode_head(Kind.REVOKE, context, rid, _EMPTY, 0))
@@ -258,9 +264,7 @@ class PeerStream(asyncio.BufferedProtocol):
         if kind == Kind.CTS:
             entry = outbox.cleared(header[3])
             if entry is not None:
-                data = entry.data
-                self.send_frame(_encode_head(Kind.RDATA, header[2], entry.rid, _EMPTY, data.nbytes), data)
-                entry.resolve(None)
+                self.send_payload(entry)
         elif kind == Kind.CREDIT:
             outbox.credit += header[3]
         else:
