@@ -195,9 +195,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.backend == "mpi":
         from . import mpi
 
+        if args.output_dir:
+            raise SystemExit("aiocomm-launch: --output-dir is for the ring backend; with --backend mpi pass "
+                             "mpirun's own option, e.g. --mpirun-args \"--output-filename DIR\"")
+        try:
+            plan = read_hostfile(args.hostfile) if args.hostfile else parse_hosts(args.hosts)
+        except HostfileError as exc:
+            raise SystemExit(f"aiocomm-launch: {exc}") from None
+        env = parse_env(plan.envs) | parse_env(args.env)
         rank_argv = command_argv(args.command, args.python)
-        check_command(rank_argv, args.cwd, dict(os.environ))
-        return mpi.run(args, rank_argv, [h.strip() for h in args.hosts.split(",") if h.strip()])
+        if any(is_local(host) for host in plan.hosts):
+            check_command(rank_argv, args.cwd, dict(os.environ, **env))
+        return mpi.run(args, rank_argv, plan.hosts, env)
     with tempfile.TemporaryDirectory(prefix="aiocomm-") as tmp:
         ranks, listeners = plan_job(args, os.path.join(tmp, "hostfile.json"))
 

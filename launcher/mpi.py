@@ -19,6 +19,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from .hosts import Host, is_local
+
 # Runs each rank and tags its output lines with its MPI rank; exits as the rank did.
 TAG_LINES = r"""
 import os, subprocess, sys, threading
@@ -38,18 +40,18 @@ sys.exit(code if code >= 0 else 128 - code)
 """
 
 
-def mpirun_argv(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[str]) -> list[str]:
-    """The mpirun command line for ``args`` (``-n`` ranks per host)."""
+def mpirun_argv(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Host],
+                env: dict[str, str]) -> list[str]:
+    """The mpirun command line for ``args`` (``-n`` ranks per host, ``env`` exported to every rank)."""
     mpirun = shutil.which(args.mpirun)
     if mpirun is None:
         raise SystemExit(f"aiocomm-launch: --backend mpi needs {args.mpirun!r} (Open MPI or MPICH) on PATH")
     total = args.n * max(len(hosts), 1)
     cmd = [mpirun, "-n", str(total)]
-    remote = [h for h in hosts if h not in ("127.0.0.1", "localhost")]
-    if remote:
-        cmd += ["--host", ",".join(f"{h}:{args.n}" for h in hosts)]
-    for item in args.env:
-        cmd += ["-x", item]
+    if not all(is_local(host) for host in hosts):
+        cmd += ["--host", ",".join(f"{host.ssh.split('@')[-1]}:{args.n}" for host in hosts)]
+    for key in env:
+        cmd += ["-x", key]  # exported from mpirun's own environment: the value never on a command line
     if args.cwd:
         cmd += ["-wdir", args.cwd]
     cmd += shlex.split(args.mpirun_args)
@@ -58,12 +60,9 @@ def mpirun_argv(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Seque
     return cmd + list(rank_argv)
 
 
-def run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[str]) -> int:
-    cmd = mpirun_argv(args, rank_argv, hosts)
-    env = dict(os.environ)
-    for item in args.env:
-        key, _, value = item.partition("=")
-        env[key] = value
+def run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Host], extra: dict[str, str]) -> int:
+    cmd = mpirun_argv(args, rank_argv, hosts, extra)
+    env = dict(os.environ, **extra)
     if args.verbose:
         print(f"aiocomm-launch: {shlex.join(cmd)}", file=sys.stderr)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
