@@ -70,6 +70,8 @@ class Connections:
         self._pending: dict[PeerStream, asyncio.TimerHandle] = {}  # accepted, handshake not done (oldest first)
         self._dialing: dict[int, asyncio.Task[PeerStream]] = {}
         self._inbound_waiters: dict[int, asyncio.Future[None]] = {}
+        self._dropped = 0  # unauthenticated connections dropped for newer ones
+        self._next_drop_log = 0.0
         self._servers: list[asyncio.Server] = []
         self.closed = False
 
@@ -101,8 +103,12 @@ class Connections:
             return
         while len(self._pending) >= MAX_PENDING_HANDSHAKES:
             oldest = next(iter(self._pending))
-            log.warning("rank %d: %d connections are waiting for a handshake; dropping the oldest, from %s",
-                        self.rank, len(self._pending), oldest.where())
+            self._dropped += 1
+            now = self.loop.time()
+            if now >= self._next_drop_log:  # a flood is logged once in a while, not once per connection
+                self._next_drop_log = now + 10.0
+                log.warning("rank %d: %d connections are waiting for a handshake; dropping the oldest, from %s "
+                            "(%d dropped so far)", self.rank, len(self._pending), oldest.where(), self._dropped)
             self._forget_pending(oldest)
             oldest.close()
         self._pending[stream] = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired, stream)
