@@ -119,7 +119,7 @@ def is_available(backend: str = "any") -> bool:
     if backend in ("any", "ring"):
         return True
     if backend == "mpi":
-        return mpi_backend.load() is not None
+        return mpi_backend.present()
     return False
 
 
@@ -156,7 +156,7 @@ def _wants_mpi(backend: str, spec: config.WorldSpec | None) -> bool:
         and spec is None
         and mpi_backend.started_by_mpi_launcher()
         and not os.environ.get("AIOCOMM_COORDINATOR")
-        and mpi_backend.load() is not None
+        and mpi_backend.present()
     )
 
 

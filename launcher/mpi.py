@@ -11,6 +11,7 @@ tags whole lines), ``--timeout`` (status 124), and the job's status.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import shutil
@@ -66,8 +67,20 @@ def run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Host
     if args.verbose:
         print(f"aiocomm-launch: {shlex.join(cmd)}", file=sys.stderr)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    received: list[int] = []
+
+    def forward(sig: int, _frame: object) -> None:
+        """SIGINT, SIGTERM or SIGHUP to the launcher: to mpirun's whole group
+        (mpirun runs in a session of its own, so nothing outlives the launcher)."""
+        received.append(sig)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
+    before = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         code = proc.wait(timeout=args.timeout)
+        if received:
+            return 128 + received[0]
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -77,9 +90,9 @@ def run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Host
             proc.wait()
         print(f"aiocomm-launch: job timed out after {args.timeout:g}s", file=sys.stderr)
         return 124
-    except KeyboardInterrupt:
-        os.killpg(proc.pid, signal.SIGINT)
-        return 128 + signal.SIGINT
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     if code != 0:
         status = code if code > 0 else 128 - code
         print(f"aiocomm-launch: mpirun exited with status {status} (a rank failed; mpirun's report is above)",

@@ -45,18 +45,20 @@ called.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import hashlib
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Generator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import numpy as np
 
 from .. import collectives, failure_report, wire
-from ..errors import CommError, CommTimeoutError, MismatchError
+from ..errors import CommError, CommTimeoutError, MismatchError, ProtocolError
 from . import SplitResult
 
 if TYPE_CHECKING:
@@ -77,24 +79,43 @@ _lock = threading.Lock()
 MAX_HEAD = 4096
 
 _MPI: Any = None
+_present: bool | None = None
 _why_unavailable = ""
 
 
+def present() -> bool:
+    """Whether mpi4py is installed and an MPI library can be found, checked
+    without importing ``mpi4py.MPI`` (importing it would start MPI, or, told
+    not to, leave the program's own mpi4py uninitialised)."""
+    global _present
+    if _present is None:
+        import ctypes.util
+        import importlib.util
+
+        global _why_unavailable
+        if importlib.util.find_spec("mpi4py") is None:
+            _why_unavailable = "mpi4py is not installed; pip install 'aiocomm[mpi]'"
+            _present = False
+        elif "mpi4py.MPI" not in sys.modules and ctypes.util.find_library("mpi") is None:
+            _why_unavailable = "mpi4py is installed but no MPI library (libmpi) was found"
+            _present = False
+        else:
+            _present = True
+    return _present
+
+
 def load() -> Any:
-    """The ``mpi4py.MPI`` module, loaded without initialising MPI, or None."""
+    """The ``mpi4py.MPI`` module (which starts MPI, as mpi4py does on import,
+    with MPI_THREAD_MULTIPLE), or None."""
     global _MPI, _why_unavailable
     if _MPI is not None:
         return _MPI
-    try:
-        import mpi4py
-    except ImportError as exc:
-        _why_unavailable = f"mpi4py is not installed ({exc}); pip install 'aiocomm[mpi]'"
+    if not present():
         return None
-    import sys
+    import mpi4py
 
     if "mpi4py.MPI" not in sys.modules:
-        mpi4py.rc.initialize = False  # is_available() must not start MPI; init() does
-        mpi4py.rc.finalize = False
+        mpi4py.rc.finalize = False  # aiocomm finalizes (see _finalize): never in a forked child or a failed rank
     try:
         from mpi4py import MPI
     except Exception as exc:  # the MPI library itself could not be loaded
@@ -105,7 +126,7 @@ def load() -> Any:
 
 
 def why_unavailable() -> str:
-    load()
+    present()
     return _why_unavailable
 
 
@@ -117,26 +138,62 @@ def started_by_mpi_launcher(environ: Any = None) -> bool:
 class MpiGroup:
     """A group's state on the MPI backend (``Group.handle``)."""
 
-    __slots__ = ("comm", "broken", "busy", "queue", "kept_heads")
+    __slots__ = ("comm", "broken", "busy", "queues", "kept")
 
     def __init__(self, comm: Any) -> None:
         self.comm = comm
         self.broken: CommError | None = None  # why a collective failed: the group is unusable
         self.busy = 0  # async collectives in progress
-        self.queue: asyncio.Future[None] | None = None  # done when the last collective called is done
-        self.kept_heads: dict[int, bytes] = {}  # source -> a message header no receive has taken yet
+        # per ordered stream (the collectives; the receives from one source):
+        # done when the last operation called on it is done
+        self.queues: dict[Any, asyncio.Future[None]] = {}
+        # source -> messages a receive took from MPI but did not keep (it did
+        # not fit, or gave up): their headers, and data if it had arrived
+        self.kept: dict[int, collections.deque[tuple[bytes, np.ndarray | None]]] = {}
 
 
 def world(MPI: Any) -> Any:
-    """COMM_WORLD, MPI initialised first if need be (and finalised at exit)."""
+    """COMM_WORLD duplicated, MPI initialised first if need be; MPI is
+    finalized at exit by :func:`_finalize`."""
+    global _owner_pid
     if not MPI.Is_initialized():
         MPI.Init_thread(MPI.THREAD_MULTIPLE)
+    if _owner_pid is None:
+        _owner_pid = os.getpid()
         import atexit
 
         atexit.register(_finalize, MPI)
+        _watch_failures()
     comm = MPI.COMM_WORLD.Dup()
     comm.Set_errhandler(MPI.ERRORS_RETURN)
     return comm
+
+
+_owner_pid: int | None = None  # the process that started MPI (a forked child must not finalize it)
+_failing = False  # an uncaught exception is ending this process
+
+
+def _watch_failures() -> None:
+    """Note an uncaught exception (in any thread), so the exit does not
+    finalize: MPI_Finalize would wait for ranks that wait for this one, while
+    a rank that exits without it makes mpirun end the job at once, naming it."""
+    previous = sys.excepthook
+    real_exit = sys.exit
+
+    def hook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        global _failing
+        if not issubclass(kind, SystemExit):
+            _failing = True
+        previous(kind, exc, tb)
+
+    def exit(status: str | int | None = None) -> NoReturn:  # sys.exit(5): a failing rank too
+        global _failing
+        if status not in (None, 0):
+            _failing = True
+        real_exit(status)
+
+    sys.excepthook = hook
+    sys.exit = exit
 
 
 # ------------------------------------------------------------------ reductions
@@ -155,7 +212,7 @@ def element_type(MPI: Any, dtype: np.dtype) -> Any:
 def reduction(MPI: Any, dtype: np.dtype, op: str) -> tuple[Any, Any]:
     """The MPI datatype and operation that reduce ``dtype`` as numpy would."""
     native = (
-        dtype.kind in "iu"
+        (dtype.kind in "iu" and (op != "sum" or dtype.itemsize > 1))  # Open MPI 4.1's AVX op saturates 8-bit sums
         or (dtype.kind == "c" and op == "sum")
         or (dtype.kind == "f" and op == "sum" and dtype.itemsize >= 4)
     )
@@ -311,40 +368,59 @@ def send_steps(MPI: Any, group: Group, x: np.ndarray, dst: int) -> Steps[None]:
     yield second
 
 
+def _cancel(request: Any, status: Any) -> None:
+    """Cancel a receive and wait until it is settled; one that completed
+    already (a test found it done, filling ``status``) is left as it is."""
+    if request:  # still active (mpi4py makes a completed request false)
+        request.Cancel()
+        request.Wait(status)
+
+
 def recv_steps(MPI: Any, group: Group, shape: tuple[int, ...], dtype: np.dtype, src: int) -> Steps[np.ndarray]:
+    """Header, then data, from ``src``.  Nothing taken from MPI is lost: a
+    header that does not fit, or a message whose receive gave up, is kept
+    first in line for the next receive from ``src`` (receives from one source
+    run one at a time, so they take messages in order)."""
     comm = group.handle.comm
     sig = wire.signature("send", dtype, shape)
-    kept = group.handle.kept_heads
-    head = kept.pop(src, None)
-    if head is None:
+    kept = group.handle.kept.setdefault(src, collections.deque())
+    me, peer = group.members[group.rank()], group.members[src]
+    if kept:
+        head, data = kept[0]
+        wire.check_signature(sig, head, me=me, peer=peer)  # MismatchError: it stays first in line
+        kept.popleft()
+        if data is not None:
+            arrived: np.ndarray = data.reshape(shape)
+            return arrived
+    else:
         buf = np.empty(MAX_HEAD, np.uint8)
         status = MPI.Status()
         request = comm.Irecv([buf, MPI.BYTE], src, tag=HEAD_TAG)
         try:
             yield request, status
         except BaseException:
-            request.Cancel()
-            request.Wait(status)
+            _cancel(request, status)
             if not status.Is_cancelled():  # it came after all: keep it for the next receive
-                kept[src] = bytes(buf[: status.Get_count(MPI.BYTE)])
+                kept.append((bytes(buf[: status.Get_count(MPI.BYTE)]), None))
             raise
         head = bytes(buf[: status.Get_count(MPI.BYTE)])
-    try:
-        wire.check_signature(sig, head, me=group.members[group.rank()], peer=group.members[src])
-    except MismatchError:
-        kept[src] = head  # the message waits for a receive that fits
-        raise
+        try:
+            wire.check_signature(sig, head, me=me, peer=peer)
+        except MismatchError:
+            kept.appendleft((head, None))  # the message waits for a receive that fits
+            raise
     out = np.empty(shape, dtype)
+    status = MPI.Status()
     request = comm.Irecv([_bytes(out), MPI.BYTE], src, tag=DATA_TAG)
     try:
-        yield request
+        yield request, status
     except BaseException:
-        request.Cancel()
-        status = MPI.Status()
-        request.Wait(status)
-        if status.Is_cancelled():
-            kept[src] = head  # the data stays queued in MPI for the next receive
+        _cancel(request, status)
+        # Cancelled: the data stays queued in MPI; arrived meanwhile: keep it.
+        kept.appendleft((head, None if status.Is_cancelled() else out))
         raise
+    if status.Get_count(MPI.BYTE) != out.nbytes:
+        raise ProtocolError(f"rank {peer} sent {status.Get_count(MPI.BYTE)} bytes for {sig.describe()}")
     return out
 
 
@@ -379,6 +455,7 @@ class Poller:
     def __init__(self) -> None:
         self._new: list[tuple[Any, Any, asyncio.Future[None] | None]] = []
         self._lock = threading.Lock()
+        self._calls: list[tuple[Callable[[], Any], asyncio.Future[None]]] = []
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="aiocomm-mpi-progress", daemon=True)
         self._thread.start()
@@ -387,6 +464,14 @@ class Poller:
         future = asyncio.get_running_loop().create_future()
         with self._lock:
             self._new.append((request, status, future))
+        self._wake.set()
+        return future
+
+    def call(self, fn: Callable[[], Any]) -> asyncio.Future[None]:
+        """Run ``fn`` in the progress thread, between its tests; the future ends when it has run."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._calls.append((fn, future))
         self._wake.set()
         return future
 
@@ -411,6 +496,13 @@ class Poller:
                     pending.extend(self._new)
                     self._new.clear()
                     idle_since = time.monotonic()
+                calls, self._calls = self._calls, []
+            for fn, done in calls:
+                try:
+                    fn()
+                except BaseException:
+                    pass
+                _settle(done, None)
             still = []
             for entry in pending:
                 if entry[2] is None:  # an abandoned operation
@@ -488,8 +580,8 @@ def _finalize(MPI: Any) -> None:
     """At exit: finalize MPI, unless an operation this rank gave up on is
     still incomplete after a grace (MPI_Finalize would wait for it forever):
     then abort the job, so no rank hangs."""
-    if MPI.Is_finalized():
-        return
+    if MPI.Is_finalized() or os.getpid() != _owner_pid or _failing:
+        return  # a forked child, or a failing rank: mpirun ends the job, naming this one
     deadline = time.monotonic() + 2.0
     while _abandoned and time.monotonic() < deadline:  # the progress thread may be finishing them
         time.sleep(0.01)
@@ -620,14 +712,17 @@ class MpiBackend:
         self._start(group, name)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        # One operation of an ordered stream at a time, in call order: MPI
+        # needs every rank to issue a group's collectives in the same order,
+        # and receives from one source take its messages in order.
+        stream = "collectives" if collective else ("recv", args[2]) if name == "recv" else None
         turn = mine = None
-        if collective:
-            # One collective of a group at a time, in call order: MPI needs
-            # every rank to issue them in the same order.
-            turn, mine = state.queue, loop.create_future()
-            state.queue = mine
+        if stream is not None:
+            turn, mine = state.queues.get(stream), loop.create_future()
+            state.queues[stream] = mine
         step: Any = None
         steps: Steps[Any] | None = None
+        waiter: asyncio.Future[Any] | None = None
         busy = False
         try:
             if turn is not None and not turn.done():
@@ -640,10 +735,7 @@ class MpiBackend:
             p = poller()
             step = next(steps)
             while True:
-                if isinstance(step, Call):
-                    waiter = asyncio.wrap_future(step.start())
-                else:
-                    waiter = p.wait(*_split_step(step))
+                waiter = asyncio.wrap_future(step.start()) if isinstance(step, Call) else p.wait(*_split_step(step))
                 await asyncio.wait_for(asyncio.shield(waiter), max(0.0, deadline - loop.time()))
                 step = steps.send(None)
         except StopIteration as stop:
@@ -651,9 +743,14 @@ class MpiBackend:
         except asyncio.TimeoutError:
             exc = _timed_out(group, name, timeout)
             if steps is not None:
-                self._give_up(steps, step, exc, collective)
+                await self._give_up_in_poller(steps, step, waiter, exc, collective)
             self._failed(group, collective, exc)
             raise exc from None
+        except asyncio.CancelledError:  # the caller gave up (task.cancel, wait_for): as a timeout, unannounced
+            if steps is not None:
+                self._give_up_in_poller(steps, step, waiter, CommError("cancelled by the caller"), collective)
+            self._failed(group, collective, CommError(f"rank {self.rank}: a {name} on this group was cancelled"))
+            raise
         except BaseException as exc:
             err = translate(exc)
             self._failed(group, collective, err)
@@ -665,6 +762,15 @@ class MpiBackend:
                 state.busy -= 1
             if mine is not None and not mine.done():
                 mine.set_result(None)
+
+    def _give_up_in_poller(self, steps: Steps[Any], step: Any, waiter: asyncio.Future[Any] | None,
+                           exc: BaseException, collective: bool) -> asyncio.Future[None]:
+        """Give an operation up (see :meth:`_give_up`) in the progress thread,
+        which may be testing its request right now: MPI forbids using one
+        request from two threads at once."""
+        if waiter is not None and not isinstance(step, Call):
+            waiter.cancel()  # the progress thread stops testing it
+        return poller().call(lambda: self._give_up(steps, step, exc, collective))
 
     # ---- the backend's operations (coroutines, for the async face)
 

@@ -89,6 +89,46 @@ async def async_face() -> None:
 
 asyncio.run(async_face())
 
+# 8-bit sums wrap as numpy's do (Open MPI's AVX sum saturates them), also on the large-buffer path
+big = np.full(300_000, 100, np.int8)
+check(aiocomm.all_sum(big), np.full(300_000, 100 * n, np.int64).astype(np.int8), "int8 sum wraps")
+
+
+async def concurrent_receives() -> None:
+    # receives from one source take its messages in order, one at a time: one
+    # that does not fit raises and leaves the message; nothing is lost or torn
+    if r == 0:
+        await aio.send(np.arange(4, dtype=np.float32), 1)
+        await aio.send(np.arange(10, 15, dtype=np.float32), 1)
+    elif r == 1:
+        await asyncio.sleep(0.3)
+        got = await asyncio.gather(aio.recv((5,), np.float32, 0), aio.recv((4,), np.float32, 0),
+                                   return_exceptions=True)
+        assert isinstance(got[0], aiocomm.MismatchError), got
+        check(got[1], np.arange(4, dtype=np.float32), "first message, to the receive that fits")
+        check(await aio.recv((5,), np.float32, 0), np.arange(10, 15, dtype=np.float32), "second message")
+        # receives that time out while messages trickle in lose none of them
+        stray = [aio.recv((2,), np.int64, 0, timeout=0.001) for _ in range(20)]
+        outcomes = await asyncio.gather(*stray, return_exceptions=True)
+        assert all(isinstance(e, aiocomm.CommTimeoutError) for e in outcomes), outcomes
+    await aio.all_sum(np.zeros(1))
+    if r == 0:
+        for i in range(40):
+            await aio.send(np.full(2, i, np.int64), 1)
+            await asyncio.sleep(0.0005)
+    elif r == 1:
+        seen: list[int] = []
+        while len(seen) < 40:
+            try:
+                seen.append(int((await aio.recv((2,), np.int64, 0, timeout=0.001))[0]))
+            except aiocomm.CommTimeoutError:
+                pass
+        assert seen == list(range(40)), seen
+    await aio.all_sum(np.zeros(1))
+
+
+asyncio.run(concurrent_receives())
+
 # ranks that disagree get MismatchError naming the calls, never wrong numbers
 mine = world.split(0)
 try:
