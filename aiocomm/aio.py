@@ -202,6 +202,12 @@ async def init(strict: bool = False, backend: str = "any") -> Group:
         return (await asyncio.shield(_starting)).world
     spec = config.spec_from_env() if backend != "mpi" else None
     if _wants_mpi(backend, spec):
+        if strict and not mpi_backend.started_by_mpi_launcher():
+            raise RuntimeError(
+                "init(strict=True, backend='mpi'): this process was not started by an MPI launcher (none of "
+                f"{', '.join(mpi_backend.MPI_LAUNCHER_VARS)} are set); start it with mpirun or "
+                "aiocomm-launch --backend mpi"
+            )
         _engine = Engine.start_mpi()
         return _engine.world
     join = rendezvous.join_spec_from_env() if spec is None else None

@@ -203,3 +203,9 @@ def test_poll_policy():
         poll_seconds(two_local, {"AIOCOMM_POLL_US": "soon"})
     with pytest.raises(ValueError, match="must not be negative"):
         poll_seconds(two_local, {"AIOCOMM_POLL_US": "-1"})
+
+
+def test_strict_mpi_outside_an_mpi_launcher_raises(fresh_world):
+    pytest.importorskip("mpi4py")
+    with pytest.raises(RuntimeError, match="not started by an MPI launcher"):
+        aiocomm.init(strict=True, backend="mpi")
