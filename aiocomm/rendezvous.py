@@ -32,6 +32,7 @@ from typing import Any
 from . import wire
 from .config import Address, WorldSpec, parse_address, token_from_env
 from .errors import CommError, CommTimeoutError, ProtocolError
+from .transport.connections import backoff
 from .wire import Kind
 
 #: (rank variable, size variable, tool), in order of precedence.
@@ -192,8 +193,8 @@ async def rendezvous(spec: JoinSpec, timeout: float) -> WorldSpec:
     listener, address = _listen_near(spec.coordinator, spec.rank)
     host, port = spec.coordinator
     try:
-        delay, last = 0.01, None
-        while True:
+        last: BaseException | None = None
+        for delay in backoff():
             try:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(host, port), max(0.01, deadline - loop.time())
@@ -208,7 +209,6 @@ async def rendezvous(spec: JoinSpec, timeout: float) -> WorldSpec:
                     (0,),
                 ) from last
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
         try:
             header, meta = await asyncio.wait_for(_read_frame(reader), max(0.01, deadline - loop.time()))
             nonce = wire.require_map(meta, Kind.CHALLENGE, ("nonce",))["nonce"]
