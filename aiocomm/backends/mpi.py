@@ -633,11 +633,13 @@ class MpiBackend:
         if cause is not None:
             failure_report.raise_broken(self.rank, cause, _PUBLIC.get(what, what))
 
-    def _failed(self, group: Group, collective: bool, exc: BaseException) -> None:
+    def _failed(self, group: Group, collective: bool, exc: BaseException) -> BaseException:
+        """Note a failure (a collective's breaks its group; the launcher hears of it); returns ``exc``."""
         if collective and isinstance(exc, CommError) and group.handle.broken is None:
             group.handle.broken = exc
         if isinstance(exc, CommError):
             failure_report.record(self.rank, exc)
+        return exc
 
     def call_blocking(self, name: str, group: Group, *args: Any) -> Any:
         """Run operation ``name`` in the calling thread."""
@@ -684,8 +686,7 @@ class MpiBackend:
             self._failed(group, collective, exc)
             raise
         except BaseException as exc:
-            err = translate(exc)
-            self._failed(group, collective, err)
+            err = self._failed(group, collective, translate(exc))
             if err is exc:
                 raise
             raise err from exc
@@ -752,8 +753,7 @@ class MpiBackend:
             self._failed(group, collective, CommError(f"rank {self.rank}: a {name} on this group was cancelled"))
             raise
         except BaseException as exc:
-            err = translate(exc)
-            self._failed(group, collective, err)
+            err = self._failed(group, collective, translate(exc))
             if err is exc:
                 raise
             raise err from exc
