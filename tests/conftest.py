@@ -88,3 +88,13 @@ def spawn_world(n: int, tmp_path: Path, argv: list[str], env: dict[str, str] | N
     for s in socks:
         s.close()
     return procs
+
+
+@pytest.fixture
+def loop():
+    """A fresh event loop, not running: socket-free tests drive it by hand."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()

@@ -45,13 +45,6 @@ class Events:
         return np.empty(shape, dtype)
 
 
-@pytest.fixture
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
 def make(loop, events=None, size=3):
     waits = WaitSet(loop, rank=0, poll_s=0.0)
     lost: dict[int, PeerLostError] = {}

@@ -15,10 +15,11 @@ import pytest
 from aiocomm import wire
 from aiocomm.errors import CommTimeoutError
 from aiocomm.transport.matching import Matcher
-from aiocomm.transport.waits import Op, WaitSet
-from aiocomm.wire import Kind, Sink
+from aiocomm.transport.waits import WaitSet
+from aiocomm.wire import Kind
 
 from .conftest import ROOT, WORKERS, assert_ok, clean_env, launch
+from .test_matching import Events, deliver, op, sig_of
 
 P2P = int(Kind.P2P)
 COLL = int(Kind.COLL)
@@ -27,49 +28,10 @@ COLL = int(Kind.COLL)
 # ---- without sockets
 
 
-class Events:
-    """Records what matching asks of the transport."""
-
-    def __init__(self) -> None:
-        self.credited: list[tuple[int, int]] = []
-        self.cleared: list[tuple[int, int, int]] = []
-
-    def credit(self, src, nbytes):
-        self.credited.append((src, nbytes))
-
-    def clear_to_send(self, src, context, rid):
-        self.cleared.append((src, context, rid))
-
-    def allocate(self, shape, dtype, src, op, context):
-        return np.empty(shape, dtype)
-
-
-@pytest.fixture
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
 def make(loop, events=None, size=3):
     waits = WaitSet(loop, rank=0, poll_s=0.0)
     matcher = Matcher(0, size, waits, events or Events(), {})
     return matcher, waits
-
-
-def op(loop, timeout=30.0, context=0):
-    return Op("test op", context, timeout, loop.time() + timeout)
-
-
-def deliver(sink: Sink, payload: bytes) -> None:
-    """What the frame reader does with a routed frame."""
-    if sink.view is not None:
-        sink.view[:] = payload
-    sink.done()
-
-
-def sig_of(arr):
-    return wire.signature("send", arr.dtype, arr.shape)
 
 
 def expire(loop) -> None:
