@@ -132,7 +132,7 @@ class Engine:
         """Form the world over the MPI backend from MPI's world communicator."""
         from .backends import mpi
 
-        backend, world = mpi.start_world()
+        backend, world = mpi.start_world(WORLD_CONTEXT)
         return cls(world.comm.Get_rank(), world.comm.Get_size(), backend, None, None, world)
 
     async def close(self) -> None:

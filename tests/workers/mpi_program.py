@@ -144,20 +144,30 @@ except aiocomm.MismatchError as exc:
 else:
     raise AssertionError("a broken group was usable")
 
-# a timeout bounds the wait, says how long, and breaks only that group
+# a timeout bounds the wait, says how long, and breaks only that group -- on
+# every rank at once: the ranks waiting with it hear at once that rank 0 gave
+# up, and the late rank, refused, stands in for it (so the job still ends cleanly)
 late = world.split(0)
-if r == 0:
+if r == n - 1:
+    time.sleep(2.0)
+    try:
+        aiocomm.all_sum(np.ones(2), group=late)
+    except aiocomm.CommError as exc:
+        assert "rank 0 gave up" in str(exc) and "timeout=1s" in str(exc), exc
+    else:
+        raise AssertionError("a group broken by rank 0's timeout was usable")
+else:
     start = time.monotonic()
     try:
-        aiocomm.all_sum(np.ones(2), group=late, timeout=1.0)
+        aiocomm.all_sum(np.ones(2), group=late, timeout=1.0 if r == 0 else 60.0)
     except aiocomm.CommTimeoutError as exc:
         waited = time.monotonic() - start
-        assert 0.9 < waited < 3.0 and "timeout=1s" in str(exc), (waited, exc)
+        assert r == 0 and 0.9 < waited < 3.0 and "timeout=1s" in str(exc), (r, waited, exc)
+    except aiocomm.CommError as exc:
+        waited = time.monotonic() - start
+        assert r != 0 and waited < 3.0 and "rank 0 gave up" in str(exc), (r, waited, exc)
     else:
         raise AssertionError("no timeout")
-else:
-    time.sleep(2.0)
-    aiocomm.all_sum(np.ones(2), group=late)  # completes the abandoned one
 check(aiocomm.all_sum(np.array([1])), np.array([n]), "world after a timeout on another group")
 print("OK mpi", flush=True)
 sys.stdout.flush()

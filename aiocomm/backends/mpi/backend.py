@@ -1,0 +1,331 @@
+"""The MPI backend's two drivers of the same steps, and the world it starts.
+
+* The blocking face calls MPI straight from the caller's thread
+  (:meth:`MpiBackend.call_blocking`): no hand-off to a loop thread, so an
+  8-byte ``all_sum`` costs little more than MPI's own.
+* The async face awaits each step through the :class:`~.progress.Poller`,
+  so the event loop stays free during a long operation.
+
+Both bound every wait by the operation's deadline, and both end a wait at
+once when a notice (:mod:`.notices`) means it can never complete: a member
+left without starting the collective, a sender left without sending the
+message, or another member gave up on the group.  An operation given up on
+is *abandoned* (see :meth:`MpiBackend._give_up`), never left half-done in
+a way a later operation could trip over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ... import failure_report
+from ...errors import CommError, CommTimeoutError
+from .. import SplitResult
+from . import groups, library, notices, progress
+from .collectives import all_gather_steps, all_reduce_steps, describe, split_steps, sum_scatter_steps
+from .p2p import Inbox, recv_steps, send_steps
+from .progress import Call, GiveUp, Steps, split_step
+
+if TYPE_CHECKING:
+    from ...group import Group
+
+#: Seconds a blocking call keeps testing its request without sleeping.
+SPIN_SECONDS = 0.05
+
+_PUBLIC = {"all_reduce": "a collective"}  # engine operation names as the user called them
+
+_STEPS: dict[str, Callable[..., Steps[Any]]] = {
+    "all_reduce": all_reduce_steps,
+    "all_gather": all_gather_steps,
+    "sum_scatter": sum_scatter_steps,
+    "split": split_steps,
+    "send": send_steps,
+    "recv": recv_steps,
+}
+
+Doomed = Callable[[], "CommError | None"]
+
+
+def _timed_out(group: Group, what: str, timeout: float) -> CommTimeoutError:
+    return CommTimeoutError(
+        f"rank {group.members[group.rank()]} timed out after {timeout:g}s in {what} on the MPI backend; "
+        f"the whole operation may take at most timeout={timeout:g}s: pass a larger timeout= or set "
+        "AIOCOMM_TIMEOUT (seconds)",
+        tuple(m for i, m in enumerate(group.members) if i != group.rank()),
+    )
+
+
+def inbox(state: groups.MpiGroup, src: int) -> Inbox:
+    box = state.inboxes.get(src)
+    if box is None:
+        box = state.inboxes[src] = Inbox()
+    return box
+
+
+class MpiBackend:
+    """Groups over MPI communicators."""
+
+    name = "mpi"
+    direct = True  # blocking calls run in the caller's thread
+
+    def __init__(self, MPI: Any, rank: int, heard: notices.Notices) -> None:
+        self.MPI = MPI
+        self.rank = rank
+        self.notices = heard
+
+    # ---- starting, failing and giving up
+
+    def _refuse(self, group: Group, what: str) -> None:
+        """Raise if ``group`` was broken earlier."""
+        cause = group.handle.broken
+        if cause is not None:
+            failure_report.raise_broken(self.rank, cause, _PUBLIC.get(what, what))
+
+    def _begin(self, group: Group, name: str, args: tuple[Any, ...]) -> tuple[Doomed, int]:
+        """Admit an operation (counting a collective): its check for a
+        reason it can never complete (which must not hold already), and its
+        number among the group's collectives."""
+        self.notices.poll(every=0.001)  # cheap, but not free: a fast operation needs no fresh news
+        state: groups.MpiGroup = group.handle
+        index = 0
+        heard = self.notices
+        doomed: Doomed
+        if name == "send":
+            dst = args[1]
+            doomed = lambda: state.broken or heard.lost_receiver(state, dst)  # noqa: E731
+        elif name == "recv":
+            src = args[2]
+            box = inbox(state, src)
+            doomed = lambda: state.broken or (heard.lost_sender(state, src, box.pulled) if box.waiting else None)  # noqa: E731
+        else:
+            with state.lock:  # a notice that the group broke counts the collective it stands in for
+                self._refuse(group, name)
+                state.entered += 1
+                index = state.entered
+            doomed = lambda: state.broken or heard.lost_collective(state, index)  # noqa: E731
+        if name in ("send", "recv"):
+            self._refuse(group, name)
+        error = doomed()
+        if error is not None:
+            raise self._failed(group, name, error)
+        return doomed, index
+
+    def _failed(self, group: Group, name: str, exc: BaseException) -> BaseException:
+        """Note a failure (a collective's breaks its group; the launcher hears of it); returns ``exc``."""
+        if name not in ("send", "recv") and isinstance(exc, CommError) and group.handle.broken is None:
+            group.handle.broken = exc
+        if isinstance(exc, CommError):
+            failure_report.record(self.rank, exc)
+        return exc
+
+    def _give_up(self, group: Group, name: str, args: tuple[Any, ...], index: int, steps: Steps[Any], step: Any,
+                 exc: CommError, tell: bool) -> None:
+        """An operation given up on.  A collective goes on in the background
+        to its end (MPI cannot cancel one, and the other ranks' matching
+        calls need it; it reads only its own buffers), its result thrown
+        away, and -- when it was given up here (``tell``) -- the other
+        members hear that the group is broken.  A receive cancels itself,
+        keeping what it took; a send withdraws itself (see :mod:`.p2p`)."""
+        if name not in ("send", "recv"):
+            if step is not None:
+                progress.abandon(steps, step)
+            if tell:
+                self.notices.broken(group.handle, _PUBLIC.get(name, name), str(exc), index, describe(name, args))
+            return
+        try:
+            steps.throw(exc)
+        except BaseException:
+            pass
+
+    # ---- the blocking driver
+
+    def call_blocking(self, name: str, group: Group, *args: Any) -> Any:
+        """Run operation ``name`` in the calling thread."""
+        timeout = args[-1]
+        collective = name not in ("send", "recv")
+        if collective and group.handle.busy:
+            raise RuntimeError(
+                f"aiocomm.{name}: a collective started with aiocomm.aio on this group has not finished; "
+                "await it before calling the blocking face on the same group"
+            )
+        doomed, index = self._begin(group, name, args)
+        steps = _STEPS[name](self.MPI, group, *args[:-1])
+        deadline = time.monotonic() + timeout
+        step: Any = None
+        try:
+            step = next(steps)
+            while True:
+                self._wait(step, deadline, doomed, group, name, timeout)
+                step = steps.send(None)
+        except StopIteration as stop:
+            return stop.value
+        except GiveUp as stop:
+            self._give_up(group, name, args, index, steps, step, stop.error, isinstance(stop.error, CommTimeoutError))
+            raise self._failed(group, name, stop.error) from None
+        except BaseException as exc:
+            err = self._failed(group, name, library.translate(exc))
+            if err is exc:
+                raise
+            raise err from exc
+
+    def _wait(self, step: Any, deadline: float, doomed: Doomed, group: Group, name: str, timeout: float) -> None:
+        """Until ``step`` completes, testing it (MPI progresses inside Test);
+        ``GiveUp`` at the deadline or when a notice dooms the operation."""
+        heard = self.notices
+        seen = heard.heard
+        if isinstance(step, Call):
+            future = step.start()
+            while True:
+                try:
+                    future.result(max(0.0, min(0.01, deadline - time.monotonic())))
+                    return
+                except TimeoutError:
+                    pass
+                if time.monotonic() >= deadline:
+                    raise GiveUp(_timed_out(group, name, timeout))
+                heard.poll()
+                if heard.heard != seen:
+                    seen = heard.heard
+                    error = doomed()
+                    if error is not None:
+                        raise GiveUp(error)
+        request, status = split_step(step)
+        spins = 0
+        busy_until = 0.0
+        while not request.Test(status):
+            spins += 1
+            if spins & 1023 == 0:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise GiveUp(_timed_out(group, name, timeout))
+                heard.poll()
+                if heard.heard != seen:
+                    seen = heard.heard
+                    error = doomed()
+                    if error is not None:
+                        raise GiveUp(error)
+                if not busy_until:
+                    busy_until = now + SPIN_SECONDS
+                elif now > busy_until:  # a long wait (a late peer): stop burning the CPU
+                    time.sleep(0.0005)
+
+    # ---- the async driver
+
+    async def _run(self, name: str, group: Group, *args: Any) -> Any:
+        timeout = args[-1]
+        collective = name not in ("send", "recv")
+        state = group.handle
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        doomed, index = self._begin(group, name, args)
+        # One operation of an ordered stream at a time, in call order: MPI
+        # needs every rank to issue a group's collectives in the same order,
+        # and messages to or from one rank go in order.
+        stream = "collectives" if collective else (name, args[2] if name == "recv" else args[1])
+        turn, mine = state.queues.get(stream), loop.create_future()
+        state.queues[stream] = mine
+        step: Any = None
+        steps: Steps[Any] | None = None
+        waiter: asyncio.Future[Any] | None = None
+        busy = False
+        try:
+            if turn is not None and not turn.done():
+                await asyncio.wait_for(asyncio.shield(turn), max(0.0, deadline - loop.time()))
+                self._refuse(group, name)  # the one before may have broken the group
+                error = doomed()
+                if error is not None:
+                    raise error
+            if collective:
+                state.busy += 1
+                busy = True
+            steps = _STEPS[name](self.MPI, group, *args[:-1])
+            p = progress.poller()
+            step = next(steps)
+            while True:
+                waiter = p.wait(step, doomed)
+                await asyncio.wait_for(asyncio.shield(waiter), max(0.0, deadline - loop.time()))
+                if isinstance(step, Call):
+                    step.start().result()  # its error, if the call failed
+                step = steps.send(None)
+        except StopIteration as stop:
+            return stop.value
+        except (asyncio.TimeoutError, GiveUp) as stop:
+            exc = stop.error if isinstance(stop, GiveUp) else _timed_out(group, name, timeout)
+            if steps is not None:
+                await self._give_up_in_poller(group, name, args, index, steps, step, waiter, exc,
+                                              isinstance(exc, CommTimeoutError))
+            raise self._failed(group, name, exc) from None
+        except asyncio.CancelledError:  # the caller gave up (task.cancel, wait_for): as a timeout, unannounced
+            exc = CommError(f"rank {self.rank}: a {name} on this group was cancelled")
+            if steps is not None:
+                self._give_up_in_poller(group, name, args, index, steps, step, waiter, exc, True)
+            self._failed(group, name, exc)
+            raise
+        except BaseException as exc:
+            err = self._failed(group, name, library.translate(exc))
+            if err is exc:
+                raise
+            raise err from exc
+        finally:
+            if busy:
+                state.busy -= 1
+            if not mine.done():
+                mine.set_result(None)
+
+    def _give_up_in_poller(self, group: Group, name: str, args: tuple[Any, ...], index: int, steps: Steps[Any],
+                           step: Any, waiter: asyncio.Future[Any] | None, exc: CommError,
+                           tell: bool) -> asyncio.Future[None]:
+        """Give an operation up (see :meth:`_give_up`) in the progress thread,
+        which may be testing its request right now: MPI forbids using one
+        request from two threads at once."""
+        if waiter is not None:
+            waiter.cancel()  # the progress thread stops testing it
+        return progress.poller().call(lambda: self._give_up(group, name, args, index, steps, step, exc, tell))
+
+    # ---- the backend's operations (coroutines, for the async face)
+
+    def all_reduce(self, group: Group, x: np.ndarray, op: str, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+        return self._run("all_reduce", group, x, op, timeout)
+
+    def all_gather(self, group: Group, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+        return self._run("all_gather", group, x, timeout)
+
+    def sum_scatter(self, group: Group, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+        return self._run("sum_scatter", group, x, timeout)
+
+    def send(self, group: Group, x: np.ndarray, dst: int, timeout: float) -> Coroutine[Any, Any, None]:
+        return self._run("send", group, x, dst, timeout)
+
+    def recv(
+        self, group: Group, shape: tuple[int, ...], dtype: np.dtype, src: int, timeout: float
+    ) -> Coroutine[Any, Any, np.ndarray]:
+        return self._run("recv", group, shape, dtype, src, timeout)
+
+    def split(self, group: Group, index: int, color: int, key: int, timeout: float) -> Coroutine[Any, Any, SplitResult]:
+        return self._run("split", group, index, color, key, timeout)
+
+    async def close(self) -> None:
+        return None
+
+    def fds(self) -> list[int]:
+        return []
+
+
+def start_world(context: int) -> tuple[MpiBackend, groups.MpiGroup]:
+    """The MPI backend and the world group's state (its context id ``context``)."""
+    MPI = library.load()
+    if MPI is None:
+        raise RuntimeError(f"backend 'mpi' is unavailable: {library.why_unavailable()}")
+    with library.lock:
+        comm = library.duplicate_world(MPI)
+        channel = notices.start(MPI, library.duplicate_world(MPI))
+    library.before_finalize(notices.leave)  # first: the others stop waiting for this rank at once
+    library.before_finalize(progress.drained)
+    progress.watch_with(lambda: (channel.poll(), channel.heard)[1])
+    size = comm.Get_size()
+    return MpiBackend(MPI, comm.Get_rank(), channel), groups.MpiGroup(comm, context, tuple(range(size)))

@@ -1,0 +1,54 @@
+"""A group's state on the MPI backend (``Group.handle``), and every group of
+this process by context id (exit notices report on each; a notice that
+another rank broke a group finds it here)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import threading
+from typing import TYPE_CHECKING, Any
+
+from ...errors import CommError
+
+if TYPE_CHECKING:
+    from .p2p import Inbox
+
+
+class MpiGroup:
+    """A group's communicator and what this rank has done on it."""
+
+    __slots__ = ("comm", "context", "members", "broken", "busy", "queues", "inboxes", "heads_sent", "entered",
+                 "lock", "_worker")
+
+    def __init__(self, comm: Any, context: int, members: tuple[int, ...]) -> None:
+        self.comm = comm
+        self.context = context
+        self.members = members  # world ranks, by group rank
+        self.broken: CommError | None = None  # why a collective failed: the group is unusable
+        self.busy = 0  # async collectives in progress
+        # per ordered stream (the collectives; the sends to one rank; the
+        # receives from one rank): done when the last operation called on it is done
+        self.queues: dict[Any, asyncio.Future[None]] = {}
+        self.inboxes: dict[int, Inbox] = {}  # source (group rank) -> what its receives took from MPI
+        self.heads_sent: collections.Counter[int] = collections.Counter()  # destination -> p2p heads sent
+        self.entered = 0  # collectives this rank has started on the group
+        self.lock = threading.Lock()  # between starting a collective and hearing that the group broke
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        by_context[context] = self
+
+    def worker(self) -> concurrent.futures.ThreadPoolExecutor:
+        """This group's thread for MPI's blocking collectives.  One per group:
+        a group runs one collective at a time, and groups never wait for each
+        other's threads (a shared pool could fill with collectives whose
+        partners are queued behind them on another rank)."""
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"aiocomm-mpi-{self.context:x}")
+        return self._worker
+
+
+#: context id -> the group's state.  Kept for the life of the process: the
+#: counts in it are what an exit notice reports, after the program dropped
+#: its Group.
+by_context: dict[int, MpiGroup] = {}

@@ -1,0 +1,248 @@
+"""Steps, and the thread that completes them for coroutines.
+
+An operation is a generator of *steps*: it issues nonblocking MPI requests
+and yields each one it must see complete (a request, or a request and the
+status to fill), or a :class:`Call` -- a blocking MPI call to run in the
+group's worker thread.  Its return value is the operation's result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable, Generator
+from typing import Any, TypeVar
+
+from ...errors import CommError
+from . import library
+
+T = TypeVar("T")
+Steps = Generator[Any, None, T]
+
+
+class GiveUp(Exception):
+    """Raised by a driver's wait: the operation must be given up, with ``error``."""
+
+    def __init__(self, error: CommError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class Call:
+    """A step that is a blocking MPI call, run in a worker thread (so its
+    wait can still be bounded by the operation's deadline)."""
+
+    __slots__ = ("fn", "executor", "future")
+
+    def __init__(self, fn: Callable[[], Any], executor: concurrent.futures.Executor) -> None:
+        self.fn = fn
+        self.executor = executor
+        self.future: concurrent.futures.Future[Any] | None = None
+
+    def start(self) -> concurrent.futures.Future[Any]:
+        if self.future is None:
+            self.future = self.executor.submit(self.fn)
+        return self.future
+
+
+def split_step(step: Any) -> tuple[Any, Any]:
+    return step if isinstance(step, tuple) else (step, None)
+
+
+def done(step: Any) -> bool:
+    """Whether a step has completed (testing a request progresses MPI)."""
+    if isinstance(step, Call):
+        return step.start().done()
+    request, status = split_step(step)
+    return bool(request.Test(status))
+
+
+class Poller:
+    """Completes the MPI requests that coroutines await, in a thread of its own.
+
+    MPI makes progress inside the calls that test requests, and for a large
+    reduction one such call can compute for milliseconds.  So the tests run
+    in this thread (mpi4py lets the GIL go inside MPI calls), never on an
+    event loop: the loops stay free.  Each completion is handed to its loop
+    with ``call_soon_threadsafe``.  While requests are pending the thread
+    tests them in a tight loop for a while, then backs off to sleeps of up
+    to a millisecond, so an idle wait does not spin the CPU; with nothing
+    pending it sleeps on an event.
+
+    ``watch`` is called each round while anything is pending (it polls the
+    notices and returns how many were heard); whenever that count grows, and
+    when a request is first handed over, every awaited request whose
+    ``doomed()`` gives an error fails with it (as :class:`GiveUp`).
+    """
+
+    def __init__(self, watch: Callable[[], int]) -> None:
+        self._watch = watch
+        self._new: list[tuple[Any, Any, Any, Any]] = []
+        self._lock = threading.Lock()
+        self._calls: list[tuple[Callable[[], Any], asyncio.Future[None]]] = []
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="aiocomm-mpi-progress", daemon=True)
+        self._thread.start()
+
+    def wait(self, step: Any, doomed: Callable[[], BaseException | None]) -> asyncio.Future[None]:
+        """A future of ``step``'s completion, failed early with ``doomed()``'s
+        error once that gives one."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if isinstance(step, Call):
+            step.start().add_done_callback(lambda _: self._wake.set())
+        with self._lock:
+            self._new.append((step, future, doomed, None))
+        self._wake.set()
+        return future
+
+    def call(self, fn: Callable[[], Any]) -> asyncio.Future[None]:
+        """Run ``fn`` in the progress thread, between its tests; the future ends when it has run."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._calls.append((fn, future))
+        self._wake.set()
+        return future
+
+    def finish(self, steps: Steps[Any], step: Any) -> None:
+        """Drive an operation that its caller gave up on to its end, so the
+        other ranks' matching calls complete (MPI cannot cancel a collective)."""
+        with self._lock:
+            self._new.append((step, None, None, steps))
+        self._wake.set()
+
+    def _run(self) -> None:
+        # entries: (step, future, doomed, None) awaited by a coroutine, or
+        # (step, None, None, steps) of an abandoned operation driven to its end
+        pending: list[tuple[Any, Any, Any, Any]] = []
+        idle_since = time.monotonic()
+        heard = 0
+        while True:
+            if not pending:
+                self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                new, self._new = self._new, []
+                calls, self._calls = self._calls, []
+            if new:
+                idle_since = time.monotonic()
+                for entry in new:
+                    error = entry[2]() if entry[2] is not None else None
+                    if error is not None:
+                        _settle(entry[1], GiveUp(error))
+                    else:
+                        pending.append(entry)
+            for fn, finished in calls:
+                try:
+                    fn()
+                except BaseException:
+                    pass
+                _settle(finished, None)
+            count = self._watch() if pending else heard
+            news, heard = count != heard, count
+            still = []
+            for entry in pending:
+                step, future, doomed, steps = entry
+                if future is None:  # an abandoned operation
+                    try:
+                        if not done(step):
+                            still.append(entry)
+                            continue
+                        still.append((steps.send(None), None, None, steps))
+                    except BaseException:  # StopIteration (its end) or an error: nobody to tell
+                        _forget(steps)
+                    continue
+                if future.done():  # given up: being finished as an abandoned operation
+                    continue
+                try:
+                    complete = done(step)
+                except Exception as exc:
+                    _settle(future, library.translate(exc))
+                    continue
+                if complete:
+                    _settle(future, None)
+                    idle_since = time.monotonic()
+                    continue
+                error = doomed() if news else None
+                if error is not None:
+                    _settle(future, GiveUp(error))
+                    continue
+                still.append(entry)
+            pending = still
+            if pending:
+                idle = time.monotonic() - idle_since
+                if idle > 0.0002:
+                    self._wake.wait(min(0.001, idle / 20))
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    def settle() -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+    try:
+        future.get_loop().call_soon_threadsafe(settle)
+    except RuntimeError:  # that loop is closed: nobody waits any more
+        pass
+
+
+_poller: Poller | None = None
+_watch: Callable[[], int] = lambda: 0  # noqa: E731
+#: operations given up on whose requests MPI may still use (their buffers are kept alive here)
+_abandoned: list[tuple[Steps[Any], Any]] = []
+
+
+def poller() -> Poller:
+    global _poller
+    with library.lock:
+        if _poller is None:
+            _poller = Poller(_watch)
+        return _poller
+
+
+def watch_with(fn: Callable[[], int]) -> None:
+    """What the progress thread polls while requests are pending (the notices)."""
+    global _watch
+    _watch = fn
+
+
+def abandon(steps: Steps[Any], step: Any) -> None:
+    """Drive ``steps`` on from ``step`` to its end in the progress thread,
+    its result thrown away."""
+    with library.lock:
+        _abandoned.append((steps, step))
+    poller().finish(steps, step)
+
+
+def abandon_request(request: Any, *keep: Any) -> None:
+    """Let ``request`` complete in the background, keeping ``keep`` (its
+    buffers) alive until it has."""
+
+    def steps(held: tuple[Any, ...]) -> Steps[None]:  # its frame holds the buffers until the request is done
+        yield request
+
+    gen = steps(keep)
+    abandon(gen, next(gen))
+
+
+def _forget(steps: Steps[Any]) -> None:
+    with library.lock:
+        for i, (s, _) in enumerate(_abandoned):
+            if s is steps:
+                del _abandoned[i]
+                break
+
+
+def drained(MPI: Any) -> bool:
+    """At exit: give the progress thread up to 2 s to finish what was given
+    up on; False (abort rather than finalize) if something is still pending."""
+    deadline = time.monotonic() + 2.0
+    while _abandoned and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not _abandoned
+
