@@ -69,3 +69,16 @@ def test_launcher_backend_mpi_prefixes_and_status():
         assert failed.returncode == 5, failed.stdout + failed.stderr
     finally:
         os.unlink(script)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("scenario,n", [("withdraw", 2), ("stall", 2), ("exit", 3), ("threads", 2)])
+def test_mpi_at_unusual_moments(scenario, n):
+    """Timed-out sends never tear a message (before or during its transfer),
+    a rank that leaves ends the others' waits at once without losing what it
+    sent, and 16 groups' large collectives run at once from 16 threads in
+    opposite orders (tests/workers/mpi_faults.py says how each is staged)."""
+    proc = mpirun(n, "mpi_faults.py", scenario, timeout=100, env={"AIOCOMM_TIMEOUT": "30"})
+    ok(proc, 2 if scenario == "exit" else n, "OK mpi_faults")
+    if scenario == "exit":
+        assert proc.stdout.count("heard in 0.") == 3, proc.stdout  # within a second, not the 30 s timeout

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ... import failure_report
-from ...errors import CommError, CommTimeoutError
+from ...errors import CommError, CommTimeoutError, PeerLostError
 from .. import SplitResult
 from . import groups, library, notices, progress
 from .collectives import all_gather_steps, all_reduce_steps, describe, split_steps, sum_scatter_steps
@@ -129,10 +129,14 @@ class MpiBackend:
         to its end (MPI cannot cancel one, and the other ranks' matching
         calls need it; it reads only its own buffers), its result thrown
         away, and -- when it was given up here (``tell``) -- the other
-        members hear that the group is broken.  A receive cancels itself,
-        keeping what it took; a send withdraws itself (see :mod:`.p2p`)."""
+        members hear that the group is broken; one that waits for a rank
+        that has left can never end, and is only kept from being freed.  A
+        receive cancels itself, keeping what it took; a send withdraws
+        itself (see :mod:`.p2p`)."""
         if name not in ("send", "recv"):
-            if step is not None:
+            if isinstance(exc, PeerLostError):
+                progress.orphan(steps, step)
+            elif step is not None:
                 progress.abandon(steps, step)
             if tell:
                 self.notices.broken(group.handle, _PUBLIC.get(name, name), str(exc), index, describe(name, args))
@@ -177,7 +181,7 @@ class MpiBackend:
         """Until ``step`` completes, testing it (MPI progresses inside Test);
         ``GiveUp`` at the deadline or when a notice dooms the operation."""
         heard = self.notices
-        seen = heard.heard
+        seen = -1  # a notice may have come before this step began: check once at the first pause
         if isinstance(step, Call):
             future = step.start()
             while True:

@@ -195,6 +195,7 @@ _poller: Poller | None = None
 _watch: Callable[[], int] = lambda: 0  # noqa: E731
 #: operations given up on whose requests MPI may still use (their buffers are kept alive here)
 _abandoned: list[tuple[Steps[Any], Any]] = []
+_orphans: list[tuple[Steps[Any], Any]] = []
 
 
 def poller() -> Poller:
@@ -217,6 +218,12 @@ def abandon(steps: Steps[Any], step: Any) -> None:
     with library.lock:
         _abandoned.append((steps, step))
     poller().finish(steps, step)
+
+
+def orphan(steps: Steps[Any], step: Any) -> None:
+    """Keep the buffers of an operation that can never complete (a rank it
+    needs has left) from being freed under MPI, and let it be."""
+    _orphans.append((steps, step))
 
 
 def abandon_request(request: Any, *keep: Any) -> None:
