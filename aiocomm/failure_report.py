@@ -23,21 +23,26 @@ ENV = "AIOCOMM_FAILURE_FILE"
 
 def record(rank: int, exc: BaseException) -> None:
     """Append ``exc`` (raised on world rank ``rank``) to the launcher's failure file, once."""
-    path = os.environ.get(ENV)
     # Once per error (a broken group raises its cause again), marked on the
     # error itself: ids of freed errors are reused.
-    if not path or not isinstance(exc, CommError) or getattr(exc, "_aiocomm_reported", False):
+    if not os.environ.get(ENV) or not isinstance(exc, CommError) or getattr(exc, "_aiocomm_reported", False):
         return
     exc._aiocomm_reported = True  # type: ignore[attr-defined]
-    line = json.dumps(
-        {
-            "rank": rank,
-            "pid": os.getpid(),
-            "error": type(exc).__name__,
-            "culprit": exc.culprit,
-            "message": str(exc),
-        }
-    )
+    _append({"rank": rank, "pid": os.getpid(), "error": type(exc).__name__, "culprit": exc.culprit,
+             "message": str(exc)})
+
+
+def left(rank: int) -> None:
+    """Note that world rank ``rank`` ended its program and is leaving the job
+    (a launcher that cannot see its exit status, because mpirun ends it,
+    still knows it left on its own)."""
+    if os.environ.get(ENV):
+        _append({"rank": rank, "pid": os.getpid(), "left": True})
+
+
+def _append(entry: dict[str, object]) -> None:
+    path = os.environ[ENV]
+    line = json.dumps(entry)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:

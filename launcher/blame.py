@@ -34,6 +34,7 @@ class RankOutcome:
     stopped: bool = False  # the launcher had begun stopping it (or forwarded a signal) before it ended
     records: list[dict[str, Any]] = field(default_factory=list)  # the runtime's failure records, in order
     ended_at: float = math.inf  # monotonic time the launcher saw it end
+    left: bool = False  # it noted that it ended its program (its status unseen: mpirun ended it while it finalized)
 
     @property
     def failed(self) -> bool:
@@ -139,7 +140,9 @@ def summary(outcomes: dict[int, RankOutcome], verdict: Verdict, ending: str | No
         parts.append(ending)
     if verdict.cause is not None:
         cause = outcomes[verdict.cause]
-        if cause.left_early:
+        if cause.left:
+            parts.append(f"rank {cause.rank} ended its program while other ranks still needed it (the cause)")
+        elif cause.left_early:
             parts.append(f"rank {cause.rank} exited with code 0 while other ranks still needed it (the cause)")
         else:
             parts.append(f"rank {cause.rank} {how_it_ended(cause.code)} (the cause){_record_note(cause)}")

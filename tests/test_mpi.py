@@ -82,3 +82,24 @@ def test_mpi_at_unusual_moments(scenario, n):
     ok(proc, 2 if scenario == "exit" else n, "OK mpi_faults")
     if scenario == "exit":
         assert proc.stdout.count("heard in 0.") == 3, proc.stdout  # within a second, not the 30 s timeout
+
+
+@pytest.mark.timeout(120)
+def test_launcher_backend_mpi_blames_the_rank_that_left():
+    """Rank 1 leaves (raise SystemExit(3): no hook sees its status) while the
+    others wait for it in a collective: they fail at once, naming it, and
+    the launcher blames rank 1 -- not whichever victim mpirun saw first."""
+    code = ("import aiocomm, numpy as np\nw = aiocomm.init(strict=True)\nif w.rank() == 1:\n    raise SystemExit(3)\n"
+            "aiocomm.all_sum(np.ones(2))\n")
+    script = WORKERS / "mpi_leaver.py"
+    script.write_text(code)
+    try:
+        cmd = [sys.executable, "-m", "launcher", "--backend", "mpi", "-n", "3", str(script)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(**MPI_ENV, AIOCOMM_TIMEOUT="60"), capture_output=True,
+                              text=True, timeout=100)
+    finally:
+        os.unlink(script)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert ("rank 1 ended its program while other ranks still needed it (the cause); "
+            "ranks 0, 2 failed because of rank 1") in proc.stderr, proc.stderr
+    assert proc.stderr.count("rank 1 has exited without starting this collective") == 2, proc.stderr

@@ -35,6 +35,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from ... import failure_report
 from ...errors import CommError, PeerLostError
 from . import groups, progress
 from .collectives import stand_in_steps
@@ -151,6 +152,7 @@ class Notices:
     def leave(self) -> None:
         """At a normal exit: tell every other rank what this one did, and
         stop listening."""
+        failure_report.left(self.rank)
         requests, buffers = [], []
         for w in range(self.comm.Get_size()):
             if w == self.rank or w in self.gone:
