@@ -218,3 +218,14 @@ def test_blocking_face_on_python_3_12():
     )
     assert_ok(proc, 3)
     assert_said(proc, "OK py312 (3, 12)")
+
+
+@pytest.mark.timeout(60)
+def test_a_send_that_times_out_mid_write_never_delivers_a_torn_message():
+    """torn_send.py: 32 MiB to a frozen rank, timeout=1; the sender then
+    changes its array.  Before: the thawed receiver got 7 of 8 Mi values
+    changed.  Now the connection closes and its receive fails instead."""
+    proc = launch(2, "reg_torn_send.py", timeout=50)
+    assert_ok(proc, 2)
+    assert_said(proc, "[rank 0] send timed out")
+    assert_said(proc, "[rank 1] recv failed: PeerLostError")

@@ -112,7 +112,11 @@ class RingBackend:
             self._raise_broken(group.context, op)
         try:
             return await body(link, *args)
-        except CommError as exc:
+        except BaseException as exc:
+            for stream in list(link.streams.values()):
+                stream.give_up_writes(link.op.what)
+            if not isinstance(exc, CommError):
+                raise
             # Prefer the root cause another rank reported over a symptom seen here
             # (a peer that left after it gave up).
             cause = mesh.broken.get(group.context)
@@ -139,12 +143,16 @@ class RingBackend:
         op = Op(f"send of {sig.describe()} to rank {world_dst}", group.context, timeout, mesh.loop.time() + timeout)
         if group.context in mesh.broken:
             self._raise_broken(group.context, "send")
+        stream = None
         try:
             stream = await mesh.open(world_dst, op)
             wait = mesh.send(stream, Kind.P2P, group.context, 0, sig, x, op, detach=self.hold_sends)
             await mesh.flush((stream,), op, [wait] if wait is not None else None)
-        except CommError as exc:
-            failure_report.record(self.rank, exc)
+        except BaseException as exc:
+            if stream is not None:
+                stream.give_up_writes(op.what)
+            if isinstance(exc, CommError):
+                failure_report.record(self.rank, exc)
             raise
 
     async def recv(self, group: Group, shape: tuple[int, ...], dtype: np.dtype, src: int, timeout: float) -> np.ndarray:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import wire
-from ..errors import PeerLostError, ProtocolError
+from ..errors import CommError, PeerLostError, ProtocolError
 from ..wire import AcceptorHandshake, DialerHandshake, Header, Kind, Signature, Sink
 from .flow import Announcement, SendWindow
 from .waits import Op, Wait
@@ -223,6 +223,19 @@ class PeerStream(asyncio.BufferedProtocol):
         self.closing = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    def give_up_writes(self, what: str) -> None:
+        """``what`` (an operation that wrote here) failed.  If part of what it
+        wrote still waits in the transport's buffer, that may be the caller's
+        own array (frames are written without a copy), which the caller may
+        change now: close the connection rather than let the peer receive a
+        torn message.  (The peer's operations then fail with PeerLostError.)"""
+        transport = self.transport
+        if transport is None or self.closing or not transport.get_write_buffer_size():
+            return
+        self.abort(CommError(
+            f"rank {self.mesh.rank}: {what} failed while part of its data was still unsent; the connection "
+            f"to rank {self.peer} was closed so that it never receives a torn message"))
 
     def abort(self, reason: BaseException) -> None:
         self.lost_reason = reason
