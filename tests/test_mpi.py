@@ -103,3 +103,12 @@ def test_launcher_backend_mpi_blames_the_rank_that_left():
     assert ("rank 1 ended its program while other ranks still needed it (the cause); "
             "ranks 0, 2 failed because of rank 1") in proc.stderr, proc.stderr
     assert proc.stderr.count("rank 1 has exited without starting this collective") == 2, proc.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("scenario", ["cancel_send", "withdrawn", "queues", "cancel_storm", "midflight",
+                                      "turn_timeout", "exit_mid", "exit_pending"])
+def test_mpi_races(scenario):
+    """Races an adversarial review found (tests/workers/mpi_races.py stages each); each failed before its fix."""
+    proc = mpirun(2, "mpi_races.py", scenario, timeout=100)
+    ok(proc, 1 if scenario == "exit_mid" else 2, "OK mpi_races")

@@ -113,7 +113,7 @@ elif scenario == "threads":
         try:
             x = np.full(64 << 10, float(i), np.float32)  # 256 KiB: MPI's blocking collective, in a worker
             check(aiocomm.all_sum(x, group=groups[i], timeout=20), np.full(64 << 10, i * n, np.float32), f"g{i}")
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             failures.append((i, exc))
 
     order = range(16) if r == 0 else range(15, -1, -1)

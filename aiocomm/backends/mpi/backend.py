@@ -27,7 +27,7 @@ from ... import failure_report
 from ...errors import CommError, CommTimeoutError, PeerLostError
 from .. import SplitResult
 from . import groups, library, notices, progress
-from .collectives import all_gather_steps, all_reduce_steps, describe, split_steps, sum_scatter_steps
+from .collectives import all_gather_steps, all_reduce_steps, split_steps, stand_in, sum_scatter_steps
 from .p2p import Inbox, recv_steps, send_steps
 from .progress import Call, GiveUp, Steps, split_step
 
@@ -60,6 +60,31 @@ def _timed_out(group: Group, what: str, timeout: float) -> CommTimeoutError:
     )
 
 
+def _stream(name: str, args: tuple[Any, ...]) -> Any:
+    """The ordered stream of calls an operation belongs to."""
+    if name == "send":
+        return ("send", args[1])
+    if name == "recv":
+        return ("recv", args[2])
+    return "collectives"
+
+
+def _end_turn(mine: asyncio.Future[None], after: list[asyncio.Future[Any] | None]) -> None:
+    """End ``mine`` once every future in ``after`` is done."""
+    waits = [f for f in after if f is not None and not f.done()]
+    if not waits:
+        if not mine.done():
+            mine.set_result(None)
+        return
+
+    def one_done(_: Any) -> None:
+        if all(f.done() for f in waits) and not mine.done():
+            mine.set_result(None)
+
+    for f in waits:
+        f.add_done_callback(one_done)
+
+
 def inbox(state: groups.MpiGroup, src: int) -> Inbox:
     box = state.inboxes.get(src)
     if box is None:
@@ -86,14 +111,15 @@ class MpiBackend:
         if cause is not None:
             failure_report.raise_broken(self.rank, cause, _PUBLIC.get(what, what))
 
-    def _begin(self, group: Group, name: str, args: tuple[Any, ...]) -> tuple[Doomed, int]:
-        """Admit an operation (counting a collective): its check for a
-        reason it can never complete (which must not hold already), and its
-        number among the group's collectives."""
+    def _begin(self, group: Group, name: str, args: tuple[Any, ...]) -> tuple[Doomed, list[int]]:
+        """Admit an operation: its check for a reason it can never complete
+        (which must not hold already), and (for a collective) its number
+        among the group's collectives, known once it is issued."""
         self.notices.poll(every=0.001)  # cheap, but not free: a fast operation needs no fresh news
+        self._refuse(group, name)
         state: groups.MpiGroup = group.handle
-        index = 0
         heard = self.notices
+        index = [state.entered + 1]  # the earliest it can be, until it is issued
         doomed: Doomed
         if name == "send":
             dst = args[1]
@@ -103,48 +129,69 @@ class MpiBackend:
             box = inbox(state, src)
             doomed = lambda: state.broken or (heard.lost_sender(state, src, box.pulled) if box.waiting else None)  # noqa: E731
         else:
-            with state.lock:  # a notice that the group broke counts the collective it stands in for
-                self._refuse(group, name)
-                state.entered += 1
-                index = state.entered
-            doomed = lambda: state.broken or heard.lost_collective(state, index)  # noqa: E731
-        if name in ("send", "recv"):
-            self._refuse(group, name)
+            doomed = lambda: state.broken or heard.lost_collective(state, index[0])  # noqa: E731
         error = doomed()
         if error is not None:
             raise self._failed(group, name, error)
         return doomed, index
 
-    def _failed(self, group: Group, name: str, exc: BaseException) -> BaseException:
-        """Note a failure (a collective's breaks its group; the launcher hears of it); returns ``exc``."""
-        if name not in ("send", "recv") and isinstance(exc, CommError) and group.handle.broken is None:
-            group.handle.broken = exc
+    def _issue(self, group: Group, name: str, index: list[int]) -> None:
+        """Count a collective that is about to be issued (in call order), or
+        refuse it if its group broke meanwhile (a stand-in takes its place)."""
+        state: groups.MpiGroup = group.handle
+        with state.lock:
+            self._refuse(group, name)
+            state.entered += 1
+            index[0] = state.entered
+            state.known = max(state.known, state.entered)
+            state.current = name
+
+    def _failed(self, group: Group, name: str, exc: BaseException, here: bool = False) -> BaseException:
+        """Note a failure (``here``: this rank gave up on it) for the launcher;
+        a collective's breaks its group (see :meth:`_broke`).  Returns ``exc``."""
         if isinstance(exc, CommError):
+            if name not in ("send", "recv"):
+                self._broke(group, name, exc, here)
             failure_report.record(self.rank, exc)
         return exc
 
-    def _give_up(self, group: Group, name: str, args: tuple[Any, ...], index: int, steps: Steps[Any], step: Any,
-                 exc: CommError, tell: bool) -> None:
+    def _broke(self, group: Group, name: str, exc: CommError, here: bool) -> None:
+        """A collective failed here: its group is broken.  The other members
+        hear of it when this rank gave up on it, or issued collectives they
+        have not been told of (their stand-ins must cover them); this rank
+        stands in for those the others issued."""
+        state: groups.MpiGroup = group.handle
+        with state.lock:
+            if state.broken is None:
+                state.broken = exc
+            # (a rank that left is heard of by everyone from its own notice;
+            # nothing it was needed for can end, so nobody need stand in)
+            tell = (here or state.entered > state.told) and not isinstance(exc, PeerLostError)
+            if tell:
+                state.told = max(state.told, state.entered)
+            issued = state.entered
+        if tell:
+            self.notices.broken(state, _PUBLIC.get(name, name), str(exc), issued)
+        stand_in(self.MPI, state)
+
+    def _give_up(self, group: Group, name: str, steps: Steps[Any], step: Any, exc: CommError) -> None:
         """An operation given up on.  A collective goes on in the background
         to its end (MPI cannot cancel one, and the other ranks' matching
         calls need it; it reads only its own buffers), its result thrown
-        away, and -- when it was given up here (``tell``) -- the other
-        members hear that the group is broken; one that waits for a rank
-        that has left can never end, and is only kept from being freed.  A
-        receive cancels itself, keeping what it took; a send withdraws
-        itself (see :mod:`.p2p`)."""
-        if name not in ("send", "recv"):
-            if isinstance(exc, PeerLostError):
-                progress.orphan(steps, step)
-            elif step is not None:
-                progress.abandon(steps, step)
-            if tell:
-                self.notices.broken(group.handle, _PUBLIC.get(name, name), str(exc), index, describe(name, args))
+        away; one that waits for a rank that has left can never end, and is
+        only kept from being freed.  A receive cancels itself, keeping what
+        it took; a send withdraws itself (see :mod:`.p2p`)."""
+        if name in ("send", "recv"):
+            try:
+                steps.throw(exc)
+            except BaseException:
+                pass
             return
-        try:
-            steps.throw(exc)
-        except BaseException:
-            pass
+        state: groups.MpiGroup = group.handle
+        if isinstance(exc, PeerLostError):
+            progress.orphan(steps, step)
+        else:
+            progress.abandon(steps, step, then=lambda: setattr(state, "current", None))
 
     # ---- the blocking driver
 
@@ -152,15 +199,21 @@ class MpiBackend:
         """Run operation ``name`` in the calling thread."""
         timeout = args[-1]
         collective = name not in ("send", "recv")
-        if collective and group.handle.busy:
+        state: groups.MpiGroup = group.handle
+        pending = state.queues.get(_stream(name, args))
+        if pending is not None and not pending.done():
             raise RuntimeError(
-                f"aiocomm.{name}: a collective started with aiocomm.aio on this group has not finished; "
-                "await it before calling the blocking face on the same group"
+                f"aiocomm.{name}: an operation started with aiocomm.aio on the same stream of this group (its "
+                "collectives, or its messages with that rank) has not finished; await it before calling the "
+                "blocking face there"
             )
         doomed, index = self._begin(group, name, args)
+        if collective:
+            self._issue(group, name, index)
         steps = _STEPS[name](self.MPI, group, *args[:-1])
         deadline = time.monotonic() + timeout
         step: Any = None
+        handed = False  # a collective given up on ends in the background
         try:
             step = next(steps)
             while True:
@@ -169,13 +222,17 @@ class MpiBackend:
         except StopIteration as stop:
             return stop.value
         except GiveUp as stop:
-            self._give_up(group, name, args, index, steps, step, stop.error, isinstance(stop.error, CommTimeoutError))
-            raise self._failed(group, name, stop.error) from None
+            self._give_up(group, name, steps, step, stop.error)
+            handed = True
+            raise self._failed(group, name, stop.error, isinstance(stop.error, CommTimeoutError)) from None
         except BaseException as exc:
             err = self._failed(group, name, library.translate(exc))
             if err is exc:
                 raise
             raise err from exc
+        finally:
+            if collective and not handed:
+                state.current = None
 
     def _wait(self, step: Any, deadline: float, doomed: Doomed, group: Group, name: str, timeout: float) -> None:
         """Until ``step`` completes, testing it (MPI progresses inside Test);
@@ -223,30 +280,34 @@ class MpiBackend:
     async def _run(self, name: str, group: Group, *args: Any) -> Any:
         timeout = args[-1]
         collective = name not in ("send", "recv")
-        state = group.handle
+        state: groups.MpiGroup = group.handle
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         doomed, index = self._begin(group, name, args)
         # One operation of an ordered stream at a time, in call order: MPI
         # needs every rank to issue a group's collectives in the same order,
-        # and messages to or from one rank go in order.
-        stream = "collectives" if collective else (name, args[2] if name == "recv" else args[1])
+        # and messages to or from one rank go in order.  An operation's turn
+        # ends (``mine``) only once the one before it ended and, if it gave
+        # up, once what it left to the progress thread has run.
+        stream = _stream(name, args)
         turn, mine = state.queues.get(stream), loop.create_future()
         state.queues[stream] = mine
         step: Any = None
         steps: Steps[Any] | None = None
         waiter: asyncio.Future[Any] | None = None
-        busy = False
+        issued = handed = False
+        after: list[asyncio.Future[Any] | None] = [turn]
         try:
             if turn is not None and not turn.done():
                 await asyncio.wait_for(asyncio.shield(turn), max(0.0, deadline - loop.time()))
-                self._refuse(group, name)  # the one before may have broken the group
-                error = doomed()
-                if error is not None:
-                    raise error
             if collective:
-                state.busy += 1
-                busy = True
+                self._issue(group, name, index)  # refused if the one before broke the group
+                issued = True
+            else:
+                self._refuse(group, name)
+            error = doomed()
+            if error is not None:
+                raise error
             steps = _STEPS[name](self.MPI, group, *args[:-1])
             p = progress.poller()
             step = next(steps)
@@ -261,14 +322,15 @@ class MpiBackend:
         except (asyncio.TimeoutError, GiveUp) as stop:
             exc = stop.error if isinstance(stop, GiveUp) else _timed_out(group, name, timeout)
             if steps is not None:
-                await self._give_up_in_poller(group, name, args, index, steps, step, waiter, exc,
-                                              isinstance(exc, CommTimeoutError))
-            raise self._failed(group, name, exc) from None
+                handed = True
+                await self._give_up_in_poller(group, name, steps, step, waiter, exc)
+            raise self._failed(group, name, exc, isinstance(exc, CommTimeoutError)) from None
         except asyncio.CancelledError:  # the caller gave up (task.cancel, wait_for): as a timeout, unannounced
             exc = CommError(f"rank {self.rank}: a {name} on this group was cancelled")
             if steps is not None:
-                self._give_up_in_poller(group, name, args, index, steps, step, waiter, exc, True)
-            self._failed(group, name, exc)
+                handed = True
+                after.append(self._give_up_in_poller(group, name, steps, step, waiter, exc))
+            self._failed(group, name, exc, True)
             raise
         except BaseException as exc:
             err = self._failed(group, name, library.translate(exc))
@@ -276,20 +338,18 @@ class MpiBackend:
                 raise
             raise err from exc
         finally:
-            if busy:
-                state.busy -= 1
-            if not mine.done():
-                mine.set_result(None)
+            if issued and not handed:
+                state.current = None
+            _end_turn(mine, after)
 
-    def _give_up_in_poller(self, group: Group, name: str, args: tuple[Any, ...], index: int, steps: Steps[Any],
-                           step: Any, waiter: asyncio.Future[Any] | None, exc: CommError,
-                           tell: bool) -> asyncio.Future[None]:
+    def _give_up_in_poller(self, group: Group, name: str, steps: Steps[Any], step: Any,
+                           waiter: asyncio.Future[Any] | None, exc: CommError) -> asyncio.Future[None]:
         """Give an operation up (see :meth:`_give_up`) in the progress thread,
         which may be testing its request right now: MPI forbids using one
         request from two threads at once."""
         if waiter is not None:
             waiter.cancel()  # the progress thread stops testing it
-        return progress.poller().call(lambda: self._give_up(group, name, args, index, steps, step, exc, tell))
+        return progress.poller().call(lambda: self._give_up(group, name, steps, step, exc))
 
     # ---- the backend's operations (coroutines, for the async face)
 

@@ -27,7 +27,7 @@ from ... import collectives, wire
 from ...errors import MismatchError
 from .. import SplitResult
 from .groups import MpiGroup
-from .progress import Call, Steps
+from .progress import Call, Steps, Until, abandon
 from .reductions import element_type, reduction
 
 if TYPE_CHECKING:
@@ -114,53 +114,51 @@ def sum_scatter_steps(MPI: Any, group: Group, x: np.ndarray) -> Steps[np.ndarray
     return out
 
 
-def describe(name: str, args: tuple[Any, ...]) -> list[Any]:
-    """Collective ``name`` called with ``args``, as another rank can redo it (:func:`stand_in_steps`)."""
-    if name == "split":
-        return [name, "", "", []]
-    x = args[0]
-    sig = wire.signature(name, x.dtype, x.shape)
-    return [name, args[1] if name == "all_reduce" else "", sig.dtype, list(x.shape)]
+def _stand_ins(MPI: Any, state: MpiGroup) -> Steps[None]:
+    """Issue a stand-in for every collective some member issued on the
+    broken group ``state`` that this rank has not: its agreement step with
+    the signature "stand-in", once no collective of this rank is still
+    being issued (MPI matches a group's collective calls by their order).
+
+    MPI cannot cancel a collective: members that issued one wait inside MPI
+    until every member has issued it too.  A stand-in is enough: its
+    signature differs from any real call's, so the agreement ends (with a
+    mismatch) on every member and no rank goes on to the collective itself;
+    members that are all standing in agree, and stop there too."""
+    rank = state.comm.Get_rank()
+    while True:
+        with state.lock:
+            if state.entered >= state.known:
+                state.draining = False
+                return
+            ready = state.current is None
+            if ready:
+                state.entered += 1
+                state.current = "a stand-in"
+        if not ready:
+            yield Until(lambda: state.current is None)
+            continue
+        try:
+            yield from agree(MPI, state.comm, "stand-in", rank)
+        except MismatchError:
+            pass
+        finally:
+            state.current = None
 
 
-class _Seat:
-    """A group as the steps see it, from its state alone."""
-
-    def __init__(self, state: MpiGroup) -> None:
-        self.handle = state
-        self.members = state.members
-        self.context = state.context
-        self._rank: int = state.comm.Get_rank()
-
-    def rank(self) -> int:
-        return self._rank
-
-    def size(self) -> int:
-        return len(self.members)
-
-
-def stand_in_steps(MPI: Any, state: MpiGroup, call: list[Any]) -> Steps[None]:
-    """Take part, with zeros, in the collective ``call`` (see :func:`describe`)
-    that another member gave up on and this rank had not started: the members
-    that did start it wait inside MPI for this rank, and only a matching call
-    ends their wait (MPI cannot cancel a collective).  The result is thrown
-    away; the group is broken anyway."""
-    name, op, dtype_name, shape = call
-    seat: Any = _Seat(state)
-    if name == "split":
-        comm = state.comm
-        yield from agree(MPI, comm, "split", seat.rank())
-        table = np.empty((seat.size(), 2), np.int64)
-        yield comm.Iallgather(np.array([-1, 0], np.int64), table)
-        comm.Split(MPI.UNDEFINED, 0)
-        return
-    x = np.zeros(tuple(shape), wire.dtype_from_name(dtype_name))
-    if name == "all_reduce":
-        yield from all_reduce_steps(MPI, seat, x, op)
-    elif name == "all_gather":
-        yield from all_gather_steps(MPI, seat, x)
-    else:
-        yield from sum_scatter_steps(MPI, seat, x)
+def stand_in(MPI: Any, state: MpiGroup) -> None:
+    """Make sure this rank stands in, in the background, for the
+    collectives of broken group ``state`` that others issued and it did not
+    (see :func:`_stand_ins`)."""
+    with state.lock:
+        if state.draining or state.entered >= state.known:
+            return
+        state.draining = True
+    steps = _stand_ins(MPI, state)
+    try:
+        abandon(steps, next(steps))
+    except StopIteration:
+        pass
 
 
 def split_steps(MPI: Any, group: Group, index: int, color: int, key: int) -> Steps[SplitResult]:

@@ -19,22 +19,26 @@ if TYPE_CHECKING:
 class MpiGroup:
     """A group's communicator and what this rank has done on it."""
 
-    __slots__ = ("comm", "context", "members", "broken", "busy", "queues", "inboxes", "heads_sent", "entered",
-                 "lock", "_worker")
+    __slots__ = ("comm", "context", "members", "broken", "queues", "inboxes", "heads_sent", "entered",
+                 "known", "told", "current", "draining", "lock", "_worker")
 
     def __init__(self, comm: Any, context: int, members: tuple[int, ...]) -> None:
         self.comm = comm
         self.context = context
         self.members = members  # world ranks, by group rank
         self.broken: CommError | None = None  # why a collective failed: the group is unusable
-        self.busy = 0  # async collectives in progress
         # per ordered stream (the collectives; the sends to one rank; the
         # receives from one rank): done when the last operation called on it is done
         self.queues: dict[Any, asyncio.Future[None]] = {}
         self.inboxes: dict[int, Inbox] = {}  # source (group rank) -> what its receives took from MPI
         self.heads_sent: collections.Counter[int] = collections.Counter()  # destination -> p2p heads sent
-        self.entered = 0  # collectives this rank has started on the group
-        self.lock = threading.Lock()  # between starting a collective and hearing that the group broke
+        # Collectives are counted as they are issued to MPI (in call order):
+        self.entered = 0  # by this rank (its own and stand-ins)
+        self.known = 0  # the most any member is known to have issued
+        self.told = 0  # the most every member has been told of (by a BROKEN notice)
+        self.current: Any = None  # the collective being issued or run here, if any
+        self.draining = False  # stand-ins are being issued (see collectives.stand_in)
+        self.lock = threading.Lock()  # between issuing a collective and hearing that the group broke
         self._worker: concurrent.futures.ThreadPoolExecutor | None = None
         by_context[context] = self
 

@@ -105,6 +105,7 @@ def owner() -> bool:
 
 _owner_pid: int | None = None  # the process that started MPI (a forked child must not finalize it)
 _failing = False  # an uncaught exception is ending this process
+finalizing = False  # MPI is being finalized: no more MPI calls
 _before: list[Callable[[Any], bool]] = []
 
 
@@ -148,6 +149,8 @@ def _finalize(MPI: Any) -> None:
             clean = hook(MPI) and clean
         except Exception:
             clean = False
+    global finalizing
+    finalizing = True  # the progress thread stops calling MPI
     if not clean:
         MPI.COMM_WORLD.Abort(1)
     MPI.Finalize()

@@ -14,11 +14,11 @@ with small msgpack messages on a duplicate of the world communicator:
   timeout; messages the leaver did send are still received.
 * ``BROKEN`` -- sent by a rank whose collective timed out or was cancelled,
   to the group's other members: their operations on that group fail at once,
-  as they do on the ring when a peer aborts a context.  A member that had
-  not started that collective takes part in it with zeros
-  (:func:`~.collectives.stand_in_steps`), in the background: MPI cannot
-  cancel a collective, and the members inside it would otherwise keep its
-  requests pending until the job ends.
+  as they do on the ring when a peer aborts a context.  It says how many
+  collectives the sender issued there: every member stands in for those it
+  did not issue (:func:`~.collectives.stand_in`), in the background, since
+  MPI cannot cancel a collective and the members inside one would otherwise
+  keep its requests pending until the job ends.
 
 A rank that fails with an exception sends nothing: it exits without
 finalizing, and mpirun ends the job.  Notices are taken by whichever thread
@@ -37,8 +37,8 @@ import numpy as np
 
 from ... import failure_report
 from ...errors import CommError, PeerLostError
-from . import groups, progress
-from .collectives import stand_in_steps
+from . import groups
+from .collectives import stand_in
 
 EXIT_TAG, BROKEN_TAG = 1, 2
 MAX_NOTICE = 1 << 20
@@ -92,7 +92,7 @@ class Notices:
         if tag == EXIT_TAG:
             self.gone[source] = {int(c): (int(e), int(h)) for c, e, h in body}
         elif tag == BROKEN_TAG:
-            context, what, why, index, call = body
+            context, what, why, issued = body
             state = groups.by_context.get(int(context))
             if state is None:
                 return
@@ -100,14 +100,9 @@ class Notices:
                 if state.broken is None:
                     state.broken = CommError(f"rank {source} gave up on {what} on this group ({why}), which breaks "
                                              "the group on every rank")  # culprit None: a timeout blames nobody
-                if state.entered != index - 1:
-                    return  # this rank is in that collective (given up on, it runs on to its end), or past it
-                state.entered = index
-            steps = stand_in_steps(self.MPI, state, call)
-            try:
-                progress.abandon(steps, next(steps))
-            except StopIteration:
-                pass
+                state.told = max(state.told, int(issued))
+                state.known = max(state.known, int(issued))
+            stand_in(self.MPI, state)
 
     # ---- what the notices mean for an operation
 
@@ -141,10 +136,10 @@ class Notices:
 
     # ---- telling the others
 
-    def broken(self, state: groups.MpiGroup, what: str, why: str, index: int, call: list[Any]) -> None:
-        """Tell the group's other members that this rank gave up on ``what``,
-        its collective number ``index`` there, made as ``call``."""
-        data = np.frombuffer(msgpack.packb([state.context, what, why, index, call]), np.uint8)
+    def broken(self, state: groups.MpiGroup, what: str, why: str, issued: int) -> None:
+        """Tell the group's other members that ``what`` failed here (``why``),
+        breaking the group, and that this rank issued ``issued`` collectives on it."""
+        data = np.frombuffer(msgpack.packb([state.context, what, why, issued]), np.uint8)
         requests = [self.comm.Isend([data, self.MPI.BYTE], w, tag=BROKEN_TAG)
                     for w in state.members if w != self.rank and w not in self.gone]
         _settle(self.MPI, requests)

@@ -180,6 +180,24 @@ def send_steps(MPI: Any, group: Group, x: np.ndarray, dst: int) -> Steps[None]:
         raise
 
 
+def _drop(inbox: Inbox) -> Steps[None]:
+    """Drop the withdrawn message first in line (an RTS, then its REVOKE):
+    a data receive this rank posted for it is cancelled if no data was
+    sent, else drained into the array nobody will get."""
+    accepted = inbox.accepted
+    if accepted is not None and accepted.seq == inbox.heads[0].seq:
+        receive, _ = accepted.data
+        if not inbox.heads[1].flag and receive:
+            receive.Cancel()  # no data was sent: nothing can match it
+        if receive:
+            yield accepted.data
+        if accepted.cts:
+            yield accepted.cts
+        inbox.accepted = None
+    inbox.heads.popleft()
+    inbox.heads.popleft()
+
+
 def recv_steps(MPI: Any, group: Group, shape: tuple[int, ...], dtype: np.dtype, src: int) -> Steps[np.ndarray]:
     """The next message from ``src``: one whose signature does not fit
     raises :class:`MismatchError` and stays first in line."""
@@ -196,6 +214,12 @@ def recv_steps(MPI: Any, group: Group, shape: tuple[int, ...], dtype: np.dtype, 
         head = inbox.heads[0]
         if head.kind in (DONE, REVOKE):  # the verdict of a message a receive dropped: nothing waits for it
             inbox.heads.popleft()
+            continue
+        if head.kind == RTS and len(inbox.heads) > 1 and inbox.heads[1].kind == REVOKE:
+            yield from _drop(inbox)  # withdrawn, whatever its type
+            continue
+        if head.signature != sig.encoded and head.kind == RTS and len(inbox.heads) < 2 and comm.Iprobe(src, HEAD_TAG):
+            yield from inbox.pull(MPI, comm, src)  # its verdict has come: it may have been withdrawn
             continue
         wire.check_signature(sig, head.signature, me=me, peer=peer)  # MismatchError: it stays first in line
         if head.kind == MSG:
@@ -221,16 +245,17 @@ def recv_steps(MPI: Any, group: Group, shape: tuple[int, ...], dtype: np.dtype, 
         if verdict.kind not in (DONE, REVOKE) or verdict.seq != head.seq:
             raise ProtocolError(f"rank {peer} sent a head of kind {verdict.kind} where the verdict on its "
                                 f"message {head.seq} belongs")
+        if verdict.kind == REVOKE:
+            yield from _drop(inbox)  # withdrawn: its data, if any came, is thrown away
+            continue
         receive, status = accepted.data
-        if verdict.kind == REVOKE and not verdict.flag and receive:
-            receive.Cancel()  # no data was sent: nothing can match it
-        yield accepted.data
-        yield accepted.cts
+        if receive:  # (a completed request is false: testing it again would blank its status)
+            yield accepted.data
+        if accepted.cts:
+            yield accepted.cts
         inbox.heads.popleft()
         inbox.heads.popleft()
         inbox.accepted = None
-        if verdict.kind == REVOKE:
-            continue  # withdrawn: its data, if any came, is thrown away
         if status.Get_count(MPI.BYTE) != accepted.out.nbytes:
             raise ProtocolError(f"rank {peer} sent {status.Get_count(MPI.BYTE)} bytes for {sig.describe()}")
         result: np.ndarray = accepted.out

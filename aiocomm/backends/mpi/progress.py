@@ -47,6 +47,15 @@ class Call:
         return self.future
 
 
+class Until:
+    """A step that is done once ``ready()`` is true (tested like a request)."""
+
+    __slots__ = ("ready",)
+
+    def __init__(self, ready: Callable[[], bool]) -> None:
+        self.ready = ready
+
+
 def split_step(step: Any) -> tuple[Any, Any]:
     return step if isinstance(step, tuple) else (step, None)
 
@@ -55,6 +64,8 @@ def done(step: Any) -> bool:
     """Whether a step has completed (testing a request progresses MPI)."""
     if isinstance(step, Call):
         return step.start().done()
+    if isinstance(step, Until):
+        return step.ready()
     request, status = split_step(step)
     return bool(request.Test(status))
 
@@ -82,6 +93,7 @@ class Poller:
         self._new: list[tuple[Any, Any, Any, Any]] = []
         self._lock = threading.Lock()
         self._calls: list[tuple[Callable[[], Any], asyncio.Future[None]]] = []
+        self._running = False  # running calls taken from _calls
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="aiocomm-mpi-progress", daemon=True)
         self._thread.start()
@@ -96,6 +108,11 @@ class Poller:
             self._new.append((step, future, doomed, None))
         self._wake.set()
         return future
+
+    def busy(self) -> bool:
+        """Whether calls handed to the thread are still to run."""
+        with self._lock:
+            return bool(self._calls) or self._running
 
     def call(self, fn: Callable[[], Any]) -> asyncio.Future[None]:
         """Run ``fn`` in the progress thread, between its tests; the future ends when it has run."""
@@ -118,13 +135,14 @@ class Poller:
         pending: list[tuple[Any, Any, Any, Any]] = []
         idle_since = time.monotonic()
         heard = 0
-        while True:
+        while not library.finalizing:
             if not pending:
                 self._wake.wait()
             self._wake.clear()
             with self._lock:
                 new, self._new = self._new, []
                 calls, self._calls = self._calls, []
+                self._running = bool(calls)
             if new:
                 idle_since = time.monotonic()
                 for entry in new:
@@ -139,6 +157,7 @@ class Poller:
                 except BaseException:
                     pass
                 _settle(finished, None)
+            self._running = False
             count = self._watch() if pending else heard
             news, heard = count != heard, count
             still = []
@@ -194,7 +213,7 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
 _poller: Poller | None = None
 _watch: Callable[[], int] = lambda: 0  # noqa: E731
 #: operations given up on whose requests MPI may still use (their buffers are kept alive here)
-_abandoned: list[tuple[Steps[Any], Any]] = []
+_abandoned: list[tuple[Steps[Any], Any, bool]] = []
 _orphans: list[tuple[Steps[Any], Any]] = []
 
 
@@ -212,12 +231,28 @@ def watch_with(fn: Callable[[], int]) -> None:
     _watch = fn
 
 
-def abandon(steps: Steps[Any], step: Any) -> None:
+def abandon(steps: Steps[Any], step: Any, then: Callable[[], None] | None = None, needed: bool = True) -> None:
     """Drive ``steps`` on from ``step`` to its end in the progress thread,
-    its result thrown away."""
+    its result thrown away; then call ``then()``.  ``needed``: other ranks
+    wait for it (the exit aborts the job if it cannot finish), rather than
+    a message nobody may ever receive."""
+    if then is not None:
+        steps = _finishing(steps, step, then)
+        step = next(steps)
     with library.lock:
-        _abandoned.append((steps, step))
+        _abandoned.append((steps, step, needed))
     poller().finish(steps, step)
+
+
+def _finishing(steps: Steps[Any], step: Any, then: Callable[[], None]) -> Steps[None]:
+    try:
+        while True:
+            yield step
+            step = steps.send(None)
+    except StopIteration:
+        pass
+    finally:
+        then()
 
 
 def orphan(steps: Steps[Any], step: Any) -> None:
@@ -234,12 +269,12 @@ def abandon_request(request: Any, *keep: Any) -> None:
         yield request
 
     gen = steps(keep)
-    abandon(gen, next(gen))
+    abandon(gen, next(gen), needed=False)
 
 
 def _forget(steps: Steps[Any]) -> None:
     with library.lock:
-        for i, (s, _) in enumerate(_abandoned):
+        for i, (s, _, _) in enumerate(_abandoned):
             if s is steps:
                 del _abandoned[i]
                 break
@@ -247,9 +282,10 @@ def _forget(steps: Steps[Any]) -> None:
 
 def drained(MPI: Any) -> bool:
     """At exit: give the progress thread up to 2 s to finish what was given
-    up on; False (abort rather than finalize) if something is still pending."""
+    up on; False (abort rather than finalize) if something other ranks wait
+    for is still pending.  (A message no rank received is let go.)"""
     deadline = time.monotonic() + 2.0
-    while _abandoned and time.monotonic() < deadline:
+    while (_abandoned or (_poller is not None and _poller.busy())) and time.monotonic() < deadline:
         time.sleep(0.01)
-    return not _abandoned
-
+    with library.lock:
+        return not any(needed for _, _, needed in _abandoned)
