@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -155,6 +155,13 @@ class MpiBackend:
             failure_report.record(self.rank, exc)
         return exc
 
+    def _raise_failed(self, group: Group, name: str, exc: BaseException) -> NoReturn:
+        """Raise ``exc`` (an MPI error as aiocomm's, chained), noted by :meth:`_failed`."""
+        err = self._failed(group, name, library.translate(exc))
+        if err is exc:
+            raise exc
+        raise err from exc
+
     def _broke(self, group: Group, name: str, exc: CommError, here: bool) -> None:
         """A collective failed here: its group is broken.  The other members
         hear of it when this rank gave up on it, or issued collectives they
@@ -226,10 +233,7 @@ class MpiBackend:
             handed = True
             raise self._failed(group, name, stop.error, isinstance(stop.error, CommTimeoutError)) from None
         except BaseException as exc:
-            err = self._failed(group, name, library.translate(exc))
-            if err is exc:
-                raise
-            raise err from exc
+            self._raise_failed(group, name, exc)
         finally:
             if collective and not handed:
                 state.current = None
@@ -239,6 +243,18 @@ class MpiBackend:
         ``GiveUp`` at the deadline or when a notice dooms the operation."""
         heard = self.notices
         seen = -1  # a notice may have come before this step began: check once at the first pause
+
+        def pause() -> None:  # GiveUp at the deadline, or once the notices doom the operation
+            nonlocal seen
+            if time.monotonic() >= deadline:
+                raise GiveUp(_timed_out(group, name, timeout))
+            heard.poll()
+            if heard.heard != seen:
+                seen = heard.heard
+                error = doomed()
+                if error is not None:
+                    raise GiveUp(error)
+
         if isinstance(step, Call):
             future = step.start()
             while True:
@@ -246,30 +262,15 @@ class MpiBackend:
                     future.result(max(0.0, min(0.01, deadline - time.monotonic())))
                     return
                 except TimeoutError:
-                    pass
-                if time.monotonic() >= deadline:
-                    raise GiveUp(_timed_out(group, name, timeout))
-                heard.poll()
-                if heard.heard != seen:
-                    seen = heard.heard
-                    error = doomed()
-                    if error is not None:
-                        raise GiveUp(error)
+                    pause()
         request, status = split_step(step)
         spins = 0
         busy_until = 0.0
         while not request.Test(status):
             spins += 1
             if spins & 1023 == 0:
+                pause()
                 now = time.monotonic()
-                if now >= deadline:
-                    raise GiveUp(_timed_out(group, name, timeout))
-                heard.poll()
-                if heard.heard != seen:
-                    seen = heard.heard
-                    error = doomed()
-                    if error is not None:
-                        raise GiveUp(error)
                 if not busy_until:
                     busy_until = now + SPIN_SECONDS
                 elif now > busy_until:  # a long wait (a late peer): stop burning the CPU
@@ -333,10 +334,7 @@ class MpiBackend:
             self._failed(group, name, exc, True)
             raise
         except BaseException as exc:
-            err = self._failed(group, name, library.translate(exc))
-            if err is exc:
-                raise
-            raise err from exc
+            self._raise_failed(group, name, exc)
         finally:
             if issued and not handed:
                 state.current = None

@@ -185,11 +185,19 @@ def _drop(inbox: Inbox) -> Steps[None]:
     a data receive this rank posted for it is cancelled if no data was
     sent, else drained into the array nobody will get."""
     accepted = inbox.accepted
-    if accepted is not None and accepted.seq == inbox.heads[0].seq:
+    if accepted is not None and accepted.seq == inbox.heads[0].seq and not inbox.heads[1].flag:
         receive, _ = accepted.data
-        if not inbox.heads[1].flag and receive:
-            receive.Cancel()  # no data was sent: nothing can match it
         if receive:
+            receive.Cancel()  # no data was sent: nothing can match it
+    yield from _consume(inbox)
+
+
+def _consume(inbox: Inbox) -> Steps[None]:
+    """Take the message first in line (an RTS and its verdict) off the
+    inbox, once the data receive and CTS this rank posted for it are done."""
+    accepted = inbox.accepted
+    if accepted is not None and accepted.seq == inbox.heads[0].seq:
+        if accepted.data[0]:  # (a completed request is false: testing it again would blank its status)
             yield accepted.data
         if accepted.cts:
             yield accepted.cts
@@ -248,14 +256,8 @@ def recv_steps(MPI: Any, group: Group, shape: tuple[int, ...], dtype: np.dtype, 
         if verdict.kind == REVOKE:
             yield from _drop(inbox)  # withdrawn: its data, if any came, is thrown away
             continue
-        receive, status = accepted.data
-        if receive:  # (a completed request is false: testing it again would blank its status)
-            yield accepted.data
-        if accepted.cts:
-            yield accepted.cts
-        inbox.heads.popleft()
-        inbox.heads.popleft()
-        inbox.accepted = None
+        yield from _consume(inbox)
+        status = accepted.data[1]
         if status.Get_count(MPI.BYTE) != accepted.out.nbytes:
             raise ProtocolError(f"rank {peer} sent {status.Get_count(MPI.BYTE)} bytes for {sig.describe()}")
         result: np.ndarray = accepted.out
