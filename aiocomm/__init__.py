@@ -27,7 +27,7 @@ from .errors import (
     PeerLostError,
     ProtocolError,
 )
-from .group import Group, claim
+from .group import Group
 
 __version__ = "0.1.0"
 
@@ -78,13 +78,11 @@ def init(strict: bool = False, backend: str = "any") -> Group:
     return _blocking_call("init", aio.init, strict, backend)
 
 
-def _group(group: Group | None, stream: Any) -> Group:
-    """``group`` (checked) or the world, formed now if need be, claimed for
-    the calling thread (see :func:`aiocomm.group.claim`)."""
+def _group(group: Group | None) -> Group:
+    """``group`` (checked) or the world, formed now if need be."""
     g = aio._formed(group)
     if g is None:
         g = init()
-    claim(g, stream)
     return g
 
 
@@ -95,32 +93,27 @@ def _group(group: Group | None, stream: Any) -> Group:
 
 def all_sum(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
     arr, t = args.as_array(x), args.check_timeout(timeout)
-    g = _group(group, "collectives")
-    return engine_ops.call_blocking(g, "all_sum", engine_ops.all_reduce, arr, "sum", t)
+    return engine_ops.call_blocking(_group(group), "collectives", "all_sum", engine_ops.all_reduce, arr, "sum", t)
 
 
 def all_max(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
     arr, t = args.as_array(x), args.check_timeout(timeout)
-    g = _group(group, "collectives")
-    return engine_ops.call_blocking(g, "all_max", engine_ops.all_reduce, arr, "max", t)
+    return engine_ops.call_blocking(_group(group), "collectives", "all_max", engine_ops.all_reduce, arr, "max", t)
 
 
 def all_min(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
     arr, t = args.as_array(x), args.check_timeout(timeout)
-    g = _group(group, "collectives")
-    return engine_ops.call_blocking(g, "all_min", engine_ops.all_reduce, arr, "min", t)
+    return engine_ops.call_blocking(_group(group), "collectives", "all_min", engine_ops.all_reduce, arr, "min", t)
 
 
 def all_gather(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
     arr, t = args.as_array(x), args.check_timeout(timeout)
-    g = _group(group, "collectives")
-    return engine_ops.call_blocking(g, "all_gather", engine_ops.all_gather, arr, t)
+    return engine_ops.call_blocking(_group(group), "collectives", "all_gather", engine_ops.all_gather, arr, t)
 
 
 def sum_scatter(x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None) -> np.ndarray:
     arr, t = args.as_array(x), args.check_timeout(timeout)
-    g = _group(group, "collectives")
-    return engine_ops.call_blocking(g, "sum_scatter", engine_ops.sum_scatter, arr, t)
+    return engine_ops.call_blocking(_group(group), "collectives", "sum_scatter", engine_ops.sum_scatter, arr, t)
 
 
 def send(
@@ -129,8 +122,7 @@ def send(
     arr, t = args.as_array(x), args.check_timeout(timeout)
     g = aio._formed(group) or init()
     dst = args.check_peer(g, dst, "dst")
-    claim(g, ("send", dst))
-    engine_ops.call_blocking(g, "send", engine_ops.send, arr, dst, t)
+    engine_ops.call_blocking(g, ("send", dst), "send", engine_ops.send, arr, dst, t)
     return arr
 
 
@@ -140,8 +132,7 @@ def recv(
     dims, dt, t = args.check_shape(shape), wire.wire_dtype(dtype), args.check_timeout(timeout)
     g = aio._formed(group) or init()
     src = args.check_peer(g, src, "src")
-    claim(g, ("recv", src))
-    return engine_ops.call_blocking(g, "recv", engine_ops.recv, dims, dt, src, t)
+    return engine_ops.call_blocking(g, ("recv", src), "recv", engine_ops.recv, dims, dt, src, t)
 
 
 def recv_like(

@@ -256,8 +256,8 @@ async def all_sum(
     x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None
 ) -> np.ndarray:
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
-    claim(g, "collectives")
-    return await _on_engine(g, engine_ops.all_reduce(g, arr, "sum", t))
+    with claim(g, "collectives"):
+        return await _on_engine(g, engine_ops.all_reduce(g, arr, "sum", t))
 
 
 _REDUCE_DOC = """Element-wise {what} of ``x`` over the group{how}.
@@ -287,16 +287,16 @@ async def all_max(
     x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None
 ) -> np.ndarray:
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
-    claim(g, "collectives")
-    return await _on_engine(g, engine_ops.all_reduce(g, arr, "max", t))
+    with claim(g, "collectives"):
+        return await _on_engine(g, engine_ops.all_reduce(g, arr, "max", t))
 
 
 async def all_min(
     x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None
 ) -> np.ndarray:
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
-    claim(g, "collectives")
-    return await _on_engine(g, engine_ops.all_reduce(g, arr, "min", t))
+    with claim(g, "collectives"):
+        return await _on_engine(g, engine_ops.all_reduce(g, arr, "min", t))
 
 
 all_max.__doc__ = _REDUCE_DOC.format(what="maximum", how=_EXTREMUM.format("maximum"), note="")
@@ -313,8 +313,8 @@ async def all_gather(
     arguments and errors as :func:`all_sum`.
     """
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
-    claim(g, "collectives")
-    return await _on_engine(g, engine_ops.all_gather(g, arr, t))
+    with claim(g, "collectives"):
+        return await _on_engine(g, engine_ops.all_gather(g, arr, t))
 
 
 async def sum_scatter(
@@ -330,8 +330,8 @@ async def sum_scatter(
         Others as :func:`all_sum`.
     """
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
-    claim(g, "collectives")
-    return await _on_engine(g, engine_ops.sum_scatter(g, arr, t))
+    with claim(g, "collectives"):
+        return await _on_engine(g, engine_ops.sum_scatter(g, arr, t))
 
 
 async def send(
@@ -349,8 +349,8 @@ async def send(
     """
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
     dst = check_peer(g, dst, "dst")
-    claim(g, ("send", dst))
-    await _on_engine(g, engine_ops.send(g, arr, dst, t))
+    with claim(g, ("send", dst)):
+        await _on_engine(g, engine_ops.send(g, arr, dst, t))
     return arr
 
 
@@ -368,8 +368,8 @@ async def recv(
     dims, dt, t = check_shape(shape), wire.wire_dtype(dtype), check_timeout(timeout)
     g = _formed(group) or await init()
     src = check_peer(g, src, "src")
-    claim(g, ("recv", src))
-    return await _on_engine(g, engine_ops.recv(g, dims, dt, src, t))
+    with claim(g, ("recv", src)):
+        return await _on_engine(g, engine_ops.recv(g, dims, dt, src, t))
 
 
 async def recv_like(
@@ -384,8 +384,8 @@ async def split(color: int, key: int = -1, *, group: Group | None = None, timeou
     """Async form of :meth:`Group.split` (collective over ``group``, default the world)."""
     color, key = args.check_color_key(color, key)
     t, g = check_timeout(timeout), (_formed(group) or await init())
-    claim(g, "collectives")
-    return await _on_engine(g, engine_ops.split(g, color, key, t))
+    with claim(g, "collectives"):
+        return await _on_engine(g, engine_ops.split(g, color, key, t))
 
 
 def _reset_for_tests() -> None:

@@ -6,16 +6,21 @@ event loop that owns it.  A :class:`Group` is a list of world ranks plus a
 *context* id that every frame of the group carries, so collectives on
 different groups never mix.  The coroutines at the bottom (``all_reduce``,
 ``send``, ...) are the engine's operations; :mod:`aiocomm.aio` and the
-blocking :mod:`aiocomm` check arguments, :func:`claim` the group for the
-calling thread, and bring the call to the engine's loop.
+blocking :mod:`aiocomm` check arguments, :func:`claim` the group's stream
+for the call, and bring the call to the engine's loop.
 
-Threads: a group's collectives are matched across ranks by the order they
-are started, so two threads issuing collectives on one group would pair up
-arbitrarily.  Each ordered stream of a group (its collectives; its sends to
-one rank; its receives from one rank) therefore belongs to one thread at a
-time: another thread may take it over once that thread has ended, and is
-refused with ``RuntimeError`` while it lives (give each thread its own group
-with :meth:`Group.split`).
+Threads follow MPI's ``MPI_THREAD_SERIALIZED`` rule.  A group's collectives
+are matched across ranks by the order they are started, so two threads
+issuing collectives on one group *at the same time* would pair up
+arbitrarily.  Any thread may call on any ordered stream of a group (its
+collectives; its sends to one rank; its receives from one rank), one call at
+a time: the program orders the calls.  A call that starts while a call of
+another thread is still in flight on the same stream is overlap: it raises
+``RuntimeError`` naming both threads, and the group is broken on every rank
+(:meth:`Backend.abort`), so no rank ever receives another thread's data.
+Calls of one thread may overlap each other (the async face: several calls
+in flight on one loop are ordered by issue).  A claim ends with its call; a
+claim left by a thread that has ended is ignored.
 
 fork: a child forked after the world formed must not use, or keep alive,
 its parent's connections.  At fork the child lets go of every socket of the
@@ -41,6 +46,7 @@ from . import args, collectives, portal
 from .backends import SplitResult
 from .backends.ring import RingBackend, split_context
 from .config import WorldSpec
+from .errors import CommError
 from .transport import Mesh, PeerStream
 
 log = logging.getLogger("aiocomm")
@@ -70,6 +76,11 @@ class Backend(Protocol):
     def split(
         self, group: Group, index: int, color: int, key: int, timeout: float
     ) -> Coroutine[Any, Any, SplitResult]: ...
+
+    def abort(self, group: Group, exc: CommError) -> None:
+        """Break ``group`` here and on its other members with ``exc`` (called
+        on the loop that owns the connections, if the backend has one)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -193,7 +204,8 @@ class Group:
         self._seq = 0  # collectives started on this group
         self._splits = 0
         self._streams: dict[int, PeerStream] = {}  # group rank -> outgoing connection, once opened
-        self._owners: dict[Any, tuple[int, threading.Thread]] = {}  # stream of calls -> owning thread
+        self._busy: dict[Any, Claim] = {}  # stream of calls -> the calls in flight there
+        self._busy_lock = threading.Lock()  # (only to take over the claim of a thread that ended)
 
     def rank(self) -> int:
         """This process's rank in the group (0-based)."""
@@ -216,13 +228,13 @@ class Group:
         """
         color, key = args.check_color_key(color, key)
         t = args.check_timeout(timeout)
-        claim(self, "collectives")
         backend = self._engine.backend
         if backend is not None and backend.direct and self.size() > 1:
-            index = self._splits
-            self._splits += 1
-            return self._child(backend.call_blocking("split", self, index, color, key, t))  # type: ignore[attr-defined]
-        return call_blocking(self, "split", split, color, key, t)
+            with claim(self, "collectives"):
+                index = self._splits
+                self._splits += 1
+                return self._child(backend.call_blocking("split", self, index, color, key, t))  # type: ignore[attr-defined]
+        return call_blocking(self, "collectives", "split", split, color, key, t)
 
     def _child(self, result: SplitResult) -> Group:
         members, rank, context, handle = result
@@ -236,41 +248,117 @@ class Group:
         return self._engine
 
 
-def claim(group: Group, stream: Any) -> None:
-    """Let the calling thread issue calls of ``stream`` on ``group`` (see the
-    module's notes on threads), or raise ``RuntimeError``."""
+class Claim:
+    """The calls of one thread in flight on one stream of a group (see the
+    module's notes on threads); ``with`` ends one of them.
+
+    No lock on the common path: ``dict.setdefault`` is atomic, and only the
+    owning thread changes ``calls`` or removes its claim.  A claim is
+    removed before its call returns, so a call the program ordered after it
+    (by a lock, ``join``, a future) never sees it.
+    """
+
+    __slots__ = ("busy", "stream", "thread", "calls")
+
+    def __init__(self, busy: dict[Any, Claim], stream: Any, thread: threading.Thread) -> None:
+        self.busy = busy
+        self.stream = stream
+        self.thread = thread
+        self.calls = 1
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.calls -= 1
+        if not self.calls and self.busy.get(self.stream) is self:
+            del self.busy[self.stream]
+
+
+def claim(group: Group, stream: Any) -> Claim:
+    """Hold ``stream`` of ``group`` for one call of the calling thread; raise
+    ``RuntimeError`` (and break the group everywhere) if a call of another
+    live thread is in flight there."""
     engine = group._engine
     if engine.forked_from is not None:
         raise engine.forked_error()
-    ident = threading.get_ident()
-    owner = group._owners.get(stream)
-    if owner is not None and owner[0] == ident:
-        return
-    if owner is not None and owner[1].is_alive() and owner[1] is not threading.current_thread():
-        what = stream if isinstance(stream, str) else f"{stream[0]}s with rank {stream[1]}"
-        raise RuntimeError(
-            f"aiocomm: use group.split() to give thread {threading.current_thread().name!r} a group of its own: "
-            f"the {what} of {group!r} belong to thread {owner[1].name!r}, which is still running, and threads "
-            "sharing a group would pair up arbitrarily across ranks. Make one group per thread before they "
-            "start: groups = [world.split(0) for _ in range(n_threads)]"
-        )
-    group._owners[stream] = (ident, threading.current_thread())
+    me = threading.current_thread()
+    busy = group._busy
+    held = busy.get(stream)
+    if held is None:
+        mine = Claim(busy, stream, me)
+        held = busy.setdefault(stream, mine)
+        if held is mine:
+            return mine
+    if held.thread is me:
+        held.calls += 1
+        return held
+    if not held.thread.is_alive():  # its thread ended without ending its call
+        with group._busy_lock:
+            if busy.get(stream) is held:
+                mine = busy[stream] = Claim(busy, stream, me)
+                return mine
+        return claim(group, stream)
+    raise _overlap(group, stream, me, held.thread)
 
 
-def call_blocking(group: Group, what: str, op: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
-    """Run engine operation ``op(group, *args)`` for a blocking caller: in the
-    calling thread for a backend that can (MPI), else on the loop that owns
-    the group's connections (a world of size 1 has none: its operations
-    finish without waiting)."""
+def _overlap(group: Group, stream: Any, me: threading.Thread, other: threading.Thread) -> RuntimeError:
+    """Break ``group`` on every rank for calls of two threads that overlapped;
+    the error for the thread that came second."""
+    what = stream if isinstance(stream, str) else f"{stream[0]}s with rank {stream[1]}"
+    world_rank = group.members[group.rank()]
+    text = (
+        f"aiocomm: rank {world_rank}: thread {me.name!r} started a call on the {what} of {group!r} while a call "
+        f"of thread {other.name!r} was still in flight there. Threads may share a group only one call at a time "
+        "(MPI's serialized rule): overlapping calls would pair up arbitrarily across ranks, so the group is now "
+        "broken on every rank. Hold a lock around the calls, or give each thread its own group before they "
+        "start: groups = [world.split(0) for _ in range(n_threads)]"
+    )
+    cause = CommError(text)
+    cause.culprit = world_rank
+    _abort(group, cause)
+    return RuntimeError(text)
+
+
+def _abort(group: Group, exc: CommError) -> None:
+    """Break ``group`` on every rank with ``exc`` (on the loop that owns the
+    connections, waiting for it: later calls of this thread find it broken)."""
     engine = group._engine
     backend = engine.backend
-    if backend is not None and backend.direct and group.size() > 1:
-        return backend.call_blocking(op.__name__, group, *args)  # type: ignore[attr-defined,no-any-return]
-    coro = op(group, *args)
+    if backend is None or group.size() == 1:
+        return
     loop = engine.loop
-    if loop is None:  # a world of size 1 (the loop-less MPI backend went the direct way)
-        return portal.run_now(coro)
-    return portal.run(loop, coro, what)
+    if loop is None or asyncio._get_running_loop() is loop:
+        backend.abort(group, exc)
+        return
+
+    async def abort() -> None:
+        backend.abort(group, exc)
+
+    try:
+        portal.run(loop, abort(), "abort")
+    except RuntimeError:  # the loop has stopped: nothing more can go wrong on it
+        pass
+
+
+def call_blocking(
+    group: Group, stream: Any, what: str, op: Callable[..., Coroutine[Any, Any, T]], *args: Any
+) -> T:
+    """Run engine operation ``op(group, *args)`` for a blocking caller, with
+    ``stream`` of ``group`` claimed for it: in the calling thread for a
+    backend that can (MPI), else on the loop that owns the group's
+    connections (a world of size 1 has none: its operations finish without
+    waiting)."""
+    with claim(group, stream):
+        engine = group._engine
+        backend = engine.backend
+        if backend is not None and backend.direct and group.size() > 1:
+            return backend.call_blocking(op.__name__, group, *args)  # type: ignore[attr-defined,no-any-return]
+        coro = op(group, *args)
+        loop = engine.loop
+        if loop is None:  # a world of size 1 (the loop-less MPI backend went the direct way)
+            return portal.run_now(coro)
+        return portal.run(loop, coro, what)
 
 
 # ------------------------------------------------------------------ engine operations
@@ -327,5 +415,6 @@ async def split(group: Group, color: int, key: int, timeout: float) -> Group:
 
 
 __all__ = [
-    "Engine", "Group", "claim", "call_blocking", "all_reduce", "all_gather", "sum_scatter", "send", "recv", "split"
+    "Engine", "Group", "Claim", "claim", "call_blocking", "all_reduce", "all_gather", "sum_scatter", "send", "recv",
+    "split",
 ]

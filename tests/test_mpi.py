@@ -17,10 +17,11 @@ try:
 except ImportError:
     HAVE_MPI4PY = False
 
-pytestmark = pytest.mark.skipif(
+MPI_SKIP = pytest.mark.skipif(
     MPIRUN is None or not HAVE_MPI4PY,
     reason="needs Open MPI's mpirun and mpi4py (.ci/run installs both)",
 )
+pytestmark = MPI_SKIP
 
 # Open MPI refuses root unless told, and more ranks than CPUs unless told.
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",

@@ -312,33 +312,6 @@ def summaries(ranks: list[Rank], detail: str) -> list[dict]:
     return out
 
 
-@pytest.mark.timeout(90)
-def test_threads_sharing_one_group_are_refused_never_mispaired(tmp_path):
-    """4 threads x 50 blocking all_sums on the world group.  Thread 0 uses it
-    first (on both ranks) and stays alive; the others must be refused with a
-    RuntimeError that mentions threads and suggests split(); no call may ever
-    return a sum of mispaired calls."""
-    with world(tmp_path, 2, "rt_threads.py", "shared") as ranks:
-        hung = finish(ranks, [0, 1], 70)
-        detail = dump(ranks)
-    assert not hung, f"ranks {hung} hung" + detail
-    sums = summaries(ranks, detail)
-    for s in sums:
-        st = {int(k): v for k, v in s["stats"].items()}
-        for t in range(4):
-            assert not st[t]["wrong"], f"rank {s['rank']} thread {t}: WRONG results {st[t]['wrong'][:5]}" + detail
-            assert not st[t]["other"], f"rank {s['rank']} thread {t}: unexpected errors {st[t]['other'][:2]}" + detail
-        assert st[0]["ok"] == 50, f"rank {s['rank']}: the owner thread got {st[0]['ok']}/50 right" + detail
-        for t in (1, 2, 3):
-            assert st[t]["ok"] == 0, (
-                f"rank {s['rank']} thread {t} was let use a group another live thread owns" + detail
-            )
-            assert st[t]["refused"] + len(st[t]["commerror"]) == 50, detail
-        msgs = [m for t in (1, 2, 3) for m in st[t]["refusal_msgs"]]
-        assert msgs, f"rank {s['rank']}: no thread was refused" + detail
-        assert all("split" in m for m in msgs), f"the refusal does not suggest split(): {msgs[0]}" + detail
-
-
 @pytest.mark.timeout(60)
 def test_threads_each_with_own_split_group(tmp_path):
     with world(tmp_path, 2, "rt_threads.py", "split") as ranks:

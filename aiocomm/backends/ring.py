@@ -176,6 +176,11 @@ class RingBackend:
         self.mesh.register_context(context, members)
         return SplitResult(members, rank, context)
 
+    def abort(self, group: Group, exc: CommError) -> None:
+        if group.context not in self.mesh.broken:
+            self.mesh.abort(group.context, exc)
+            failure_report.record(self.rank, exc)
+
     async def close(self) -> None:
         await self.mesh.close()
 

@@ -1,8 +1,6 @@
-"""Blocking calls from several threads (argv: shared | split | takeover).
+"""Blocking calls from several threads (argv: split | takeover).  Overlap
+on one group is tested by threads_serialized.py.
 
-shared:   4 threads on the world group; thread 0 makes the first call (so the
-          same thread owns the group on both ranks), and stays alive until the
-          others are done.  Threads 1-3 must be refused, never paired wrongly.
 split:    the main thread makes one split group per thread; thread t uses
           only groups[t].
 takeover: thread A uses the group and ends; thread B then uses it; then the
@@ -54,32 +52,7 @@ def one_call(t: int, i: int, group) -> None:
         s["wrong"].append((v, y.tolist()))
 
 
-if mode == "shared":
-    first_done = threading.Event()
-    others_done = threading.Event()
-
-    def owner() -> None:
-        one_call(0, 0, None)
-        first_done.set()
-        for i in range(1, ITERS):
-            one_call(0, i, None)
-        others_done.wait(60)  # stay alive: the others use the group while it is owned
-
-    def other(t: int) -> None:
-        first_done.wait(60)
-        for i in range(ITERS):
-            one_call(t, i, None)
-
-    threads = [threading.Thread(target=owner, daemon=True)]
-    threads += [threading.Thread(target=other, args=(t,), daemon=True) for t in (1, 2, 3)]
-    for th in threads:
-        th.start()
-    for th in threads[1:]:
-        th.join(40)
-    others_done.set()
-    threads[0].join(40)
-    alive = [th.name for th in threads if th.is_alive()]
-elif mode == "split":
+if mode == "split":
     groups = [world.split(0) for _ in range(4)]
 
     def worker(t: int) -> None:

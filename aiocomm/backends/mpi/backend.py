@@ -242,6 +242,7 @@ class MpiBackend:
         """Until ``step`` completes, testing it (MPI progresses inside Test);
         ``GiveUp`` at the deadline or when a notice dooms the operation."""
         heard = self.notices
+        state: groups.MpiGroup = group.handle
         seen = -1  # a notice may have come before this step began: check once at the first pause
 
         def pause() -> None:  # GiveUp at the deadline, or once the notices doom the operation
@@ -249,7 +250,7 @@ class MpiBackend:
             if time.monotonic() >= deadline:
                 raise GiveUp(_timed_out(group, name, timeout))
             heard.poll()
-            if heard.heard != seen:
+            if heard.heard != seen or state.broken is not None:  # (broken here: another thread's overlap)
                 seen = heard.heard
                 error = doomed()
                 if error is not None:
@@ -370,6 +371,13 @@ class MpiBackend:
 
     def split(self, group: Group, index: int, color: int, key: int, timeout: float) -> Coroutine[Any, Any, SplitResult]:
         return self._run("split", group, index, color, key, timeout)
+
+    def abort(self, group: Group, exc: CommError) -> None:
+        """Break ``group`` here (a call in flight on it gives up at its next
+        pause) and tell the other members."""
+        if group.handle.broken is None:
+            self._broke(group, "collectives", exc, here=True)
+            failure_report.record(self.rank, exc)
 
     async def close(self) -> None:
         return None

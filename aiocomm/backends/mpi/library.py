@@ -93,9 +93,33 @@ def duplicate_world(MPI: Any) -> Any:
 
         atexit.register(_finalize, MPI)
         _watch_failures()
+    check_thread_level(MPI)  # (after the exit is arranged: a refused rank still finalizes)
     comm = MPI.COMM_WORLD.Dup()
     comm.Set_errhandler(MPI.ERRORS_RETURN)
     return comm
+
+
+def check_thread_level(MPI: Any) -> None:
+    """Raise ``RuntimeError`` unless MPI runs with ``MPI_THREAD_MULTIPLE``.
+
+    Programs may call aiocomm from any thread, one call at a time per group
+    (``MPI_THREAD_SERIALIZED`` for them), but the backend's own threads (the
+    async face's progress thread, a group's worker for large collectives,
+    the notices) call MPI beside the caller's thread, which only
+    ``MPI_THREAD_MULTIPLE`` allows.
+    """
+    provided = MPI.Query_thread()
+    if provided >= MPI.THREAD_MULTIPLE:
+        return
+    names = {MPI.THREAD_SINGLE: "MPI_THREAD_SINGLE", MPI.THREAD_FUNNELED: "MPI_THREAD_FUNNELED",
+             MPI.THREAD_SERIALIZED: "MPI_THREAD_SERIALIZED"}
+    raise RuntimeError(
+        f"aiocomm's MPI backend needs MPI_THREAD_MULTIPLE, but MPI was initialised with "
+        f"{names.get(provided, provided)}: any thread of the program may call aiocomm (one call at a time per "
+        "group, MPI_THREAD_SERIALIZED for the program), and the backend's own progress and worker threads call "
+        "MPI beside it. Let mpi4py ask for it (do not set mpi4py.rc.thread_level, or set it to 'multiple' before "
+        "importing mpi4py.MPI), or use an MPI library built with thread support (Open MPI and MPICH are)."
+    )
 
 
 def owner() -> bool:

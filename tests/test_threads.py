@@ -1,0 +1,84 @@
+"""Threads under MPI's serialized rule, on both backends, with real processes:
+any thread may call on a group, one call at a time; calls of two threads
+that overlap on one group raise on every rank and never pair up wrongly
+(tests/workers/threads_serialized.py stages each pattern)."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import assert_ok, launch
+from .test_mpi import MPI_SKIP, mpirun, ok
+
+MODES = ["after_main", "executor", "pool1", "handlers", "dead", "overlap"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", MODES)
+def test_threads_take_turns_on_the_ring(mode):
+    proc = launch(2, "threads_serialized.py", mode, timeout=110)
+    assert_ok(proc, 2, f"OK threads {mode} backend=ring")
+    if mode == "overlap":
+        assert "wrong=0" in proc.stdout and "tries=200" in proc.stdout, proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_overlap_on_three_ranks_breaks_the_group_everywhere():
+    assert_ok(launch(3, "threads_serialized.py", "overlap", "40", timeout=110), 3, "OK threads overlap backend=ring")
+
+
+@MPI_SKIP
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", MODES)
+def test_threads_take_turns_on_mpi(mode):
+    ok(mpirun(2, "threads_serialized.py", mode, timeout=110), 2, f"OK threads {mode} backend=mpi")
+
+
+@MPI_SKIP
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("level", ["single", "serialized"])
+def test_mpi_backend_refuses_a_thread_level_it_cannot_serve(level):
+    """A program that started MPI with less than MPI_THREAD_MULTIPLE gets a
+    clear error at init naming the level, and the job still ends cleanly."""
+    proc = mpirun(1, "mpi_thread_level.py", level, timeout=50)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"REFUSED aiocomm's MPI backend needs MPI_THREAD_MULTIPLE, but MPI was initialised with " \
+           f"MPI_THREAD_{level.upper()}" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_claim_of_a_thread_that_died_is_ignored_and_a_live_one_refuses(fresh_world):
+    """In-process, on a world of size 1: a claim its thread never released
+    (the thread died mid-call) does not block the next thread; a claim of a
+    live thread makes the next thread's call raise, naming both threads."""
+    import threading
+
+    import numpy as np
+
+    import aiocomm
+    from aiocomm.group import claim
+
+    world = aiocomm.init()
+    t = threading.Thread(target=lambda: claim(world, "collectives"), name="died-mid-call")
+    t.start()
+    t.join()
+    assert aiocomm.all_sum(np.ones(2)).tolist() == [1.0, 1.0]
+
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with claim(world, "collectives"):
+            holding.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold, name="busy-caller")
+    t.start()
+    holding.wait(10)
+    try:
+        with pytest.raises(RuntimeError, match=r"busy-caller.*still in flight") as caught:
+            aiocomm.all_sum(np.ones(2))
+        assert threading.current_thread().name in str(caught.value)
+        assert "split" in str(caught.value) and "lock" in str(caught.value)
+    finally:
+        release.set()
+        t.join()
+    assert aiocomm.all_sum(np.ones(2)).tolist() == [1.0, 1.0]  # released with its call
