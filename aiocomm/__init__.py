@@ -43,6 +43,11 @@ __all__ = [
     "send",
     "recv",
     "recv_like",
+    "broadcast",
+    "barrier",
+    "all_to_all",
+    "gather",
+    "all_gather_v",
     "aio",
     "CommError",
     "PeerLostError",
@@ -142,10 +147,40 @@ def recv_like(
     return recv(shape, dtype, src, group=group, timeout=timeout)
 
 
+def broadcast(x: Any, root: int, *, group: Group | None = None, timeout: float | None = None) -> np.ndarray:
+    arr, t = args.as_array(x), args.check_timeout(timeout)
+    g = _group(group)
+    root = args.check_root(g, root)
+    return engine_ops.call_blocking(g, "collectives", "broadcast", engine_ops.broadcast, arr, root, t)
+
+
+def gather(x: Any, root: int, *, group: Group | None = None, timeout: float | None = None) -> np.ndarray | None:
+    arr, t = args.as_array(x), args.check_timeout(timeout)
+    g = _group(group)
+    root = args.check_root(g, root)
+    return engine_ops.call_blocking(g, "collectives", "gather", engine_ops.gather, arr, root, t)
+
+
+def all_to_all(x: Any, *, group: Group | None = None, timeout: float | None = None) -> np.ndarray:
+    arr, t = args.as_array(x), args.check_timeout(timeout)
+    return engine_ops.call_blocking(_group(group), "collectives", "all_to_all", engine_ops.all_to_all, arr, t)
+
+
+def all_gather_v(x: Any, *, group: Group | None = None, timeout: float | None = None) -> tuple[np.ndarray, list[int]]:
+    arr, t = args.as_array(x), args.check_timeout(timeout)
+    return engine_ops.call_blocking(_group(group), "collectives", "all_gather_v", engine_ops.all_gather_v, arr, t)
+
+
+def barrier(*, group: Group | None = None, timeout: float | None = None) -> None:
+    t = args.check_timeout(timeout)
+    engine_ops.call_blocking(_group(group), "collectives", "barrier", engine_ops.barrier, t)
+
+
 # The blocking functions take the same arguments and give the same results
 # as their coroutines; they share the documentation.
 for _name in (
-    "is_available", "init", "all_sum", "all_max", "all_min", "all_gather", "sum_scatter", "send", "recv", "recv_like"
+    "is_available", "init", "all_sum", "all_max", "all_min", "all_gather", "sum_scatter", "send", "recv", "recv_like",
+    "broadcast", "gather", "all_to_all", "all_gather_v", "barrier",
 ):
     globals()[_name].__doc__ = getattr(aio, _name).__doc__
 del _name

@@ -42,6 +42,11 @@ __all__ = [
     "recv_like",
     "split",
     "shutdown",
+    "broadcast",
+    "barrier",
+    "all_to_all",
+    "gather",
+    "all_gather_v",
 ]
 
 T = TypeVar("T")
@@ -378,6 +383,86 @@ async def recv_like(
     """``recv(x.shape, x.dtype, src)``: receive an array shaped like ``x``."""
     shape, dtype = args.shape_and_dtype(x)  # bytes-like: a uint8 array of their length
     return await recv(shape, dtype, src, group=group, timeout=timeout)
+
+
+async def broadcast(x: Any, root: int, *, group: Group | None = None, timeout: float | None = None) -> np.ndarray:
+    """``root``'s array on every rank of the group (MPI's ``Bcast``).
+
+    Every rank passes an array of the same shape and dtype; only the root's
+    values are used (the others' give the shape and dtype of the result).
+
+    Returns:
+        A new array with the root's values.
+
+    Raises:
+        ValueError, TypeError: ``root`` out of range or not an integer.
+        MismatchError: ranks passed different roots, shapes or dtypes, or
+            called different operations (raised on every rank).
+        PeerLostError, CommTimeoutError: as :func:`all_sum`.
+    """
+    arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
+    root = args.check_root(g, root)
+    with claim(g, "collectives"):
+        return await _on_engine(g, engine_ops.broadcast(g, arr, root, t))
+
+
+async def gather(x: Any, root: int, *, group: Group | None = None, timeout: float | None = None) -> np.ndarray | None:
+    """On ``root``, the arrays of all ranks concatenated along axis 0 in rank
+    order (as :func:`all_gather`); ``None`` on the other ranks.
+
+    Every rank passes the same shape and dtype.  Errors as :func:`broadcast`.
+    """
+    arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
+    root = args.check_root(g, root)
+    with claim(g, "collectives"):
+        return await _on_engine(g, engine_ops.gather(g, arr, root, t))
+
+
+async def all_to_all(x: Any, *, group: Group | None = None, timeout: float | None = None) -> np.ndarray:
+    """Exchange axis-0 blocks: ``x`` is cut into ``size`` equal blocks along
+    axis 0, block ``i`` goes to rank ``i``, and the result holds the blocks
+    received, in rank order (same shape as ``x``).
+
+    Raises:
+        ValueError: ``x`` is 0-d or ``x.shape[0]`` is not divisible by the group size.
+        Others as :func:`broadcast`.
+    """
+    arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
+    with claim(g, "collectives"):
+        return await _on_engine(g, engine_ops.all_to_all(g, arr, t))
+
+
+async def all_gather_v(
+    x: Any, *, group: Group | None = None, timeout: float | None = None
+) -> tuple[np.ndarray, list[int]]:
+    """All ranks' arrays concatenated along axis 0, whose lengths may differ.
+
+    Every rank passes the same dtype and the same shape after axis 0 (a 0-d
+    array counts as one row).
+
+    Returns:
+        ``(array, counts)``: ``counts[i]`` is rank ``i``'s number of rows.
+
+    Raises:
+        MismatchError: dtypes or row shapes differ, or ranks called different
+            operations (raised on every rank).
+        PeerLostError, CommTimeoutError: as :func:`all_sum`.
+    """
+    arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
+    with claim(g, "collectives"):
+        return await _on_engine(g, engine_ops.all_gather_v(g, arr, t))
+
+
+async def barrier(*, group: Group | None = None, timeout: float | None = None) -> None:
+    """Return once every rank of the group has entered the barrier.
+
+    Raises:
+        MismatchError: another rank called another collective instead.
+        PeerLostError, CommTimeoutError: as :func:`all_sum`.
+    """
+    t, g = check_timeout(timeout), (_formed(group) or await init())
+    with claim(g, "collectives"):
+        await _on_engine(g, engine_ops.barrier(g, t))
 
 
 async def split(color: int, key: int = -1, *, group: Group | None = None, timeout: float | None = None) -> Group:

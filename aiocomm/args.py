@@ -99,6 +99,16 @@ def check_peer(group: Sized, peer: Any, name: str) -> int:
     return int(peer)
 
 
+def check_root(group: Sized, root: Any) -> int:
+    try:
+        root = operator.index(root)
+    except TypeError:
+        raise TypeError(f"root must be an integer rank, got {root!r}") from None
+    if not 0 <= root < group.size():
+        raise ValueError(f"root={root} is out of range for a group of size {group.size()}")
+    return int(root)
+
+
 def check_shape(shape: Any) -> tuple[int, ...]:
     if isinstance(shape, (int, np.integer)):
         shape = (shape,)

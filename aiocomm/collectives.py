@@ -359,3 +359,31 @@ async def reduce_scatter(link: Link, x: np.ndarray, op: str) -> np.ndarray:
     await link.flush()
     mine: np.ndarray = work[r * m : (r + 1) * m].reshape(shape).copy()
     return mine
+
+
+_NOTHING = np.empty(0, np.uint8)
+
+
+async def exchange(link: Link, sends: list[np.ndarray], recvs: list[np.ndarray], lane: int = 0) -> None:
+    """One step between every pair: ``sends[p]`` goes to rank ``p`` and
+    ``recvs[p]`` is filled from it (this rank's own entries are ignored).
+
+    Every rank hears from every other, so each compares its call's
+    signature with every other rank's: ranks that disagree (another
+    operation, root, shape or dtype) make every rank raise
+    :class:`~aiocomm.MismatchError`, whatever the data pattern of the call.
+    """
+    n, r = link.size, link.rank
+    peers = [p for p in range(n) if p != r]
+    await link.open(*peers)
+    for p in peers:
+        link.push(p, lane, sends[p])
+    for fut in [link.post(p, lane, recvs[p]) for p in peers]:
+        await fut
+    await link.flush()
+
+
+async def barrier(link: Link) -> None:
+    """Returns once every rank of the group has entered (one exchange of empty frames)."""
+    nothing = [_NOTHING] * link.size
+    await exchange(link, nothing, [np.empty(0, np.uint8) for _ in range(link.size)])

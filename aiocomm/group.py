@@ -42,7 +42,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from . import args, collectives, portal
+from . import args, collectives, portal, rooted
 from .backends import SplitResult
 from .backends.ring import RingBackend, split_context
 from .config import WorldSpec
@@ -76,6 +76,20 @@ class Backend(Protocol):
     def split(
         self, group: Group, index: int, color: int, key: int, timeout: float
     ) -> Coroutine[Any, Any, SplitResult]: ...
+
+    def broadcast(self, group: Group, x: np.ndarray, root: int, timeout: float) -> Coroutine[Any, Any, np.ndarray]: ...
+
+    def gather(
+        self, group: Group, x: np.ndarray, root: int, timeout: float
+    ) -> Coroutine[Any, Any, np.ndarray | None]: ...
+
+    def all_to_all(self, group: Group, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]: ...
+
+    def all_gather_v(
+        self, group: Group, x: np.ndarray, timeout: float
+    ) -> Coroutine[Any, Any, tuple[np.ndarray, list[int]]]: ...
+
+    def barrier(self, group: Group, timeout: float) -> Coroutine[Any, Any, None]: ...
 
     def abort(self, group: Group, exc: CommError) -> None:
         """Break ``group`` here and on its other members with ``exc`` (called
@@ -406,6 +420,40 @@ async def recv(group: Group, shape: tuple[int, ...], dtype: np.dtype, src: int, 
     return await _backend(group).recv(group, shape, dtype, src, timeout)
 
 
+async def broadcast(group: Group, x: np.ndarray, root: int, timeout: float) -> np.ndarray:
+    if group.size() == 1:
+        alone: np.ndarray = x.copy()
+        return alone
+    return await _backend(group).broadcast(group, x, root, timeout)
+
+
+async def gather(group: Group, x: np.ndarray, root: int, timeout: float) -> np.ndarray | None:
+    if group.size() == 1:
+        gathered: np.ndarray = x.reshape(collectives.gathered_shape(x.shape, 1)).copy()
+        return gathered
+    return await _backend(group).gather(group, x, root, timeout)
+
+
+async def all_to_all(group: Group, x: np.ndarray, timeout: float) -> np.ndarray:
+    rooted.split_rows(x.shape, group.size(), "all_to_all")  # ValueError before any traffic
+    if group.size() == 1:
+        alone: np.ndarray = x.copy()
+        return alone
+    return await _backend(group).all_to_all(group, x, timeout)
+
+
+async def all_gather_v(group: Group, x: np.ndarray, timeout: float) -> tuple[np.ndarray, list[int]]:
+    if group.size() == 1:
+        rows = x.reshape(1) if x.ndim == 0 else x
+        return rows.copy(), [rows.shape[0]]
+    return await _backend(group).all_gather_v(group, x, timeout)
+
+
+async def barrier(group: Group, timeout: float) -> None:
+    if group.size() > 1:
+        await _backend(group).barrier(group, timeout)
+
+
 async def split(group: Group, color: int, key: int, timeout: float) -> Group:
     index = group._splits
     group._splits += 1
@@ -416,5 +464,5 @@ async def split(group: Group, color: int, key: int, timeout: float) -> Group:
 
 __all__ = [
     "Engine", "Group", "Claim", "claim", "call_blocking", "all_reduce", "all_gather", "sum_scatter", "send", "recv",
-    "split",
+    "split", "broadcast", "gather", "all_to_all", "all_gather_v", "barrier",
 ]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from .. import collectives, failure_report
+from .. import collectives, failure_report, rooted
 from ..errors import CommError
 from ..transport import Mesh, Op, Wait
 from ..wire import Kind, Signature, signature
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ..group import Group
 
 _COLL = Kind.COLL
+_BYTE = np.dtype(np.uint8)
 T = TypeVar("T")
 _OP_NAMES = {"sum": "all_sum", "max": "all_max", "min": "all_min"}
 
@@ -102,14 +103,15 @@ class RingBackend:
             failure_report.raise_broken(self.rank, cause, what)
 
     async def _collective(
-        self, group: Group, op: str, x: np.ndarray, timeout: float, body: Callable[..., Awaitable[T]], *args: Any
+        self, group: Group, sig: Signature, timeout: float, body: Callable[..., Awaitable[T]], *args: Any
     ) -> T:
-        """Run ``body(link, *args)`` as one collective call of ``group``; a
-        failure here aborts the group on every rank."""
+        """Run ``body(link, *args)`` as one collective call of ``group``
+        (``sig``: what every rank must agree on); a failure here aborts the
+        group on every rank."""
         mesh = self.mesh
-        link = MeshLink(group, mesh, signature(op, x.dtype, x.shape), timeout)
+        link = MeshLink(group, mesh, sig, timeout)
         if group.context in mesh.broken:
-            self._raise_broken(group.context, op)
+            self._raise_broken(group.context, sig.op)
         try:
             return await body(link, *args)
         except BaseException as exc:
@@ -128,13 +130,35 @@ class RingBackend:
             raise
 
     def all_reduce(self, group: Group, x: np.ndarray, op: str, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
-        return self._collective(group, _OP_NAMES[op], x, timeout, collectives.all_reduce, x, op)
+        sig = signature(_OP_NAMES[op], x.dtype, x.shape)
+        return self._collective(group, sig, timeout, collectives.all_reduce, x, op)
 
     def all_gather(self, group: Group, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
-        return self._collective(group, "all_gather", x, timeout, collectives.all_gather, x)
+        return self._collective(group, signature("all_gather", x.dtype, x.shape), timeout, collectives.all_gather, x)
 
     def sum_scatter(self, group: Group, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
-        return self._collective(group, "sum_scatter", x, timeout, collectives.reduce_scatter, x, "sum")
+        sig = signature("sum_scatter", x.dtype, x.shape)
+        return self._collective(group, sig, timeout, collectives.reduce_scatter, x, "sum")
+
+    def broadcast(self, group: Group, x: np.ndarray, root: int, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+        sig = signature(f"broadcast from rank {root}", x.dtype, x.shape)
+        return self._collective(group, sig, timeout, rooted.broadcast, x, root)
+
+    def gather(self, group: Group, x: np.ndarray, root: int, timeout: float) -> Coroutine[Any, Any, np.ndarray | None]:
+        sig = signature(f"gather to rank {root}", x.dtype, x.shape)
+        return self._collective(group, sig, timeout, rooted.gather, x, root)
+
+    def all_to_all(self, group: Group, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+        return self._collective(group, signature("all_to_all", x.dtype, x.shape), timeout, rooted.all_to_all, x)
+
+    def all_gather_v(
+        self, group: Group, x: np.ndarray, timeout: float
+    ) -> Coroutine[Any, Any, tuple[np.ndarray, list[int]]]:
+        sig = signature("all_gather_v of rows", x.dtype, x.shape[1:])  # (the number of rows may differ)
+        return self._collective(group, sig, timeout, rooted.all_gather_v, x)
+
+    def barrier(self, group: Group, timeout: float) -> Coroutine[Any, Any, None]:
+        return self._collective(group, signature("barrier", _BYTE, ()), timeout, collectives.barrier)
 
     async def send(self, group: Group, x: np.ndarray, dst: int, timeout: float) -> None:
         mesh = self.mesh

@@ -27,7 +27,18 @@ from ... import failure_report
 from ...errors import CommError, CommTimeoutError, PeerLostError
 from .. import SplitResult
 from . import groups, library, notices, progress
-from .collectives import all_gather_steps, all_reduce_steps, split_steps, stand_in, sum_scatter_steps
+from .collectives import (
+    all_gather_steps,
+    all_gather_v_steps,
+    all_reduce_steps,
+    all_to_all_steps,
+    barrier_steps,
+    broadcast_steps,
+    gather_steps,
+    split_steps,
+    stand_in,
+    sum_scatter_steps,
+)
 from .p2p import Inbox, recv_steps, send_steps
 from .progress import Call, GiveUp, Steps, split_step
 
@@ -44,6 +55,11 @@ _STEPS: dict[str, Callable[..., Steps[Any]]] = {
     "all_gather": all_gather_steps,
     "sum_scatter": sum_scatter_steps,
     "split": split_steps,
+    "broadcast": broadcast_steps,
+    "gather": gather_steps,
+    "all_to_all": all_to_all_steps,
+    "all_gather_v": all_gather_v_steps,
+    "barrier": barrier_steps,
     "send": send_steps,
     "recv": recv_steps,
 }
@@ -371,6 +387,23 @@ class MpiBackend:
 
     def split(self, group: Group, index: int, color: int, key: int, timeout: float) -> Coroutine[Any, Any, SplitResult]:
         return self._run("split", group, index, color, key, timeout)
+
+    def broadcast(self, group: Group, x: np.ndarray, root: int, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+        return self._run("broadcast", group, x, root, timeout)
+
+    def gather(self, group: Group, x: np.ndarray, root: int, timeout: float) -> Coroutine[Any, Any, np.ndarray | None]:
+        return self._run("gather", group, x, root, timeout)
+
+    def all_to_all(self, group: Group, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+        return self._run("all_to_all", group, x, timeout)
+
+    def all_gather_v(
+        self, group: Group, x: np.ndarray, timeout: float
+    ) -> Coroutine[Any, Any, tuple[np.ndarray, list[int]]]:
+        return self._run("all_gather_v", group, x, timeout)
+
+    def barrier(self, group: Group, timeout: float) -> Coroutine[Any, Any, None]:
+        return self._run("barrier", group, timeout)
 
     def abort(self, group: Group, exc: CommError) -> None:
         """Break ``group`` here (a call in flight on it gives up at its next

@@ -25,6 +25,7 @@ import numpy as np
 
 from ... import collectives, wire
 from ...errors import MismatchError
+from ...rooted import split_rows
 from .. import SplitResult
 from .groups import MpiGroup
 from .progress import Call, Steps, Until, abandon
@@ -112,6 +113,82 @@ def sum_scatter_steps(MPI: Any, group: Group, x: np.ndarray) -> Steps[np.ndarray
                     [work, count, datatype], op=mpi_op)
     out: np.ndarray = work[:count].copy().reshape(shape)
     return out
+
+
+def broadcast_steps(MPI: Any, group: Group, x: np.ndarray, root: int) -> Steps[np.ndarray]:
+    state = group.handle
+    yield from agree(MPI, state.comm, wire.signature(f"broadcast from rank {root}", x.dtype, x.shape), group.rank())
+    out = np.array(x, order="C", copy=True) if group.rank() == root else np.empty(x.shape, x.dtype)
+    comm = state.comm
+    buf = [out, out.size, element_type(MPI, x.dtype)]
+    if out.nbytes >= BLOCKING_FROM:
+        yield Call(lambda: comm.Bcast(buf, root), state.worker())
+    else:
+        yield comm.Ibcast(buf, root)
+    return out
+
+
+def gather_steps(MPI: Any, group: Group, x: np.ndarray, root: int) -> Steps[np.ndarray | None]:
+    state = group.handle
+    yield from agree(MPI, state.comm, wire.signature(f"gather to rank {root}", x.dtype, x.shape), group.rank())
+    comm, kind = state.comm, element_type(MPI, x.dtype)
+    # (blocking and nonblocking collectives never match: decide on what every rank knows)
+    blocking = x.nbytes * group.size() >= BLOCKING_FROM
+    if group.rank() != root:
+        mine = np.array(x, order="C", copy=True)  # (never the caller's: see the module's notes)
+        send = [mine, mine.size, kind]
+        if blocking:
+            yield Call(lambda: comm.Gather(send, None, root), state.worker())
+        else:
+            yield comm.Igather(send, None, root)
+        return None
+    out = np.empty(collectives.gathered_shape(x.shape, group.size()), x.dtype)
+    flat_bytes(out)[root * x.nbytes : (root + 1) * x.nbytes] = flat_bytes(x)
+    recv = [out, x.size, kind]
+    if blocking:
+        yield Call(lambda: comm.Gather(MPI.IN_PLACE, recv, root), state.worker())
+    else:
+        yield comm.Igather(MPI.IN_PLACE, recv, root)
+    return out
+
+
+def all_to_all_steps(MPI: Any, group: Group, x: np.ndarray) -> Steps[np.ndarray]:
+    state = group.handle
+    split_rows(x.shape, group.size(), "all_to_all")
+    yield from agree(MPI, state.comm, wire.signature("all_to_all", x.dtype, x.shape), group.rank())
+    work = np.array(x, order="C", copy=True)
+    out = np.empty(x.shape, x.dtype)
+    comm, count, kind = state.comm, x.size // group.size(), element_type(MPI, x.dtype)
+    send, recv = [work, count, kind], [out, count, kind]
+    if x.nbytes >= BLOCKING_FROM:
+        yield Call(lambda: comm.Alltoall(send, recv), state.worker())
+    else:
+        yield comm.Ialltoall(send, recv)
+    return out
+
+
+def all_gather_v_steps(MPI: Any, group: Group, x: np.ndarray) -> Steps[tuple[np.ndarray, list[int]]]:
+    state = group.handle
+    rows = x.reshape(1, *x.shape) if x.ndim == 0 else x
+    yield from agree(MPI, state.comm, wire.signature("all_gather_v of rows", x.dtype, x.shape[1:]), group.rank())
+    comm = state.comm
+    counts = np.empty(group.size(), np.int64)
+    yield comm.Iallgather(np.array([rows.shape[0]], np.int64), counts)
+    lengths = [int(c) for c in counts]
+    row_items = int(np.prod(rows.shape[1:], dtype=np.int64))
+    out = np.empty((sum(lengths), *rows.shape[1:]), x.dtype)
+    items = [c * row_items for c in lengths]
+    starts = [sum(items[:p]) for p in range(group.size())]
+    me = group.rank()
+    out.reshape(-1)[starts[me] : starts[me] + items[me]] = rows.reshape(-1)
+    yield _in_place(state, out.nbytes, comm.Allgatherv, comm.Iallgatherv, MPI,
+                    [out, (items, starts), element_type(MPI, x.dtype)])
+    return out, lengths
+
+
+def barrier_steps(MPI: Any, group: Group) -> Steps[None]:
+    """Every rank has entered once the agreement (an all-reduce) is done."""
+    yield from agree(MPI, group.handle.comm, "barrier", group.rank())
 
 
 def _stand_ins(MPI: Any, state: MpiGroup) -> Steps[None]:
