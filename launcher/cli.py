@@ -95,20 +95,28 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
 def bind_listeners(host: str, n: int, ports: Sequence[int] | None = None) -> list[socket.socket]:
     """Listening sockets on ``host`` (free ports, or the ``ports`` given) that
     the ranks inherit (through ``pass_fds``: each rank gets its own and no
-    other), so no other program takes a port between choosing and using it."""
+    other), so no other program takes a port between choosing and using it.
+
+    A port given is bound with ``SO_REUSEADDR`` (POSIX), as the ranks' own
+    listeners and the rendezvous server are: the connections of a job that
+    just ended on it linger in TIME-WAIT for a minute, and they must not stop
+    the next job.  A port another socket listens on still fails (Linux
+    refuses it even then), naming the port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     socks: list[socket.socket] = []
     for i in range(n):
         s = socket.socket(family, socket.SOCK_STREAM)
         port = 0 if ports is None else ports[i]
         try:
+            if port and os.name == "posix":  # on Windows the option would let two listeners share the port
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, port))
+            s.listen(1024)
         except OSError as exc:
             s.close()
             for other in socks:
                 other.close()
             raise SystemExit(f"aiocomm-launch: cannot listen on {format_address(host, port)}: {exc}") from None
-        s.listen(1024)
         socks.append(s)
     return socks
 

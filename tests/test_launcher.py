@@ -490,3 +490,55 @@ def test_lines_are_whole_and_carriage_returns_render_as_a_terminal_would():
     assert out == b"a\r\nb\rcxxxxxxxxxx"
     out, _ = _render([(0, b"\r 10%"), (1, b"note\n"), (0, b"\r 50%\r100%\n")], tty=True)
     assert out == b"\r\x1b[K[rank 0]  10%" + b"\r\x1b[K[rank 1] note\n[rank 0]  10%" + b"\r\x1b[K[rank 0] 100%\n"
+
+
+# --- issue 27: day-one papercuts ----------------------------------------------------------------
+
+
+def _bindable(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME-WAIT left by an earlier job is no owner
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _fixed_ports(count: int) -> int:
+    """A base port in 47000-47999 (the range these tests may use) with ``count`` ports free from it."""
+    import random
+
+    return next(b for b in iter(lambda: random.randrange(47000, 48000 - count), None)
+                if all(map(_bindable, range(b, b + count))))
+
+
+@pytest.mark.timeout(120)
+def test_the_same_fixed_port_twice_in_a_row():
+    # The first job's connections linger in TIME-WAIT on the ranks' ports; nothing listens there.
+    from .conftest import WORKERS, assert_ok
+
+    base = _fixed_ports(2)
+    for _ in range(3):
+        proc = _run(["-p", str(base), "-n", "2", "python", str(WORKERS / "launcher_env.py")])
+        assert_ok(proc, 2, "SUM 2")
+
+
+@pytest.mark.timeout(60)
+def test_a_fixed_port_another_program_listens_on_is_named():
+    import socket
+
+    from .conftest import WORKERS
+
+    base = _fixed_ports(2)
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # even a listener that allows reuse
+        holder.bind(("127.0.0.1", base + 1))
+        holder.listen()
+        proc = _run(["-p", str(base), "-n", "2", "python", str(WORKERS / "launcher_env.py")])
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip() == f"aiocomm-launch: cannot listen on 127.0.0.1:{base + 1}: [Errno 98] Address " \
+                                  "already in use", proc.stderr
+    assert "[rank" not in proc.stdout + proc.stderr
