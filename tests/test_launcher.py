@@ -139,9 +139,12 @@ def test_signal_to_launcher_stops_every_rank(sig):
     out = ""
     while out.count(marker) < 3 and time.monotonic() < deadline:
         out += proc.stdout.readline()
+    assert out.count(marker) == 3, out  # every rank has started (and is now in its 60 s sleep)
     proc.send_signal(getattr(signal, sig))
     proc.wait(timeout=20)
-    assert proc.returncode != 0
+    err = proc.stderr.read()
+    assert proc.returncode == 128 + getattr(signal, sig), err[-2000:]
+    assert f"the launcher got {sig}" in err, err[-2000:]
     time.sleep(0.5)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert marker not in ps.replace("ps -eo args", "")
@@ -542,3 +545,71 @@ def test_a_fixed_port_another_program_listens_on_is_named():
     assert proc.stderr.strip() == f"aiocomm-launch: cannot listen on 127.0.0.1:{base + 1}: [Errno 98] Address " \
                                   "already in use", proc.stderr
     assert "[rank" not in proc.stdout + proc.stderr
+
+
+def _start_interrupt_job(mode: str, folder, n: int = 2):
+    """Start ``launcher_interrupt.py`` ranks; returns the launcher and the ranks' pids once all are ready."""
+    import subprocess
+
+    from .conftest import ROOT, WORKERS, clean_env
+    proc = subprocess.Popen(_launcher_cmd("-n", str(n), str(WORKERS / "launcher_interrupt.py"), mode, str(folder)),
+                            cwd=ROOT, env=clean_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    pids = []
+    while len(pids) < n:
+        line = proc.stdout.readline()
+        assert line, f"the launcher ended early: {proc.stderr.read()[-2000:]}"
+        pids += [int(p) for p in re.findall(r"ready pid (\d+)", line)]
+    return proc, pids
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_lets_every_rank_run_its_finally(tmp_path):
+    import signal
+
+    proc, pids = _start_interrupt_job("finally", tmp_path, n=3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert out.count("interrupted") == 3, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank-0", "rank-1", "rank-2"], (out, err[-2000:])
+    assert all(p.read_text() == "saved" for p in tmp_path.iterdir())
+    assert _gone(pids, 5)
+
+
+@pytest.mark.timeout(60)
+def test_a_second_ctrl_c_stops_everything_at_once(tmp_path):
+    import signal
+
+    proc, pids = _start_interrupt_job("stubborn", tmp_path)
+    proc.send_signal(signal.SIGINT)
+    seen = 0
+    while seen < 2:  # each rank got the first Ctrl-C and now ignores SIGINT and SIGTERM
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()[-2000:]
+        seen += "interrupted" in line
+    time.sleep(0.3)
+    assert all(_alive(p) for p in pids), "the ranks were not given time after the first Ctrl-C"
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert time.monotonic() - start < 3, "a second Ctrl-C did not stop the job at once"
+    assert proc.returncode == 128 + signal.SIGINT
+    assert _gone(pids, 2), "a rank outlived the second Ctrl-C"
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_that_ignores_ctrl_c_gets_sigterm_after_the_grace(tmp_path):
+    import signal
+
+    from launcher.job import INTERRUPT_GRACE
+
+    proc, pids = _start_interrupt_job("ignore", tmp_path)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=INTERRUPT_GRACE + 30)
+    took = time.monotonic() - start
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert out.count("got SIGTERM") == 2, out
+    assert INTERRUPT_GRACE - 0.5 < took < INTERRUPT_GRACE + 4, took
+    assert _gone(pids, 2)
