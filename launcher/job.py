@@ -80,7 +80,7 @@ class RankProcess:
     batch: bool = False  # start it under SCHED_BATCH (aiocomm.placement)
     ssh: list[str] | None = None  # ssh command reaching the rank's host, host name last (None: local)
     python: str = sys.executable  # interpreter that runs the agent
-    hostfile_json: str | None = None  # the hostfile, for an agent to write on its own host
+    hostfile_json: str | None = None  # the hostfile, for the agent to write in its private directory
 
 
 @dataclass

@@ -613,3 +613,42 @@ def test_a_rank_that_ignores_ctrl_c_gets_sigterm_after_the_grace(tmp_path):
     assert out.count("got SIGTERM") == 2, out
     assert INTERRUPT_GRACE - 0.5 < took < INTERRUPT_GRACE + 4, took
     assert _gone(pids, 2)
+
+
+def _processes_with_env(entry: str) -> list[int]:
+    """Pids of the processes whose environment holds ``entry`` (``KEY=VALUE``)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if entry.encode() in fh.read().split(b"\0") and _alive(int(pid)):
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_launcher_leaves_no_file_and_no_process(tmp_path):
+    import subprocess
+
+    from .conftest import ROOT, WORKERS, clean_env
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen(_launcher_cmd("-n", "3", str(WORKERS / "launcher_env.py"), "--sleep", "60"),
+                            cwd=ROOT, env=clean_env(TMPDIR=str(tmp)), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, text=True)
+    pids = []
+    while len(pids) < 3:  # every rank has read the hostfile and formed the world
+        line = proc.stdout.readline()
+        assert line, "the launcher ended early"
+        pids += [int(p) for p in re.findall(r"SUM 3 pid (\d+)", line)]
+    assert _processes_with_env(f"TMPDIR={tmp}")
+    proc.kill()
+    proc.wait(10)
+    assert _gone(pids, 15), "ranks outlived a launcher killed by SIGKILL"
+    deadline = time.monotonic() + 15
+    while _processes_with_env(f"TMPDIR={tmp}") and time.monotonic() < deadline:  # the agents finish clearing up
+        time.sleep(0.05)
+    assert not _processes_with_env(f"TMPDIR={tmp}"), "a process of the job outlived its launcher"
+    assert sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")) == [], "the job left files behind"
