@@ -140,14 +140,17 @@ def test_signal_to_launcher_stops_every_rank(sig):
     while out.count(marker) < 3 and time.monotonic() < deadline:
         out += proc.stdout.readline()
     assert out.count(marker) == 3, out  # every rank has started (and is now in its 60 s sleep)
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
+    ranks = [line for line in ps.splitlines() if marker in line and "-m launcher" not in line]
+    assert len(ranks) == 3, ps  # so the check below can see a rank left behind
     proc.send_signal(getattr(signal, sig))
     proc.wait(timeout=20)
     err = proc.stderr.read()
     assert proc.returncode == 128 + getattr(signal, sig), err[-2000:]
     assert f"the launcher got {sig}" in err, err[-2000:]
     time.sleep(0.5)
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert marker not in ps.replace("ps -eo args", "")
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
+    assert marker not in ps.replace("ps -ww -eo args", "")
 
 
 def test_cpu_sets_policies():
@@ -303,7 +306,7 @@ def test_a_detached_grandchild_neither_holds_the_job_nor_outlives_it():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "[rank 0] done" in proc.stdout and "[rank 1] done" in proc.stdout
     time.sleep(0.3)
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     assert marker not in ps, "the detached process outlived the job"
 
 
