@@ -655,3 +655,69 @@ def test_a_killed_launcher_leaves_no_file_and_no_process(tmp_path):
         time.sleep(0.05)
     assert not _processes_with_env(f"TMPDIR={tmp}"), "a process of the job outlived its launcher"
     assert sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")) == [], "the job left files behind"
+
+
+@pytest.mark.timeout(60)
+def test_env_options_reach_every_rank():
+    from .conftest import WORKERS, assert_ok
+
+    proc = _run(["-n", "2", "--env", "AIOCOMM_T_A=one", "--env", "AIOCOMM_T_B=two words=and more", "--env",
+                 "AIOCOMM_T_EMPTY=", str(WORKERS / "launcher_env.py"), "AIOCOMM_T_A", "AIOCOMM_T_B",
+                 "AIOCOMM_T_EMPTY", "AIOCOMM_T_UNSET"])
+    assert_ok(proc, 2, "SUM 2")
+    for rank in range(2):
+        for seen in ("AIOCOMM_T_A='one'", "AIOCOMM_T_B='two words=and more'", "AIOCOMM_T_EMPTY=''",
+                     "AIOCOMM_T_UNSET='<unset>'"):
+            assert f"[rank {rank}] ENV {seen}" in proc.stdout, proc.stdout
+    proc = _run(["-n", "2", "--env", "NO_VALUE", str(WORKERS / "launcher_env.py")])
+    assert proc.returncode != 0 and "--env 'NO_VALUE' is not KEY=VALUE" in proc.stderr, proc.stderr
+    assert "[rank" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_hostfile_envs_reach_every_rank_and_env_options_win(tmp_path):
+    import json
+
+    from .conftest import WORKERS, assert_ok
+
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps({"backend": "ring", "envs": ["AIOCOMM_T_A=from-hostfile",
+                                                                "AIOCOMM_T_B=from-hostfile"],
+                                    "hosts": [{"ssh": "localhost", "ips": ["127.0.0.1"]}, {"ssh": "127.0.0.1"}]}))
+    proc = _run(["--hostfile", str(hostfile), "-n", "2", "--env", "AIOCOMM_T_B=from-option",
+                 str(WORKERS / "launcher_env.py"), "AIOCOMM_T_A", "AIOCOMM_T_B"])
+    assert_ok(proc, 4, "SUM 4")
+    for rank in range(4):
+        assert f"[rank {rank}] ENV AIOCOMM_T_A='from-hostfile'" in proc.stdout, proc.stdout
+        assert f"[rank {rank}] ENV AIOCOMM_T_B='from-option'" in proc.stdout, proc.stdout
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["console script", "python -m aiocomm_launch"])
+def test_the_installed_launcher_runs_from_any_directory(tmp_path, how):
+    # As installed (pip install -e '.[test]'), not the repository's launcher/ folder: run from
+    # elsewhere, with nothing of the repository on the module path.
+    import importlib.metadata
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .conftest import WORKERS, assert_ok, clean_env
+    try:
+        importlib.metadata.distribution("aiocomm")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("aiocomm is not installed (pip install -e '.[test]')")
+    script = Path(sys.executable).parent / "aiocomm-launch"
+    cmd = [str(script)] if how == "console script" else [sys.executable, "-m", "aiocomm_launch"]
+    if how == "console script":
+        assert script.is_file() and os.access(script, os.X_OK), f"no console script {script}"
+    env = clean_env()
+    env.pop("PYTHONPATH", None)
+    (tmp_path / "launcher").mkdir()  # a user's own launcher/ folder here is not the installed launcher
+    (tmp_path / "launcher" / "__init__.py").write_text("raise SystemExit('WRONG LAUNCHER')\n")
+    proc = subprocess.run([*cmd, "-n", "2", "python", str(WORKERS / "launcher_env.py"), "AIOCOMM_RANK"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+    assert_ok(proc, 2, "SUM 2")
+    for rank in range(2):
+        assert f"[rank {rank}] ENV AIOCOMM_RANK='{rank}'" in proc.stdout, proc.stdout
+    assert "WRONG LAUNCHER" not in proc.stdout + proc.stderr
