@@ -241,3 +241,15 @@ def _ssh_alive(pid: int) -> bool:
             return fh.read().rpartition(b")")[2].split()[0] != b"Z"
     except OSError:
         return False
+
+
+@pytest.mark.timeout(120)
+def test_env_options_and_the_hostfile_reach_remote_ranks(ssh_config):
+    proc = subprocess.run(_ssh_cmd(ssh_config, "launcher_env.py", "AIOCOMM_T_A", "AIOCOMM_T_B",
+                                   launcher_args=("--env", "AIOCOMM_T_A=over ssh", "--env", "AIOCOMM_T_B=x=y")),
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in range(4):  # the sum proves each rank read the hostfile its agent wrote
+        assert f"[rank {rank}] SUM 4" in proc.stdout, proc.stdout
+        assert f"[rank {rank}] ENV AIOCOMM_T_A='over ssh'" in proc.stdout, proc.stdout
+        assert f"[rank {rank}] ENV AIOCOMM_T_B='x=y'" in proc.stdout, proc.stdout
