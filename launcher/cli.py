@@ -17,7 +17,6 @@ import shlex
 import shutil
 import socket
 import sys
-import tempfile
 from collections.abc import Sequence
 
 from aiocomm.placement import POLICIES, SCHEDULING, batch_scheduled, cpu_sets
@@ -95,20 +94,28 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
 def bind_listeners(host: str, n: int, ports: Sequence[int] | None = None) -> list[socket.socket]:
     """Listening sockets on ``host`` (free ports, or the ``ports`` given) that
     the ranks inherit (through ``pass_fds``: each rank gets its own and no
-    other), so no other program takes a port between choosing and using it."""
+    other), so no other program takes a port between choosing and using it.
+
+    A port given is bound with ``SO_REUSEADDR`` (POSIX), as the ranks' own
+    listeners and the rendezvous server are: the connections of a job that
+    just ended on it linger in TIME-WAIT for a minute, and they must not stop
+    the next job.  A port another socket listens on still fails (Linux
+    refuses it even then), naming the port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     socks: list[socket.socket] = []
     for i in range(n):
         s = socket.socket(family, socket.SOCK_STREAM)
         port = 0 if ports is None else ports[i]
         try:
+            if port and os.name == "posix":  # on Windows the option would let two listeners share the port
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, port))
+            s.listen(1024)
         except OSError as exc:
             s.close()
             for other in socks:
                 other.close()
             raise SystemExit(f"aiocomm-launch: cannot listen on {format_address(host, port)}: {exc}") from None
-        s.listen(1024)
         socks.append(s)
     return socks
 
@@ -132,8 +139,13 @@ def check_command(argv: Sequence[str], cwd: str | None, env: dict[str, str]) -> 
         raise SystemExit(127)
 
 
-def plan_job(args: argparse.Namespace, hostfile: str) -> tuple[list[RankProcess], list[socket.socket]]:
-    """Ranks to start and the sockets to hand them; writes the ``hostfile``."""
+def plan_job(args: argparse.Namespace) -> tuple[list[RankProcess], list[socket.socket]]:
+    """Ranks to start and the sockets to hand them.
+
+    The launcher writes no file: every rank's agent, local or remote, writes
+    the hostfile into its own private directory and removes it when the rank
+    has ended, so even a launcher killed by SIGKILL leaves nothing behind
+    (the agents outlive it long enough to stop their ranks and clear up)."""
     try:
         plan = read_hostfile(args.hostfile) if args.hostfile else parse_hosts(args.hosts)
     except HostfileError as exc:
@@ -162,8 +174,6 @@ def plan_job(args: argparse.Namespace, hostfile: str) -> tuple[list[RankProcess]
             addresses.append([format_address(host.listen_ip, remote_base + r * per + k) for k in range(per)])
             fds.append(())
     hostfile_text = json.dumps(addresses)
-    with open(hostfile, "w") as fh:
-        fh.write(hostfile_text)
     # The token reaches every rank in its agent's header (a pipe, or ssh's
     # stdin), never on a command line, where any local user could read it.
     token = secrets.token_hex(16)
@@ -177,9 +187,9 @@ def plan_job(args: argparse.Namespace, hostfile: str) -> tuple[list[RankProcess]
         output = os.path.join(args.output_dir, f"rank-{r}.log") if args.output_dir else None
         stdin = "inherit" if r == 0 else "null"
         if is_local(host):
-            job_env.update(AIOCOMM_HOSTFILE=hostfile, AIOCOMM_LISTEN_FDS=",".join(map(str, fds[r])))
+            job_env.update(AIOCOMM_LISTEN_FDS=",".join(map(str, fds[r])))
             ranks.append(RankProcess(r, argv, job_env, args.cwd, fds[r], stdin=stdin, output=output,
-                                     cpus=bound[r], batch=batch))
+                                     cpus=bound[r], batch=batch, hostfile_json=hostfile_text))
         else:
             ranks.append(RankProcess(r, argv, job_env, args.cwd or os.getcwd(), (), stdin=stdin, output=output,
                                      ssh=[*ssh, host.ssh], python=args.python, hostfile_json=hostfile_text))
@@ -207,23 +217,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(is_local(host) for host in plan.hosts):
             check_command(rank_argv, args.cwd, dict(os.environ, **env))
         return mpi.run(args, rank_argv, plan.hosts, env)
-    with tempfile.TemporaryDirectory(prefix="aiocomm-") as tmp:
-        ranks, listeners = plan_job(args, os.path.join(tmp, "hostfile.json"))
+    ranks, listeners = plan_job(args)
 
-        def close_listeners() -> None:  # the ranks hold their own copies now
-            for sock in listeners:
-                sock.close()
+    def close_listeners() -> None:  # the ranks hold their own copies now
+        for sock in listeners:
+            sock.close()
 
-        async def go() -> int:
-            try:
-                result = await run_job(
-                    ranks, prefix=args.prefix, timeout=args.timeout, verbose=args.verbose, on_started=close_listeners
-                )
-            finally:
-                close_listeners()
-            if result.exit_status != 0:
-                with contextlib.suppress(OSError):
-                    os.write(2, f"aiocomm-launch: {result.summary()}\n".encode(errors="replace"))
-            return result.exit_status
+    async def go() -> int:
+        try:
+            result = await run_job(
+                ranks, prefix=args.prefix, timeout=args.timeout, verbose=args.verbose, on_started=close_listeners
+            )
+        finally:
+            close_listeners()
+        if result.exit_status != 0:
+            with contextlib.suppress(OSError):
+                os.write(2, f"aiocomm-launch: {result.summary()}\n".encode(errors="replace"))
+        return result.exit_status
 
-        return asyncio.run(go())
+    return asyncio.run(go())

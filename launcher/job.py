@@ -18,6 +18,9 @@ for each agent in a thread, and reads the output pipes on the event loop
 
 A job ends at the first of: every rank exited 0; a rank failed; ``timeout``
 passed; the launcher got SIGINT/SIGTERM/SIGHUP; its output was closed.
+A signal to the launcher is passed to every rank, which then has
+``INTERRUPT_GRACE`` seconds to end on its own (a ``finally`` that saves a
+checkpoint runs) before it is stopped; a second signal kills the ranks at once.
 After a failure the launcher waits up to ``COLLECT`` seconds (less once
 every rank has exited) for the other ranks to end on their own, so the rank
 that caused the failure is seen failing, not stopped; then it stops the rest
@@ -50,6 +53,9 @@ from .output import Console, RankText
 
 #: Seconds the agents give ranks between SIGTERM and SIGKILL.
 GRACE = agent.GRACE
+#: Seconds the ranks get to end on their own after the launcher passed them a
+#: signal it got (Ctrl-C), before they are stopped (SIGTERM, SIGKILL GRACE later).
+INTERRUPT_GRACE = 10.0
 #: Seconds after GRACE before the launcher kills an agent that has not ended.
 BACKSTOP = 5.0
 #: Seconds, after the first failure, that the other ranks get to end on their own.
@@ -74,7 +80,7 @@ class RankProcess:
     batch: bool = False  # start it under SCHED_BATCH (aiocomm.placement)
     ssh: list[str] | None = None  # ssh command reaching the rank's host, host name last (None: local)
     python: str = sys.executable  # interpreter that runs the agent
-    hostfile_json: str | None = None  # the hostfile, for an agent to write on its own host
+    hostfile_json: str | None = None  # the hostfile, for the agent to write in its private directory
 
 
 @dataclass
@@ -372,11 +378,15 @@ async def run_job(
     events: asyncio.Queue[tuple[_RankRun, int]] = asyncio.Queue()
     runs: list[_RankRun] = []
     files: list[Console] = []
-    state = {"stopping": False}
+    state = {"stopping": False, "signalled": False}
+    timers: list[asyncio.TimerHandle] = []
 
-    def end(ending: str, status: int) -> None:
+    def note_ending(ending: str, status: int) -> None:
         if result.ending is None and not any(r.failed_on_its_own for r in runs):
             result.ending, result.ending_status = ending, status
+
+    def end(ending: str, status: int) -> None:
+        note_ending(ending, status)
         stop_all()
 
     def output_broken(console: Console, exc: OSError) -> None:
@@ -393,7 +403,20 @@ async def run_job(
             if run.running:
                 run.stop_sent = True
                 run.send(agent.frame(b"T"))
-        loop.call_later(GRACE + BACKSTOP, kill_agents)
+        timers.append(loop.call_later(GRACE + BACKSTOP, kill_agents))
+
+    def kill_now() -> None:
+        """SIGKILL every rank's process group now (through its agent, which
+        then clears up and reports as usual; a local one directly too)."""
+        state["stopping"] = True
+        for run in runs:
+            if run.running:
+                run.stop_sent = True
+                run.send(agent.frame(b"S", str(int(signal.SIGKILL)).encode()))
+                if run.spec.ssh is None and run.rank_pid is not None:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(run.rank_pid, signal.SIGKILL)
+        timers.append(loop.call_later(BACKSTOP, kill_agents))
 
     def kill_agents() -> None:
         for run in runs:
@@ -406,11 +429,16 @@ async def run_job(
                     run.proc.kill()
 
     def forward(sig: int) -> None:
+        if state["signalled"]:  # a second Ctrl-C: no more waiting
+            kill_now()
+            return
+        state["signalled"] = True
         for run in runs:
             if run.running:
                 run.stop_sent = True
                 run.send(agent.frame(b"S", str(int(sig)).encode()))
-        end(f"the launcher got {signal.Signals(sig).name}", 128 + sig)
+        note_ending(f"the launcher got {signal.Signals(sig).name}", 128 + sig)
+        timers.append(loop.call_later(INTERRUPT_GRACE, stop_all))  # a no-op if the job is stopping already
 
     def wait_for(run: _RankRun) -> None:
         assert run.proc is not None
@@ -471,6 +499,8 @@ async def run_job(
             if run.failed_on_its_own and not state["stopping"] and collect_until is None:
                 collect_until = time.monotonic() + COLLECT
     finally:
+        for timer in timers:
+            timer.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         for run in runs:  # only if run_job itself failed: the agents stop their ranks

@@ -139,12 +139,18 @@ def test_signal_to_launcher_stops_every_rank(sig):
     out = ""
     while out.count(marker) < 3 and time.monotonic() < deadline:
         out += proc.stdout.readline()
+    assert out.count(marker) == 3, out  # every rank has started (and is now in its 60 s sleep)
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
+    ranks = [line for line in ps.splitlines() if marker in line and "-m launcher" not in line]
+    assert len(ranks) == 3, ps  # so the check below can see a rank left behind
     proc.send_signal(getattr(signal, sig))
     proc.wait(timeout=20)
-    assert proc.returncode != 0
+    err = proc.stderr.read()
+    assert proc.returncode == 128 + getattr(signal, sig), err[-2000:]
+    assert f"the launcher got {sig}" in err, err[-2000:]
     time.sleep(0.5)
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert marker not in ps.replace("ps -eo args", "")
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
+    assert marker not in ps.replace("ps -ww -eo args", "")
 
 
 def test_cpu_sets_policies():
@@ -300,7 +306,7 @@ def test_a_detached_grandchild_neither_holds_the_job_nor_outlives_it():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "[rank 0] done" in proc.stdout and "[rank 1] done" in proc.stdout
     time.sleep(0.3)
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     assert marker not in ps, "the detached process outlived the job"
 
 
@@ -490,3 +496,228 @@ def test_lines_are_whole_and_carriage_returns_render_as_a_terminal_would():
     assert out == b"a\r\nb\rcxxxxxxxxxx"
     out, _ = _render([(0, b"\r 10%"), (1, b"note\n"), (0, b"\r 50%\r100%\n")], tty=True)
     assert out == b"\r\x1b[K[rank 0]  10%" + b"\r\x1b[K[rank 1] note\n[rank 0]  10%" + b"\r\x1b[K[rank 0] 100%\n"
+
+
+# --- issue 27: day-one papercuts ----------------------------------------------------------------
+
+
+def _bindable(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME-WAIT left by an earlier job is no owner
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _fixed_ports(count: int) -> int:
+    """A base port in 47000-47999 (the range these tests may use) with ``count`` ports free from it."""
+    import random
+
+    return next(b for b in iter(lambda: random.randrange(47000, 48000 - count), None)
+                if all(map(_bindable, range(b, b + count))))
+
+
+@pytest.mark.timeout(120)
+def test_the_same_fixed_port_twice_in_a_row():
+    # The first job's connections linger in TIME-WAIT on the ranks' ports; nothing listens there.
+    from .conftest import WORKERS, assert_ok
+
+    base = _fixed_ports(2)
+    for _ in range(3):
+        proc = _run(["-p", str(base), "-n", "2", "python", str(WORKERS / "launcher_env.py")])
+        assert_ok(proc, 2, "SUM 2")
+
+
+@pytest.mark.timeout(60)
+def test_a_fixed_port_another_program_listens_on_is_named():
+    import socket
+
+    from .conftest import WORKERS
+
+    base = _fixed_ports(2)
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # even a listener that allows reuse
+        holder.bind(("127.0.0.1", base + 1))
+        holder.listen()
+        proc = _run(["-p", str(base), "-n", "2", "python", str(WORKERS / "launcher_env.py")])
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip() == f"aiocomm-launch: cannot listen on 127.0.0.1:{base + 1}: [Errno 98] Address " \
+                                  "already in use", proc.stderr
+    assert "[rank" not in proc.stdout + proc.stderr
+
+
+def _start_interrupt_job(mode: str, folder, n: int = 2):
+    """Start ``launcher_interrupt.py`` ranks; returns the launcher and the ranks' pids once all are ready."""
+    import subprocess
+
+    from .conftest import ROOT, WORKERS, clean_env
+    proc = subprocess.Popen(_launcher_cmd("-n", str(n), str(WORKERS / "launcher_interrupt.py"), mode, str(folder)),
+                            cwd=ROOT, env=clean_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    pids = []
+    while len(pids) < n:
+        line = proc.stdout.readline()
+        assert line, f"the launcher ended early: {proc.stderr.read()[-2000:]}"
+        pids += [int(p) for p in re.findall(r"ready pid (\d+)", line)]
+    return proc, pids
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_lets_every_rank_run_its_finally(tmp_path):
+    import signal
+
+    proc, pids = _start_interrupt_job("finally", tmp_path, n=3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert out.count("interrupted") == 3, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank-0", "rank-1", "rank-2"], (out, err[-2000:])
+    assert all(p.read_text() == "saved" for p in tmp_path.iterdir())
+    assert _gone(pids, 5)
+
+
+@pytest.mark.timeout(60)
+def test_a_second_ctrl_c_stops_everything_at_once(tmp_path):
+    import signal
+
+    proc, pids = _start_interrupt_job("stubborn", tmp_path)
+    proc.send_signal(signal.SIGINT)
+    seen = 0
+    while seen < 2:  # each rank got the first Ctrl-C and now ignores SIGINT and SIGTERM
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()[-2000:]
+        seen += "interrupted" in line
+    time.sleep(0.3)
+    assert all(_alive(p) for p in pids), "the ranks were not given time after the first Ctrl-C"
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert time.monotonic() - start < 3, "a second Ctrl-C did not stop the job at once"
+    assert proc.returncode == 128 + signal.SIGINT
+    assert _gone(pids, 2), "a rank outlived the second Ctrl-C"
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_that_ignores_ctrl_c_gets_sigterm_after_the_grace(tmp_path):
+    import signal
+
+    from launcher.job import INTERRUPT_GRACE
+
+    proc, pids = _start_interrupt_job("ignore", tmp_path)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=INTERRUPT_GRACE + 30)
+    took = time.monotonic() - start
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert out.count("got SIGTERM") == 2, out
+    assert INTERRUPT_GRACE - 0.5 < took < INTERRUPT_GRACE + 4, took
+    assert _gone(pids, 2)
+
+
+def _processes_with_env(entry: str) -> list[int]:
+    """Pids of the processes whose environment holds ``entry`` (``KEY=VALUE``)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if entry.encode() in fh.read().split(b"\0") and _alive(int(pid)):
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_launcher_leaves_no_file_and_no_process(tmp_path):
+    import subprocess
+
+    from .conftest import ROOT, WORKERS, clean_env
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen(_launcher_cmd("-n", "3", str(WORKERS / "launcher_env.py"), "--sleep", "60"),
+                            cwd=ROOT, env=clean_env(TMPDIR=str(tmp)), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, text=True)
+    pids = []
+    while len(pids) < 3:  # every rank has read the hostfile and formed the world
+        line = proc.stdout.readline()
+        assert line, "the launcher ended early"
+        pids += [int(p) for p in re.findall(r"SUM 3 pid (\d+)", line)]
+    assert _processes_with_env(f"TMPDIR={tmp}")
+    proc.kill()
+    proc.wait(10)
+    assert _gone(pids, 15), "ranks outlived a launcher killed by SIGKILL"
+    deadline = time.monotonic() + 15
+    while _processes_with_env(f"TMPDIR={tmp}") and time.monotonic() < deadline:  # the agents finish clearing up
+        time.sleep(0.05)
+    assert not _processes_with_env(f"TMPDIR={tmp}"), "a process of the job outlived its launcher"
+    assert sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")) == [], "the job left files behind"
+
+
+@pytest.mark.timeout(60)
+def test_env_options_reach_every_rank():
+    from .conftest import WORKERS, assert_ok
+
+    proc = _run(["-n", "2", "--env", "AIOCOMM_T_A=one", "--env", "AIOCOMM_T_B=two words=and more", "--env",
+                 "AIOCOMM_T_EMPTY=", str(WORKERS / "launcher_env.py"), "AIOCOMM_T_A", "AIOCOMM_T_B",
+                 "AIOCOMM_T_EMPTY", "AIOCOMM_T_UNSET"])
+    assert_ok(proc, 2, "SUM 2")
+    for rank in range(2):
+        for seen in ("AIOCOMM_T_A='one'", "AIOCOMM_T_B='two words=and more'", "AIOCOMM_T_EMPTY=''",
+                     "AIOCOMM_T_UNSET='<unset>'"):
+            assert f"[rank {rank}] ENV {seen}" in proc.stdout, proc.stdout
+    proc = _run(["-n", "2", "--env", "NO_VALUE", str(WORKERS / "launcher_env.py")])
+    assert proc.returncode != 0 and "--env 'NO_VALUE' is not KEY=VALUE" in proc.stderr, proc.stderr
+    assert "[rank" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_hostfile_envs_reach_every_rank_and_env_options_win(tmp_path):
+    import json
+
+    from .conftest import WORKERS, assert_ok
+
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps({"backend": "ring", "envs": ["AIOCOMM_T_A=from-hostfile",
+                                                                "AIOCOMM_T_B=from-hostfile"],
+                                    "hosts": [{"ssh": "localhost", "ips": ["127.0.0.1"]}, {"ssh": "127.0.0.1"}]}))
+    proc = _run(["--hostfile", str(hostfile), "-n", "2", "--env", "AIOCOMM_T_B=from-option",
+                 str(WORKERS / "launcher_env.py"), "AIOCOMM_T_A", "AIOCOMM_T_B"])
+    assert_ok(proc, 4, "SUM 4")
+    for rank in range(4):
+        assert f"[rank {rank}] ENV AIOCOMM_T_A='from-hostfile'" in proc.stdout, proc.stdout
+        assert f"[rank {rank}] ENV AIOCOMM_T_B='from-option'" in proc.stdout, proc.stdout
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["console script", "python -m aiocomm_launch"])
+def test_the_installed_launcher_runs_from_any_directory(tmp_path, how):
+    # As installed (pip install -e '.[test]'), not the repository's launcher/ folder: run from
+    # elsewhere, with nothing of the repository on the module path.
+    import importlib.metadata
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .conftest import WORKERS, assert_ok, clean_env
+    try:
+        importlib.metadata.distribution("aiocomm")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("aiocomm is not installed (pip install -e '.[test]')")
+    script = Path(sys.executable).parent / "aiocomm-launch"
+    cmd = [str(script)] if how == "console script" else [sys.executable, "-m", "aiocomm_launch"]
+    if how == "console script":
+        assert script.is_file() and os.access(script, os.X_OK), f"no console script {script}"
+    env = clean_env()
+    env.pop("PYTHONPATH", None)
+    (tmp_path / "launcher").mkdir()  # a user's own launcher/ folder here is not the installed launcher
+    (tmp_path / "launcher" / "__init__.py").write_text("raise SystemExit('WRONG LAUNCHER')\n")
+    proc = subprocess.run([*cmd, "-n", "2", "python", str(WORKERS / "launcher_env.py"), "AIOCOMM_RANK"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+    assert_ok(proc, 2, "SUM 2")
+    for rank in range(2):
+        assert f"[rank {rank}] ENV AIOCOMM_RANK='{rank}'" in proc.stdout, proc.stdout
+    assert "WRONG LAUNCHER" not in proc.stdout + proc.stderr

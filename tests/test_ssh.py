@@ -77,8 +77,8 @@ def launch_ssh(cfg, *args, timeout=90):
 
 
 def _processes_with(marker: str) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if marker in line and "ps -ww" not in line]
 
 
 @pytest.mark.timeout(120)
@@ -161,3 +161,95 @@ def test_remote_ranks_blame_the_rank_that_failed(ssh_config):
     summary = proc.stderr.strip().splitlines()[-1]
     assert "rank 2 exited with code 7 (the cause)" in summary, summary
     assert "failed because of rank 2" in summary, summary  # the remote agents relayed the runtime's records
+
+
+def _start_sleeping_job(cfg, marker: str) -> subprocess.Popen:
+    """Four ranks on the two hosts, each in a 60 s sleep once the job is formed."""
+    proc = subprocess.Popen(_ssh_cmd(cfg, "where.py", marker, "-1", "60"), cwd=ROOT, env=clean_env(),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = 0
+    while started < 4:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()[-3000:]
+        started += marker in line
+    assert len(_processes_with(marker)) >= 4  # the ranks, each with the marker on its command line
+    return proc
+
+
+def _ssh_clients(launcher: int, host: str) -> list[int]:
+    """Pids of the launcher's ssh clients to ``host``."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                ppid = int(fh.read().rpartition(b")")[2].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                args = fh.read().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher and os.path.basename(args[0]) == b"ssh" and host.encode() in args:
+            pids.append(int(pid))
+    return pids
+
+
+def _none_left(marker: str, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while _processes_with(marker):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.mark.timeout(120)
+def test_a_remote_rank_stops_when_its_ssh_connection_drops(ssh_config):
+    import re
+    import signal
+
+    marker = uuid.uuid4().hex
+    proc = _start_sleeping_job(ssh_config, marker)
+    clients = _ssh_clients(proc.pid, HOSTS[1])
+    assert len(clients) == 2, clients
+    os.kill(clients[0], signal.SIGKILL)  # the connection drops; only the remote agent can stop that rank now
+    _, err = proc.communicate(timeout=60)
+    summary = err.strip().splitlines()[-1]
+    assert proc.returncode == 128 + signal.SIGKILL, err[-3000:]
+    assert re.search(r"rank [23] killed by SIGKILL \(the cause\)", summary), summary
+    assert _none_left(marker, 20), _processes_with(marker)
+
+
+@pytest.mark.timeout(120)
+def test_remote_ranks_stop_when_the_launcher_is_killed(ssh_config):
+    import signal
+
+    marker = uuid.uuid4().hex
+    proc = _start_sleeping_job(ssh_config, marker)
+    clients = _ssh_clients(proc.pid, HOSTS[0]) + _ssh_clients(proc.pid, HOSTS[1])
+    assert len(clients) == 4, clients
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert _none_left(marker, 20), _processes_with(marker)
+    deadline = time.monotonic() + 10
+    while any(_ssh_alive(pid) for pid in clients) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_ssh_alive(pid) for pid in clients), "an ssh client outlived the launcher"
+
+
+def _ssh_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rpartition(b")")[2].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_env_options_and_the_hostfile_reach_remote_ranks(ssh_config):
+    proc = subprocess.run(_ssh_cmd(ssh_config, "launcher_env.py", "AIOCOMM_T_A", "AIOCOMM_T_B",
+                                   launcher_args=("--env", "AIOCOMM_T_A=over ssh", "--env", "AIOCOMM_T_B=x=y")),
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in range(4):  # the sum proves each rank read the hostfile its agent wrote
+        assert f"[rank {rank}] SUM 4" in proc.stdout, proc.stdout
+        assert f"[rank {rank}] ENV AIOCOMM_T_A='over ssh'" in proc.stdout, proc.stdout
+        assert f"[rank {rank}] ENV AIOCOMM_T_B='x=y'" in proc.stdout, proc.stdout
