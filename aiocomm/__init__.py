@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import aio, args, portal, wire
+from . import aio, args, objects, portal, trees, wire
 from . import group as engine_ops
 from .errors import (
     AuthenticationError,
@@ -48,6 +48,11 @@ __all__ = [
     "all_to_all",
     "gather",
     "all_gather_v",
+    "send_obj",
+    "recv_obj",
+    "broadcast_obj",
+    "all_gather_obj",
+    "average_gradients",
     "aio",
     "CommError",
     "PeerLostError",
@@ -176,11 +181,54 @@ def barrier(*, group: Group | None = None, timeout: float | None = None) -> None
     engine_ops.call_blocking(_group(group), "collectives", "barrier", engine_ops.barrier, t)
 
 
+def _drive(steps: objects.Steps) -> Any:
+    """Run a generator of steps (see :mod:`aiocomm.objects`) with this face's calls."""
+    result = None
+    while True:
+        try:
+            name, a, kw = steps.send(result)
+        except StopIteration as stop:
+            return stop.value
+        result = globals()[name](*a, **kw)
+
+
+def send_obj(obj: Any, dst: int, *, group: Group | None = None, timeout: float | None = None) -> None:
+    g = _group(group)
+    args.check_peer(g, dst, "dst")
+    _drive(objects.send_obj_steps(obj, dst, {"group": g, "timeout": timeout}))
+
+
+def recv_obj(src: int, *, group: Group | None = None, timeout: float | None = None) -> Any:
+    g = _group(group)
+    args.check_peer(g, src, "src")
+    return _drive(objects.recv_obj_steps(src, {"group": g, "timeout": timeout}))
+
+
+def broadcast_obj(obj: Any, root: int, *, group: Group | None = None, timeout: float | None = None) -> Any:
+    g = _group(group)
+    root = args.check_root(g, root)
+    return _drive(objects.broadcast_obj_steps(obj, root, g.rank(), {"group": g, "timeout": timeout}))
+
+
+def all_gather_obj(obj: Any, *, group: Group | None = None, timeout: float | None = None) -> list[Any]:
+    g = _group(group)
+    return _drive(objects.all_gather_obj_steps(obj, {"group": g, "timeout": timeout}))  # type: ignore[no-any-return]
+
+
+def average_gradients(tree: Any, *, group: Group | None = None, bucket_bytes: int = 32 << 20, dtype: Any = None,
+                      timeout: float | None = None) -> Any:
+    g = _group(group)
+    steps = trees.average_gradients_steps(tree, g.size(), args.check_bucket(bucket_bytes), dtype,
+                                          {"group": g, "timeout": timeout})
+    return _drive(steps)
+
+
 # The blocking functions take the same arguments and give the same results
 # as their coroutines; they share the documentation.
 for _name in (
     "is_available", "init", "all_sum", "all_max", "all_min", "all_gather", "sum_scatter", "send", "recv", "recv_like",
-    "broadcast", "gather", "all_to_all", "all_gather_v", "barrier",
+    "broadcast", "gather", "all_to_all", "all_gather_v", "barrier", "send_obj", "recv_obj", "broadcast_obj",
+    "all_gather_obj", "average_gradients",
 ):
     globals()[_name].__doc__ = getattr(aio, _name).__doc__
 del _name

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import args, config, portal, rendezvous, wire
+from . import args, config, objects, portal, rendezvous, trees, wire
 from . import group as engine_ops
 from .backends import mpi as mpi_backend
 from .backends.ring import RingBackend
@@ -47,6 +47,11 @@ __all__ = [
     "all_to_all",
     "gather",
     "all_gather_v",
+    "send_obj",
+    "recv_obj",
+    "broadcast_obj",
+    "all_gather_obj",
+    "average_gradients",
 ]
 
 T = TypeVar("T")
@@ -463,6 +468,81 @@ async def barrier(*, group: Group | None = None, timeout: float | None = None) -
     t, g = check_timeout(timeout), (_formed(group) or await init())
     with claim(g, "collectives"):
         await _on_engine(g, engine_ops.barrier(g, t))
+
+
+async def _drive(steps: objects.Steps) -> Any:
+    """Run a generator of steps (see :mod:`aiocomm.objects`) with this face's calls."""
+    result = None
+    while True:
+        try:
+            name, a, kw = steps.send(result)
+        except StopIteration as stop:
+            return stop.value
+        result = await globals()[name](*a, **kw)
+
+
+async def send_obj(obj: Any, dst: int, *, group: Group | None = None, timeout: float | None = None) -> None:
+    """Send any picklable object to rank ``dst`` (pickle protocol 5: numpy
+    buffers travel out of band, without a copy; any size).
+
+    Raises:
+        ValueError: ``dst`` out of range or this rank.
+        pickle.PicklingError: the object cannot be pickled.
+        PeerLostError, CommTimeoutError: as :func:`send`.
+    """
+    g = _formed(group) or await init()
+    check_peer(g, dst, "dst")
+    await _drive(objects.send_obj_steps(obj, dst, {"group": g, "timeout": timeout}))
+
+
+async def recv_obj(src: int, *, group: Group | None = None, timeout: float | None = None) -> Any:
+    """Receive an object sent with :func:`send_obj` by rank ``src``.
+
+    Unpickling runs code chosen by the sender: only members of the
+    authenticated group can send (see the README).
+    """
+    g = _formed(group) or await init()
+    check_peer(g, src, "src")
+    return await _drive(objects.recv_obj_steps(src, {"group": g, "timeout": timeout}))
+
+
+async def broadcast_obj(obj: Any, root: int, *, group: Group | None = None, timeout: float | None = None) -> Any:
+    """``root``'s object on every rank (the others' ``obj`` is ignored); as :func:`send_obj` for the rest."""
+    g = _formed(group) or await init()
+    root = args.check_root(g, root)
+    return await _drive(objects.broadcast_obj_steps(obj, root, g.rank(), {"group": g, "timeout": timeout}))
+
+
+async def all_gather_obj(obj: Any, *, group: Group | None = None, timeout: float | None = None) -> list[Any]:
+    """Every rank's object, in rank order; as :func:`send_obj` for the rest."""
+    g = _formed(group) or await init()
+    gathered: list[Any] = await _drive(objects.all_gather_obj_steps(obj, {"group": g, "timeout": timeout}))
+    return gathered
+
+
+async def average_gradients(tree: Any, *, group: Group | None = None, bucket_bytes: int = 32 << 20,
+                            dtype: Any = None, timeout: float | None = None) -> Any:
+    """Average every array of ``tree`` (nested dicts, lists and tuples) over
+    the group, as ``mlx.nn.average_gradients`` does: one ``all_sum`` per
+    bucket of at most ``bucket_bytes`` of concatenated arrays, one set of
+    buckets per dtype (mixed dtypes never fall back to one call per array).
+
+    Args:
+        dtype: communicate in this dtype (``float16`` or ``ml_dtypes.bfloat16``
+            halve the bytes); results are cast back to each array's dtype.
+
+    Returns:
+        A tree of the same structure with new arrays (``None`` leaves kept).
+        Integer arrays are averaged with floor division.
+
+    Raises:
+        TypeError: a bool leaf, or an unsupported dtype.
+        Others as :func:`all_sum` (on every rank: one all_sum per bucket).
+    """
+    g = _formed(group) or await init()
+    steps = trees.average_gradients_steps(tree, g.size(), args.check_bucket(bucket_bytes), dtype,
+                                          {"group": g, "timeout": timeout})
+    return await _drive(steps)
 
 
 async def split(color: int, key: int = -1, *, group: Group | None = None, timeout: float | None = None) -> Group:

@@ -109,6 +109,16 @@ def check_root(group: Sized, root: Any) -> int:
     return int(root)
 
 
+def check_bucket(bucket_bytes: Any) -> int:
+    try:
+        value = operator.index(bucket_bytes)
+    except TypeError:
+        raise TypeError(f"bucket_bytes must be an integer number of bytes, got {bucket_bytes!r}") from None
+    if value <= 0:
+        raise ValueError(f"bucket_bytes must be positive, got {value}")
+    return int(value)
+
+
 def check_shape(shape: Any) -> tuple[int, ...]:
     if isinstance(shape, (int, np.integer)):
         shape = (shape,)
