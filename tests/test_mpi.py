@@ -72,6 +72,32 @@ def test_launcher_backend_mpi_prefixes_and_status():
         os.unlink(script)
 
 
+def launch_mpi(*args, env=None, timeout=100):
+    """``aiocomm-launch --backend mpi ARGS`` (only root's permission from MPI_ENV, plus ``env``)."""
+    cmd = [sys.executable, "-m", "launcher", "--backend", "mpi", *args]
+    base = {k: v for k, v in MPI_ENV.items() if "oversubscribe" not in k}
+    return subprocess.run(cmd, cwd=ROOT, env=clean_env(**base, **(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("form", ["separate", "joined"])
+def test_launcher_backend_mpi_mpirun_args_forms(form):
+    """``--mpirun-args "--bind-to core"`` (the README's form, a value that
+    starts with '-') and ``--mpirun-args=...`` both reach mpirun, one word or
+    several; the same words after the command are the script's own."""
+    for value in ("--report-bindings", "--bind-to core"):
+        option = ["--mpirun-args", value] if form == "separate" else [f"--mpirun-args={value}"]
+        proc = launch_mpi("-n", "2", "--verbose", *option, str(WORKERS / "launcher_mpi_sum.py"), "--mpirun-args",
+                          "--x", env={"OMPI_MCA_rmaps_base_oversubscribe": "1"})
+        detail = proc.stdout + proc.stderr
+        assert proc.returncode == 0, detail
+        command = next(line for line in proc.stderr.splitlines() if line.startswith("aiocomm-launch: "))
+        assert f" {value} " in command, detail
+        for r in range(2):
+            assert f"[rank {r}] SUM [3] mpi ARGS ['--mpirun-args', '--x']" in proc.stdout, detail
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("scenario,n", [("withdraw", 2), ("stall", 2), ("exit", 3), ("threads", 2)])
 def test_mpi_at_unusual_moments(scenario, n):
