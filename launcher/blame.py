@@ -35,6 +35,7 @@ class RankOutcome:
     records: list[dict[str, Any]] = field(default_factory=list)  # the runtime's failure records, in order
     ended_at: float = math.inf  # monotonic time the launcher saw it end
     left: bool = False  # it noted that it ended its program (its status unseen: mpirun ended it while it finalized)
+    started: bool = False  # its relay noted that mpirun started it (under --backend mpi)
 
     @property
     def failed(self) -> bool:

@@ -81,6 +81,37 @@ def launch_mpi(*args, env=None, timeout=100):
 
 
 @pytest.mark.timeout(120)
+def test_launcher_backend_mpi_runs_more_ranks_than_cores():
+    """A local job with more ranks than this host has cores runs (as on the
+    ring): without OMPI_MCA_rmaps_base_oversubscribe, mpirun alone refuses it."""
+    n = (os.cpu_count() or 1) + 2
+    proc = launch_mpi("-n", str(n), str(WORKERS / "launcher_mpi_sum.py"))
+    detail = proc.stdout + proc.stderr
+    assert proc.returncode == 0, detail
+    for r in range(n):
+        assert f"[rank {r}] SUM [{n * (n + 1) // 2}] mpi" in proc.stdout, detail
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mpirun_args,reason", [
+    ("--no-such-option", 'mpirun: Error: unknown option "--no-such-option"'),
+    ("--nooversubscribe", "There are not enough slots available in the system to satisfy the"),
+])
+def test_launcher_backend_mpi_says_when_mpirun_started_no_rank(mpirun_args, reason):
+    """mpirun refuses the job (a bad argument; more ranks than cores when the
+    user's own arguments forbid oversubscribing): the launcher says that no
+    rank started, quoting mpirun's reason, and exits with mpirun's status."""
+    n = (os.cpu_count() or 1) + 2
+    proc = launch_mpi("-n", str(n), f"--mpirun-args={mpirun_args}", str(WORKERS / "launcher_mpi_sum.py"),
+                      timeout=50)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert last.startswith("aiocomm-launch: mpirun failed before any rank started (status 1): "), last
+    assert reason in last, last
+    assert "a rank failed" not in proc.stderr and "SUM" not in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("form", ["separate", "joined"])
 def test_launcher_backend_mpi_mpirun_args_forms(form):
     """``--mpirun-args "--bind-to core"`` (the README's form, a value that
