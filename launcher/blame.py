@@ -141,7 +141,10 @@ def summary(outcomes: dict[int, RankOutcome], verdict: Verdict, ending: str | No
         parts.append(ending)
     if verdict.cause is not None:
         cause = outcomes[verdict.cause]
-        if cause.left:
+        if cause.left and cause.failed:
+            parts.append(f"rank {cause.rank} ended its program ({how_it_ended(cause.code)}) while other ranks "
+                         "still needed it (the cause)")
+        elif cause.left:
             parts.append(f"rank {cause.rank} ended its program while other ranks still needed it (the cause)")
         elif cause.left_early:
             parts.append(f"rank {cause.rank} exited with code 0 while other ranks still needed it (the cause)")

@@ -42,12 +42,18 @@ from .hosts import Host, is_local
 # Runs one rank (argv[2:]); tags its output lines with its MPI rank when
 # argv[1] is "tag"; notes that it started and how it ended in
 # AIOCOMM_FAILURE_FILE, if set (a SIGTERM or SIGHUP from mpirun is passed on,
-# and the rank noted as stopped); exits as the rank did.
+# and the rank noted as stopped); exits as the rank did.  A relay whose rank
+# failed waits (up to HOLD seconds) before it exits while another rank that
+# ended its program is still in MPI_Finalize: mpirun ends the whole job as
+# soon as it sees a failed rank, and that rank's finalize completes only once
+# the others are gone, so without the wait mpirun would end it before its
+# relay saw its status (raise SystemExit(3): the job's status is its 3).
 RELAY = r"""
 import json, os, signal, subprocess, sys, threading, time
 rank = next((os.environ[v] for v in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK") if v in os.environ), "?")
 tag = b"[rank " + rank.encode() + b"] " if sys.argv[1] == "tag" else b""
 path = os.environ.get("AIOCOMM_FAILURE_FILE")
+HOLD = 2.0
 def note(**fields):
     if path and rank.isdigit():
         try:
@@ -75,6 +81,16 @@ pumps = [threading.Thread(target=pump, args=(proc.stdout, sys.stdout.buffer)),
 for t in pumps: t.start()
 code = proc.wait()
 note(exit=code, stopped=bool(stopped), at=time.monotonic())
+def finalizing():
+    try:
+        with open(path) as f:
+            notes = [json.loads(line) for line in f]
+        return {n["rank"] for n in notes if n.get("left")} - {n["rank"] for n in notes if "exit" in n}
+    except (OSError, ValueError, TypeError, KeyError):
+        return set()
+hold = time.monotonic() + HOLD
+while path and code != 0 and not stopped and time.monotonic() < hold and finalizing():
+    time.sleep(0.01)
 for t in pumps: t.join()
 sys.exit(code if code >= 0 else 128 - code)
 """

@@ -146,7 +146,9 @@ def test_mpi_at_unusual_moments(scenario, n):
 def test_launcher_backend_mpi_blames_the_rank_that_left():
     """Rank 1 leaves (raise SystemExit(3): no hook sees its status) while the
     others wait for it in a collective: they fail at once, naming it, and
-    the launcher blames rank 1 -- not whichever victim mpirun saw first."""
+    the launcher blames rank 1 -- not whichever victim mpirun saw first --
+    and exits with rank 1's status (its MPI_Finalize ends once the others
+    are gone; their relays wait for that before mpirun sees them fail)."""
     code = ("import aiocomm, numpy as np\nw = aiocomm.init(strict=True)\nif w.rank() == 1:\n    raise SystemExit(3)\n"
             "aiocomm.all_sum(np.ones(2))\n")
     script = WORKERS / "mpi_leaver.py"
@@ -157,8 +159,8 @@ def test_launcher_backend_mpi_blames_the_rank_that_left():
                               text=True, timeout=100)
     finally:
         os.unlink(script)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert ("rank 1 ended its program while other ranks still needed it (the cause); "
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert ("rank 1 ended its program (exited with code 3) while other ranks still needed it (the cause); "
             "ranks 0, 2 failed because of rank 1") in proc.stderr, proc.stderr
     assert proc.stderr.count("rank 1 has exited without starting this collective") == 2, proc.stderr
 
