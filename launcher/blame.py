@@ -35,6 +35,7 @@ class RankOutcome:
     records: list[dict[str, Any]] = field(default_factory=list)  # the runtime's failure records, in order
     ended_at: float = math.inf  # monotonic time the launcher saw it end
     left: bool = False  # it noted that it ended its program (its status unseen: mpirun ended it while it finalized)
+    started: bool = False  # its relay noted that mpirun started it (under --backend mpi)
 
     @property
     def failed(self) -> bool:
@@ -140,7 +141,10 @@ def summary(outcomes: dict[int, RankOutcome], verdict: Verdict, ending: str | No
         parts.append(ending)
     if verdict.cause is not None:
         cause = outcomes[verdict.cause]
-        if cause.left:
+        if cause.left and cause.failed:
+            parts.append(f"rank {cause.rank} ended its program ({how_it_ended(cause.code)}) while other ranks "
+                         "still needed it (the cause)")
+        elif cause.left:
             parts.append(f"rank {cause.rank} ended its program while other ranks still needed it (the cause)")
         elif cause.left_early:
             parts.append(f"rank {cause.rank} exited with code 0 while other ranks still needed it (the cause)")

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(ranks started by mpirun, the world formed over MPI)")
     parser.add_argument("--mpirun", default="mpirun", help="mpirun command for --backend mpi")
     parser.add_argument("--mpirun-args", default="",
-                        help="extra mpirun arguments for --backend mpi, e.g. \"--bind-to core\"")
+                        help="extra mpirun arguments for --backend mpi, e.g. \"--bind-to core\" (one string)")
     parser.add_argument("-p", "--starting-port", type=int, default=None,
                         help="first listening port (default: free ports for local ranks, a random base for ssh ones)")
     parser.add_argument("--connections-per-ip", type=int, default=1, help="listening addresses per rank")
@@ -65,6 +65,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="say what is started")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="script.py [args...] or any command")
     return parser
+
+
+def join_mpirun_args(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``argv`` with ``--mpirun-args VALUE`` written ``--mpirun-args=VALUE``.
+
+    argparse takes a separate value that starts with '-' for an option of its
+    own (``--mpirun-args "--oversubscribe"``: "expected one argument"), so the
+    value is joined to the option before parsing -- only among the launcher's
+    options: the command and its arguments (from the first positional word, or
+    after ``--``) are left as they are.
+    """
+    out = list(argv)
+    i = 0
+    while i < len(out):
+        word = out[i]
+        if word == "--" or not word.startswith("-") or word == "-":
+            break  # the command starts here
+        name = word.partition("=")[0]
+        options = parser._option_string_actions
+        matches = [name] if name in options else [s for s in options if len(name) > 2 and s.startswith(name)]
+        action = options[matches[0]] if len(matches) == 1 else None  # (argparse takes unique abbreviations)
+        attached = "=" in word or (not word.startswith("--") and len(word) > 2)  # "--hosts=a,b", "-n4"
+        if action is not None and not attached:
+            if action.dest == "mpirun_args" and i + 1 < len(out):
+                out[i:i + 2] = [f"--mpirun-args={out[i + 1]}"]
+            elif action.nargs is None:
+                i += 1  # its value
+        i += 1
+    return out
 
 
 def command_argv(command: Sequence[str], python: str) -> list[str]:
@@ -197,7 +226,8 @@ def plan_job(args: argparse.Namespace) -> tuple[list[RankProcess], list[socket.s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(join_mpirun_args(sys.argv[1:] if argv is None else argv, parser))
     if args.n < 1:
         raise SystemExit("aiocomm-launch: -n must be at least 1")
     if args.output_dir:

@@ -9,7 +9,13 @@ mpirun): each output line tagged ``[rank N]`` (whole lines), ``--timeout``
 how its rank ended in the job's ``AIOCOMM_FAILURE_FILE``, beside the
 runtime's failure records, and :mod:`.blame` names the rank that caused the
 failure and gives the job its status (mpirun reports whichever rank it saw
-fail first, often a victim).
+fail first, often a victim); when no rank started at all (mpirun refused the
+job), it says so, quoting mpirun's reason.
+
+A job on this host alone may have more ranks than the host has cores, as on
+the ring: Open MPI refuses that unless told, so the launcher passes
+``--oversubscribe`` then, unless the user's mpirun arguments speak of slots or
+oversubscription themselves.
 """
 
 from __future__ import annotations
@@ -24,19 +30,38 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
+from typing import IO
+
+from aiocomm.placement import usable_cpus
 
 from .blame import RankOutcome, decide, summary
 from .hosts import Host, is_local
 
 # Runs one rank (argv[2:]); tags its output lines with its MPI rank when
-# argv[1] is "tag"; notes how it ended in AIOCOMM_FAILURE_FILE, if set (a
-# SIGTERM or SIGHUP from mpirun is passed on, and the rank noted as stopped);
-# exits as the rank did.
+# argv[1] is "tag"; notes that it started and how it ended in
+# AIOCOMM_FAILURE_FILE, if set (a SIGTERM or SIGHUP from mpirun is passed on,
+# and the rank noted as stopped); exits as the rank did.  A relay whose rank
+# failed waits (up to HOLD seconds) before it exits while another rank that
+# ended its program is still in MPI_Finalize: mpirun ends the whole job as
+# soon as it sees a failed rank, and that rank's finalize completes only once
+# the others are gone, so without the wait mpirun would end it before its
+# relay saw its status (raise SystemExit(3): the job's status is its 3).
 RELAY = r"""
 import json, os, signal, subprocess, sys, threading, time
 rank = next((os.environ[v] for v in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK") if v in os.environ), "?")
 tag = b"[rank " + rank.encode() + b"] " if sys.argv[1] == "tag" else b""
+path = os.environ.get("AIOCOMM_FAILURE_FILE")
+HOLD = 2.0
+def note(**fields):
+    if path and rank.isdigit():
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(dict(rank=int(rank), **fields)) + "\n")
+        except OSError:
+            pass
+note(started=True)
 proc = subprocess.Popen(sys.argv[2:], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 stopped = []
 def stop(sig, frame):
@@ -55,14 +80,17 @@ pumps = [threading.Thread(target=pump, args=(proc.stdout, sys.stdout.buffer)),
          threading.Thread(target=pump, args=(proc.stderr, sys.stderr.buffer))]
 for t in pumps: t.start()
 code = proc.wait()
-path = os.environ.get("AIOCOMM_FAILURE_FILE")
-if path and rank.isdigit():
-    line = json.dumps({"rank": int(rank), "exit": code, "stopped": bool(stopped), "at": time.monotonic()})
+note(exit=code, stopped=bool(stopped), at=time.monotonic())
+def finalizing():
     try:
-        with open(path, "a") as f:
-            f.write(line + "\n")
-    except OSError:
-        pass
+        with open(path) as f:
+            notes = [json.loads(line) for line in f]
+        return {n["rank"] for n in notes if n.get("left")} - {n["rank"] for n in notes if "exit" in n}
+    except (OSError, ValueError, TypeError, KeyError):
+        return set()
+hold = time.monotonic() + HOLD
+while path and code != 0 and not stopped and time.monotonic() < hold and finalizing():
+    time.sleep(0.01)
 for t in pumps: t.join()
 sys.exit(code if code >= 0 else 128 - code)
 """
@@ -78,14 +106,57 @@ def mpirun_argv(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Seque
     cmd = [mpirun, "-n", str(total)]
     if not all(is_local(host) for host in hosts):
         cmd += ["--host", ",".join(f"{host.ssh.split('@')[-1]}:{args.n}" for host in hosts)]
+    user = shlex.split(args.mpirun_args)
+    if all(is_local(host) for host in hosts) and total > host_slots("--use-hwthread-cpus" in user) \
+            and not says_slots(user, env) and is_open_mpi(mpirun):
+        cmd += ["--oversubscribe"]  # more ranks than cores here: fine, as on the ring
     for key in env:
         cmd += ["-x", key]  # exported from mpirun's own environment: the value never on a command line
     if args.cwd:
         cmd += ["-wdir", args.cwd]
-    cmd += shlex.split(args.mpirun_args)
+    cmd += user
     if args.prefix or "AIOCOMM_FAILURE_FILE" in env:
         cmd += [args.python, "-I", "-S", "-c", RELAY, "tag" if args.prefix else "plain"]
     return cmd + list(rank_argv)
+
+
+def host_slots(hwthreads: bool = False) -> int:
+    """This host's slots as Open MPI counts them by default: the cores among
+    the CPUs this process may use (their hardware threads with ``hwthreads``)."""
+    cpus = usable_cpus()
+    if hwthreads:
+        return len(cpus)
+    cores = set()
+    for cpu in cpus:
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+        try:
+            with open(topology + "physical_package_id") as package, open(topology + "core_id") as core:
+                cores.add((package.read().strip(), core.read().strip()))
+        except OSError:  # no topology to read: count the CPU as a core
+            cores.add(("cpu", str(cpu)))
+    return max(len(cores), 1)
+
+
+# mpirun options (and MCA settings) that decide the slots or oversubscription themselves.
+SLOT_OPTIONS = ("-H", "-host", "--host", "-hostfile", "--hostfile", "-machinefile", "--machinefile",
+                "-default-hostfile", "--default-hostfile")
+
+
+def says_slots(user_args: Sequence[str], env: dict[str, str]) -> bool:
+    """Whether the user's mpirun arguments (or MCA environment) say how many
+    slots there are or whether to oversubscribe: then the launcher does not."""
+    if any("oversubscribe" in word.lower() or word.partition("=")[0] in SLOT_OPTIONS for word in user_args):
+        return True
+    return any("oversubscribe" in key.lower() for key in (*os.environ, *env) if key.startswith("OMPI_MCA_"))
+
+
+def is_open_mpi(mpirun: str) -> bool:
+    """Whether ``mpirun`` is Open MPI's (MPICH's oversubscribes without being asked)."""
+    try:
+        out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "Open MPI" in out.stdout + out.stderr or "OpenRTE" in out.stdout + out.stderr
 
 
 def run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Host], extra: dict[str, str]) -> int:
@@ -102,7 +173,16 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
     env = dict(os.environ, **extra)
     if args.verbose:
         print(f"aiocomm-launch: {shlex.join(cmd)}", file=sys.stderr)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    # For a job on this host, mpirun's stderr (its own reports, the ranks'
+    # stderr) passes through the launcher, which keeps its start: mpirun's
+    # reason when it refuses the job before any rank starts.
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            stderr=subprocess.PIPE if reports is not None else None)
+    head = bytearray()
+    copier = None
+    if proc.stderr is not None:
+        copier = threading.Thread(target=_copy, args=(proc.stderr, head), daemon=True)
+        copier.start()
     received: list[int] = []
 
     def forward(sig: int, _frame: object) -> None:
@@ -124,28 +204,75 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        _join(copier)
         print(f"aiocomm-launch: job timed out after {args.timeout:g}s", file=sys.stderr)
         return 124
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+        _join(copier)
     if code == 0:
         return 0
+    status = code if code > 0 else 128 - code
     if reports is not None:
         outcomes = read_outcomes(reports, args.n * max(len(hosts), 1))
+        if not any(outcome.started for outcome in outcomes.values()):
+            print(f"aiocomm-launch: mpirun failed before any rank started (status {status}): "
+                  f"{mpirun_reason(bytes(head))}", file=sys.stderr)
+            return status
         verdict = decide(outcomes)
         if verdict.cause is not None:
             print(f"aiocomm-launch: {summary(outcomes, verdict)}", file=sys.stderr)
             return verdict.status
-    status = code if code > 0 else 128 - code
     print(f"aiocomm-launch: mpirun exited with status {status} (a rank failed; mpirun's report is above)",
           file=sys.stderr)
     return status
 
 
+HEAD_BYTES = 64 * 1024  # of mpirun's stderr, kept for its reason
+
+
+def _copy(pipe: IO[bytes], head: bytearray) -> None:
+    """mpirun's stderr to the launcher's, as it comes; its first bytes into ``head``."""
+    out = sys.stderr.fileno()
+    while chunk := os.read(pipe.fileno(), 65536):
+        if len(head) < HEAD_BYTES:
+            head += chunk[:HEAD_BYTES - len(head)]
+        view = memoryview(chunk)
+        try:
+            while view:
+                view = view[os.write(out, view):]
+        except OSError:  # the launcher's stderr is gone: keep draining, so mpirun never blocks on it
+            pass
+    pipe.close()
+
+
+def _join(copier: threading.Thread | None) -> None:
+    if copier is not None:
+        copier.join(timeout=5)  # (a process mpirun left behind may hold the pipe open)
+
+
+def mpirun_reason(text: bytes) -> str:
+    """The first paragraph of mpirun's first report (Open MPI frames each
+    between lines of dashes), or its first line, as one line."""
+    lines = [line.strip() for line in text.decode(errors="replace").splitlines()]
+    if any(line.startswith("-----") for line in lines):
+        start = next(i for i, line in enumerate(lines) if line.startswith("-----")) + 1
+        lines = lines[start:]
+    paragraph: list[str] = []
+    for line in lines:
+        if line.startswith("-----") or (not line and paragraph):
+            break
+        if line:
+            paragraph.append(line)
+    reason = " ".join(paragraph) or "(mpirun gave no reason)"
+    return reason if len(reason) <= 300 else reason[:297] + "..."
+
+
 def read_outcomes(path: str, size: int) -> dict[int, RankOutcome]:
     """How each rank ended, from the relays' notes and the runtime's failure
-    records in ``path``; a rank with no note was ended by mpirun (stopped)."""
+    records in ``path``; a rank with no note was ended by mpirun (stopped), a
+    rank whose relay noted no start never started."""
     outcomes = {rank: RankOutcome(rank, stopped=True) for rank in range(size)}
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -158,7 +285,9 @@ def read_outcomes(path: str, size: int) -> dict[int, RankOutcome]:
             outcome = outcomes[int(note["rank"])]
         except (ValueError, KeyError, TypeError):
             continue
-        if "exit" in note:
+        if note.get("started"):
+            outcome.started = True
+        elif "exit" in note:
             outcome.code = int(note["exit"])
             outcome.stopped = bool(note.get("stopped"))
             outcome.ended_at = float(note.get("at", outcome.ended_at))

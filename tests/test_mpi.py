@@ -72,6 +72,63 @@ def test_launcher_backend_mpi_prefixes_and_status():
         os.unlink(script)
 
 
+def launch_mpi(*args, env=None, timeout=100):
+    """``aiocomm-launch --backend mpi ARGS`` (only root's permission from MPI_ENV, plus ``env``)."""
+    cmd = [sys.executable, "-m", "launcher", "--backend", "mpi", *args]
+    base = {k: v for k, v in MPI_ENV.items() if "oversubscribe" not in k}
+    return subprocess.run(cmd, cwd=ROOT, env=clean_env(**base, **(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.timeout(120)
+def test_launcher_backend_mpi_runs_more_ranks_than_cores():
+    """A local job with more ranks than this host has cores runs (as on the
+    ring): without OMPI_MCA_rmaps_base_oversubscribe, mpirun alone refuses it."""
+    n = (os.cpu_count() or 1) + 2
+    proc = launch_mpi("-n", str(n), str(WORKERS / "launcher_mpi_sum.py"))
+    detail = proc.stdout + proc.stderr
+    assert proc.returncode == 0, detail
+    for r in range(n):
+        assert f"[rank {r}] SUM [{n * (n + 1) // 2}] mpi" in proc.stdout, detail
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mpirun_args,reason", [
+    ("--no-such-option", 'mpirun: Error: unknown option "--no-such-option"'),
+    ("--nooversubscribe", "There are not enough slots available in the system to satisfy the"),
+])
+def test_launcher_backend_mpi_says_when_mpirun_started_no_rank(mpirun_args, reason):
+    """mpirun refuses the job (a bad argument; more ranks than cores when the
+    user's own arguments forbid oversubscribing): the launcher says that no
+    rank started, quoting mpirun's reason, and exits with mpirun's status."""
+    n = (os.cpu_count() or 1) + 2
+    proc = launch_mpi("-n", str(n), f"--mpirun-args={mpirun_args}", str(WORKERS / "launcher_mpi_sum.py"),
+                      timeout=50)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert last.startswith("aiocomm-launch: mpirun failed before any rank started (status 1): "), last
+    assert reason in last, last
+    assert "a rank failed" not in proc.stderr and "SUM" not in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("form", ["separate", "joined"])
+def test_launcher_backend_mpi_mpirun_args_forms(form):
+    """``--mpirun-args "--bind-to core"`` (the README's form, a value that
+    starts with '-') and ``--mpirun-args=...`` both reach mpirun, one word or
+    several; the same words after the command are the script's own."""
+    for value in ("--report-bindings", "--bind-to core"):
+        option = ["--mpirun-args", value] if form == "separate" else [f"--mpirun-args={value}"]
+        proc = launch_mpi("-n", "2", "--verbose", *option, str(WORKERS / "launcher_mpi_sum.py"), "--mpirun-args",
+                          "--x", env={"OMPI_MCA_rmaps_base_oversubscribe": "1"})
+        detail = proc.stdout + proc.stderr
+        assert proc.returncode == 0, detail
+        command = next(line for line in proc.stderr.splitlines() if line.startswith("aiocomm-launch: "))
+        assert f" {value} " in command, detail
+        for r in range(2):
+            assert f"[rank {r}] SUM [3] mpi ARGS ['--mpirun-args', '--x']" in proc.stdout, detail
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("scenario,n", [("withdraw", 2), ("stall", 2), ("exit", 3), ("threads", 2)])
 def test_mpi_at_unusual_moments(scenario, n):
@@ -89,7 +146,9 @@ def test_mpi_at_unusual_moments(scenario, n):
 def test_launcher_backend_mpi_blames_the_rank_that_left():
     """Rank 1 leaves (raise SystemExit(3): no hook sees its status) while the
     others wait for it in a collective: they fail at once, naming it, and
-    the launcher blames rank 1 -- not whichever victim mpirun saw first."""
+    the launcher blames rank 1 -- not whichever victim mpirun saw first --
+    and exits with rank 1's status (its MPI_Finalize ends once the others
+    are gone; their relays wait for that before mpirun sees them fail)."""
     code = ("import aiocomm, numpy as np\nw = aiocomm.init(strict=True)\nif w.rank() == 1:\n    raise SystemExit(3)\n"
             "aiocomm.all_sum(np.ones(2))\n")
     script = WORKERS / "mpi_leaver.py"
@@ -100,8 +159,8 @@ def test_launcher_backend_mpi_blames_the_rank_that_left():
                               text=True, timeout=100)
     finally:
         os.unlink(script)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert ("rank 1 ended its program while other ranks still needed it (the cause); "
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert ("rank 1 ended its program (exited with code 3) while other ranks still needed it (the cause); "
             "ranks 0, 2 failed because of rank 1") in proc.stderr, proc.stderr
     assert proc.stderr.count("rank 1 has exited without starting this collective") == 2, proc.stderr
 
