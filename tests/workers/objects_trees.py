@@ -54,7 +54,7 @@ def same(a, b, where: str) -> None:
             same(a[key], b[key], f"{where}[{key!r}]")
     elif isinstance(a, (list, tuple)):
         assert type(a) is type(b) and len(a) == len(b), f"{where}: {type(a)} vs {type(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             same(x, y, f"{where}[{i}]")
     else:
         assert a == b and type(a) is type(b), f"{where}: {a!r} vs {b!r}"
@@ -152,7 +152,7 @@ for wire in ("float16", ml_dtypes.bfloat16):
     got = run("average_gradients", inputs[r], dtype=wire)
     assert calls == ([np.dtype(wire)] if n > 1 else []), calls  # everything in one bucket
     calls.clear()
-    for i, (g, w) in enumerate(zip(aiocomm.trees.flatten(got)[0], means)):
+    for i, (g, w) in enumerate(zip(aiocomm.trees.flatten(got)[0], means, strict=True)):
         if w is None:
             assert g is None
             continue
