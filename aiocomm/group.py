@@ -215,9 +215,9 @@ class Group:
         self.members = members  # world ranks, indexed by group rank
         self._rank = rank
         self.context = context
-        self._seq = 0  # collectives started on this group
+        self.seq = 0  # collectives started on this group (the ring's tags)
         self._splits = 0
-        self._streams: dict[int, PeerStream] = {}  # group rank -> outgoing connection, once opened
+        self.streams: dict[int, PeerStream] = {}  # group rank -> outgoing connection, once opened (the ring's)
         self._busy: dict[Any, Claim] = {}  # stream of calls -> the calls in flight there
         self._busy_lock = threading.Lock()  # (only to take over the claim of a thread that ended)
 

@@ -15,7 +15,22 @@ ranks (groups of size 1 never reach a backend), plus ``close`` and
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
+
+
+class GroupState(Protocol):
+    """What a backend sees of a group (:class:`aiocomm.group.Group` is one):
+    backends are handed groups and never import the layer above them."""
+
+    members: tuple[int, ...]  # world ranks, by group rank
+    context: int  # the group's context id (on every frame of the ring)
+    handle: Any  # the backend's own state of the group (an MPI communicator)
+    seq: int  # collectives started on the group (the ring's tags)
+    streams: dict[int, Any]  # the ring's outgoing connections, by group rank
+
+    def rank(self) -> int: ...
+
+    def size(self) -> int: ...
 
 
 class SplitResult(NamedTuple):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -19,10 +19,7 @@ from .. import collectives, failure_report, rooted
 from ..errors import CommError
 from ..transport import Mesh, Op, Wait
 from ..wire import Kind, Signature, signature
-from . import SplitResult
-
-if TYPE_CHECKING:
-    from ..group import Group
+from . import GroupState, SplitResult
 
 _COLL = Kind.COLL
 _BYTE = np.dtype(np.uint8)
@@ -35,20 +32,20 @@ class MeshLink:
 
     __slots__ = ("mesh", "members", "rank", "size", "context", "tag_base", "sig", "op", "streams", "announced")
 
-    def __init__(self, group: Group, mesh: Mesh, sig: Signature, timeout: float) -> None:
+    def __init__(self, group: GroupState, mesh: Mesh, sig: Signature, timeout: float) -> None:
         self.mesh = mesh
         self.members = group.members
-        self.rank = group._rank
+        self.rank = group.rank()
         self.size = len(group.members)
         self.context = group.context
-        seq = group._seq  # collectives started on the group so far
-        group._seq = seq + 1
+        seq = group.seq  # collectives started on the group so far
+        group.seq = seq + 1
         self.tag_base = seq << 8
         self.sig = sig
         self.op = Op(sig.describe(), group.context, timeout, mesh.loop.time() + timeout)
         # The group's connections, kept across calls: opening costs a lookup
         # per peer per call otherwise.
-        self.streams = group._streams
+        self.streams = group.streams
         self.announced: list[Wait] = []  # messages over the receiver's budget, sent once it posts
 
     async def open(self, *peers: int) -> None:
@@ -103,7 +100,7 @@ class RingBackend:
             failure_report.raise_broken(self.rank, cause, what)
 
     async def _collective(
-        self, group: Group, sig: Signature, timeout: float, body: Callable[..., Awaitable[T]], *args: Any
+        self, group: GroupState, sig: Signature, timeout: float, body: Callable[..., Awaitable[T]], *args: Any
     ) -> T:
         """Run ``body(link, *args)`` as one collective call of ``group``
         (``sig``: what every rank must agree on); a failure here aborts the
@@ -129,38 +126,40 @@ class RingBackend:
             failure_report.record(self.rank, exc)
             raise
 
-    def all_reduce(self, group: Group, x: np.ndarray, op: str, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+    def all_reduce(self, group: GroupState, x: np.ndarray, op: str, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
         sig = signature(_OP_NAMES[op], x.dtype, x.shape)
         return self._collective(group, sig, timeout, collectives.all_reduce, x, op)
 
-    def all_gather(self, group: Group, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+    def all_gather(self, group: GroupState, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
         return self._collective(group, signature("all_gather", x.dtype, x.shape), timeout, collectives.all_gather, x)
 
-    def sum_scatter(self, group: Group, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+    def sum_scatter(self, group: GroupState, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
         sig = signature("sum_scatter", x.dtype, x.shape)
         return self._collective(group, sig, timeout, collectives.reduce_scatter, x, "sum")
 
-    def broadcast(self, group: Group, x: np.ndarray, root: int, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+    def broadcast(self, group: GroupState, x: np.ndarray, root: int, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
         sig = signature(f"broadcast from rank {root}", x.dtype, x.shape)
         return self._collective(group, sig, timeout, rooted.broadcast, x, root)
 
-    def gather(self, group: Group, x: np.ndarray, root: int, timeout: float) -> Coroutine[Any, Any, np.ndarray | None]:
+    def gather(
+        self, group: GroupState, x: np.ndarray, root: int, timeout: float
+    ) -> Coroutine[Any, Any, np.ndarray | None]:
         sig = signature(f"gather to rank {root}", x.dtype, x.shape)
         return self._collective(group, sig, timeout, rooted.gather, x, root)
 
-    def all_to_all(self, group: Group, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+    def all_to_all(self, group: GroupState, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
         return self._collective(group, signature("all_to_all", x.dtype, x.shape), timeout, rooted.all_to_all, x)
 
     def all_gather_v(
-        self, group: Group, x: np.ndarray, timeout: float
+        self, group: GroupState, x: np.ndarray, timeout: float
     ) -> Coroutine[Any, Any, tuple[np.ndarray, list[int]]]:
         sig = signature("all_gather_v of rows", x.dtype, x.shape[1:])  # (the number of rows may differ)
         return self._collective(group, sig, timeout, rooted.all_gather_v, x)
 
-    def barrier(self, group: Group, timeout: float) -> Coroutine[Any, Any, None]:
+    def barrier(self, group: GroupState, timeout: float) -> Coroutine[Any, Any, None]:
         return self._collective(group, signature("barrier", _BYTE, ()), timeout, collectives.barrier)
 
-    async def send(self, group: Group, x: np.ndarray, dst: int, timeout: float) -> None:
+    async def send(self, group: GroupState, x: np.ndarray, dst: int, timeout: float) -> None:
         mesh = self.mesh
         world_dst = group.members[dst]
         sig = signature("send", x.dtype, x.shape)
@@ -179,7 +178,9 @@ class RingBackend:
                 failure_report.record(self.rank, exc)
             raise
 
-    async def recv(self, group: Group, shape: tuple[int, ...], dtype: np.dtype, src: int, timeout: float) -> np.ndarray:
+    async def recv(
+        self, group: GroupState, shape: tuple[int, ...], dtype: np.dtype, src: int, timeout: float
+    ) -> np.ndarray:
         mesh = self.mesh
         world_src = group.members[src]
         sig = signature("send", dtype, shape)
@@ -192,7 +193,7 @@ class RingBackend:
             failure_report.record(self.rank, exc)
             raise
 
-    async def split(self, group: Group, index: int, color: int, key: int, timeout: float) -> SplitResult:
+    async def split(self, group: GroupState, index: int, color: int, key: int, timeout: float) -> SplitResult:
         mine = np.array([color, key], np.int64)
         table = (await self.all_gather(group, mine, timeout)).reshape(group.size(), 2)
         members, rank = split_order(group, table, color)
@@ -200,7 +201,7 @@ class RingBackend:
         self.mesh.register_context(context, members)
         return SplitResult(members, rank, context)
 
-    def abort(self, group: Group, exc: CommError) -> None:
+    def abort(self, group: GroupState, exc: CommError) -> None:
         if group.context not in self.mesh.broken:
             self.mesh.abort(group.context, exc)
             failure_report.record(self.rank, exc)
@@ -212,7 +213,7 @@ class RingBackend:
         return self.mesh.fds()
 
 
-def split_order(group: Group, table: np.ndarray, color: int) -> tuple[tuple[int, ...], int]:
+def split_order(group: GroupState, table: np.ndarray, color: int) -> tuple[tuple[int, ...], int]:
     """The world ranks of this rank's new group, ordered by key (ties and
     negative keys by parent rank), and this rank's place in it, from every
     parent rank's ``(color, key)``."""

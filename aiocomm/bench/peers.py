@@ -106,6 +106,17 @@ def mpi(args: argparse.Namespace) -> None:
             times, _ = _measure(lambda: comm.Allreduce(x, y, op=MPI.SUM), *iterations(args, nbytes))
             ok = bool(np.all(y == n * (n + 1) / 2))
             size = count * 4
+        elif args.op == "broadcast":
+            x = np.full(count, rank + 1, np.float32)
+            y = np.empty_like(x)
+
+            def bcast() -> None:
+                y[:] = x  # as aiocomm's: the root's array is left as it was
+                comm.Bcast(y, root=0)
+
+            times, _ = _measure(bcast, *iterations(args, nbytes))
+            ok = bool(np.all(y == 1))
+            size = count * 4
         else:
             part = max(1, count // n)
             x = np.full(part, rank + 1, np.float32)

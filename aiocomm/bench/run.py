@@ -9,7 +9,7 @@ times as ``--average`` says: their mean by default, as nccl-tests'
 algorithm bandwidth ``algbw = bytes / time``, bus bandwidth (``busbw``:
 ``algbw * 2(n-1)/n`` for all_sum, ``algbw * (n-1)/n`` for all_gather and
 sum_scatter, where bytes is the whole gathered/input buffer; ``algbw`` for
-sendrecv), the payload bytes each rank put on the wire per operation relative
+sendrecv and broadcast, from rank 0), the payload bytes each rank put on the wire per operation relative
 to the buffer, the peak RSS of the worst rank, and whether the result was
 checked correct.  ``--json`` prints one JSON object per size instead.
 """
@@ -124,6 +124,8 @@ class Case:
         import aiocomm
 
         face: Any = aiocomm if blocking else aio
+        if self.op == "broadcast":
+            return await _maybe(face.broadcast(self.x, 0))
         if self.op == "sendrecv":
             right, left = (self.rank + 1) % self.size, (self.rank - 1) % self.size
             if blocking:  # the blocking face cannot overlap; pair ranks up instead
@@ -146,6 +148,10 @@ class Case:
             if result.size != self.count:
                 return False
             want = lambda start: n * (n + 1) // 2  # noqa: E731
+        elif self.op == "broadcast":
+            if result.size != self.count:
+                return False
+            want = lambda start: 1  # noqa: E731  (rank 0's value)
         elif self.op == "all_gather":
             if result.size != self.count * n:
                 return False
@@ -236,7 +242,8 @@ async def bench(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m aiocomm.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--op", choices=["all_sum", "all_gather", "sum_scatter", "sendrecv"], default="all_sum")
+    parser.add_argument("--op", choices=["all_sum", "all_gather", "sum_scatter", "sendrecv", "broadcast"],
+                        default="all_sum")
     parser.add_argument("--sizes", default="8,1K,64K,1M,16M,64M", help="comma list of byte sizes (K, M, G suffixes)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--iters", type=int, default=20, help="timed iterations per size")

@@ -21,8 +21,8 @@ if mode == "ignore":
         sys.exit(143)
 
     signal.signal(signal.SIGTERM, on_term)
-print(f"ready pid {os.getpid()}", flush=True)
 try:
+    print(f"ready pid {os.getpid()}", flush=True)  # inside the try: a Ctrl-C right after it is still caught
     time.sleep(60)
 except KeyboardInterrupt:
     print("interrupted", flush=True)

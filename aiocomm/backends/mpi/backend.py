@@ -19,13 +19,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 
 from ... import failure_report
 from ...errors import CommError, CommTimeoutError, PeerLostError
-from .. import SplitResult
+from .. import GroupState, SplitResult
 from . import groups, library, notices, progress
 from .collectives import (
     all_gather_steps,
@@ -41,9 +41,6 @@ from .collectives import (
 )
 from .p2p import Inbox, recv_steps, send_steps
 from .progress import Call, GiveUp, Steps, split_step
-
-if TYPE_CHECKING:
-    from ...group import Group
 
 #: Seconds a blocking call keeps testing its request without sleeping.
 SPIN_SECONDS = 0.05
@@ -67,7 +64,7 @@ _STEPS: dict[str, Callable[..., Steps[Any]]] = {
 Doomed = Callable[[], "CommError | None"]
 
 
-def _timed_out(group: Group, what: str, timeout: float) -> CommTimeoutError:
+def _timed_out(group: GroupState, what: str, timeout: float) -> CommTimeoutError:
     return CommTimeoutError(
         f"rank {group.members[group.rank()]} timed out after {timeout:g}s in {what} on the MPI backend; "
         f"the whole operation may take at most timeout={timeout:g}s: pass a larger timeout= or set "
@@ -121,13 +118,13 @@ class MpiBackend:
 
     # ---- starting, failing and giving up
 
-    def _refuse(self, group: Group, what: str) -> None:
+    def _refuse(self, group: GroupState, what: str) -> None:
         """Raise if ``group`` was broken earlier."""
         cause = group.handle.broken
         if cause is not None:
             failure_report.raise_broken(self.rank, cause, _PUBLIC.get(what, what))
 
-    def _begin(self, group: Group, name: str, args: tuple[Any, ...]) -> tuple[Doomed, list[int]]:
+    def _begin(self, group: GroupState, name: str, args: tuple[Any, ...]) -> tuple[Doomed, list[int]]:
         """Admit an operation: its check for a reason it can never complete
         (which must not hold already), and (for a collective) its number
         among the group's collectives, known once it is issued."""
@@ -151,7 +148,7 @@ class MpiBackend:
             raise self._failed(group, name, error)
         return doomed, index
 
-    def _issue(self, group: Group, name: str, index: list[int]) -> None:
+    def _issue(self, group: GroupState, name: str, index: list[int]) -> None:
         """Count a collective that is about to be issued (in call order), or
         refuse it if its group broke meanwhile (a stand-in takes its place)."""
         state: groups.MpiGroup = group.handle
@@ -162,7 +159,7 @@ class MpiBackend:
             state.known = max(state.known, state.entered)
             state.current = name
 
-    def _failed(self, group: Group, name: str, exc: BaseException, here: bool = False) -> BaseException:
+    def _failed(self, group: GroupState, name: str, exc: BaseException, here: bool = False) -> BaseException:
         """Note a failure (``here``: this rank gave up on it) for the launcher;
         a collective's breaks its group (see :meth:`_broke`).  Returns ``exc``."""
         if isinstance(exc, CommError):
@@ -171,14 +168,14 @@ class MpiBackend:
             failure_report.record(self.rank, exc)
         return exc
 
-    def _raise_failed(self, group: Group, name: str, exc: BaseException) -> NoReturn:
+    def _raise_failed(self, group: GroupState, name: str, exc: BaseException) -> NoReturn:
         """Raise ``exc`` (an MPI error as aiocomm's, chained), noted by :meth:`_failed`."""
         err = self._failed(group, name, library.translate(exc))
         if err is exc:
             raise exc
         raise err from exc
 
-    def _broke(self, group: Group, name: str, exc: CommError, here: bool) -> None:
+    def _broke(self, group: GroupState, name: str, exc: CommError, here: bool) -> None:
         """A collective failed here: its group is broken.  The other members
         hear of it when this rank gave up on it, or issued collectives they
         have not been told of (their stand-ins must cover them); this rank
@@ -197,7 +194,7 @@ class MpiBackend:
             self.notices.broken(state, _PUBLIC.get(name, name), str(exc), issued)
         stand_in(self.MPI, state)
 
-    def _give_up(self, group: Group, name: str, steps: Steps[Any], step: Any, exc: CommError) -> None:
+    def _give_up(self, group: GroupState, name: str, steps: Steps[Any], step: Any, exc: CommError) -> None:
         """An operation given up on.  A collective goes on in the background
         to its end (MPI cannot cancel one, and the other ranks' matching
         calls need it; it reads only its own buffers), its result thrown
@@ -218,7 +215,7 @@ class MpiBackend:
 
     # ---- the blocking driver
 
-    def call_blocking(self, name: str, group: Group, *args: Any) -> Any:
+    def call_blocking(self, name: str, group: GroupState, *args: Any) -> Any:
         """Run operation ``name`` in the calling thread."""
         timeout = args[-1]
         collective = name not in ("send", "recv")
@@ -254,7 +251,7 @@ class MpiBackend:
             if collective and not handed:
                 state.current = None
 
-    def _wait(self, step: Any, deadline: float, doomed: Doomed, group: Group, name: str, timeout: float) -> None:
+    def _wait(self, step: Any, deadline: float, doomed: Doomed, group: GroupState, name: str, timeout: float) -> None:
         """Until ``step`` completes, testing it (MPI progresses inside Test);
         ``GiveUp`` at the deadline or when a notice dooms the operation."""
         heard = self.notices
@@ -295,7 +292,7 @@ class MpiBackend:
 
     # ---- the async driver
 
-    async def _run(self, name: str, group: Group, *args: Any) -> Any:
+    async def _run(self, name: str, group: GroupState, *args: Any) -> Any:
         timeout = args[-1]
         collective = name not in ("send", "recv")
         state: groups.MpiGroup = group.handle
@@ -357,7 +354,7 @@ class MpiBackend:
                 state.current = None
             _end_turn(mine, after)
 
-    def _give_up_in_poller(self, group: Group, name: str, steps: Steps[Any], step: Any,
+    def _give_up_in_poller(self, group: GroupState, name: str, steps: Steps[Any], step: Any,
                            waiter: asyncio.Future[Any] | None, exc: CommError) -> asyncio.Future[None]:
         """Give an operation up (see :meth:`_give_up`) in the progress thread,
         which may be testing its request right now: MPI forbids using one
@@ -368,44 +365,48 @@ class MpiBackend:
 
     # ---- the backend's operations (coroutines, for the async face)
 
-    def all_reduce(self, group: Group, x: np.ndarray, op: str, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+    def all_reduce(self, group: GroupState, x: np.ndarray, op: str, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
         return self._run("all_reduce", group, x, op, timeout)
 
-    def all_gather(self, group: Group, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+    def all_gather(self, group: GroupState, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
         return self._run("all_gather", group, x, timeout)
 
-    def sum_scatter(self, group: Group, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+    def sum_scatter(self, group: GroupState, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
         return self._run("sum_scatter", group, x, timeout)
 
-    def send(self, group: Group, x: np.ndarray, dst: int, timeout: float) -> Coroutine[Any, Any, None]:
+    def send(self, group: GroupState, x: np.ndarray, dst: int, timeout: float) -> Coroutine[Any, Any, None]:
         return self._run("send", group, x, dst, timeout)
 
     def recv(
-        self, group: Group, shape: tuple[int, ...], dtype: np.dtype, src: int, timeout: float
+        self, group: GroupState, shape: tuple[int, ...], dtype: np.dtype, src: int, timeout: float
     ) -> Coroutine[Any, Any, np.ndarray]:
         return self._run("recv", group, shape, dtype, src, timeout)
 
-    def split(self, group: Group, index: int, color: int, key: int, timeout: float) -> Coroutine[Any, Any, SplitResult]:
+    def split(
+        self, group: GroupState, index: int, color: int, key: int, timeout: float
+    ) -> Coroutine[Any, Any, SplitResult]:
         return self._run("split", group, index, color, key, timeout)
 
-    def broadcast(self, group: Group, x: np.ndarray, root: int, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+    def broadcast(self, group: GroupState, x: np.ndarray, root: int, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
         return self._run("broadcast", group, x, root, timeout)
 
-    def gather(self, group: Group, x: np.ndarray, root: int, timeout: float) -> Coroutine[Any, Any, np.ndarray | None]:
+    def gather(
+        self, group: GroupState, x: np.ndarray, root: int, timeout: float
+    ) -> Coroutine[Any, Any, np.ndarray | None]:
         return self._run("gather", group, x, root, timeout)
 
-    def all_to_all(self, group: Group, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
+    def all_to_all(self, group: GroupState, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
         return self._run("all_to_all", group, x, timeout)
 
     def all_gather_v(
-        self, group: Group, x: np.ndarray, timeout: float
+        self, group: GroupState, x: np.ndarray, timeout: float
     ) -> Coroutine[Any, Any, tuple[np.ndarray, list[int]]]:
         return self._run("all_gather_v", group, x, timeout)
 
-    def barrier(self, group: Group, timeout: float) -> Coroutine[Any, Any, None]:
+    def barrier(self, group: GroupState, timeout: float) -> Coroutine[Any, Any, None]:
         return self._run("barrier", group, timeout)
 
-    def abort(self, group: Group, exc: CommError) -> None:
+    def abort(self, group: GroupState, exc: CommError) -> None:
         """Break ``group`` here (a call in flight on it gives up at its next
         pause) and tell the other members."""
         if group.handle.broken is None:

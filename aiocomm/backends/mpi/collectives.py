@@ -19,20 +19,17 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ... import collectives, wire
 from ...errors import MismatchError
 from ...rooted import split_rows
-from .. import SplitResult
+from .. import GroupState, SplitResult
 from .groups import MpiGroup
 from .progress import Call, Steps, Until, abandon
 from .reductions import element_type, reduction
-
-if TYPE_CHECKING:
-    from ...group import Group
 
 #: Buffers from this size on are reduced by MPI's blocking collectives, run
 #: in the group's worker thread: Open MPI's nonblocking ones progress only
@@ -80,7 +77,7 @@ def _in_place(state: MpiGroup, nbytes: int, blocking: Callable[..., Any], nonblo
     return nonblocking(MPI.IN_PLACE, buf, **kwargs)
 
 
-def all_reduce_steps(MPI: Any, group: Group, x: np.ndarray, op: str) -> Steps[np.ndarray]:
+def all_reduce_steps(MPI: Any, group: GroupState, x: np.ndarray, op: str) -> Steps[np.ndarray]:
     state = group.handle
     yield from agree(MPI, state.comm, wire.signature(f"all_{op}", x.dtype, x.shape), group.rank())
     out = np.array(x, order="C", copy=True)
@@ -90,7 +87,7 @@ def all_reduce_steps(MPI: Any, group: Group, x: np.ndarray, op: str) -> Steps[np
     return out
 
 
-def all_gather_steps(MPI: Any, group: Group, x: np.ndarray) -> Steps[np.ndarray]:
+def all_gather_steps(MPI: Any, group: GroupState, x: np.ndarray) -> Steps[np.ndarray]:
     state = group.handle
     yield from agree(MPI, state.comm, wire.signature("all_gather", x.dtype, x.shape), group.rank())
     out = np.empty(collectives.gathered_shape(x.shape, group.size()), x.dtype)
@@ -101,7 +98,7 @@ def all_gather_steps(MPI: Any, group: Group, x: np.ndarray) -> Steps[np.ndarray]
     return out
 
 
-def sum_scatter_steps(MPI: Any, group: Group, x: np.ndarray) -> Steps[np.ndarray]:
+def sum_scatter_steps(MPI: Any, group: GroupState, x: np.ndarray) -> Steps[np.ndarray]:
     state = group.handle
     yield from agree(MPI, state.comm, wire.signature("sum_scatter", x.dtype, x.shape), group.rank())
     shape = collectives.scattered_shape(x.shape, group.size())
@@ -115,7 +112,7 @@ def sum_scatter_steps(MPI: Any, group: Group, x: np.ndarray) -> Steps[np.ndarray
     return out
 
 
-def broadcast_steps(MPI: Any, group: Group, x: np.ndarray, root: int) -> Steps[np.ndarray]:
+def broadcast_steps(MPI: Any, group: GroupState, x: np.ndarray, root: int) -> Steps[np.ndarray]:
     state = group.handle
     yield from agree(MPI, state.comm, wire.signature(f"broadcast from rank {root}", x.dtype, x.shape), group.rank())
     out = np.array(x, order="C", copy=True) if group.rank() == root else np.empty(x.shape, x.dtype)
@@ -128,7 +125,7 @@ def broadcast_steps(MPI: Any, group: Group, x: np.ndarray, root: int) -> Steps[n
     return out
 
 
-def gather_steps(MPI: Any, group: Group, x: np.ndarray, root: int) -> Steps[np.ndarray | None]:
+def gather_steps(MPI: Any, group: GroupState, x: np.ndarray, root: int) -> Steps[np.ndarray | None]:
     state = group.handle
     yield from agree(MPI, state.comm, wire.signature(f"gather to rank {root}", x.dtype, x.shape), group.rank())
     comm, kind = state.comm, element_type(MPI, x.dtype)
@@ -152,7 +149,7 @@ def gather_steps(MPI: Any, group: Group, x: np.ndarray, root: int) -> Steps[np.n
     return out
 
 
-def all_to_all_steps(MPI: Any, group: Group, x: np.ndarray) -> Steps[np.ndarray]:
+def all_to_all_steps(MPI: Any, group: GroupState, x: np.ndarray) -> Steps[np.ndarray]:
     state = group.handle
     split_rows(x.shape, group.size(), "all_to_all")
     yield from agree(MPI, state.comm, wire.signature("all_to_all", x.dtype, x.shape), group.rank())
@@ -167,7 +164,7 @@ def all_to_all_steps(MPI: Any, group: Group, x: np.ndarray) -> Steps[np.ndarray]
     return out
 
 
-def all_gather_v_steps(MPI: Any, group: Group, x: np.ndarray) -> Steps[tuple[np.ndarray, list[int]]]:
+def all_gather_v_steps(MPI: Any, group: GroupState, x: np.ndarray) -> Steps[tuple[np.ndarray, list[int]]]:
     state = group.handle
     rows = x.reshape(1, *x.shape) if x.ndim == 0 else x
     yield from agree(MPI, state.comm, wire.signature("all_gather_v of rows", x.dtype, x.shape[1:]), group.rank())
@@ -186,7 +183,7 @@ def all_gather_v_steps(MPI: Any, group: Group, x: np.ndarray) -> Steps[tuple[np.
     return out, lengths
 
 
-def barrier_steps(MPI: Any, group: Group) -> Steps[None]:
+def barrier_steps(MPI: Any, group: GroupState) -> Steps[None]:
     """Every rank has entered once the agreement (an all-reduce) is done."""
     yield from agree(MPI, group.handle.comm, "barrier", group.rank())
 
@@ -238,7 +235,7 @@ def stand_in(MPI: Any, state: MpiGroup) -> None:
         pass
 
 
-def split_steps(MPI: Any, group: Group, index: int, color: int, key: int) -> Steps[SplitResult]:
+def split_steps(MPI: Any, group: GroupState, index: int, color: int, key: int) -> Steps[SplitResult]:
     from ..ring import split_context, split_order
 
     comm = group.handle.comm

@@ -38,17 +38,15 @@ from __future__ import annotations
 import collections
 import math
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ... import wire
 from ...errors import ProtocolError
+from .. import GroupState
 from .collectives import flat_bytes
 from .progress import Steps, abandon_request
-
-if TYPE_CHECKING:
-    from ...group import Group
 
 HEAD_TAG, DATA_TAG, CTS_TAG = 1, 2, 3
 MSG, RTS, DONE, REVOKE = 1, 2, 3, 4
@@ -127,7 +125,7 @@ class Inbox:
         self.pulled += 1
 
 
-def send_steps(MPI: Any, group: Group, x: np.ndarray, dst: int) -> Steps[None]:
+def send_steps(MPI: Any, group: GroupState, x: np.ndarray, dst: int) -> Steps[None]:
     state = group.handle
     comm = state.comm
     signature = wire.signature("send", x.dtype, x.shape).encoded
@@ -206,7 +204,7 @@ def _consume(inbox: Inbox) -> Steps[None]:
     inbox.heads.popleft()
 
 
-def recv_steps(MPI: Any, group: Group, shape: tuple[int, ...], dtype: np.dtype, src: int) -> Steps[np.ndarray]:
+def recv_steps(MPI: Any, group: GroupState, shape: tuple[int, ...], dtype: np.dtype, src: int) -> Steps[np.ndarray]:
     """The next message from ``src``: one whose signature does not fit
     raises :class:`MismatchError` and stays first in line."""
     state = group.handle
