@@ -47,9 +47,13 @@ __all__ = [
 T = TypeVar("T")
 
 BACKENDS = ("any", "ring", "mpi", "nccl", "jaccl")
+_IMPLEMENTED = (
+    "aiocomm implements 'ring' (its own TCP transport, always available) and 'mpi' (the job's MPI library "
+    "through mpi4py: pip install 'aiocomm[mpi]'); backend='any' picks one of them"
+)
 _UNAVAILABLE_WHY = {
-    "nccl": "aiocomm implements only the 'ring' backend (TCP); 'nccl' is not implemented (no GPU transport)",
-    "jaccl": "aiocomm implements only the 'ring' backend (TCP); 'jaccl' (RDMA over Thunderbolt) is not implemented",
+    "nccl": f"'nccl' (GPU transport) is not implemented: {_IMPLEMENTED}",
+    "jaccl": f"'jaccl' (RDMA over Thunderbolt) is not implemented: {_IMPLEMENTED}",
 }
 
 _engine: Engine | None = None

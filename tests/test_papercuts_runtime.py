@@ -168,3 +168,22 @@ def test_a_reject_before_the_challenge_is_no_refused_proof():
     with pytest.raises(ProtocolError) as info:
         dialer.receive(reject, meta)
     assert not isinstance(info.value, AuthenticationError)
+
+
+# ---- item 8: nccl and jaccl name the backends that exist
+
+
+@pytest.mark.parametrize("backend", ["nccl", "jaccl"])
+def test_unimplemented_backends_name_ring_and_mpi(fresh_world, backend):
+    import aiocomm
+
+    with pytest.raises(RuntimeError) as info:
+        aiocomm.init(strict=True, backend=backend)
+    message = str(info.value)
+    assert f"backend {backend!r} is unavailable" in message
+    assert "only the 'ring'" not in message
+    assert "'ring'" in message and "'mpi'" in message and "aiocomm[mpi]" in message
+    with pytest.warns(RuntimeWarning) as warned:
+        world = aiocomm.init(backend=backend)
+    assert world.size() == 1
+    assert "'mpi'" in str(warned[0].message) and "only the 'ring'" not in str(warned[0].message)
