@@ -164,6 +164,14 @@ def _wants_mpi(backend: str, spec: config.WorldSpec | None) -> bool:
     )
 
 
+def _mpi_unavailable(backend: str) -> str:
+    """Why the MPI backend was not chosen for a process an MPI launcher
+    started (mpi4py missing, say), or "" if that is not the reason."""
+    if backend == "any" and mpi_backend.started_by_mpi_launcher() and not mpi_backend.present():
+        return mpi_backend.why_unavailable()
+    return ""
+
+
 async def init(strict: bool = False, backend: str = "any") -> Group:
     """Form (once) and return the world group.
 
@@ -214,7 +222,7 @@ async def init(strict: bool = False, backend: str = "any") -> Group:
             )
         _engine = Engine.start_mpi()
         return _engine.world
-    join = rendezvous.join_spec_from_env() if spec is None else None
+    join = rendezvous.join_spec_from_env(mpi_unavailable=_mpi_unavailable(backend)) if spec is None else None
     if spec is None and join is None:
         if strict:
             raise RuntimeError(

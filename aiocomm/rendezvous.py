@@ -60,7 +60,10 @@ def _int(env: Mapping[str, str], name: str) -> int:
         raise CommError(f"{name}={env[name]!r} is not an integer") from None
 
 
-def coordinator_from_env(env: Mapping[str, str], source: str) -> Address:
+def coordinator_from_env(env: Mapping[str, str], source: str, mpi_unavailable: str = "") -> Address:
+    """Where rank 0 runs the rendezvous.  ``mpi_unavailable``: why the MPI
+    backend, which an MPI launcher's job would otherwise use, is not (the
+    likely fix when no address is set)."""
     text = env.get("AIOCOMM_COORDINATOR")
     if text:
         return parse_address(text, where="AIOCOMM_COORDINATOR")
@@ -70,14 +73,20 @@ def coordinator_from_env(env: Mapping[str, str], source: str) -> Address:
         if port >= 65535:
             raise CommError(f"MASTER_PORT={port} leaves no port above it for aiocomm's rendezvous")
         return host, port + 1
+    if mpi_unavailable:
+        raise CommError(
+            f"started by {source}, but aiocomm's MPI backend is unavailable: {mpi_unavailable}. "
+            "(To join over TCP without it instead, set AIOCOMM_COORDINATOR=host:port to where rank 0 can listen.)"
+        )
     raise CommError(
         f"started by {source} but no coordinator address: set AIOCOMM_COORDINATOR=host:port "
         "(or MASTER_ADDR and MASTER_PORT) to where rank 0 can listen"
     )
 
 
-def join_spec_from_env(environ: Mapping[str, str] | None = None) -> JoinSpec | None:
-    """The group another tool started this process in, or ``None``."""
+def join_spec_from_env(environ: Mapping[str, str] | None = None, mpi_unavailable: str = "") -> JoinSpec | None:
+    """The group another tool started this process in, or ``None``
+    (``mpi_unavailable``: see :func:`coordinator_from_env`)."""
     env = os.environ if environ is None else environ
     for rank_var, size_var, tool in JOIN_SOURCES:
         if rank_var in env and size_var in env:
@@ -85,7 +94,7 @@ def join_spec_from_env(environ: Mapping[str, str] | None = None) -> JoinSpec | N
             source = f"{tool} ({rank_var}/{size_var})"
             if not 0 <= rank < size:
                 raise CommError(f"{rank_var}={rank} is outside the group of {size_var}={size}")
-            coordinator = coordinator_from_env(env, source) if size > 1 else ("127.0.0.1", 1)
+            coordinator = coordinator_from_env(env, source, mpi_unavailable) if size > 1 else ("127.0.0.1", 1)
             return JoinSpec(rank, size, coordinator, token_from_env(env), source)
     return None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -13,7 +14,7 @@ import pytest
 
 from aiocomm import wire
 
-from .conftest import spawn_world
+from .conftest import ROOT, WORKERS, clean_env, spawn_world
 
 INIT = ["-c", "import aiocomm; aiocomm.init()"]
 
@@ -110,7 +111,12 @@ def _communicate_all(procs, timeout: float) -> list[tuple[str, str]]:
     outs: list[tuple[str, str]] = [("", "")] * len(procs)
 
     def read(i: int) -> None:
-        outs[i] = procs[i].communicate(timeout=timeout)
+        try:
+            outs[i] = procs[i].communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            procs[i].kill()
+            out, err = procs[i].communicate()
+            outs[i] = (out, err + f"\n(still running after {timeout}s: killed)")
 
     threads = [threading.Thread(target=read, args=(i,)) for i in range(len(procs))]
     for t in threads:
@@ -187,3 +193,34 @@ def test_unimplemented_backends_name_ring_and_mpi(fresh_world, backend):
         world = aiocomm.init(backend=backend)
     assert world.size() == 1
     assert "'mpi'" in str(warned[0].message) and "only the 'ring'" not in str(warned[0].message)
+
+
+# ---- item 7: mpirun without mpi4py says so
+
+
+def _without_mpi4py(backend: str, **env: str) -> str:
+    proc = subprocess.run([sys.executable, str(WORKERS / "no_mpi4py.py"), backend], cwd=ROOT,
+                          env=clean_env(**env), capture_output=True, text=True, timeout=60)
+    assert "mpi4py hidden" in proc.stdout, (proc.stdout, proc.stderr)
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("launcher", [
+    {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},  # mpirun, aiocomm-launch --backend mpi
+    {"PMI_RANK": "1", "PMI_SIZE": "2"},  # MPICH's Hydra
+])
+def test_mpi_launcher_without_mpi4py_says_mpi4py_is_missing(launcher):
+    out = _without_mpi4py("any", **launcher)
+    assert "FAILED CommError" in out, out
+    assert "mpi4py is not installed" in out and "pip install 'aiocomm[mpi]'" in out, out
+    assert "AIOCOMM_COORDINATOR" in out, out  # the other way out, named second
+
+
+@pytest.mark.timeout(60)
+def test_ring_under_an_mpi_launcher_without_mpi4py_is_not_about_mpi4py():
+    """backend='ring' asked for TCP: the missing coordinator is the problem, not mpi4py."""
+    out = _without_mpi4py("ring", OMPI_COMM_WORLD_RANK="1", OMPI_COMM_WORLD_SIZE="2")
+    failed = next(line for line in out.splitlines() if line.startswith("FAILED"))
+    assert failed.startswith("FAILED CommError") and "no coordinator address" in failed, out
+    assert "mpi4py" not in failed, out
