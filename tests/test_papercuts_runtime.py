@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from aiocomm import wire
+from aiocomm import config, wire
 
 from .conftest import ROOT, WORKERS, clean_env, spawn_world
 
@@ -224,3 +224,85 @@ def test_ring_under_an_mpi_launcher_without_mpi4py_is_not_about_mpi4py():
     failed = next(line for line in out.splitlines() if line.startswith("FAILED"))
     assert failed.startswith("FAILED CommError") and "no coordinator address" in failed, out
     assert "mpi4py" not in failed, out
+
+
+# ---- item 9: every size and time variable takes suffixes, and every error names it
+
+# (variable, a good value with a suffix, what it means, a bad value)
+SIZE_AND_TIME_VARS = [
+    ("AIOCOMM_SEGMENT_BYTES", "64K", 64 << 10, "64X"),
+    ("AIOCOMM_SMALL_BYTES", "1.5KiB", 1536, "lots"),
+    ("AIOCOMM_BUFFER_BYTES", "2MB", 2 << 20, "-1K"),
+    ("AIOCOMM_TIMEOUT", "2m", 120.0, "5 parsecs"),
+    ("AIOCOMM_CONNECT_TIMEOUT", "1500ms", 1.5, "0s"),
+    ("AIOCOMM_POLL_US", "0.05ms", 50e-6, "soon"),
+]
+
+_READ = {  # how aiocomm reads each variable, given an environment
+    "AIOCOMM_SEGMENT_BYTES": lambda env: config.size_env("AIOCOMM_SEGMENT_BYTES", 1 << 20, env, minimum=1),
+    "AIOCOMM_SMALL_BYTES": lambda env: config.size_env("AIOCOMM_SMALL_BYTES", 32 << 10, env),
+    "AIOCOMM_BUFFER_BYTES": lambda env: config.buffer_budget(env),
+    "AIOCOMM_TIMEOUT": lambda env: config.time_env("AIOCOMM_TIMEOUT", config.DEFAULT_TIMEOUT, env),
+    "AIOCOMM_CONNECT_TIMEOUT": lambda env: config.time_env(
+        "AIOCOMM_CONNECT_TIMEOUT", config.DEFAULT_CONNECT_TIMEOUT, env),
+    "AIOCOMM_POLL_US": lambda env: config.poll_seconds(
+        config.WorldSpec(0, ((("127.0.0.1", 1),), (("127.0.0.1", 2),)), b"", "test"), env, cpus=2),
+}
+
+@pytest.mark.parametrize(("var", "good", "meaning", "bad"), SIZE_AND_TIME_VARS)
+def test_size_and_time_variables_parse_suffixes_and_name_themselves(var, good, meaning, bad):
+    read = _READ[var]
+    assert read({var: good}) == pytest.approx(meaning, rel=1e-12)
+    with pytest.raises(ValueError) as info:
+        read({var: bad})
+    assert f"{var}={bad!r}" in str(info.value)
+
+
+def test_the_one_parser():
+    size, time_ = config.size_env, config.time_env
+    for text, want in [("65536", 65536), ("64k", 65536), ("64 K", 65536), ("64KB", 65536), ("64KiB", 65536),
+                       ("1M", 1 << 20), ("2G", 2 << 30), ("1T", 1 << 40), ("0", 0), ("512B", 512), (" 3K ", 3072)]:
+        assert size("V", 7, {"V": text}) == want, text
+    assert size("V", 7, {}) == 7 and size("V", 7, {"V": ""}) == 7
+    for bad in ["64X", "K", "1.2.3", "1e3", "0.5", "-5", "64 KK", "ten"]:
+        with pytest.raises(ValueError, match=f"V={bad!r}"):
+            size("V", 7, {"V": bad})
+    with pytest.raises(ValueError, match="at least 1 bytes"):
+        size("V", 7, {"V": "0"}, minimum=1)
+    for text, want in [("30", 30.0), ("30s", 30.0), ("1.5m", 90.0), ("2min", 120.0), ("1h", 3600.0),
+                       ("250ms", 0.25), ("100us", 1e-4), ("1e3ms", 1.0), ("inf", float("inf"))]:
+        assert time_("V", 1.0, {"V": text}) == pytest.approx(want), text
+    assert time_("V", 1.0, {"V": "50"}, unit="us", positive=False) == 50e-6  # bare microseconds, exactly
+    for bad in ["soon", "5 parsecs", "1d", "s", "nan", "0", "-1s", "30 seconds"]:
+        with pytest.raises(ValueError, match=f"V={bad!r}"):
+            time_("V", 1.0, {"V": bad})
+    with pytest.raises(ValueError, match="must be finite"):
+        time_("V", 1.0, {"V": "inf"}, finite=True)
+
+
+SUM_AND_SEND = ("import aiocomm, numpy as np\n"
+                "w = aiocomm.init(); r = w.rank()\n"
+                "x = aiocomm.all_sum(np.arange(100000, dtype=np.float64))\n"
+                "assert (x == 2 * np.arange(100000)).all()\n"
+                "big = np.arange(1 << 19, dtype=np.float64)\n"
+                "if r == 0: aiocomm.send(big, 1)\n"
+                "else: assert (aiocomm.recv_like(big, 0) == big).all()\n"
+                "print('OK', flush=True)\n")
+
+
+@pytest.mark.timeout(90)
+def test_a_world_with_every_variable_suffixed(tmp_path):
+    env = {var: good for var, good, _, _ in SIZE_AND_TIME_VARS}
+    procs = spawn_world(2, tmp_path, ["-c", SUM_AND_SEND], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for proc, (out, err) in zip(procs, _communicate_all(procs, 60), strict=True):
+        assert proc.returncode == 0 and "OK" in out, err[-3000:]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("var", "bad"), [(v, b) for v, _, _, b in SIZE_AND_TIME_VARS])
+def test_a_bad_value_stops_every_rank_naming_the_variable(tmp_path, var, bad):
+    procs = spawn_world(2, tmp_path, ["-c", SUM_AND_SEND], env={"AIOCOMM_CONNECT_TIMEOUT": "20", var: bad},
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for proc, (_, err) in zip(procs, _communicate_all(procs, 60), strict=True):
+        last = err.strip().splitlines()[-1]
+        assert proc.returncode != 0 and last.startswith("ValueError: ") and f"{var}={bad!r}" in last, err[-3000:]
