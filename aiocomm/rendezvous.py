@@ -31,7 +31,7 @@ from typing import Any
 
 from . import wire
 from .config import Address, WorldSpec, parse_address, token_from_env
-from .errors import CommError, CommTimeoutError, ProtocolError
+from .errors import AuthenticationError, CommError, CommTimeoutError, ProtocolError
 from .transport.connections import backoff
 from .wire import Kind
 
@@ -146,12 +146,13 @@ class Coordinator:
                 raise ProtocolError("malformed JOIN map")
             parse_address(address, where=f"rank {rank}'s JOIN")
             if not hmac.compare_digest(mac, _join_mac(self.spec.token, nonce, rank, size, address)):
-                raise ProtocolError(f"rank {rank} failed authentication (AIOCOMM_TOKEN differs)")
+                raise AuthenticationError(f"rank {rank} failed authentication (AIOCOMM_TOKEN differs)")
             if self.addresses[rank] is not None:
                 raise ProtocolError(f"rank {rank} joined twice")
         except (ProtocolError, CommError, asyncio.IncompleteReadError, asyncio.TimeoutError, OSError) as exc:
+            refusal = {"reason": str(exc), "authentication": isinstance(exc, AuthenticationError)}
             try:
-                writer.write(wire.control_frame(Kind.REJECT, {"reason": str(exc)}))
+                writer.write(wire.control_frame(Kind.REJECT, refusal))
             finally:
                 writer.close()
             return
@@ -237,6 +238,12 @@ async def rendezvous(spec: JoinSpec, timeout: float) -> WorldSpec:
         finally:
             writer.close()
         if header.kind == Kind.REJECT:
+            if isinstance(meta, dict) and meta.get("authentication") is True:
+                raise AuthenticationError(
+                    f"coordinator {host}:{port} refused rank {spec.rank}'s proof of the job token "
+                    f"({meta.get('reason')}): AIOCOMM_TOKEN differs between this rank and rank 0 (ranks started "
+                    "with different tokens, or another job's rendezvous at that address?)"
+                )
             raise CommError(f"coordinator {host}:{port} rejected rank {spec.rank}: {meta}")
         if header.kind != Kind.ROSTER:
             raise ProtocolError(f"coordinator {host}:{port} answered {header.kind.name}, not ROSTER")

@@ -306,3 +306,21 @@ def test_a_bad_value_stops_every_rank_naming_the_variable(tmp_path, var, bad):
     for proc, (_, err) in zip(procs, _communicate_all(procs, 60), strict=True):
         last = err.strip().splitlines()[-1]
         assert proc.returncode != 0 and last.startswith("ValueError: ") and f"{var}={bad!r}" in last, err[-3000:]
+
+
+@pytest.mark.timeout(60)
+def test_wrong_token_at_the_coordinator_is_an_authentication_error():
+    """The TCP join (torchrun, srun, mpirun without mpi4py): the rank the
+    coordinator refuses raises AuthenticationError naming its address."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        coordinator = f"127.0.0.1:{s.getsockname()[1]}"
+    procs = [subprocess.Popen(
+        [sys.executable, *INIT], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        env=clean_env(PMI_RANK=str(r), PMI_SIZE="2", AIOCOMM_COORDINATOR=coordinator,
+                      AIOCOMM_TOKEN=f"secret-{r}", AIOCOMM_CONNECT_TIMEOUT="5")) for r in range(2)]
+    errs = [err for _, err in _communicate_all(procs, 40)]
+    last = errs[1].strip().splitlines()[-1]
+    assert last.startswith("aiocomm.errors.AuthenticationError") and coordinator in last, errs[1][-2000:]
+    assert "AIOCOMM_TOKEN" in last and "secret" not in errs[1]
+    assert procs[0].returncode != 0
