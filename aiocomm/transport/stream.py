@@ -248,6 +248,17 @@ class PeerStream(asyncio.BufferedProtocol):
     def _protocol_error(self, exc: ProtocolError) -> None:
         who = f"rank {self.peer}" if self.peer is not None else "unidentified peer"
         log.warning("rank %d: closing connection from %s at %s: %s", self.mesh.rank, who, self.where(), exc)
+        hs = self.handshake
+        if hs.refusal and not hs.done:
+            # A peer that got the layout right failed the token check: tell it
+            # (the REJECT goes out before the close), and let the connections
+            # check whether the rank it claimed really holds another token.
+            self._write(hs.refusal)
+            self.lost_reason = exc
+            self.close()
+            if hs.claimed is not None:
+                self.mesh.connections.refused(hs.claimed, self.where())
+            return
         self.abort(exc)
 
     def _handshake_frame(self, header: Header, meta: bytes) -> Sink:
