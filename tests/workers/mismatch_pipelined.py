@@ -1,8 +1,9 @@
 """Mismatches on the pipelined ring path: every rank raises MismatchError, nobody gets data.
 
-argv: OP KIND ODD -- OP is all_sum, all_max, all_min, all_gather or
-sum_scatter; rank ODD calls it with an input of another KIND (below), the
-other ranks with a float32 array of shape (1200, 1024).
+argv: OP KIND ODD [ROWS] -- OP is all_sum, all_max, all_min, all_gather
+or sum_scatter; rank ODD calls it with an input of another KIND (below),
+the other ranks with a float32 array of shape (ROWS, 1024) (ROWS: 1200,
+4.7 MiB, unless given; a multiple of 6).
 
 The arrays are megabytes, far over the small-message limit (``SMALL_BYTES``,
 32 KiB), and over the default 1 MiB segment (``AIOCOMM_SEGMENT_BYTES``), so
@@ -34,7 +35,7 @@ op, kind, odd = sys.argv[1], sys.argv[2], int(sys.argv[3])
 world = aiocomm.init(strict=True)
 n, r = world.size(), world.rank()
 
-BASE = (1200, 1024)  # float32: 4.7 MiB; rows divisible by 2 and 3 (sum_scatter)
+BASE = (int(sys.argv[4]) if len(sys.argv) > 4 else 1200, 1024)  # rows divisible by 2 and 3 (sum_scatter)
 
 
 def odd_input() -> np.ndarray:
