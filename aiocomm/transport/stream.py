@@ -224,6 +224,11 @@ class PeerStream(asyncio.BufferedProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
+    def unsent(self) -> bool:
+        """Whether bytes written here still wait in the transport's buffer."""
+        transport = self.transport
+        return transport is not None and not self.closing and bool(transport.get_write_buffer_size())
+
     def give_up_writes(self, what: str) -> None:
         """``what`` (an operation that wrote here) failed.  If part of what it
         wrote still waits in the transport's buffer, that may be the caller's
