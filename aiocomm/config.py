@@ -200,6 +200,26 @@ def buffer_budget(environ: Mapping[str, str] | None = None) -> int:
     return size_env("AIOCOMM_BUFFER_BYTES", DEFAULT_BUFFER_BYTES, environ)
 
 
+TRANSPORTS = ("auto", "tcp")
+
+
+def transport(environ: Mapping[str, str] | None = None) -> str:
+    """``AIOCOMM_TRANSPORT``: ``auto`` (default: shared memory among ranks of
+    one host, TCP between hosts) or ``tcp`` (TCP everywhere)."""
+    env = os.environ if environ is None else environ
+    value = env.get("AIOCOMM_TRANSPORT", "").strip().lower() or "auto"
+    if value not in TRANSPORTS:
+        raise ValueError(f"AIOCOMM_TRANSPORT={env['AIOCOMM_TRANSPORT']!r}: expected one of {', '.join(TRANSPORTS)}")
+    return value
+
+
+def shm_slot_bytes(environ: Mapping[str, str] | None = None) -> int:
+    """Bytes of each shared-memory slot (``AIOCOMM_SHM_SLOT_BYTES``, default
+    8 MiB): a collective moves its array in rounds of one slot; each rank of
+    a group maps two slots of every member."""
+    return size_env("AIOCOMM_SHM_SLOT_BYTES", 8 << 20, environ, minimum=4096)
+
+
 _op_timeout: float | None = None
 
 

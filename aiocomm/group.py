@@ -91,6 +91,11 @@ class Backend(Protocol):
 
     def barrier(self, group: Group, timeout: float) -> Coroutine[Any, Any, None]: ...
 
+    def in_caller(self, group: Group, name: str) -> Callable[..., Any] | None:
+        """How to run engine operation ``name`` on ``group`` in the blocking
+        caller's own thread, or None (then it runs on the backend's loop)."""
+        ...
+
     def abort(self, group: Group, exc: CommError) -> None:
         """Break ``group`` here and on its other members with ``exc`` (called
         on the loop that owns the connections, if the backend has one)."""
@@ -366,8 +371,12 @@ def call_blocking(
     with claim(group, stream):
         engine = group._engine
         backend = engine.backend
-        if backend is not None and backend.direct and group.size() > 1:
-            return backend.call_blocking(op.__name__, group, *args)  # type: ignore[attr-defined,no-any-return]
+        if backend is not None and group.size() > 1:
+            if backend.direct:
+                return backend.call_blocking(op.__name__, group, *args)  # type: ignore[attr-defined,no-any-return]
+            here = backend.in_caller(group, op.__name__)
+            if here is not None:  # (shared memory: no hand-off to the loop)
+                return here(*args)  # type: ignore[no-any-return]
         coro = op(group, *args)
         loop = engine.loop
         if loop is None:  # a world of size 1 (the loop-less MPI backend went the direct way)

@@ -5,18 +5,30 @@ context, a per-group sequence number in its tags, and one
 :class:`~aiocomm.transport.Op` whose deadline bounds every wait of the call.
 A failure in a collective aborts the group on every rank (the mesh sends the
 reason to the other members).
+
+Shared memory (:mod:`aiocomm.shm`): at a group's first collective its
+members decide together, over TCP, whether every one of them runs on this
+host; if so the group's reductions and gathers (all_sum/max/min,
+all_gather, sum_scatter) move through shared memory from then on -- in the
+calling thread for the blocking face (:meth:`RingBackend.in_caller`), in
+the group's own thread for the async face -- and every other collective
+first agrees there on what was called, so ranks that call different
+operations still get ``MismatchError``, whichever way each one moves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
+import os
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import numpy as np
 
-from .. import collectives, failure_report, rooted
+from .. import collectives, config, failure_report, rooted, shm
 from ..errors import CommError
 from ..transport import Mesh, Op, Wait
 from ..wire import Kind, Signature, signature
@@ -77,6 +89,32 @@ class MeshLink:
                 return
 
 
+class RingGroup:
+    """The ring's state of one group (``group.handle``): whether its
+    collectives move through shared memory (decided at its first collective)."""
+
+    __slots__ = ("decided", "channel", "health", "direct", "_worker")
+
+    def __init__(self) -> None:
+        self.decided = False
+        self.channel: shm.Channel | None = None
+        self.health: shm.Health = _healthy
+        #: engine operation name -> the call in the caller's thread (the blocking face)
+        self.direct: dict[str, Callable[..., Any]] = {}
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def worker(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The thread that runs this group's shared-memory steps for the async
+        face (one: they run in the order they were issued)."""
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aiocomm-shm")
+        return self._worker
+
+
+def _healthy() -> CommError | None:
+    return None
+
+
 def split_context(parent: int, index: int, color: int) -> int:
     """A context id for a split's subgroup: the same on every member, distinct
     from every other group's with overwhelming probability."""
@@ -97,13 +135,161 @@ class RingBackend:
         # posted (this rank holds a copy) only where an orderly close at exit
         # is sure to send what is held: the private loop of the blocking face.
         self.hold_sends = False
+        why = shm.supported()
+        if why is None and config.transport() == "tcp":
+            why = "AIOCOMM_TRANSPORT=tcp"
+        self.shm_unavailable = why  # None: groups whose members share this host use shared memory
+        self.shm_slot_bytes = config.shm_slot_bytes()
 
     def _raise_broken(self, context: int, what: str) -> None:
         cause = self.mesh.broken.get(context)
         if cause is not None:
             failure_report.raise_broken(self.rank, cause, what)
 
+    # ---- shared memory
+
+    def _state(self, group: GroupState) -> RingGroup:
+        state = group.handle
+        if state is None:
+            state = group.handle = RingGroup()
+        return state  # type: ignore[no-any-return]
+
+    async def _decide(self, group: GroupState, state: RingGroup, timeout: float) -> None:
+        """At the group's first collective, on every rank: use shared memory if
+        every member can map every other's segment (one host, and nobody was
+        told AIOCOMM_TRANSPORT=tcp).  Two TCP collectives: who is where, then
+        whether everyone mapped everyone."""
+        state.decided = True
+        n, me = group.size(), group.rank()
+        segment = None
+        if self.shm_unavailable is None and n <= shm.MAX_RANKS:
+            try:
+                segment = shm.Segment.create(self.shm_slot_bytes)
+            except OSError:
+                segment = None
+        mine = np.array([shm.host_id(), os.getpid(), segment.fd if segment is not None else -1], np.int64)
+        table = await self._tcp_collective(group, signature("shared-memory set-up", mine.dtype, mine.shape),
+                                           timeout, collectives.all_gather, mine)
+        table = table.reshape(n, 3)
+        peers: dict[int, shm.Segment] = {}
+        usable = segment is not None and bool(np.all(table[:, 0] == table[0, 0]) and np.all(table[:, 2] >= 0))
+        if usable:
+            try:
+                for k in range(n):
+                    if k != me:
+                        peers[k] = shm.Segment.open(int(table[k, 1]), int(table[k, 2]), self.shm_slot_bytes)
+            except OSError:
+                usable = False
+        flag = np.array([1 if usable else 0], np.int64)
+        agreed = await self._tcp_collective(group, signature("shared-memory agreement", flag.dtype, flag.shape),
+                                            timeout, collectives.all_reduce, flag, "min")
+        if not agreed[0]:
+            for seg in peers.values():
+                seg.close()
+            if segment is not None:
+                segment.close()
+            return
+        assert segment is not None
+        channel = shm.Channel(me, group.members, segment, peers, {k: int(table[k, 1]) for k in peers})
+        state.health = self._health(group)
+        state.direct = {
+            "all_reduce": lambda x, op, t: self._shm_call(
+                group, state, channel.all_reduce, x, op, signature(_OP_NAMES[op], x.dtype, x.shape).describe(), t),
+            "all_gather": lambda x, t: self._shm_call(
+                group, state, channel.all_gather, x, signature("all_gather", x.dtype, x.shape).describe(), t),
+            "sum_scatter": lambda x, t: self._shm_sum_scatter(group, state, x, t),
+        }
+        state.channel = channel
+
+    def _health(self, group: GroupState) -> shm.Health:
+        """What the transport knows that ends a shared-memory wait: an ABORT of
+        the group, or a lost member (read from any thread)."""
+        mesh, context = self.mesh, group.context
+        others = [w for w in group.members if w != self.rank]
+
+        def health() -> CommError | None:
+            cause = mesh.broken.get(context)
+            if cause is not None:
+                return cause
+            lost = mesh.lost
+            if lost:
+                for w in others:
+                    if w in lost:
+                        return lost[w]
+            return None
+
+        return health
+
+    def _shm_sum_scatter(self, group: GroupState, state: RingGroup, x: np.ndarray, timeout: float) -> np.ndarray:
+        collectives.scattered_shape(x.shape, group.size())  # ValueError before any step
+        assert state.channel is not None
+        describe = signature("sum_scatter", x.dtype, x.shape).describe()
+        return self._shm_call(group, state, state.channel.reduce_scatter, x, "sum", describe, timeout)  # type: ignore[no-any-return]
+
+    def _shm_call(self, group: GroupState, state: RingGroup, step: Callable[..., Any], *args: Any) -> Any:
+        """Run a shared-memory step (in a thread that is not the loop's):
+        ``step(*args[:-1], deadline, health, timeout)``; a failure breaks the
+        group on every rank (the peers see it in shared memory, and the
+        transport tells them too)."""
+        channel = state.channel
+        assert channel is not None
+        timeout = args[-1]
+        cause = self.mesh.broken.get(group.context) or channel.broken
+        if cause is not None:
+            failure_report.raise_broken(self.rank, cause, args[-2])  # (args[-2]: the call's description)
+        try:
+            return step(*args[:-1], time.monotonic() + timeout, state.health, timeout)
+        except CommError as exc:
+            channel.give_up(exc)
+            failure_report.record(self.rank, exc)
+            try:
+                self.mesh.loop.call_soon_threadsafe(self._abort_once, group.context, exc)
+            except RuntimeError:  # the loop is closed: nothing to tell over TCP
+                pass
+            raise
+
+    def _abort_once(self, context: int, exc: CommError) -> None:
+        if context not in self.mesh.broken:
+            self.mesh.abort(context, exc)
+
+    async def _in_worker(self, state: RingGroup, call: Callable[[], T]) -> T:
+        return await asyncio.wrap_future(state.worker().submit(call))
+
+    def in_caller(self, group: GroupState, name: str) -> Callable[..., Any] | None:
+        """The blocking face's way to run engine operation ``name`` in the
+        caller's thread (a group decided for shared memory), or None."""
+        state = group.handle
+        if state is None:
+            return None
+        return state.direct.get(name)  # type: ignore[no-any-return]
+
+    async def _shm_or_tcp(self, group: GroupState, name: str, sig: Signature, timeout: float,
+                          body: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """A reduction or gather: through shared memory if the group decided so, else over TCP."""
+        state = self._state(group)
+        if not state.decided:
+            await self._decide(group, state, timeout)
+        direct = state.direct.get(name)
+        if direct is not None:
+            call_args = (*args, timeout) if name == "all_reduce" else (args[0], timeout)
+            return await self._in_worker(state, lambda: direct(*call_args))
+        return await self._tcp_collective(group, sig, timeout, body, *args)
+
     async def _collective(
+        self, group: GroupState, sig: Signature, timeout: float, body: Callable[..., Awaitable[T]], *args: Any
+    ) -> T:
+        """A collective that moves its data over TCP; on a group that uses
+        shared memory, after agreeing there on what was called."""
+        state = self._state(group)
+        if not state.decided:
+            await self._decide(group, state, timeout)
+        channel = state.channel
+        if channel is not None:
+            describe = sig.describe()
+            await self._in_worker(state, lambda: self._shm_call(group, state, channel.agree, describe, timeout))
+        return await self._tcp_collective(group, sig, timeout, body, *args)
+
+    async def _tcp_collective(
         self, group: GroupState, sig: Signature, timeout: float, body: Callable[..., Awaitable[T]], *args: Any
     ) -> T:
         """Run ``body(link, *args)`` as one collective call of ``group``
@@ -152,14 +338,15 @@ class RingBackend:
 
     def all_reduce(self, group: GroupState, x: np.ndarray, op: str, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
         sig = signature(_OP_NAMES[op], x.dtype, x.shape)
-        return self._collective(group, sig, timeout, collectives.all_reduce, x, op)
+        return self._shm_or_tcp(group, "all_reduce", sig, timeout, collectives.all_reduce, x, op)
 
     def all_gather(self, group: GroupState, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
-        return self._collective(group, signature("all_gather", x.dtype, x.shape), timeout, collectives.all_gather, x)
+        sig = signature("all_gather", x.dtype, x.shape)
+        return self._shm_or_tcp(group, "all_gather", sig, timeout, collectives.all_gather, x)
 
     def sum_scatter(self, group: GroupState, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
         sig = signature("sum_scatter", x.dtype, x.shape)
-        return self._collective(group, sig, timeout, collectives.reduce_scatter, x, "sum")
+        return self._shm_or_tcp(group, "sum_scatter", sig, timeout, collectives.reduce_scatter, x, "sum")
 
     def broadcast(self, group: GroupState, x: np.ndarray, root: int, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
         sig = signature(f"broadcast from rank {root}", x.dtype, x.shape)

@@ -89,6 +89,7 @@ class Channel:
         if self.broken is None:
             self.broken = exc
         if not self.mine.control[BROKEN]:
+            self.mine.explain(str(exc))
             self.mine.control[BROKEN] = code
             self.mine.bell[0] += 1
             self.mine.wake()
@@ -102,10 +103,18 @@ class Channel:
         for other, seg in self.others:
             code = int(seg.control[BROKEN])
             if code:
-                how = {_BROKE_TIMEOUT: "timed out", _BROKE_MISMATCH: "found a mismatch"}.get(code, "failed")
-                err = CommError(f"rank {self.members[other]} {how} and gave up on this group during {what}, "
-                                f"which breaks it on every rank (rank {self.members[self.rank]} was waiting)")
-                err.culprit = self.members[other] if code == _BROKE_ERROR else None
+                origin = self.members[other]
+                # (as the transport's ABORT reports it: the origin's own words)
+                text = f"{seg.reason() or f'rank {origin} gave up on this group during {what}'} " \
+                       f"(reported by rank {origin})"
+                err: CommError
+                if code == _BROKE_TIMEOUT:  # (the same class as the transport's ABORT would give)
+                    err = CommTimeoutError(text, (origin,))
+                elif code == _BROKE_MISMATCH:
+                    err = MismatchError(text)
+                else:
+                    err = CommError(text)
+                    err.culprit = origin
                 return err
         if self._pidfds:
             for fd, _ in self._poll.poll(0):
@@ -115,8 +124,9 @@ class Channel:
                     f"{self.members[self.rank]}", gone)
         if time.monotonic() >= deadline:
             return CommTimeoutError(
-                f"rank {self.members[self.rank]} timed out after {timeout:g}s in {what}, waiting for rank {world} "
-                f"(shared memory): pass a larger timeout= or set AIOCOMM_TIMEOUT (seconds)", (world,))
+                f"rank {self.members[self.rank]} timed out after {timeout:g}s in {what}, waiting for the next step "
+                f"from rank {world} (shared memory): pass a larger timeout= or set AIOCOMM_TIMEOUT (seconds)",
+                (world,))
         return None
 
     # ---- the barrier

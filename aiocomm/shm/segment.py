@@ -14,8 +14,10 @@ Layout (bytes)::
     16    int64 broken       why the owner gave up on the group (0: it did not)
     24    (unused)
     32    int64 text length  of the signature's description, at byte 256
+    40    int64 reason length
     64    int32 bell         changes with every epoch; peers sleep on it (futex)
     256   the description of the owner's current call (for MismatchError)
+    1664  why the owner gave up (the text of its error; length at byte 40)
     3072  64 bytes           byte k: rank k is asleep on this segment's bell
     4096  input slot         (slot bytes)
     ...   output slot        (slot bytes)
@@ -36,11 +38,13 @@ from typing import Any
 import numpy as np
 
 CONTROL = 4096
-EPOCH, SIGNATURE, BROKEN, TEXT = 0, 1, 2, 4
+EPOCH, SIGNATURE, BROKEN, TEXT, REASON = 0, 1, 2, 4, 5
 _BELL_OFFSET = 64
 _TEXT_OFFSET = 256
+_REASON_OFFSET = 1664
 _SLEEPERS_OFFSET = 3072
-_TEXT_MAX = _SLEEPERS_OFFSET - _TEXT_OFFSET
+_TEXT_MAX = _REASON_OFFSET - _TEXT_OFFSET
+_REASON_MAX = _SLEEPERS_OFFSET - _REASON_OFFSET
 MAX_RANKS = 64  # on one host, in one group (a sleeper flag each)
 _NOBODY = bytes(MAX_RANKS)
 
@@ -123,6 +127,16 @@ class Segment:
     def description(self) -> str:
         length = int(self.control[TEXT])
         return bytes(self.mm[_TEXT_OFFSET : _TEXT_OFFSET + max(0, min(length, _TEXT_MAX))]).decode(errors="replace")
+
+    def explain(self, reason: str) -> None:
+        data = reason.encode()[:_REASON_MAX]
+        self.mm[_REASON_OFFSET : _REASON_OFFSET + len(data)] = data
+        self.control[REASON] = len(data)
+
+    def reason(self) -> str:
+        length = int(self.control[REASON])
+        return bytes(self.mm[_REASON_OFFSET : _REASON_OFFSET + max(0, min(length, _REASON_MAX))]).decode(
+            errors="replace")
 
     def ring(self, epoch: int) -> None:
         """Publish ``epoch`` and wake peers asleep on this segment."""

@@ -406,6 +406,9 @@ class MpiBackend:
     def barrier(self, group: GroupState, timeout: float) -> Coroutine[Any, Any, None]:
         return self._run("barrier", group, timeout)
 
+    def in_caller(self, group: GroupState, name: str) -> None:
+        return None  # (every blocking call runs in the caller's thread: call_blocking)
+
     def abort(self, group: GroupState, exc: CommError) -> None:
         """Break ``group`` here (a call in flight on it gives up at its next
         pause) and tell the other members."""
