@@ -57,9 +57,13 @@ __all__ = [
 T = TypeVar("T")
 
 BACKENDS = ("any", "ring", "mpi", "nccl", "jaccl")
+_IMPLEMENTED = (
+    "aiocomm implements 'ring' (its own TCP transport, always available) and 'mpi' (the job's MPI library "
+    "through mpi4py: pip install 'aiocomm[mpi]'); backend='any' picks one of them"
+)
 _UNAVAILABLE_WHY = {
-    "nccl": "aiocomm implements only the 'ring' backend (TCP); 'nccl' is not implemented (no GPU transport)",
-    "jaccl": "aiocomm implements only the 'ring' backend (TCP); 'jaccl' (RDMA over Thunderbolt) is not implemented",
+    "nccl": f"'nccl' (GPU transport) is not implemented: {_IMPLEMENTED}",
+    "jaccl": f"'jaccl' (RDMA over Thunderbolt) is not implemented: {_IMPLEMENTED}",
 }
 
 _engine: Engine | None = None
@@ -170,6 +174,14 @@ def _wants_mpi(backend: str, spec: config.WorldSpec | None) -> bool:
     )
 
 
+def _mpi_unavailable(backend: str) -> str:
+    """Why the MPI backend was not chosen for a process an MPI launcher
+    started (mpi4py missing, say), or "" if that is not the reason."""
+    if backend == "any" and mpi_backend.started_by_mpi_launcher() and not mpi_backend.present():
+        return mpi_backend.why_unavailable()
+    return ""
+
+
 async def init(strict: bool = False, backend: str = "any") -> Group:
     """Form (once) and return the world group.
 
@@ -220,7 +232,7 @@ async def init(strict: bool = False, backend: str = "any") -> Group:
             )
         _engine = Engine.start_mpi()
         return _engine.world
-    join = rendezvous.join_spec_from_env() if spec is None else None
+    join = rendezvous.join_spec_from_env(mpi_unavailable=_mpi_unavailable(backend)) if spec is None else None
     if spec is None and join is None:
         if strict:
             raise RuntimeError(

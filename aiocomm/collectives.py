@@ -38,20 +38,21 @@ from __future__ import annotations
 
 import collections
 import functools
-import os
 from collections.abc import Awaitable
 from typing import Protocol
 
 import numpy as np
 
+from .config import size_env
+
 #: Largest segment moved as one frame (``AIOCOMM_SEGMENT_BYTES`` overrides it,
 #: which tests use to drive the multi-segment paths with small arrays).
-SEGMENT_BYTES = int(os.environ.get("AIOCOMM_SEGMENT_BYTES", 1 << 20))
+SEGMENT_BYTES = size_env("AIOCOMM_SEGMENT_BYTES", 1 << 20, minimum=1)
 #: Receives posted ahead of the one being reduced.
 WINDOW = 8
 #: Arrays up to this many bytes take the small-message algorithms instead of the ring
 #: (``AIOCOMM_SMALL_BYTES`` overrides it).
-SMALL_BYTES = int(os.environ.get("AIOCOMM_SMALL_BYTES", 32 * 1024))
+SMALL_BYTES = size_env("AIOCOMM_SMALL_BYTES", 32 * 1024)
 
 REDUCERS: dict[str, np.ufunc] = {"sum": np.add, "max": np.maximum, "min": np.minimum}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import socket
@@ -117,42 +118,88 @@ def looked_for() -> str:
     return ", ".join(f"{r} + {f}" for r, f in ENV_SOURCES)
 
 
-def float_env(name: str, default: float, environ: Mapping[str, str] | None = None) -> float:
+# ---- sizes and times: one parser for every AIOCOMM_*_BYTES and every time variable
+#
+# A size is bytes, or a number with a K, M, G or T suffix (powers of 1024;
+# an optional B or iB after it): 65536, 64K, 64KiB, 1.5M.  A time is a
+# number in the variable's own unit, or a number with a unit: ns, us, ms,
+# s, m (or min), h: 300, 300s, 5m, 0.2ms.  Every error names the variable and
+# the value.
+
+_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+#: time units as (multiplier, divisor) to seconds, so that bare microseconds divide exactly
+_TIME_UNITS: dict[str, tuple[float, float]] = {
+    "ns": (1, 1e9), "us": (1, 1e6), "µs": (1, 1e6), "ms": (1, 1e3), "s": (1, 1),
+    "m": (60, 1), "min": (60, 1), "h": (3600, 1),
+}
+_TIME = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?|[+-]?inf(?:inity)?)\s*([a-zµ]*)", re.IGNORECASE)
+
+
+def size_env(name: str, default: int, environ: Mapping[str, str] | None = None, *, minimum: int = 0) -> int:
+    """The byte count in variable ``name`` (``default`` when unset or empty);
+    ``ValueError`` naming the variable and its value if it is not one, or
+    below ``minimum``."""
     env = os.environ if environ is None else environ
-    text = env.get(name)
-    if text is None or text == "":
+    text = env.get(name, "")
+    if not text.strip():
         return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{name}={text!r} is not a number of seconds") from None
-    if value <= 0:
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(
+            f"{name}={text!r} is not a byte count: give bytes, or a number with a K, M, G or T suffix "
+            "(e.g. 65536, 64K, 1.5M)"
+        )
+    number, suffix = match.groups()
+    scaled = float(number) * _BYTE_UNITS[suffix.upper()]
+    if scaled != int(scaled):
+        raise ValueError(f"{name}={text!r} is not a whole number of bytes ({scaled} bytes)")
+    value = int(scaled)
+    if value < minimum:
+        raise ValueError(f"{name}={text!r} must not be negative" if minimum == 0
+                         else f"{name}={text!r} must be at least {minimum} bytes")
+    return value
+
+
+def time_env(name: str, default: float, environ: Mapping[str, str] | None = None, *, unit: str = "s",
+             positive: bool = True, finite: bool = False) -> float:
+    """The time in variable ``name`` in seconds (``default``, in seconds, when
+    unset or empty).  A bare number is in ``unit``.  ``positive``: it must be
+    above zero, else at least zero; ``finite``: ``inf`` is refused.
+    ``ValueError`` naming the variable and its value otherwise."""
+    env = os.environ if environ is None else environ
+    text = env.get(name, "")
+    if not text.strip():
+        return default
+    bare = {"s": "seconds", "us": "microseconds", "ms": "milliseconds"}.get(unit, unit)
+    match = _TIME.fullmatch(text.strip())
+    suffix = match.group(2).lower() if match is not None else ""
+    if match is None or (suffix and suffix not in _TIME_UNITS):
+        raise ValueError(
+            f"{name}={text!r} is not a time: give {bare} (a bare number), or a number with a unit "
+            "ns, us, ms, s, m or h (e.g. " + ("200, 200us, 0.5ms" if unit == "us" else "30, 90s, 2m") + ")"
+        )
+    mul, div = _TIME_UNITS[suffix or unit]
+    value = float(match.group(1)) * mul / div
+    if positive and not value > 0:
         raise ValueError(f"{name}={text!r} must be positive")
+    if not value >= 0:
+        raise ValueError(f"{name}={text!r} must not be negative")
+    if finite and math.isinf(value):
+        raise ValueError(f"{name}={text!r} must be finite")
     return value
 
 
 #: Default of ``AIOCOMM_BUFFER_BYTES``: what a rank may buffer for receives not yet posted.
 DEFAULT_BUFFER_BYTES = 256 << 20
-_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 def buffer_budget(environ: Mapping[str, str] | None = None) -> int:
     """Bytes this rank buffers for messages no receive has asked for yet
-    (``AIOCOMM_BUFFER_BYTES``: bytes, or with a K, M or G suffix; default
+    (``AIOCOMM_BUFFER_BYTES``: a size, see :func:`size_env`; default
     256 MiB).  Past it, senders announce messages and wait for the receive
     (see :mod:`aiocomm.transport.flow`)."""
-    env = os.environ if environ is None else environ
-    text = env.get("AIOCOMM_BUFFER_BYTES", "").strip()
-    if not text:
-        return DEFAULT_BUFFER_BYTES
-    number, suffix = (text[:-1], text[-1].upper()) if text[-1].upper() in "KMG" else (text, "")
-    try:
-        value = int(number) * _SUFFIXES[suffix]
-    except ValueError:
-        raise ValueError(f"AIOCOMM_BUFFER_BYTES={text!r} is not a byte count (e.g. 268435456 or 256M)") from None
-    if value < 0:
-        raise ValueError(f"AIOCOMM_BUFFER_BYTES={text!r} must not be negative")
-    return value
+    return size_env("AIOCOMM_BUFFER_BYTES", DEFAULT_BUFFER_BYTES, environ)
 
 
 _op_timeout: float | None = None
@@ -163,13 +210,13 @@ def op_timeout() -> float:
     read once: it is asked on every call)."""
     global _op_timeout
     if _op_timeout is None:
-        _op_timeout = float_env("AIOCOMM_TIMEOUT", DEFAULT_TIMEOUT)
+        _op_timeout = time_env("AIOCOMM_TIMEOUT", DEFAULT_TIMEOUT)
     return _op_timeout
 
 
 def connect_timeout() -> float:
     """Seconds to form the ring at start-up (``AIOCOMM_CONNECT_TIMEOUT``)."""
-    return float_env("AIOCOMM_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT)
+    return time_env("AIOCOMM_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT)
 
 
 #: Microseconds a waiting receive keeps the loop polling before it sleeps,
@@ -188,16 +235,9 @@ def poll_seconds(spec: WorldSpec, environ: Mapping[str, str] | None = None, cpus
     an oversubscribed rank that polls takes the CPU its peer needs.  Ranks
     count as on this host when they listen on this rank's first address's IP.
     """
-    env = os.environ if environ is None else environ
-    text = env.get("AIOCOMM_POLL_US", "")
-    if text != "":
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"AIOCOMM_POLL_US={text!r} is not a number of microseconds") from None
-        if value < 0:
-            raise ValueError(f"AIOCOMM_POLL_US={text!r} must not be negative")
-        return value / 1e6
+    polled = time_env("AIOCOMM_POLL_US", -1.0, environ, unit="us", positive=False, finite=True)
+    if polled >= 0:
+        return polled
     host = spec.addresses[spec.rank][0][0]
     local = sum(1 for addrs in spec.addresses if addrs[0][0] == host)
     available = cpus if cpus is not None else (os.cpu_count() or 1)

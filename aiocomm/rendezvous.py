@@ -33,7 +33,7 @@ from typing import Any
 
 from . import wire
 from .config import Address, WorldSpec, parse_address, slurm_coordinator, token_from_env
-from .errors import CommError, CommTimeoutError, ProtocolError
+from .errors import AuthenticationError, CommError, CommTimeoutError, ProtocolError
 from .transport.connections import backoff
 from .wire import Kind
 
@@ -73,11 +73,14 @@ def started_by_srun(env: Mapping[str, str], rank_var: str) -> bool:
     return rank_var == "PMI_RANK" and env.get("PMI_JOBID") == step and step != "."
 
 
-def coordinator_from_env(env: Mapping[str, str], source: str, rank_var: str = "") -> Address:
+def coordinator_from_env(env: Mapping[str, str], source: str, mpi_unavailable: str = "", *,
+                         rank_var: str = "") -> Address:
     """Where rank 0 runs the rendezvous.  First match wins:
     ``AIOCOMM_COORDINATOR``; ``MASTER_ADDR`` and ``MASTER_PORT + 1``; for
-    srun's tasks, the first node of the step and a port of the step
-    (:func:`aiocomm.config.slurm_coordinator`)."""
+    srun's tasks (``rank_var`` tells), the first node of the step and a port
+    of the step (:func:`aiocomm.config.slurm_coordinator`).
+    ``mpi_unavailable``: why the MPI backend, which an MPI launcher's job
+    would otherwise use, is not (the likely fix when no address is set)."""
     text = env.get("AIOCOMM_COORDINATOR")
     if text:
         return parse_address(text, where="AIOCOMM_COORDINATOR")
@@ -91,14 +94,20 @@ def coordinator_from_env(env: Mapping[str, str], source: str, rank_var: str = ""
         found = slurm_coordinator(env)
         if found is not None:
             return found.address
+    if mpi_unavailable:
+        raise CommError(
+            f"started by {source}, but aiocomm's MPI backend is unavailable: {mpi_unavailable}. "
+            "(To join over TCP without it instead, set AIOCOMM_COORDINATOR=host:port to where rank 0 can listen.)"
+        )
     raise CommError(
         f"started by {source} but no coordinator address: set AIOCOMM_COORDINATOR=host:port "
         "(or MASTER_ADDR and MASTER_PORT) to where rank 0 can listen"
     )
 
 
-def join_spec_from_env(environ: Mapping[str, str] | None = None) -> JoinSpec | None:
-    """The group another tool started this process in, or ``None``."""
+def join_spec_from_env(environ: Mapping[str, str] | None = None, mpi_unavailable: str = "") -> JoinSpec | None:
+    """The group another tool started this process in, or ``None``
+    (``mpi_unavailable``: see :func:`coordinator_from_env`)."""
     env = os.environ if environ is None else environ
     for rank_var, size_var, tool in JOIN_SOURCES:
         if rank_var in env and size_var in env:
@@ -106,7 +115,8 @@ def join_spec_from_env(environ: Mapping[str, str] | None = None) -> JoinSpec | N
             source = f"{tool} ({rank_var}/{size_var})"
             if not 0 <= rank < size:
                 raise CommError(f"{rank_var}={rank} is outside the group of {size_var}={size}")
-            coordinator = coordinator_from_env(env, source, rank_var) if size > 1 else ("127.0.0.1", 1)
+            coordinator = (coordinator_from_env(env, source, mpi_unavailable, rank_var=rank_var) if size > 1
+                           else ("127.0.0.1", 1))
             return JoinSpec(rank, size, coordinator, token_from_env(env), source)
     return None
 
@@ -158,12 +168,13 @@ class Coordinator:
                 raise ProtocolError("malformed JOIN map")
             parse_address(address, where=f"rank {rank}'s JOIN")
             if not hmac.compare_digest(mac, _join_mac(self.spec.token, nonce, rank, size, address)):
-                raise ProtocolError(f"rank {rank} failed authentication (AIOCOMM_TOKEN differs)")
+                raise AuthenticationError(f"rank {rank} failed authentication (AIOCOMM_TOKEN differs)")
             if self.addresses[rank] is not None:
                 raise ProtocolError(f"rank {rank} joined twice")
         except (ProtocolError, CommError, asyncio.IncompleteReadError, asyncio.TimeoutError, OSError) as exc:
+            refusal = {"reason": str(exc), "authentication": isinstance(exc, AuthenticationError)}
             try:
-                writer.write(wire.control_frame(Kind.REJECT, {"reason": str(exc)}))
+                writer.write(wire.control_frame(Kind.REJECT, refusal))
             finally:
                 writer.close()
             return
@@ -249,6 +260,12 @@ async def rendezvous(spec: JoinSpec, timeout: float) -> WorldSpec:
         finally:
             writer.close()
         if header.kind == Kind.REJECT:
+            if isinstance(meta, dict) and meta.get("authentication") is True:
+                raise AuthenticationError(
+                    f"coordinator {host}:{port} refused rank {spec.rank}'s proof of the job token "
+                    f"({meta.get('reason')}): AIOCOMM_TOKEN differs between this rank and rank 0 (ranks started "
+                    "with different tokens, or another job's rendezvous at that address?)"
+                )
             raise CommError(f"coordinator {host}:{port} rejected rank {spec.rank}: {meta}")
         if header.kind != Kind.ROSTER:
             raise ProtocolError(f"coordinator {host}:{port} answered {header.kind.name}, not ROSTER")

@@ -24,16 +24,25 @@ def test_junk_on_a_listening_port_is_rejected():
 
 @pytest.mark.timeout(120)
 def test_two_jobs_on_one_machine_never_cross():
+    # Each job's thread records what it got: its finished process, or the
+    # exception that ended it (a launcher that hung past its timeout raises
+    # subprocess.TimeoutExpired). Both jobs must finish, and both succeed.
     def run(out, key):
-        out[key] = launch(3, "collectives_matrix.py", "all_sum")
+        try:
+            out[key] = launch(3, "collectives_matrix.py", "all_sum", timeout=100)
+        except BaseException as exc:  # reported below, whatever it is
+            out[key] = exc
 
-    results = {}
+    results: dict[str, object] = {}
     threads = [threading.Thread(target=run, args=(results, k)) for k in "ab"]
     for t in threads:
         t.start()
     for t in threads:
         t.join(110)
-    for proc in results.values():
+    assert not any(t.is_alive() for t in threads), f"a job did not finish: {results}"
+    assert sorted(results) == ["a", "b"], results
+    for key, proc in results.items():
+        assert isinstance(proc, subprocess.CompletedProcess), f"job {key} did not finish: {proc!r}"
         assert_ok(proc, 3)
 
 

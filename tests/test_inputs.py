@@ -155,9 +155,23 @@ def test_dir_shows_the_api_only():
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("n", [2, 3])
-def test_bytes_tensors_and_bfloat16_across_ranks(n):
+def test_bytes_and_bfloat16_across_ranks(n):
     pytest.importorskip("ml_dtypes")
-    assert_ok(launch(n, "inputs.py", timeout=110), n)
+    proc = launch(n, "inputs.py", "bfloat16,bytes", timeout=110)
+    assert_ok(proc, n, "bfloat16 ok")
+    assert_ok(proc, n, "bytes ok")
+    assert_ok(proc, n)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("n", [2, 3])
+def test_torch_tensors_across_ranks(n):
+    """torch CPU tensors in, numpy out, over real ranks (skipped, saying so, without torch)."""
+    pytest.importorskip("ml_dtypes")
+    pytest.importorskip("torch", reason="torch is not installed: torch tensors across ranks are not tested")
+    proc = launch(n, "inputs.py", "torch", timeout=110)
+    assert_ok(proc, n, "torch ok")
+    assert_ok(proc, n)
 
 
 @pytest.mark.timeout(120)

@@ -28,3 +28,20 @@ def test_snippet_runs(tmp_path, n, face):
     proc = launch(n, str(script), env={"AIOCOMM_TIMEOUT": "20"}, timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("OK") == n, proc.stdout
+
+
+def _beyond_mlx() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Beyond MLX"):text.index("## Examples")]
+    (snippet,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    return snippet
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("n", [1, 3])
+def test_the_beyond_mlx_snippet_runs(tmp_path, n):
+    script = tmp_path / "beyond.py"
+    script.write_text(_beyond_mlx() + "\nprint('OK', flush=True)\n")
+    proc = launch(n, str(script), env={"AIOCOMM_TIMEOUT": "20"}, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("OK") == n, proc.stdout

@@ -143,19 +143,19 @@ def test_coordinator_is_the_first_node_of_the_step():
     assert spec is not None and spec.rank == 1 and spec.size == 4
     assert spec.coordinator == ("localhost", slurm_port(SRUN)[0])
     job_only = {k: v for k, v in SRUN.items() if k != "SLURM_STEP_NODELIST"}
-    assert coordinator_from_env(job_only, "Slurm", "SLURM_PROCID")[0] == "127.0.0.2"
+    assert coordinator_from_env(job_only, "Slurm", rank_var="SLURM_PROCID")[0] == "127.0.0.2"
     old_name = {**job_only, "SLURM_NODELIST": "localhost"}
     del old_name["SLURM_JOB_NODELIST"]
-    assert coordinator_from_env(old_name, "Slurm", "SLURM_PROCID")[0] == "localhost"
+    assert coordinator_from_env(old_name, "Slurm", rank_var="SLURM_PROCID")[0] == "localhost"
     reserved = {**SRUN, "SLURM_STEP_RESV_PORTS": "45123-45127"}
-    assert coordinator_from_env(reserved, "Slurm", "SLURM_PROCID") == ("localhost", 45123)
+    assert coordinator_from_env(reserved, "Slurm", rank_var="SLURM_PROCID") == ("localhost", 45123)
 
 
 def test_explicit_variables_override_slurm():
     assert coordinator_from_env({**SRUN, "AIOCOMM_COORDINATOR": "127.0.0.9:4000"}, "Slurm",
-                                "SLURM_PROCID") == ("127.0.0.9", 4000)
+                                rank_var="SLURM_PROCID") == ("127.0.0.9", 4000)
     assert coordinator_from_env({**SRUN, "MASTER_ADDR": "127.0.0.8", "MASTER_PORT": "5000"}, "Slurm",
-                                "SLURM_PROCID") == ("127.0.0.8", 5001)
+                                rank_var="SLURM_PROCID") == ("127.0.0.8", 5001)
 
 
 def test_pmi2_ranks_of_srun_use_slurm_but_mpirun_ranks_do_not():

@@ -9,6 +9,7 @@ reason to the other members).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -22,6 +23,9 @@ from ..wire import Kind, Signature, signature
 from . import GroupState, SplitResult
 
 _COLL = Kind.COLL
+#: Seconds a failed collective waits for its unsent frames to leave before
+#: it closes their connections instead (see RingBackend._settle_writes).
+SETTLE_SECONDS = 1.0
 _BYTE = np.dtype(np.uint8)
 T = TypeVar("T")
 _OP_NAMES = {"sum": "all_sum", "max": "all_max", "min": "all_min"}
@@ -112,19 +116,39 @@ class RingBackend:
         try:
             return await body(link, *args)
         except BaseException as exc:
-            for stream in list(link.streams.values()):
-                stream.give_up_writes(link.op.what)
+            streams = list(link.streams.values())
             if not isinstance(exc, CommError):
+                for stream in streams:
+                    stream.give_up_writes(link.op.what)
                 raise
             # Prefer the root cause another rank reported over a symptom seen here
             # (a peer that left after it gave up).
             cause = mesh.broken.get(group.context)
+            if cause is None or cause is exc:
+                mesh.abort(group.context, exc)  # (its ABORT frames queue behind what is unsent)
+            await self._settle_writes(streams, link.op.what)
             if cause is not None and cause is not exc:
                 failure_report.record(self.rank, cause)
                 raise cause from exc
-            mesh.abort(group.context, exc)
             failure_report.record(self.rank, exc)
             raise
+
+    async def _settle_writes(self, streams: list[Any], what: str) -> None:
+        """A failed operation may have left part of its frames (maybe the
+        caller's own array) in the transports' buffers.  Let them go out for
+        up to :data:`SETTLE_SECONDS` (a peer that is alive reads them, and the
+        group's ABORT after them: it learns the cause, not that a connection
+        closed), then close any connection still holding some: the caller may
+        change its array once this call returns, and no peer may ever receive
+        a torn message."""
+        loop = self.mesh.loop
+        deadline = loop.time() + SETTLE_SECONDS
+        pending = [s for s in streams if s.unsent()]
+        while pending and loop.time() < deadline:
+            await asyncio.sleep(0.001)
+            pending = [s for s in pending if s.unsent()]
+        for stream in pending:
+            stream.give_up_writes(what)
 
     def all_reduce(self, group: GroupState, x: np.ndarray, op: str, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
         sig = signature(_OP_NAMES[op], x.dtype, x.shape)

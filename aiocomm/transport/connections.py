@@ -16,6 +16,16 @@ Two phases:
   the peer is gone: :class:`PeerLostError` at once.  A dial that hangs (a
   frozen peer) is bounded by the deadline of the operations waiting for it.
 
+A wrong token fails fast.  A dialer whose proof of the token is refused
+(a REJECT, see :mod:`aiocomm.wire.handshake`) raises
+:class:`AuthenticationError` at once.  A rank that refused a HELLO during
+bring-up cannot tell a rank of its job that holds another token from a
+stranger claiming that rank, so it checks: it dials the claimed rank at its
+hostfile address itself, and only if *that* rank refuses its proof does
+bring-up fail (a stranger cannot fake that).  A rank whose bring-up fails so
+keeps listening for :data:`AUTH_LINGER` seconds before it raises, so that
+the peers it refused get its REJECT too instead of a refused connection.
+
 Unauthenticated connections cost little: they stage a few hundred bytes, at
 most :data:`MAX_PENDING_HANDSHAKES` may be pending (the oldest is dropped
 for a newer one), and each must finish within :data:`HANDSHAKE_TIMEOUT`.
@@ -27,7 +37,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import AuthenticationError, CommError, CommTimeoutError, PeerLostError, ProtocolError
 from ..wire import AcceptorHandshake, DialerHandshake
@@ -38,11 +48,15 @@ if TYPE_CHECKING:
     from .mesh import Mesh
 
 log = logging.getLogger("aiocomm")
+T = TypeVar("T")
 
 #: Seconds an accepted connection has to complete its handshake.
 HANDSHAKE_TIMEOUT = 10.0
 #: Accepted connections whose handshake is not done yet, at most.
 MAX_PENDING_HANDSHAKES = 64
+#: Seconds a rank whose bring-up failed the token check keeps answering
+#: (refusing) its peers' handshakes before it raises.
+AUTH_LINGER = 2.0
 #: Seconds a clean close waits for written data to drain and peers to close.
 CLOSE_SECONDS = 2.0
 
@@ -74,6 +88,9 @@ class Connections:
         self._next_drop_log = 0.0
         self._servers: list[asyncio.Server] = []
         self.closed = False
+        self._bring_up_deadline: float | None = None
+        # Fails when a rank of the hostfile refuses this rank's proof of the token during bring-up.
+        self._refused: asyncio.Future[None] = self.loop.create_future()
 
     # ---- listening and accepting
 
@@ -160,19 +177,60 @@ class Connections:
         self.connect_timeout = connect_timeout
         size = self.mesh.size
         right, left = (self.rank + 1) % size, (self.rank - 1) % size
-        deadline = self.loop.time() + connect_timeout
+        deadline = self._bring_up_deadline = self.loop.time() + connect_timeout
         waiter = self._inbound_future(left)
-        await self._dial(right, deadline)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), max(0.0, deadline - self.loop.time()))
-        except asyncio.TimeoutError:
-            addr = ", ".join(f"{h}:{p}" for h, p in self.mesh.spec.addresses[self.rank])
-            raise CommTimeoutError(
-                f"rank {self.rank} (listening on {addr}) got no connection from its left neighbour "
-                f"rank {left} within {connect_timeout:.1f}s (AIOCOMM_CONNECT_TIMEOUT)",
-                (left,),
-                culprit=left,
-            ) from None
+            await self._unless_refused(self._watched_dial(right, deadline))
+            try:
+                await asyncio.wait_for(self._unless_refused(waiter), max(0.0, deadline - self.loop.time()))
+            except asyncio.TimeoutError:
+                addr = ", ".join(f"{h}:{p}" for h, p in self.mesh.spec.addresses[self.rank])
+                raise CommTimeoutError(
+                    f"rank {self.rank} (listening on {addr}) got no connection from its left neighbour "
+                    f"rank {left} within {connect_timeout:.1f}s (AIOCOMM_CONNECT_TIMEOUT)",
+                    (left,),
+                    culprit=left,
+                ) from None
+        except AuthenticationError:
+            await asyncio.sleep(AUTH_LINGER)  # the peers this rank refused learn it from its REJECT
+            raise
+
+    async def _unless_refused(self, fut: asyncio.Future[T]) -> T:
+        """``fut``'s result, unless a rank refuses this rank's proof first.
+        (Neither future is cancelled when the caller is.)"""
+        refused = self._refused
+        await asyncio.wait((fut, refused), return_when=asyncio.FIRST_COMPLETED)
+        if fut.done():
+            return fut.result()
+        refused.result()  # raises
+        raise AssertionError("unreachable")
+
+    def _watched_dial(self, peer: int, deadline: float) -> asyncio.Task[PeerStream]:
+        """A bring-up dial of ``peer``: if ``peer`` refuses this rank's proof, bring-up fails."""
+        task = self._dial_task(peer, deadline)
+
+        def watch(t: asyncio.Task[PeerStream]) -> None:
+            exc = None if t.cancelled() else t.exception()  # (retrieved: a probe's other errors do not matter)
+            if isinstance(exc, AuthenticationError) and not self._refused.done():
+                self._refused.set_exception(exc)
+                self._refused.exception()  # retrieved: bring-up may be over
+
+        task.add_done_callback(watch)
+        return task
+
+    def refused(self, claimed: int, where: str) -> None:
+        """A connection from ``where`` claiming to be rank ``claimed`` failed
+        the token check.  During bring-up that may be rank ``claimed``
+        started with another token, or a stranger: dial rank ``claimed`` to
+        see (once at a time; not if an authenticated connection to it is open)."""
+        if self.formed or self.closed or self._bring_up_deadline is None or not 0 <= claimed < self.mesh.size:
+            return
+        stream = self.outgoing.get(claimed)
+        if stream is not None and not stream.closed:
+            return  # it proved it shares our token: that was a stranger
+        log.info("rank %d: checking rank %d's token after a connection from %s claiming to be it failed",
+                 self.rank, claimed, where)
+        self._watched_dial(claimed, self._bring_up_deadline)
 
     # ---- dialling
 

@@ -224,6 +224,11 @@ class PeerStream(asyncio.BufferedProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
+    def unsent(self) -> bool:
+        """Whether bytes written here still wait in the transport's buffer."""
+        transport = self.transport
+        return transport is not None and not self.closing and bool(transport.get_write_buffer_size())
+
     def give_up_writes(self, what: str) -> None:
         """``what`` (an operation that wrote here) failed.  If part of what it
         wrote still waits in the transport's buffer, that may be the caller's
@@ -248,6 +253,17 @@ class PeerStream(asyncio.BufferedProtocol):
     def _protocol_error(self, exc: ProtocolError) -> None:
         who = f"rank {self.peer}" if self.peer is not None else "unidentified peer"
         log.warning("rank %d: closing connection from %s at %s: %s", self.mesh.rank, who, self.where(), exc)
+        hs = self.handshake
+        if hs.refusal and not hs.done:
+            # A peer that got the layout right failed the token check: tell it
+            # (the REJECT goes out before the close), and let the connections
+            # check whether the rank it claimed really holds another token.
+            self._write(hs.refusal)
+            self.lost_reason = exc
+            self.close()
+            if hs.claimed is not None:
+                self.mesh.connections.refused(hs.claimed, self.where())
+            return
         self.abort(exc)
 
     def _handshake_frame(self, header: Header, meta: bytes) -> Sink:

@@ -11,6 +11,15 @@ job's token and agree on who they are::
     dialer   -> acceptor  HELLO     {rank, size, to, nonce, mac}
     acceptor -> dialer    WELCOME   {rank, window, mac}   or REJECT {reason}
 
+A REJECT is sent for one failure only: a HELLO that got the group's layout
+right (size, ranks) but whose ``mac`` is wrong.  Its reason is the fixed
+:data:`REFUSED_PROOF`, so it tells a stranger nothing but that its guess of
+the layout (no secret: the listening ports show it) was right, while a rank
+of the job started with another ``AIOCOMM_TOKEN`` learns at once why it will
+never get in (:class:`AuthenticationError`) instead of retrying until
+``AIOCOMM_CONNECT_TIMEOUT``.  Any other bad frame closes the connection
+without a word.
+
 ``mac`` is an HMAC-SHA256 keyed by the job token over the other side's nonce
 and the fields, so each side proves it knows the token without sending it.
 ``window`` is how many bytes the acceptor will buffer for this dialer's
@@ -38,6 +47,7 @@ __all__ = [
     "HANDSHAKE_MAX_META",
     "HANDSHAKE_STAGE",
     "NONCE_SIZE",
+    "REFUSED_PROOF",
     "AcceptorHandshake",
     "DialerHandshake",
     "check_hello",
@@ -51,6 +61,8 @@ NONCE_SIZE = 16
 HANDSHAKE_MAX_META = 1024
 #: Bytes a connection stages until its handshake is done.
 HANDSHAKE_STAGE = HEADER_SIZE + HANDSHAKE_MAX_META
+#: The reason of the one REJECT an acceptor sends: a HELLO's proof of the token failed.
+REFUSED_PROOF = "authentication failed"
 
 
 def _mac(token: bytes, label: bytes, nonce: bytes, *ints: int) -> bytes:
@@ -124,6 +136,10 @@ class Handshake:
         self.peer: int | None = None  # known once done
         self.done = False
         self.error: ProtocolError | None = None
+        #: In the error state: bytes to send before closing (an acceptor's REJECT), or none.
+        self.refusal = b""
+        #: The rank a peer claimed in a HELLO whose proof failed (acceptor), else None.
+        self.claimed: int | None = None
 
     def receive(self, header: Header, meta: bytes) -> bytes:
         """Take one frame; return the bytes to send back (maybe none)."""
@@ -154,7 +170,13 @@ class AcceptorHandshake(Handshake):
     def _receive(self, kind: Kind, meta: Any) -> bytes:
         if kind != Kind.HELLO:
             raise ProtocolError(f"expected HELLO, got {kind.name}")
-        peer, peer_nonce = check_hello(meta, self.token, self.nonce, my_rank=self.rank, size=self.size)
+        try:
+            peer, peer_nonce = check_hello(meta, self.token, self.nonce, my_rank=self.rank, size=self.size)
+        except AuthenticationError:
+            # The layout checks passed (check_hello tests the mac last): say why, and only that.
+            self.claimed = meta["rank"]
+            self.refusal = control_frame(Kind.REJECT, {"reason": REFUSED_PROOF})
+            raise
         self.peer = peer
         self.done = True
         return control_frame(Kind.WELCOME, welcome_fields(self.token, peer_nonce, self.rank, peer, self.window))
@@ -185,5 +207,11 @@ class DialerHandshake(Handshake):
             return b""
         if kind == Kind.REJECT:
             reason = meta.get("reason") if isinstance(meta, dict) else meta
+            if self.challenged and reason == REFUSED_PROOF:
+                raise AuthenticationError(
+                    f"rank {self.to} refused the proof of the job token that rank {self.rank} sent: "
+                    f"AIOCOMM_TOKEN differs between rank {self.rank} and the process listening there "
+                    "(ranks started by hand with different tokens, or a rank of another job at that address?)"
+                )
             raise ProtocolError(f"rank {self.to} rejected rank {self.rank}: {reason}")
         raise ProtocolError(f"unexpected {kind.name} frame during the handshake")

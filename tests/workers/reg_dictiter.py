@@ -35,7 +35,7 @@ async def main() -> None:
                 break
             await asyncio.sleep(0.001)
         assert right._drains, "no flush waited for a drain: the test did not set up the race"
-        assert 3 not in world._streams, sorted(world._streams)
+        assert 3 not in world.streams, sorted(world.streams)
     c = asyncio.ensure_future(aio.all_gather(np.full(2, float(r)), timeout=60))  # opens every peer
     res = await asyncio.gather(b, a, c, return_exceptions=True)
     errors = [f"{type(x).__name__}: {x}" for x in res if isinstance(x, BaseException)]

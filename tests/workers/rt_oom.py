@@ -3,6 +3,8 @@
 Rank 1 caps its address space at its current size + 200 MiB and posts a
 1 GiB receive that rank 0 sends (zeros: cheap to send).  Rank 1 stays
 alive afterwards, so rank 0 can only learn of the failure by being told.
+With a third rank, rank 2 waits meanwhile for a message from rank 0 that
+never comes: it too can only learn of the failure from the group's abort.
 """
 
 import resource
@@ -29,6 +31,13 @@ if r == 1:
     except BaseException as exc:
         report(exc, t0)
     wait_go()  # stay alive (and connected) until the test has seen rank 0's outcome
+elif r == 2:
+    t0 = time.monotonic()
+    try:
+        aiocomm.recv((1,), np.float32, 0, timeout=40)
+        say("RESULT rank 2's recv returned")
+    except BaseException as exc:
+        report(exc, t0)
 else:
     x = np.zeros(N, np.uint8)
     t0 = time.monotonic()

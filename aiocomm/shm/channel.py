@@ -1,0 +1,286 @@
+"""A group's shared-memory channel, and the collectives over it.
+
+Theory of operation
+-------------------
+Every rank of the group owns one :class:`~.segment.Segment` and maps every
+other member's.  A collective moves its array in *rounds* of at most one
+slot: each rank copies its part into its own input slot and passes a
+*barrier*; each rank then reads what it needs straight from the others'
+slots (for a reduction: its 1/n share of the round, reduced in rank order
+into its own output slot, so every rank gets bit-identical values; a second
+barrier; then every share copied out), as DeepSpeed's CPU all-reduce does.
+Two barriers per round suffice: a slot is written again only after a
+barrier that every rank reaches once it has finished reading it.
+
+A barrier is an epoch: a rank stores its next epoch in its own control
+block and waits until every other rank's is at least as high.  Waiting
+spins briefly, then yields the CPU, then sleeps on the laggard's futex
+(woken when its epoch moves), so a rank that waits long costs no CPU and a
+rank on a shared core does not starve its neighbour.  While it waits it
+looks, about once a millisecond, for the reasons the wait can never end: a
+peer that died (its pidfd), a peer that gave up on the group (its control
+block, or the transport's ABORT), a lost connection, the deadline.
+
+Agreement: the first round's barrier also publishes each rank's signature
+(a hash of the operation, dtype and shape); every rank compares them all
+after that barrier, so ranks that disagree all raise ``MismatchError``
+before any data is read.  A rank that gives up (deadline, mismatch, an
+error) marks its control block broken and rings its bell: the group is
+unusable from then on, on every rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import select
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from .. import collectives
+from ..errors import CommError, CommTimeoutError, MismatchError, PeerLostError
+from .segment import BROKEN, EPOCH, SIGNATURE, Segment
+
+#: Seconds a waiter spins (then yields the CPU) before it sleeps.
+SPIN_SECONDS = 0.0005
+#: Longest sleep between two looks at why a wait might never end.
+NAP_SECONDS = 0.002
+
+Health = Callable[[], "CommError | None"]  # the transport's view: an ABORT, a lost peer
+
+_BROKE_TIMEOUT, _BROKE_MISMATCH, _BROKE_ERROR = 1, 2, 3
+
+
+def signature_hash(description: str) -> int:
+    return int.from_bytes(hashlib.blake2b(description.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+class Channel:
+    """The shared-memory side of one group on this rank."""
+
+    def __init__(self, rank: int, members: tuple[int, ...], mine: Segment, peers: dict[int, Segment],
+                 pids: dict[int, int]) -> None:
+        self.rank = rank
+        self.members = members  # world ranks, by group rank
+        self.size = len(members)
+        self.mine = mine
+        self.segments = [mine if k == rank else peers[k] for k in range(self.size)]
+        self.others = [(k, peers[k]) for k in sorted(peers)]
+        self.epoch = 0
+        self.broken: CommError | None = None
+        self.slot_bytes = mine.slot_bytes
+        self._poll = select.poll()
+        self._pidfds: dict[int, int] = {}
+        for k, pid in pids.items():
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:  # (no pidfds: the transport still notices a lost peer)
+                continue
+            self._pidfds[fd] = k
+            self._poll.register(fd, select.POLLIN)
+
+    # ---- giving up, and noticing that others did
+
+    def give_up(self, exc: CommError, code: int = _BROKE_ERROR) -> CommError:
+        """Mark the group broken here and in this rank's control block (peers
+        waiting on it wake and see it).  Returns ``exc``."""
+        if self.broken is None:
+            self.broken = exc
+        if not self.mine.control[BROKEN]:
+            self.mine.control[BROKEN] = code
+            self.mine.bell[0] += 1
+            self.mine.wake()
+        return exc
+
+    def _why_stuck(self, k: int, deadline: float, health: Health, what: str, timeout: float) -> CommError | None:
+        world = self.members[k]
+        exc = health()
+        if exc is not None:
+            return exc
+        for other, seg in self.others:
+            code = int(seg.control[BROKEN])
+            if code:
+                how = {_BROKE_TIMEOUT: "timed out", _BROKE_MISMATCH: "found a mismatch"}.get(code, "failed")
+                err = CommError(f"rank {self.members[other]} {how} and gave up on this group during {what}, "
+                                f"which breaks it on every rank (rank {self.members[self.rank]} was waiting)")
+                err.culprit = self.members[other] if code == _BROKE_ERROR else None
+                return err
+        if self._pidfds:
+            for fd, _ in self._poll.poll(0):
+                gone = self.members[self._pidfds[fd]]
+                return PeerLostError(
+                    f"rank {gone} (same host, shared memory) exited during {what} on rank "
+                    f"{self.members[self.rank]}", gone)
+        if time.monotonic() >= deadline:
+            return CommTimeoutError(
+                f"rank {self.members[self.rank]} timed out after {timeout:g}s in {what}, waiting for rank {world} "
+                f"(shared memory): pass a larger timeout= or set AIOCOMM_TIMEOUT (seconds)", (world,))
+        return None
+
+    # ---- the barrier
+
+    def barrier(self, deadline: float, health: Health, what: str, timeout: float) -> None:
+        epoch = self.epoch + 1
+        self.epoch = epoch
+        self.mine.ring(epoch)
+        for k, seg in self.others:
+            control = seg.control
+            if control[EPOCH] >= epoch:
+                continue
+            started = looked = time.perf_counter()
+            spins = 0
+            while control[EPOCH] < epoch:
+                spins += 1
+                if spins < 32:
+                    continue
+                now = time.perf_counter()
+                if now - looked >= NAP_SECONDS or spins == 32:
+                    looked = now
+                    why = self._why_stuck(k, deadline, health, what, timeout)
+                    if why is not None:
+                        raise self.give_up(why, _BROKE_TIMEOUT if isinstance(why, CommTimeoutError) else _BROKE_ERROR)
+                if now - started < SPIN_SECONDS:
+                    os.sched_yield()
+                    continue
+                bell = int(seg.bell[0])
+                if control[EPOCH] >= epoch:
+                    break
+                seg.sleep(self.rank, bell, NAP_SECONDS)
+        if self.mine.fd >= 0 and epoch == 1:  # every peer mapped this segment before its first barrier
+            self.mine.let_go_of_fd()
+
+    def _agree(self, sig: int, description: str) -> None:
+        """After the first barrier of a call: every rank's signature is this one, or MismatchError."""
+        others = [(k, seg) for k, seg in self.others if int(seg.control[SIGNATURE]) != sig]
+        if not others:
+            return
+        me = self.members[self.rank]
+        theirs = "; ".join(f"rank {self.members[k]}: {seg.description()}" for k, seg in others)
+        raise self.give_up(MismatchError(f"rank {me} called {description}, but not every rank did the same "
+                                         f"({theirs})"), _BROKE_MISMATCH)
+
+    def _publish(self, sig: int, description: str) -> None:
+        self.mine.describe(description)
+        self.mine.control[SIGNATURE] = sig
+
+    def _begin(self) -> None:
+        if self.broken is not None:
+            raise self.broken
+
+    # ---- the collectives
+
+    def agree(self, description: str, deadline: float, health: Health, timeout: float) -> None:
+        """Only the agreement (before a collective that moves its data another way)."""
+        self._begin()
+        self._publish(signature_hash(description), description)
+        self.barrier(deadline, health, description, timeout)
+        self._agree(signature_hash(description), description)
+
+    def all_reduce(self, x: np.ndarray, op: str, description: str, deadline: float, health: Health,
+                   timeout: float) -> np.ndarray:
+        self._begin()
+        n, r = self.size, self.rank
+        dtype = x.dtype
+        flat = np.ascontiguousarray(x).reshape(-1)
+        out = np.empty(x.shape, dtype)
+        result = out.reshape(-1)
+        ufunc = collectives.REDUCERS[op]
+        per_round = max(1, self.slot_bytes // dtype.itemsize)
+        sig = signature_hash(description)
+        self._publish(sig, description)
+        inputs = [seg.input[: per_round * dtype.itemsize].view(dtype) for seg in self.segments]
+        outputs = [seg.output[: per_round * dtype.itemsize].view(dtype) for seg in self.segments]
+        first = True
+        for start in range(0, max(flat.size, 1), per_round):
+            stop = min(start + per_round, flat.size)
+            count = stop - start
+            inputs[r][:count] = flat[start:stop]
+            self.barrier(deadline, health, description, timeout)
+            if first:
+                self._agree(sig, description)
+                first = False
+            shares = collectives.partition(count, n)
+            a, b = shares[r]
+            share = outputs[r][a:b]
+            if n == 1:
+                share[:] = inputs[0][a:b]
+            else:
+                ufunc(inputs[0][a:b], inputs[1][a:b], out=share)
+                for k in range(2, n):
+                    ufunc(share, inputs[k][a:b], out=share)
+            self.barrier(deadline, health, description, timeout)
+            for k, (ka, kb) in enumerate(shares):
+                result[start + ka : start + kb] = outputs[k][ka:kb]
+        return out
+
+    def all_gather(self, x: np.ndarray, description: str, deadline: float, health: Health,
+                   timeout: float) -> np.ndarray:
+        self._begin()
+        n, r = self.size, self.rank
+        dtype = x.dtype
+        flat = np.ascontiguousarray(x).reshape(-1)
+        m = flat.size
+        out = np.empty(collectives.gathered_shape(x.shape, n), dtype)
+        result = out.reshape(-1)
+        per_round = max(1, self.slot_bytes // dtype.itemsize)
+        sig = signature_hash(description)
+        self._publish(sig, description)
+        inputs = [seg.input[: per_round * dtype.itemsize].view(dtype) for seg in self.segments]
+        first = True
+        for start in range(0, max(m, 1), per_round):
+            stop = min(start + per_round, m)
+            count = stop - start
+            inputs[r][:count] = flat[start:stop]
+            self.barrier(deadline, health, description, timeout)
+            if first:
+                self._agree(sig, description)
+                first = False
+            for k in range(n):
+                result[k * m + start : k * m + stop] = inputs[k][:count]
+            self.barrier(deadline, health, description, timeout)
+        return out
+
+    def reduce_scatter(self, x: np.ndarray, op: str, description: str, deadline: float, health: Health,
+                       timeout: float) -> np.ndarray:
+        self._begin()
+        n, r = self.size, self.rank
+        dtype = x.dtype
+        flat = np.ascontiguousarray(x).reshape(-1)
+        m = flat.size // n  # items per block (the caller checked divisibility)
+        out = np.empty(collectives.scattered_shape(x.shape, n), dtype)
+        result = out.reshape(-1)
+        ufunc = collectives.REDUCERS[op]
+        per_round = max(1, self.slot_bytes // dtype.itemsize // n)  # items of each block per round
+        sig = signature_hash(description)
+        self._publish(sig, description)
+        inputs = [seg.input[: per_round * n * dtype.itemsize].view(dtype).reshape(n, per_round)
+                  for seg in self.segments]
+        first = True
+        for start in range(0, max(m, 1), per_round):
+            stop = min(start + per_round, m)
+            count = stop - start
+            mine = inputs[r]
+            for k in range(n):
+                mine[k, :count] = flat[k * m + start : k * m + stop]
+            self.barrier(deadline, health, description, timeout)
+            if first:
+                self._agree(sig, description)
+                first = False
+            target = result[start:stop]
+            if n == 1:
+                target[:] = inputs[0][r, :count]
+            else:
+                ufunc(inputs[0][r, :count], inputs[1][r, :count], out=target)
+                for k in range(2, n):
+                    ufunc(target, inputs[k][r, :count], out=target)
+            self.barrier(deadline, health, description, timeout)
+        return out
+
+    def close(self) -> None:
+        for fd in self._pidfds:
+            os.close(fd)
+        self._pidfds.clear()
+        for seg in self.segments:
+            seg.close()
