@@ -6,10 +6,12 @@ Precedence: ``AIOCOMM_RANK`` + ``AIOCOMM_HOSTFILE``, then ``MLX_RANK`` +
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import re
+import socket
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -260,3 +262,169 @@ def poll_seconds(spec: WorldSpec, environ: Mapping[str, str] | None = None, cpus
     local = sum(1 for addrs in spec.addresses if addrs[0][0] == host)
     available = cpus if cpus is not None else (os.cpu_count() or 1)
     return DEFAULT_POLL_US / 1e6 if local <= available else 0.0
+
+
+# --- Slurm ----------------------------------------------------------------------
+#
+# srun gives each task SLURM_PROCID and SLURM_NTASKS but no address for rank 0.
+# Slurm does say where the step runs: task 0 is on the first node of the
+# step's node list (block and cyclic distributions both start there).
+
+#: Where a step's (or, outside srun, the job's) nodes are listed; first set wins.
+SLURM_NODELIST_VARS: tuple[str, ...] = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+#: Ports derived from the job and step ids lie in [BASE, BASE + SPAN): below
+#: Linux's ephemeral range (32768 up), where outgoing connections take theirs.
+SLURM_PORT_BASE = 15000
+SLURM_PORT_SPAN = 15000
+#: Consecutive job ids are this many ports apart, so a job's steps 0..63 never
+#: meet the next job's; within one job, any two steps less than SPAN apart differ.
+SLURM_STEPS_PER_JOB = 64
+
+_RANGE = re.compile(r"(\d+)(?:-(\d+))?")
+
+
+class HostlistError(ValueError):
+    """A Slurm host list that cannot be read."""
+
+
+def _split_hostlist(text: str) -> list[str]:
+    """Split at commas and white space outside brackets."""
+    tokens: list[str] = []
+    current: list[str] = []
+    depth = 0
+    for ch in text:
+        if ch == "[":
+            depth += 1
+            if depth > 1:
+                raise HostlistError(f"host list {text!r}: '[' inside brackets")
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise HostlistError(f"host list {text!r}: ']' without '['")
+        if depth == 0 and (ch == "," or ch.isspace()):
+            if current:
+                tokens.append("".join(current))
+                current = []
+            continue
+        current.append(ch)
+    if depth:
+        raise HostlistError(f"host list {text!r}: '[' without ']'")
+    if current:
+        tokens.append("".join(current))
+    return tokens
+
+
+def _bracket_values(body: str, token: str) -> list[str]:
+    """``01-04,07`` as ``["01", "02", "03", "04", "07"]``: each number is as
+    wide as the low end of its range is written (Slurm's zero padding)."""
+    values: list[str] = []
+    for item in body.split(","):
+        m = _RANGE.fullmatch(item)
+        if m is None:
+            raise HostlistError(f"host {token!r}: {item!r} is not a number or a range 'lo-hi'")
+        lo_text, hi_text = m.group(1), m.group(2)
+        lo = int(lo_text)
+        hi = lo if hi_text is None else int(hi_text)
+        if hi < lo:
+            raise HostlistError(f"host {token!r}: range {item!r} runs backwards")
+        width = len(lo_text)
+        values.extend(f"{n:0{width}d}" for n in range(lo, hi + 1))
+    return values
+
+
+def _expand_host(token: str) -> list[str]:
+    # pieces: literal, bracket body, literal, bracket body, ..., literal
+    pieces = re.split(r"\[([^\]]*)\]", token)
+    literals, bodies = pieces[0::2], pieces[1::2]
+    if any("]" in literal for literal in literals):
+        raise HostlistError(f"host {token!r}: ']' without '['")
+    groups = [_bracket_values(body, token) for body in bodies]
+    if not groups:
+        return [token]
+    # scontrol's order: the last group varies fastest; the others are taken
+    # from the next-to-last (slowest) back to the first, as Slurm's expansion
+    # recurses from the last '[' leftwards: a[1-2]b[3-4]c[5-6] gives
+    # a1b3c5 a1b3c6 a2b3c5 a2b3c6 a1b4c5 ...
+    k = len(groups)
+    order = [*range(k - 2, -1, -1), k - 1]
+    hosts = []
+    chosen = [""] * k
+    for combo in itertools.product(*(groups[i] for i in order)):
+        for i, value in zip(order, combo, strict=True):
+            chosen[i] = value
+        hosts.append("".join(itertools.chain.from_iterable(zip(literals, [*chosen, ""], strict=True))))
+    return hosts
+
+
+def expand_hostlist(text: str) -> list[str]:
+    """The hosts of a Slurm host list, in the order ``scontrol show hostnames``
+    prints them: ``node[01-04,07],gpu3`` gives node01 node02 node03 node04
+    node07 gpu3.
+
+    Hosts are separated by commas or white space; a bracket holds numbers and
+    ranges ``lo-hi``, each zero-padded to the width ``lo`` is written in
+    (``[08-10]``: 08 09 10; ``[1-003]``: 1 2 3); a host may have several
+    bracket groups (``r[1-2]n[1-3]``) and text after one (``a-[1-3]b``, which
+    Slurm 22.05's scontrol refuses but which can only mean a-1b a-2b a-3b).
+    Duplicates are kept.  Anything else (unbalanced or nested brackets,
+    ``[3-1]``, ``[x]``, ``[1,]``) is a :class:`HostlistError`, a ``ValueError``.
+    """
+    return [host for token in _split_hostlist(text) for host in _expand_host(token)]
+
+
+@dataclass(frozen=True)
+class SlurmCoordinator:
+    address: Address
+    origin: str  # where host and port came from, for messages
+
+
+def slurm_port(env: Mapping[str, str]) -> tuple[int, str] | None:
+    """The rendezvous port for this Slurm step, and where it came from.
+
+    The first port the step reserved (``srun --resv-ports`` sets
+    ``SLURM_STEP_RESV_PORTS``, e.g. ``12000-12015`` or ``12000,12005``); else
+    one derived from ``SLURM_JOB_ID`` and ``SLURM_STEP_ID``, different for
+    every step of a job.  ``None`` without a job id.
+    """
+    reserved = env.get("SLURM_STEP_RESV_PORTS", "").strip()
+    if reserved:
+        m = re.match(r"(\d+)", reserved)
+        if m is None or not 0 < int(m.group(1)) < 65536:
+            raise CommError(f"SLURM_STEP_RESV_PORTS={reserved!r} does not start with a port number")
+        return int(m.group(1)), "the first port of SLURM_STEP_RESV_PORTS"
+    job_text = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    if not job_text:
+        return None
+    step_text = env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID") or "0"
+    try:
+        job, step = int(job_text), int(step_text)
+    except ValueError:
+        raise CommError(f"SLURM_JOB_ID={job_text!r} / SLURM_STEP_ID={step_text!r} are not integers") from None
+    port = SLURM_PORT_BASE + (job * SLURM_STEPS_PER_JOB + step) % SLURM_PORT_SPAN
+    return port, "a port derived from SLURM_JOB_ID and SLURM_STEP_ID"
+
+
+def slurm_coordinator(env: Mapping[str, str]) -> SlurmCoordinator | None:
+    """Rank 0's rendezvous address in a Slurm step: the first host of the
+    step's node list and :func:`slurm_port`.  ``None`` when Slurm says
+    neither where nor which port.  A first host that does not resolve here is
+    a :class:`CommError` that names it (set ``AIOCOMM_COORDINATOR`` then)."""
+    var = next((v for v in SLURM_NODELIST_VARS if env.get(v, "").strip()), None)
+    if var is None:
+        return None
+    try:
+        host = next(iter(expand_hostlist(env[var])), None)
+    except HostlistError as exc:
+        raise CommError(f"{var}: {exc}; set AIOCOMM_COORDINATOR=host:port") from None
+    port = slurm_port(env)
+    if host is None or port is None:
+        return None
+    origin = f"the first host of {var} and {port[1]}"
+    try:
+        socket.getaddrinfo(host, port[0], type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise CommError(
+            f"rank 0's node {host!r} ({origin}) does not resolve here ({exc}); "
+            "set AIOCOMM_COORDINATOR=host:port to an address of rank 0's node"
+        ) from None
+    return SlurmCoordinator((host, port[0]), origin)

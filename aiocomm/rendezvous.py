@@ -5,7 +5,9 @@ Rank 0 then runs a small rendezvous service at the *coordinator* address;
 every rank (rank 0 too) binds its own listening socket on the interface it
 uses to reach the coordinator, publishes that address, and receives the full
 list back.  The result is an ordinary :class:`~aiocomm.config.WorldSpec`, and
-the ring forms as usual.
+the ring forms as usual.  The coordinator is ``AIOCOMM_COORDINATOR``, else
+``MASTER_ADDR``:``MASTER_PORT + 1``, else for srun's tasks the first node of
+the step (:func:`aiocomm.config.slurm_coordinator`).
 
 The service speaks aiocomm's wire format (control frames with msgpack maps)::
 
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import wire
-from .config import Address, WorldSpec, parse_address, token_from_env
+from .config import Address, WorldSpec, parse_address, slurm_coordinator, token_from_env
 from .errors import AuthenticationError, CommError, CommTimeoutError, ProtocolError
 from .transport.connections import backoff
 from .wire import Kind
@@ -60,10 +62,25 @@ def _int(env: Mapping[str, str], name: str) -> int:
         raise CommError(f"{name}={env[name]!r} is not an integer") from None
 
 
-def coordinator_from_env(env: Mapping[str, str], source: str, mpi_unavailable: str = "") -> Address:
-    """Where rank 0 runs the rendezvous.  ``mpi_unavailable``: why the MPI
-    backend, which an MPI launcher's job would otherwise use, is not (the
-    likely fix when no address is set)."""
+def started_by_srun(env: Mapping[str, str], rank_var: str) -> bool:
+    """Whether the ranks are srun's tasks: taken from ``SLURM_PROCID``, or from
+    ``PMI_RANK`` that srun's pmi2 plugin set (its ``PMI_JOBID`` is the step,
+    ``JOB.STEP``).  Not ranks that mpirun started inside an allocation: those
+    may run where Slurm's node list does not say."""
+    if rank_var == "SLURM_PROCID":
+        return True
+    step = f"{env.get('SLURM_JOB_ID', '')}.{env.get('SLURM_STEP_ID', '')}"
+    return rank_var == "PMI_RANK" and env.get("PMI_JOBID") == step and step != "."
+
+
+def coordinator_from_env(env: Mapping[str, str], source: str, mpi_unavailable: str = "", *,
+                         rank_var: str = "") -> Address:
+    """Where rank 0 runs the rendezvous.  First match wins:
+    ``AIOCOMM_COORDINATOR``; ``MASTER_ADDR`` and ``MASTER_PORT + 1``; for
+    srun's tasks (``rank_var`` tells), the first node of the step and a port
+    of the step (:func:`aiocomm.config.slurm_coordinator`).
+    ``mpi_unavailable``: why the MPI backend, which an MPI launcher's job
+    would otherwise use, is not (the likely fix when no address is set)."""
     text = env.get("AIOCOMM_COORDINATOR")
     if text:
         return parse_address(text, where="AIOCOMM_COORDINATOR")
@@ -73,6 +90,10 @@ def coordinator_from_env(env: Mapping[str, str], source: str, mpi_unavailable: s
         if port >= 65535:
             raise CommError(f"MASTER_PORT={port} leaves no port above it for aiocomm's rendezvous")
         return host, port + 1
+    if started_by_srun(env, rank_var):
+        found = slurm_coordinator(env)
+        if found is not None:
+            return found.address
     if mpi_unavailable:
         raise CommError(
             f"started by {source}, but aiocomm's MPI backend is unavailable: {mpi_unavailable}. "
@@ -94,7 +115,8 @@ def join_spec_from_env(environ: Mapping[str, str] | None = None, mpi_unavailable
             source = f"{tool} ({rank_var}/{size_var})"
             if not 0 <= rank < size:
                 raise CommError(f"{rank_var}={rank} is outside the group of {size_var}={size}")
-            coordinator = coordinator_from_env(env, source, mpi_unavailable) if size > 1 else ("127.0.0.1", 1)
+            coordinator = (coordinator_from_env(env, source, mpi_unavailable, rank_var=rank_var) if size > 1
+                           else ("127.0.0.1", 1))
             return JoinSpec(rank, size, coordinator, token_from_env(env), source)
     return None
 

@@ -24,6 +24,18 @@ from aiocomm.placement import POLICIES, SCHEDULING, batch_scheduled, cpu_sets
 from .hosts import HostfileError, format_address, is_local, parse_hosts, read_hostfile
 from .job import RankProcess, run_job
 
+#: ``--stdin`` choices: every rank gets a copy, only rank 0, no rank.
+STDIN_MODES = ("all", "0", "none")
+
+
+def rank_stdin(mode: str | None, rank: int) -> str:
+    """A rank's :attr:`RankProcess.stdin` under ``--stdin mode``."""
+    if mode == "all":
+        return "copy"
+    if mode in (None, "0") and rank == 0:
+        return "inherit"
+    return "null"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -62,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sched", default="auto", choices=SCHEDULING,
                         help="start local ranks under SCHED_BATCH: 'auto' (default) when they outnumber the CPUs, "
                         "'batch' always, 'normal' never")
+    parser.add_argument("--stdin", default=None, choices=STDIN_MODES,
+                        help="which ranks read the launcher's stdin: '0' (default) rank 0 only, 'all' every rank "
+                        "a copy of every byte (so pdb works on any rank), 'none' no rank")
+    parser.add_argument("--print-python", action="store_true",
+                        help="print the path of the Python interpreter that runs *.py commands (--python) and exit")
     parser.add_argument("--verbose", action="store_true", help="say what is started")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="script.py [args...] or any command")
     return parser
@@ -214,7 +231,7 @@ def plan_job(args: argparse.Namespace) -> tuple[list[RankProcess], list[socket.s
     for r, host in enumerate(slots):
         job_env = dict(extra, AIOCOMM_RANK=str(r), AIOCOMM_TOKEN=token, PYTHONUNBUFFERED="1")
         output = os.path.join(args.output_dir, f"rank-{r}.log") if args.output_dir else None
-        stdin = "inherit" if r == 0 else "null"
+        stdin = rank_stdin(args.stdin, r)
         if is_local(host):
             job_env.update(AIOCOMM_LISTEN_FDS=",".join(map(str, fds[r])))
             ranks.append(RankProcess(r, argv, job_env, args.cwd, fds[r], stdin=stdin, output=output,
@@ -228,6 +245,9 @@ def plan_job(args: argparse.Namespace) -> tuple[list[RankProcess], list[socket.s
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(join_mpirun_args(sys.argv[1:] if argv is None else argv, parser))
+    if args.print_python:
+        print(args.python)
+        return 0
     if args.n < 1:
         raise SystemExit("aiocomm-launch: -n must be at least 1")
     if args.output_dir:
@@ -235,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.backend == "mpi":
         from . import mpi
 
+        if args.stdin not in (None, "0"):
+            raise SystemExit("aiocomm-launch: --stdin is for the ring backend; with --backend mpi pass "
+                             "mpirun's own option, e.g. --mpirun-args \"--stdin all\" (Open MPI)")
         if args.output_dir:
             raise SystemExit("aiocomm-launch: --output-dir is for the ring backend; with --backend mpi pass "
                              "mpirun's own option, e.g. --mpirun-args \"--output-filename DIR\"")

@@ -74,7 +74,7 @@ class RankProcess:
     env: dict[str, str]  # the job's variables for this rank, added to its host's environment
     cwd: str | None = None
     pass_fds: tuple[int, ...] = ()  # listening sockets the rank inherits (local ranks)
-    stdin: str = "null"  # "inherit": the launcher's stdin; "null"
+    stdin: str = "null"  # "inherit": the launcher's stdin; "copy": a copy of it (as other ranks get); "null"
     output: str | None = None  # a file for this rank's stdout and stderr instead of the launcher's
     cpus: tuple[int, ...] | None = None  # CPUs to bind a local rank to (None: where the scheduler likes)
     batch: bool = False  # start it under SCHED_BATCH (aiocomm.placement)
@@ -228,6 +228,7 @@ class _RankRun:
         self.outcome = RankOutcome(spec.rank)
         self.proc: subprocess.Popen[bytes] | None = None
         self.channel: _Channel | None = None
+        self.stdin_pipe: int | None = None  # write end of a local rank's stdin ("copy")
         self.pumps: list[_Pump] = []
         self.rank_pid: int | None = None
         self.agent_code: int | None = None
@@ -300,7 +301,7 @@ def _start(run: _RankRun, source: bytes, stdout: Console, stderr: Console,
         "argv": spec.argv,
         "env": spec.env,
         "cwd": spec.cwd,
-        "stdin": "frames" if spec.ssh is not None and spec.stdin == "inherit" else spec.stdin,
+        "stdin": _agent_stdin(spec),
         "pass_fds": list(spec.pass_fds),
         "hostfile_json": spec.hostfile_json,
         "marker": run.marker.decode(),
@@ -308,19 +309,29 @@ def _start(run: _RankRun, source: bytes, stdout: Console, stderr: Console,
     opening = source + agent.frame(b"H", json.dumps(header).encode())
     if spec.ssh is None:
         control_r, control_w = os.pipe()
+        stdin: Any = None if spec.stdin == "inherit" else subprocess.DEVNULL
+        copy_r: int | None = None
+        if spec.stdin == "copy":  # the agent's stdin, which the rank inherits
+            copy_r, run.stdin_pipe = os.pipe()
+            stdin = copy_r
         try:
             with _placed(spec.cpus, spec.batch):  # the agent and its rank inherit the CPUs and policy
                 run.proc = subprocess.Popen(
                     agent_argv(spec.python, control_r, source),
-                    stdin=None if spec.stdin == "inherit" else subprocess.DEVNULL,
+                    stdin=stdin,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                     pass_fds=(control_r, *spec.pass_fds), start_new_session=True,
                 )
         except BaseException:
             os.close(control_w)
+            if run.stdin_pipe is not None:
+                os.close(run.stdin_pipe)
+                run.stdin_pipe = None
             raise
         finally:
             os.close(control_r)
+            if copy_r is not None:
+                os.close(copy_r)
         run.channel = _Channel(control_w)
     else:
         remote = "exec " + " ".join(shlex.quote(a) for a in agent_argv(spec.python, 0, source))
@@ -344,16 +355,39 @@ def _start(run: _RankRun, source: bytes, stdout: Console, stderr: Console,
         run.pumps.append(_Pump(loop, fd, RankText(spec.rank, console, marker, run.on_report)))
 
 
-def _forward_stdin(channel: _Channel) -> None:
-    """Copy the launcher's stdin to a remote agent in frames (a thread)."""
+def _agent_stdin(spec: RankProcess) -> str:
+    """The agent's ``stdin`` mode: a remote rank's input comes in frames; a
+    local rank's copy comes on the agent's own stdin (a pipe), which it passes on."""
+    if spec.stdin in ("inherit", "copy"):
+        return "frames" if spec.ssh is not None else "inherit"
+    return "null"
+
+
+def _forward_stdin(pipes: list[int], channels: list[_Channel]) -> None:
+    """Copy the launcher's stdin to every rank that reads it (a thread): into
+    the pipe of each local rank, in frames to each remote agent; at its end,
+    end theirs.  A rank that does not read holds the others back once its
+    pipe is full, as ``tee`` does; a rank that has ended is dropped."""
 
     def read() -> None:
         try:
             while chunk := os.read(0, 1 << 16):
-                channel.send(agent.frame(b"I", chunk), wait=True)
+                for fd in list(pipes):
+                    try:
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(fd, view):]
+                    except OSError:  # the rank (and its agent) ended
+                        pipes.remove(fd)
+                        os.close(fd)
+                for channel in channels:
+                    channel.send(agent.frame(b"I", chunk), wait=True)
         except OSError:
             pass
-        channel.send(agent.frame(b"E"))
+        for fd in pipes:
+            os.close(fd)
+        for channel in channels:
+            channel.send(agent.frame(b"E"))
 
     threading.Thread(target=read, name="aiocomm-stdin", daemon=True).start()
 
@@ -462,12 +496,15 @@ async def run_job(
             runs.append(run)
             result.outcomes[spec.rank] = run.outcome
             threading.Thread(target=wait_for, args=(run,), name=f"aiocomm-wait-{spec.rank}", daemon=True).start()
-            if spec.ssh is not None and spec.stdin == "inherit" and run.channel is not None:
-                _forward_stdin(run.channel)
             if verbose:
                 where = f" on CPUs {','.join(map(str, spec.cpus))}" if spec.cpus else ""
                 host = f" on {spec.ssh[-1]}" if spec.ssh else ""
                 stderr.note(f"aiocomm-launch: rank {spec.rank}{host}{where}: {' '.join(spec.argv)}")
+        pipes = [run.stdin_pipe for run in runs if run.stdin_pipe is not None]
+        channels = [run.channel for run in runs
+                    if run.spec.ssh is not None and run.spec.stdin in ("inherit", "copy") and run.channel is not None]
+        if pipes or channels:
+            _forward_stdin(pipes, channels)
         if on_started is not None:
             on_started()
 

@@ -6,7 +6,10 @@ Runs ``python -m aiocomm.bench --json`` under ``aiocomm-launch`` and the same
 measurement for torch's gloo (under torchrun), OpenMPI (mpirun + mpi4py),
 MLX's ring backend (mlx.launch) and, for 2 ranks, the physical duplex
 reference; a peer that is not installed is skipped with a message.  Prints
-one table with aiocomm's bus bandwidth as a ratio of each peer's.
+one table with aiocomm's bus bandwidth as a ratio of each peer's; with
+``--plot FILE.png`` also draws bus bandwidth and latency against message
+size, one line per library and rank count (matplotlib: ``pip install
+'aiocomm[plot]'``).
 """
 
 from __future__ import annotations
@@ -19,9 +22,17 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .run import AVERAGES
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+#: Results by (peer, ranks, bytes): a row of ``python -m aiocomm.bench --json``.
+Results = dict[tuple[str, int, int], dict[str, Any]]
+
+PLOT_HINT = "--plot needs matplotlib: pip install 'aiocomm[plot]' (or: pip install matplotlib)"
 
 
 def _tool(name: str) -> str | None:
@@ -84,6 +95,53 @@ def run(cmd: list[str], timeout: float) -> list[dict[str, Any]]:
     return rows
 
 
+def require_matplotlib() -> None:
+    """Fail at once, before any benchmark runs, when ``--plot`` cannot draw."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit(f"python -m aiocomm.bench.compare: {PLOT_HINT}") from None
+
+
+def _size_label(nbytes: float) -> str:
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if nbytes >= 1 << shift and int(nbytes) % (1 << shift) == 0:
+            return f"{int(nbytes) >> shift}{unit}"
+    return f"{int(nbytes)}"
+
+
+def draw(results: Results, title: str) -> Figure:
+    """Two panels against message size (log scale), as nccl-tests' users
+    draw them: bus bandwidth (GB/s) and latency (median us), one line per
+    library and rank count."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    bw_ax, lat_ax = fig.subplots(1, 2)
+    lines = sorted({(peer, ranks) for peer, ranks, _ in results}, key=lambda pr: (pr[0] != "aiocomm", pr))
+    for peer, ranks in lines:
+        sizes = sorted(n for p, r, n in results if (p, r) == (peer, ranks))
+        rows = [results[(peer, ranks, n)] for n in sizes]
+        style = {"marker": "o", "markersize": 4, "linewidth": 2.2 if peer == "aiocomm" else 1.4,
+                 "label": f"{peer}, {ranks} ranks" if peer != "duplex-reference" else "duplex reference (wire)"}
+        bw_ax.plot(sizes, [row["busbw_GBps"] for row in rows], **style)
+        lat_ax.plot(sizes, [row["median_us"] for row in rows], **style)
+    sizes_fmt = FuncFormatter(lambda x, _pos: _size_label(x))
+    for ax, ylabel in ((bw_ax, "bus bandwidth (GB/s)"), (lat_ax, "latency, median (us)")):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(sizes_fmt)
+        ax.set_xlabel("message size (bytes)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="major", alpha=0.3)
+    lat_ax.set_yscale("log")
+    bw_ax.set_title("bus bandwidth")
+    lat_ax.set_title("latency")
+    bw_ax.legend(fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m aiocomm.bench.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", default="2,4")
@@ -95,10 +153,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="an iteration's time from the ranks' own times (nccl-tests' -a): mean, slowest, ...")
     parser.add_argument("--peers", default="aiocomm,duplex-reference,gloo,openmpi,mlx-ring")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--plot", metavar="FILE.png", default=None,
+                        help="also draw bus bandwidth and latency against message size to FILE (needs matplotlib)")
     args = parser.parse_args(argv)
+    if args.plot:
+        require_matplotlib()
     common = ["--op", args.op, "--sizes", args.sizes, "--iters", str(args.iters),
               "--small-iters", str(args.small_iters), "--average", args.average]
-    results: dict[tuple[str, int, int], dict[str, Any]] = {}
+    results: Results = {}
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     for ranks in (int(r) for r in args.ranks.split(",")):
         for peer in peers:
@@ -131,6 +193,13 @@ def main(argv: list[str] | None = None) -> None:
             ratio = f"{row['median_us'] / mine['median_us']:.2f}x lat"
         print(f"  {peer:<17} {ranks:>5} {nbytes:>10} {row['median_us']:>11.1f} {row['busbw_GBps']:>10.3f} "
               f"{ratio:>12} {'yes' if row['correct'] else 'NO'}", flush=True)
+    if args.plot:
+        if not results:
+            raise SystemExit("python -m aiocomm.bench.compare: nothing ran, so there is nothing to plot")
+        title = (f"{args.op}, float32, median of {args.iters} iterations ({args.small_iters} under 1 MiB; {how}), "
+                 "same machine")
+        draw(results, title).savefig(args.plot, dpi=120)
+        print(f"# plot: {args.plot}", flush=True)
 
 
 if __name__ == "__main__":
