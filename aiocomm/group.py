@@ -375,8 +375,8 @@ def call_blocking(
             if backend.direct:
                 return backend.call_blocking(op.__name__, group, *args)  # type: ignore[attr-defined,no-any-return]
             here = backend.in_caller(group, op.__name__)
-            if here is not None:  # (shared memory: no hand-off to the loop)
-                return here(*args)  # type: ignore[no-any-return]
+            if here is not None and asyncio._get_running_loop() is not engine.loop:
+                return here(*args)  # type: ignore[no-any-return]  # (shared memory: no hand-off to the loop)
         coro = op(group, *args)
         loop = engine.loop
         if loop is None:  # a world of size 1 (the loop-less MPI backend went the direct way)

@@ -20,18 +20,24 @@ def _json_rows(out):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("op", ["all_sum", "all_gather", "sum_scatter", "sendrecv"])
-@pytest.mark.parametrize("face", ["blocking", "async"])
-def test_bench_runs_and_checks(op, face):
+@pytest.mark.parametrize("op,face,transport", [
+    *[(op, "blocking", "shm") for op in ("all_sum", "all_gather", "sum_scatter", "broadcast")],
+    ("sendrecv", "blocking", "tcp"),  # (messages always move over TCP)
+    *[(op, "async", "tcp") for op in ("all_sum", "all_gather", "sum_scatter", "sendrecv", "broadcast")],
+    ("all_sum", "blocking", "tcp"), ("all_sum", "async", "shm"),
+])
+def test_bench_runs_and_checks(op, face, transport):
     proc = subprocess.run([sys.executable, "-m", "launcher", "-n", "2", sys.executable, "-m", "aiocomm.bench",
                            "--op", op, "--sizes", "8,40K", "--iters", "3", "--small-iters", "3", "--face", face,
-                           "--json"],
+                           "--transport", transport, "--json"],
                           cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _json_rows(proc.stdout)
     assert len(rows) == 2 and all(r["correct"] for r in rows)
+    assert all(r["transport"] == transport for r in rows), rows
     if op == "all_sum":
-        assert rows[1]["wire_per_buffer"] == pytest.approx(1.0, rel=0.01)  # 2(n-1)/n on 2 ranks
+        # 2(n-1)/n of the buffer on the wire on 2 ranks over TCP; none through shared memory
+        assert rows[1]["wire_per_buffer"] == pytest.approx(1.0 if transport == "tcp" else 0.0, abs=0.01)
 
 
 def test_average_combines_the_ranks_times_per_iteration():

@@ -27,9 +27,9 @@ def collect(procs, victim, timeout):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("victim", [0, 2])
-def test_killed_rank_is_reported_on_every_survivor(tmp_path, victim):
-    procs = spawn_faults(4, tmp_path, "kill", str(victim))
+@pytest.mark.parametrize("victim,transport", [(0, "auto"), (2, "auto"), (2, "tcp")])
+def test_killed_rank_is_reported_on_every_survivor(tmp_path, victim, transport):
+    procs = spawn_faults(4, tmp_path, "kill", str(victim), env={"AIOCOMM_TRANSPORT": transport})
     try:
         procs[victim].wait(timeout=40)
         died = time.time()
@@ -46,11 +46,13 @@ def test_killed_rank_is_reported_on_every_survivor(tmp_path, victim):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("mode", ["stop", "stop-call"])
-def test_stopped_rank_times_out_on_every_survivor(tmp_path, mode):
+@pytest.mark.parametrize("mode,transport", [("stop", "auto"), ("stop-call", "auto"), ("stop", "tcp")])
+def test_stopped_rank_times_out_on_every_survivor(tmp_path, mode, transport):
     victim = 1
-    procs = spawn_faults(3, tmp_path, mode, str(victim),
-                        env={"AIOCOMM_TIMEOUT": "3"} if mode == "stop" else None)
+    env = {"AIOCOMM_TRANSPORT": transport}
+    if mode == "stop":
+        env["AIOCOMM_TIMEOUT"] = "3"
+    procs = spawn_faults(3, tmp_path, mode, str(victim), env=env)
     try:
         outs = collect(procs, victim, 40)
     finally:

@@ -17,6 +17,13 @@ import pytest
 
 from .conftest import launch
 
+
+@pytest.fixture(autouse=True)
+def _tcp_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipelined ring is TCP's: ranks of one host would otherwise use shared
+    memory (whose own mismatch checks tests/test_rooted.py runs)."""
+    monkeypatch.setenv("AIOCOMM_TRANSPORT", "tcp")
+
 BASE_DTYPE = "float32"
 #: kind -> what the odd rank's call says in a MismatchError's message, for
 #: 1200 rows (the others' call says (rows, 1024) and BASE_DTYPE).

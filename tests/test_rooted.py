@@ -20,7 +20,7 @@ def test_rooted_and_exchanges_on_the_ring(n):
 @pytest.mark.parametrize("n", [2, 4])
 def test_rooted_and_exchanges_pipelined(n):
     """Every size on the large paths (chain broadcast, ring all_gather_v), in 64-byte segments."""
-    env = {"AIOCOMM_SEGMENT_BYTES": "64", "AIOCOMM_SMALL_BYTES": "0"}
+    env = {"AIOCOMM_SEGMENT_BYTES": "64", "AIOCOMM_SMALL_BYTES": "0", "AIOCOMM_TRANSPORT": "tcp"}
     assert_ok(launch(n, "rooted_matrix.py", env=env, timeout=170), n, "OK rooted")
 
 

@@ -21,6 +21,12 @@ from aiocomm.wire import Kind
 from .conftest import ROOT, WORKERS, assert_ok, clean_env, launch
 from .test_matching import Events, deliver, op, sig_of
 
+
+@pytest.fixture(autouse=True)
+def _tcp_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These regressions are the TCP transport's: ranks of one host would otherwise use shared memory."""
+    monkeypatch.setenv("AIOCOMM_TRANSPORT", "tcp")
+
 P2P = int(Kind.P2P)
 COLL = int(Kind.COLL)
 

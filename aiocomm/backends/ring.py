@@ -93,10 +93,11 @@ class RingGroup:
     """The ring's state of one group (``group.handle``): whether its
     collectives move through shared memory (decided at its first collective)."""
 
-    __slots__ = ("decided", "channel", "health", "direct", "_worker")
+    __slots__ = ("decided", "deciding", "channel", "health", "direct", "_worker")
 
     def __init__(self) -> None:
         self.decided = False
+        self.deciding: asyncio.Future[None] | None = None  # while the first collective decides
         self.channel: shm.Channel | None = None
         self.health: shm.Health = _healthy
         #: engine operation name -> the call in the caller's thread (the blocking face)
@@ -113,6 +114,19 @@ class RingGroup:
 
 def _healthy() -> CommError | None:
     return None
+
+
+async def _neighbours_gather(link: MeshLink, row: np.ndarray) -> np.ndarray:
+    """Every rank's ``row`` (a table, by rank), passed round the ring: only
+    the connections the world formed at start-up (a group's set-up must not
+    open others)."""
+    n = link.size
+    table = np.zeros((n, row.size), row.dtype)
+    table[link.rank] = row
+    blocks = [(k * row.size, (k + 1) * row.size) for k in range(n)]
+    await collectives.ring_all_gather(link, table.reshape(-1), blocks, 0)
+    await link.flush()
+    return table
 
 
 def split_context(parent: int, index: int, color: int) -> int:
@@ -154,12 +168,24 @@ class RingBackend:
             state = group.handle = RingGroup()
         return state  # type: ignore[no-any-return]
 
+    async def _decided(self, group: GroupState, state: RingGroup, timeout: float) -> None:
+        """Once the group has decided (its first collective decides; collectives
+        issued meanwhile wait, and go on in the order they were issued)."""
+        if state.deciding is not None:
+            await asyncio.shield(state.deciding)
+            return
+        state.deciding = self.mesh.loop.create_future()
+        try:
+            await self._decide(group, state, timeout)
+        finally:
+            state.decided = True
+            state.deciding.set_result(None)
+
     async def _decide(self, group: GroupState, state: RingGroup, timeout: float) -> None:
         """At the group's first collective, on every rank: use shared memory if
         every member can map every other's segment (one host, and nobody was
         told AIOCOMM_TRANSPORT=tcp).  Two TCP collectives: who is where, then
         whether everyone mapped everyone."""
-        state.decided = True
         n, me = group.size(), group.rank()
         segment = None
         if self.shm_unavailable is None and n <= shm.MAX_RANKS:
@@ -169,8 +195,7 @@ class RingBackend:
                 segment = None
         mine = np.array([shm.host_id(), os.getpid(), segment.fd if segment is not None else -1], np.int64)
         table = await self._tcp_collective(group, signature("shared-memory set-up", mine.dtype, mine.shape),
-                                           timeout, collectives.all_gather, mine)
-        table = table.reshape(n, 3)
+                                           timeout, _neighbours_gather, mine)
         peers: dict[int, shm.Segment] = {}
         usable = segment is not None and bool(np.all(table[:, 0] == table[0, 0]) and np.all(table[:, 2] >= 0))
         if usable:
@@ -181,9 +206,9 @@ class RingBackend:
             except OSError:
                 usable = False
         flag = np.array([1 if usable else 0], np.int64)
-        agreed = await self._tcp_collective(group, signature("shared-memory agreement", flag.dtype, flag.shape),
-                                            timeout, collectives.all_reduce, flag, "min")
-        if not agreed[0]:
+        flags = await self._tcp_collective(group, signature("shared-memory agreement", flag.dtype, flag.shape),
+                                           timeout, _neighbours_gather, flag)
+        if not flags.all():
             for seg in peers.values():
                 seg.close()
             if segment is not None:
@@ -268,7 +293,7 @@ class RingBackend:
         """A reduction or gather: through shared memory if the group decided so, else over TCP."""
         state = self._state(group)
         if not state.decided:
-            await self._decide(group, state, timeout)
+            await self._decided(group, state, timeout)
         direct = state.direct.get(name)
         if direct is not None:
             call_args = (*args, timeout) if name == "all_reduce" else (args[0], timeout)
@@ -282,7 +307,7 @@ class RingBackend:
         shared memory, after agreeing there on what was called."""
         state = self._state(group)
         if not state.decided:
-            await self._decide(group, state, timeout)
+            await self._decided(group, state, timeout)
         channel = state.channel
         if channel is not None:
             describe = sig.describe()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -162,6 +163,15 @@ class Case:
         return all(bool(np.all(flat[i : i + step] == want(i))) for i in range(0, flat.size, step))
 
 
+def _transport(world: Any) -> str:
+    """How this group's collectives moved: 'shm', 'tcp' or the backend's name."""
+    backend = world.engine.backend
+    if backend is None or backend.name != "ring":
+        return backend.name if backend is not None else "none"
+    state = world.handle
+    return "shm" if state is not None and state.channel is not None else "tcp"
+
+
 async def _maybe(value: Any) -> Any:
     if asyncio.iscoroutine(value):
         return await value
@@ -199,6 +209,9 @@ async def bench(args: argparse.Namespace) -> None:
             result = await case.run(blocking)
             times[i] = time.perf_counter() - t0
         assert result is not None  # iters >= 1 (main() checks --iters)
+        if args.transport == "shm" and args.op != "sendrecv" and _transport(world) != "shm":
+            raise SystemExit(f"rank {rank}: --transport shm, but this group's collectives moved over "
+                             f"{_transport(world)} (ranks on several hosts, or shared memory unavailable)")
         ok &= case.check(result)
         # bytes on the wire are counted by the ring's mesh only (NaN: not measured, e.g. on MPI)
         wire = ((mesh.bytes_sent - sent0) / iters / case.nbytes) if mesh is not None else float("nan")
@@ -216,6 +229,7 @@ async def bench(args: argparse.Namespace) -> None:
             "requested_bytes": nbytes,
             "dtype": dtype.name,
             "face": args.face,
+            "transport": "tcp" if args.op == "sendrecv" and _transport(world) == "shm" else _transport(world),
             "average": args.average,
             "median_us": med * 1e6,
             "min_us": float(times.min()) * 1e6,
@@ -255,8 +269,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--average", choices=list(AVERAGES), default="avg",
                         help="an iteration's time from the ranks' own times: "
                              + ", ".join(f"{k} = {v}" for k, v in AVERAGES.items()) + " (default avg, as nccl-tests)")
+    parser.add_argument("--transport", choices=["auto", "tcp", "shm"], default="auto",
+                        help="between ranks of one host: shared memory ('auto' and 'shm') or TCP "
+                             "(sets AIOCOMM_TRANSPORT for this run)")
     parser.add_argument("--json", action="store_true", help="one JSON object per size")
     args = parser.parse_args(argv)
+    os.environ["AIOCOMM_TRANSPORT"] = "tcp" if args.transport == "tcp" else "auto"
     if args.iters < 1:
         parser.error(f"--iters {args.iters}: at least one timed iteration is needed")
     try:

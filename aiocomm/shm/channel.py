@@ -31,6 +31,7 @@ unusable from then on, on every rank.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import select
@@ -41,7 +42,7 @@ import numpy as np
 
 from .. import collectives
 from ..errors import CommError, CommTimeoutError, MismatchError, PeerLostError
-from .segment import BROKEN, EPOCH, SIGNATURE, Segment
+from .segment import BROKEN, EPOCH, LOST, SIGNATURE, Segment
 
 #: Seconds a waiter spins (then yields the CPU) before it sleeps.
 SPIN_SECONDS = 0.0005
@@ -50,9 +51,10 @@ NAP_SECONDS = 0.002
 
 Health = Callable[[], "CommError | None"]  # the transport's view: an ABORT, a lost peer
 
-_BROKE_TIMEOUT, _BROKE_MISMATCH, _BROKE_ERROR = 1, 2, 3
+_BROKE_TIMEOUT, _BROKE_MISMATCH, _BROKE_ERROR, _BROKE_LOST = 1, 2, 3, 4
 
 
+@functools.lru_cache(maxsize=1024)
 def signature_hash(description: str) -> int:
     return int.from_bytes(hashlib.blake2b(description.encode(), digest_size=8).digest(), "little", signed=True)
 
@@ -74,12 +76,10 @@ class Channel:
         self._poll = select.poll()
         self._pidfds: dict[int, int] = {}
         for k, pid in pids.items():
-            try:
-                fd = os.pidfd_open(pid)
-            except OSError:  # (no pidfds: the transport still notices a lost peer)
-                continue
-            self._pidfds[fd] = k
-            self._poll.register(fd, select.POLLIN)
+            fd = _pidfd(pid)
+            if fd is not None:
+                self._pidfds[fd] = k
+                self._poll.register(fd, select.POLLIN)
 
     # ---- giving up, and noticing that others did
 
@@ -90,6 +90,9 @@ class Channel:
             self.broken = exc
         if not self.mine.control[BROKEN]:
             self.mine.explain(str(exc))
+            if isinstance(exc, PeerLostError):
+                code = _BROKE_LOST
+                self.mine.control[LOST] = -1 if exc.rank is None else exc.rank
             self.mine.control[BROKEN] = code
             self.mine.bell[0] += 1
             self.mine.wake()
@@ -97,6 +100,12 @@ class Channel:
 
     def _why_stuck(self, k: int, deadline: float, health: Health, what: str, timeout: float) -> CommError | None:
         world = self.members[k]
+        if self._pidfds:
+            for fd, _ in self._poll.poll(0):
+                gone = self.members[self._pidfds[fd]]
+                return PeerLostError(
+                    f"rank {gone} (same host, shared memory) exited during {what} on rank "
+                    f"{self.members[self.rank]}", gone)
         exc = health()
         if exc is not None:
             return exc
@@ -112,16 +121,13 @@ class Channel:
                     err = CommTimeoutError(text, (origin,))
                 elif code == _BROKE_MISMATCH:
                     err = MismatchError(text)
+                elif code == _BROKE_LOST:
+                    lost = int(seg.control[LOST])
+                    err = PeerLostError(text, lost if lost >= 0 else None)
                 else:
                     err = CommError(text)
                     err.culprit = origin
                 return err
-        if self._pidfds:
-            for fd, _ in self._poll.poll(0):
-                gone = self.members[self._pidfds[fd]]
-                return PeerLostError(
-                    f"rank {gone} (same host, shared memory) exited during {what} on rank "
-                    f"{self.members[self.rank]}", gone)
         if time.monotonic() >= deadline:
             return CommTimeoutError(
                 f"rank {self.members[self.rank]} timed out after {timeout:g}s in {what}, waiting for the next step "
@@ -289,8 +295,20 @@ class Channel:
         return out
 
     def close(self) -> None:
-        for fd in self._pidfds:
-            os.close(fd)
         self._pidfds.clear()
         for seg in self.segments:
             seg.close()
+
+
+_pidfds: dict[int, int | None] = {}  # pid -> a pidfd of it, shared by every group (one descriptor per peer)
+
+
+def _pidfd(pid: int) -> int | None:
+    """A descriptor that becomes readable when process ``pid`` ends, or None
+    (no pidfds here: the transport still notices a lost peer)."""
+    if pid not in _pidfds:
+        try:
+            _pidfds[pid] = os.pidfd_open(pid)
+        except (OSError, AttributeError):
+            _pidfds[pid] = None
+    return _pidfds[pid]

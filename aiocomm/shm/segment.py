@@ -15,6 +15,7 @@ Layout (bytes)::
     24    (unused)
     32    int64 text length  of the signature's description, at byte 256
     40    int64 reason length
+    48    int64 lost             the world rank the owner lost, when that is why it gave up
     64    int32 bell         changes with every epoch; peers sleep on it (futex)
     256   the description of the owner's current call (for MismatchError)
     1664  why the owner gave up (the text of its error; length at byte 40)
@@ -38,7 +39,7 @@ from typing import Any
 import numpy as np
 
 CONTROL = 4096
-EPOCH, SIGNATURE, BROKEN, TEXT, REASON = 0, 1, 2, 4, 5
+EPOCH, SIGNATURE, BROKEN, TEXT, REASON, LOST = 0, 1, 2, 4, 5, 6
 _BELL_OFFSET = 64
 _TEXT_OFFSET = 256
 _REASON_OFFSET = 1664
@@ -65,39 +66,58 @@ def supported() -> str | None:
     return None
 
 
-def _syscall() -> Any:
+def _libc_fn() -> Any:
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)  # CDLL: the GIL is let go during the call
-        _libc.syscall.restype = ctypes.c_long
-    return _libc.syscall
+        libc = ctypes.CDLL(None, use_errno=True)  # CDLL: the GIL is let go during each call
+        libc.syscall.restype = ctypes.c_long
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _libc = libc
+    return _libc
+
+
+def _syscall() -> Any:
+    return _libc_fn().syscall
 
 
 class Segment:
     """A mapped segment (this rank's own, or a peer's)."""
 
-    __slots__ = ("mm", "control", "bell", "bell_address", "slot_bytes", "input", "output", "fd")
+    __slots__ = ("mm", "address", "size", "control", "bell", "bell_address", "slot_bytes", "input", "output", "fd")
 
-    def __init__(self, mm: mmap.mmap, slot_bytes: int, fd: int = -1) -> None:
-        self.mm = mm
-        self.fd = fd  # the owner's descriptor, until every peer has mapped it
+    def __init__(self, fd: int, slot_bytes: int, own: bool) -> None:
+        """Map ``fd`` (kept only if ``own``: the owner's, until every peer mapped it).
+
+        Mapped with libc's mmap, not Python's: Python's keeps a duplicate of
+        the descriptor for as long as the mapping lives, one per group and
+        member."""
+        size = CONTROL + 2 * slot_bytes
+        address = _libc_fn().mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap of a shared segment failed: {os.strerror(ctypes.get_errno())}")
+        self.address = address
+        self.size = size
+        self.fd = fd if own else -1
         self.slot_bytes = slot_bytes
-        self.control = np.frombuffer(mm, np.int64, 8, 0)
-        self.bell = np.frombuffer(mm, np.int32, 1, _BELL_OFFSET)
-        self.bell_address = ctypes.addressof(ctypes.c_char.from_buffer(mm, _BELL_OFFSET))
-        self.input = np.frombuffer(mm, np.uint8, slot_bytes, CONTROL)
-        self.output = np.frombuffer(mm, np.uint8, slot_bytes, CONTROL + slot_bytes)
+        self.mm = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(address))
+        self.control = self.mm[:64].view(np.int64)
+        self.bell = self.mm[_BELL_OFFSET : _BELL_OFFSET + 4].view(np.int32)
+        self.bell_address = address + _BELL_OFFSET
+        self.input = self.mm[CONTROL : CONTROL + slot_bytes]
+        self.output = self.mm[CONTROL + slot_bytes : CONTROL + 2 * slot_bytes]
 
     @classmethod
     def create(cls, slot_bytes: int) -> Segment:
         fd = os.memfd_create("aiocomm-shm", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, CONTROL + 2 * slot_bytes)
-            mm = mmap.mmap(fd, CONTROL + 2 * slot_bytes)
+            return cls(fd, slot_bytes, own=True)
         except BaseException:
             os.close(fd)
             raise
-        return cls(mm, slot_bytes, fd)
 
     @classmethod
     def open(cls, pid: int, fd: int, slot_bytes: int) -> Segment:
@@ -106,10 +126,9 @@ class Segment:
         try:
             if os.fstat(mine).st_size != CONTROL + 2 * slot_bytes:
                 raise OSError(f"the segment of pid {pid} has another size")
-            mm = mmap.mmap(mine, CONTROL + 2 * slot_bytes)
+            return cls(mine, slot_bytes, own=False)
         finally:
             os.close(mine)
-        return cls(mm, slot_bytes)
 
     def let_go_of_fd(self) -> None:
         """Every peer has mapped this segment: the descriptor is no longer needed."""
@@ -121,28 +140,29 @@ class Segment:
 
     def describe(self, text: str) -> None:
         data = text.encode()[:_TEXT_MAX]
-        self.mm[_TEXT_OFFSET : _TEXT_OFFSET + len(data)] = data
+        self.mm[_TEXT_OFFSET : _TEXT_OFFSET + len(data)] = np.frombuffer(data, np.uint8)
         self.control[TEXT] = len(data)
 
     def description(self) -> str:
         length = int(self.control[TEXT])
-        return bytes(self.mm[_TEXT_OFFSET : _TEXT_OFFSET + max(0, min(length, _TEXT_MAX))]).decode(errors="replace")
+        return self.mm[_TEXT_OFFSET : _TEXT_OFFSET + max(0, min(length, _TEXT_MAX))].tobytes().decode(
+            errors="replace")
 
     def explain(self, reason: str) -> None:
         data = reason.encode()[:_REASON_MAX]
-        self.mm[_REASON_OFFSET : _REASON_OFFSET + len(data)] = data
+        self.mm[_REASON_OFFSET : _REASON_OFFSET + len(data)] = np.frombuffer(data, np.uint8)
         self.control[REASON] = len(data)
 
     def reason(self) -> str:
         length = int(self.control[REASON])
-        return bytes(self.mm[_REASON_OFFSET : _REASON_OFFSET + max(0, min(length, _REASON_MAX))]).decode(
+        return self.mm[_REASON_OFFSET : _REASON_OFFSET + max(0, min(length, _REASON_MAX))].tobytes().decode(
             errors="replace")
 
     def ring(self, epoch: int) -> None:
         """Publish ``epoch`` and wake peers asleep on this segment."""
         self.control[EPOCH] = epoch
         self.bell[0] = epoch & 0x7FFFFFFF
-        if self.mm[_SLEEPERS_OFFSET : _SLEEPERS_OFFSET + MAX_RANKS] != _NOBODY:
+        if ctypes.string_at(self.address + _SLEEPERS_OFFSET, MAX_RANKS) != _NOBODY:
             self.wake()
 
     def wake(self) -> None:
@@ -161,9 +181,9 @@ class Segment:
             self.mm[_SLEEPERS_OFFSET + me] = 0
 
     def close(self) -> None:
+        """Unmap (only once no array of this module's uses it: the channel's own)."""
         self.let_go_of_fd()
-        self.control = self.bell = self.input = self.output = np.empty(0, np.int64)
-        try:
-            self.mm.close()
-        except BufferError:  # an array still uses it: the mapping goes when that array does
-            pass
+        if self.address:
+            self.control = self.bell = self.input = self.output = self.mm = np.empty(0, np.uint8)
+            _libc_fn().munmap(self.address, self.size)
+            self.address = 0

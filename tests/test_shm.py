@@ -1,0 +1,100 @@
+"""The shared-memory path keeps the TCP path's promises, at the same moments,
+with real processes (tests/workers/shm_moments.py; the other suites run
+through it too, since ranks of one host use it by default, and the TCP
+path's own tests run with AIOCOMM_TRANSPORT=tcp)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from .conftest import WORKERS, assert_ok, launch, spawn_world
+
+
+def _spawn(n, tmp_path, *args, env=None):
+    return spawn_world(n, tmp_path, [str(WORKERS / "shm_moments.py"), *args], env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_rank_killed_halfway_through_a_transfer(tmp_path, victim):
+    """Every survivor raises PeerLostError naming the victim within 5 s of
+    its death, and no call ever returned a wrong (torn) result."""
+    procs = _spawn(3, tmp_path, "kill_mid", str(victim))
+    try:
+        procs[victim].wait(timeout=60)
+        died = time.time()
+        outs = {r: p.communicate(timeout=30) for r, p in enumerate(procs) if r != victim}
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[victim].returncode == -signal.SIGKILL
+    for r, (out, err) in outs.items():
+        detail = f"rank {r}:\n{out}\n{err[-3000:]}"
+        assert "SHM True" in out, detail
+        assert "WRONG" not in out and "DONE" in out, detail
+        m = re.search(r"FAILED (\w+) at ([\d.]+): (.*)", out)
+        assert m is not None and m.group(1) == "PeerLostError", detail
+        assert f"rank {victim}" in m.group(3), detail
+        assert float(m.group(2)) - died < 5.0, "a survivor noticed too late" + detail
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_waiting_in_shared_memory_costs_little_cpu(tmp_path):
+    proc = launch(2, "shm_moments.py", "idle_cpu", timeout=50)
+    assert_ok(proc, 2, "SHM True")
+    m = re.search(r"\[rank 0\] SHM True WAITED ([\d.]+) CPU ([\d.]+)", proc.stdout)
+    assert m is not None, proc.stdout
+    waited, cpu = float(m.group(1)), float(m.group(2))
+    assert waited > 2.5, proc.stdout
+    assert cpu < 0.3 * waited, f"rank 0 used {cpu} s of CPU while it waited {waited} s"
+
+
+@pytest.mark.timeout(180)
+def test_a_one_gib_all_sum_through_shared_memory():
+    proc = launch(2, "shm_moments.py", "huge", timeout=170)
+    assert_ok(proc, 2, f"SHM True HUGE ok {1 << 30}")
+
+
+@pytest.mark.timeout(60)
+def test_the_async_face_on_a_shared_memory_group():
+    assert_ok(launch(3, "shm_moments.py", "async", timeout=50), 3, "SHM True OK async")
+
+
+@pytest.mark.timeout(60)
+def test_nothing_of_a_killed_job_is_left_in_shared_memory(tmp_path):
+    """Segments are memfds: after a SIGKILL of every rank nothing is left in
+    /dev/shm, and no process maps them any more."""
+    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    procs = _spawn(3, tmp_path, "maps")
+    pids = []
+    try:
+        for p in procs:
+            line = p.stdout.readline()
+            assert "SHM True" in line, line + p.stderr.read()[-2000:]
+            pids.append(int(line.split()[-1]))
+        if os.path.isdir("/dev/shm"):
+            assert set(os.listdir("/dev/shm")) == before, "a segment has a name in /dev/shm"
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=10)
+    after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    assert after - before == set(), after - before
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}"), f"rank pid {pid} is still there"
+
+
+@pytest.mark.timeout(60)
+def test_tcp_can_be_forced(tmp_path):
+    """AIOCOMM_TRANSPORT=tcp: the same program, no segment mapped."""
+    proc = launch(2, "shm_moments.py", "async", env={"AIOCOMM_TRANSPORT": "tcp"}, timeout=50)
+    assert_ok(proc, 2, "SHM False OK async")
+    bad = launch(2, "shm_moments.py", "async", env={"AIOCOMM_TRANSPORT": "carrier-pigeon"}, timeout=50)
+    assert bad.returncode != 0 and "AIOCOMM_TRANSPORT='carrier-pigeon'" in bad.stderr, bad.stderr[-2000:]
