@@ -219,9 +219,10 @@ def lines(reason: str) -> tuple[str, list[str]]:
 def write(reason: str) -> str | None:
     """Write this rank's record to ``AIOCOMM_TRACE_DIR`` (replacing an older
     one); the file's path, or ``None`` when no directory is set or writing
-    failed (never raises: the record must not hide the error being raised)."""
+    failed (never raises: the record must not hide the error being raised);
+    ``AIOCOMM_TRACE_BUFFER=0`` writes nothing."""
     directory = os.environ.get(ENV_DIR)
-    if not directory:
+    if not directory or not _size:
         return None
     try:
         rank, text = lines(reason)
