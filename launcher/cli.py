@@ -266,9 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             close_listeners()
         if result.exit_status != 0:
+            print_trace_verdict(args.trace_dir)  # (the summary stays the last line)
             with contextlib.suppress(OSError):
                 os.write(2, f"aiocomm-launch: {result.summary()}\n".encode(errors="replace"))
-                print_trace_verdict(args.trace_dir)
         return result.exit_status
 
     try:
@@ -280,12 +280,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def trace_directory(extra: dict[str, str]) -> tuple[str, bool]:
     """Where the ranks write their record (``AIOCOMM_TRACE_DIR``): the user's
-    (``--env`` or the launcher's environment; kept), else a private directory
-    of the launcher's, removed after the job; and whether it is the launcher's."""
+    (``--env`` or the launcher's environment; kept), else a directory of the
+    launcher's, removed after the job; and whether it is the launcher's.
+
+    The launcher's is only named here, under an unguessable name: a rank
+    creates it (mode 0700) when it writes a record, so a job that needs
+    none, or a launcher killed by SIGKILL while every rank runs, leaves no
+    file behind."""
     mine = extra.get("AIOCOMM_TRACE_DIR") or os.environ.get("AIOCOMM_TRACE_DIR")
     if mine:
         return mine, False
-    return tempfile.mkdtemp(prefix="aiocomm-trace-"), True
+    return os.path.join(tempfile.gettempdir(), f"aiocomm-trace-{secrets.token_hex(8)}"), True
 
 
 def print_trace_verdict(trace_dir: str | None) -> None:

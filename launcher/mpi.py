@@ -184,13 +184,8 @@ def run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Host
     with tempfile.TemporaryDirectory(prefix="aiocomm-mpi-") as tmp:
         reports = os.path.join(tmp, "failures.jsonl")
         trace = extra.get("AIOCOMM_TRACE_DIR") or os.environ.get("AIOCOMM_TRACE_DIR") or os.path.join(tmp, "trace")
-        code = _run(args, rank_argv, hosts, dict(extra, AIOCOMM_FAILURE_FILE=reports, AIOCOMM_TRACE_DIR=trace),
+        return _run(args, rank_argv, hosts, dict(extra, AIOCOMM_FAILURE_FILE=reports, AIOCOMM_TRACE_DIR=trace),
                     reports)
-        if code != 0:
-            from .cli import print_trace_verdict
-
-            print_trace_verdict(trace)
-        return code
 
 
 def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Host], extra: dict[str, str],
@@ -236,6 +231,7 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         _join(copier)
+        _print_verdict(extra)
         print(f"aiocomm-launch: job timed out after {args.timeout:g}s", file=sys.stderr)
         return 124
     finally:
@@ -245,6 +241,7 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
     if code == 0:
         return 0
     status = code if code > 0 else 128 - code
+    _print_verdict(extra)
     if reports is not None:
         outcomes = read_outcomes(reports, args.n * max(len(hosts), 1))
         if not any(outcome.started for outcome in outcomes.values()):
@@ -258,6 +255,14 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
     print(f"aiocomm-launch: mpirun exited with status {status} (a rank failed; mpirun's report is above)",
           file=sys.stderr)
     return status
+
+
+def _print_verdict(extra: dict[str, str]) -> None:
+    """The verdict of the ranks' records (aiocomm.trace), before the launcher's own last line."""
+    from .cli import print_trace_verdict
+
+    sys.stderr.flush()
+    print_trace_verdict(extra.get("AIOCOMM_TRACE_DIR"))
 
 
 HEAD_BYTES = 64 * 1024  # of mpirun's stderr, kept for its reason

@@ -226,7 +226,7 @@ def write(reason: str) -> str | None:
         return None
     try:
         rank, text = lines(reason)
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
         path = os.path.join(directory, FILE_PATTERN.format(rank))
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
