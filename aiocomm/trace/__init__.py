@@ -9,10 +9,11 @@ collective), its state and its times.  Collectives are numbered per group
 (``Group.trace_seq``: every member numbers them alike, because a group's
 collectives are matched across ranks by the order they start); sends and
 receives per group and peer (``Group.trace_p2p``).  The entry is the call's
-context manager: entering costs one small object (a tuple of the call and a time) in a ``deque`` that keeps
-the last ``AIOCOMM_TRACE_BUFFER`` (default 2,000; ``0`` records nothing)
-and leaving stamps the end time and the state, so the record costs well
-under a microsecond per call and nothing is formatted until it is written.
+context manager: entering fills in the next of a ring of entries made once
+(a tuple of the call and a time), which keeps the last
+``AIOCOMM_TRACE_BUFFER`` calls (default 2,000; ``0`` records nothing), and
+leaving stamps the end time and the state; so the record costs well under
+a microsecond per call, and nothing is formatted until it is written.
 
 The record is written, as JSON lines, to ``AIOCOMM_TRACE_DIR/rank-N.jsonl``
 (N the world rank) when a call fails with a :class:`~aiocomm.CommError` (a
@@ -36,6 +37,7 @@ while the call is in flight; ``state`` one of ``started``, ``completed``,
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -43,7 +45,6 @@ import socket
 import sys
 import threading
 import time
-from collections import deque
 from time import perf_counter
 from types import TracebackType
 from typing import Any
@@ -72,37 +73,49 @@ def _buffer_size() -> int:
 
 
 _size = _buffer_size()
-_entries: deque[Entry] = deque(maxlen=_size or 1)
 _ndarray = np.ndarray
 
 
 class Entry:
-    """One call: made when it starts, stamped when it ends (a context manager).
+    """One call: filled in when it starts, stamped when it ends (a context manager).
 
     ``info`` is ``(group, seq, op, dtype, shape, peer)`` (``peer`` a group
-    rank); ``end`` is unset while the call is in flight; ``error`` is set
-    when it failed.  Nothing more is done per call: the file is formatted
-    only when it is written.
+    rank; ``None`` for a slot never used); ``end`` is ``None`` while the
+    call is in flight, its time once it completed, ``(time, state, text)``
+    if it failed.  Nothing more is done per call: the file is formatted only
+    when it is written.
     """
 
-    __slots__ = ("info", "start", "end", "error")
+    __slots__ = ("info", "start", "end")
 
-    info: tuple[Any, int, str, Any, Any, Any]
-    start: float  # perf_counter
-    end: float
-    error: tuple[str, str]  # (state, "ErrorClass: message")
+    info: tuple[Any, int, str, Any, Any, Any] | None
+    start: float
+    end: float | tuple[float, str, str] | None
+
+    def __init__(self) -> None:
+        self.info = None
+        self.start = 0.0  # perf_counter
+        self.end = 0.0
 
     def __enter__(self) -> Entry:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.end = perf_counter()
-        if kind is not None:  # (the error's text, never the error: its frames would keep arrays alive)
-            state = TIMED_OUT if isinstance(exc, TimeoutError) else FAILED
-            self.error = (state, f"{kind.__name__}: {exc}")
-            if isinstance(exc, CommError):
-                write("timeout" if state is TIMED_OUT else "failure")
+        if kind is None:
+            self.end = perf_counter()
+            return
+        # (the error's text, never the error: its frames would keep arrays alive)
+        state = TIMED_OUT if isinstance(exc, TimeoutError) else FAILED
+        self.end = (perf_counter(), state, f"{kind.__name__}: {exc}")
+        if isinstance(exc, CommError):
+            write("timeout" if state is TIMED_OUT else "failure")
+
+
+# The buffer: entries made once and used in turn, so a call allocates no
+# entry and frees none (and the garbage collector never meets a stream of them).
+_ring = [Entry() for _ in range(_size)]
+_turn = itertools.count()
 
 
 class _NotRecorded:
@@ -130,7 +143,10 @@ def call(group: Any, stream: Any, op: str, args: tuple[Any, ...]) -> Entry | _No
     """
     if not _size:
         return _NOT_RECORDED
-    e = Entry()
+    i = next(_turn) % _size
+    e = _ring[i]
+    if e.end is None:  # its call is still in flight, _size calls later: it keeps its entry
+        e = _ring[i] = Entry()
     if stream == "collectives":
         seq = group.trace_seq
         group.trace_seq = seq + 1
@@ -145,7 +161,7 @@ def call(group: Any, stream: Any, op: str, args: tuple[Any, ...]) -> Entry | _No
         e.info = (group, seq, op, args[1], x, args[2])
     else:
         e.info = (group, seq, op, None, None, None)
-    _entries.append(e)
+    e.end = None
     e.start = perf_counter()
     return e
 
@@ -153,19 +169,16 @@ def call(group: Any, stream: Any, op: str, args: tuple[Any, ...]) -> Entry | _No
 # ------------------------------------------------------------------ writing
 
 
-def _snapshot() -> list[Entry]:
-    for _ in range(10):  # another thread may append meanwhile
-        try:
-            return list(_entries)
-        except RuntimeError:
-            continue
-    return []
+def _snapshot() -> list[tuple[tuple[Any, int, str, Any, Any, Any], float, Any]]:
+    """The used entries as ``(info, start, end)``, oldest first."""
+    taken = [(e.info, e.start, e.end) for e in list(_ring) if e.info is not None]
+    return sorted(taken, key=lambda t: t[1])
 
 
-def _guess_rank(entries: list[Entry]) -> str:
-    for e in entries:
+def _guess_rank(entries: list[tuple[tuple[Any, int, str, Any, Any, Any], float, Any]]) -> str:
+    for info, _, _ in entries:
         try:
-            group = e.info[0]
+            group = info[0]
             return str(group.members[group.rank()])
         except Exception:
             continue
@@ -191,17 +204,22 @@ def lines(reason: str) -> tuple[str, list[str]]:
     rank = _guess_rank(entries)
     groups: dict[int, Any] = {}
     ops = []
-    for e in entries:
-        g, seq, op, dtype, shape, peer = e.info
+    for info, start, end in entries:
+        g, seq, op, dtype, shape, peer = info
         members = g.members
         if g.context not in groups:
             groups[g.context] = g
-        end = getattr(e, "end", None)
-        state, error = getattr(e, "error", (STARTED if end is None else COMPLETED, None))
+        error = None
+        if end is None:
+            state = STARTED
+        elif isinstance(end, tuple):
+            end, state, error = end
+        else:
+            state = COMPLETED
         ops.append(json.dumps({
             "group": g.context, "seq": seq, "op": op, "dtype": _jsonable(dtype), "shape": _jsonable(shape),
             "peer": None if peer is None else members[peer], "state": state,
-            "start": round(e.start + offset, 6), "end": None if end is None else round(end + offset, 6),
+            "start": round(start + offset, 6), "end": None if end is None else round(end + offset, 6),
             "error": error,
         }))
     size = next((len(g.members) for g in groups.values() if g.context == 0), None)
