@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import args, config, objects, portal, rendezvous, trees, wire
+from . import args, config, objects, portal, rendezvous, trace, trees, wire
 from . import group as engine_ops
 from .backends import mpi as mpi_backend
 from .backends.ring import RingBackend
@@ -278,7 +278,7 @@ async def all_sum(
     x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None
 ) -> np.ndarray:
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
-    with claim(g, "collectives"):
+    with claim(g, "collectives"), trace.call(g, "collectives", "all_sum", (arr,)):
         return await _on_engine(g, engine_ops.all_reduce(g, arr, "sum", t))
 
 
@@ -309,7 +309,7 @@ async def all_max(
     x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None
 ) -> np.ndarray:
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
-    with claim(g, "collectives"):
+    with claim(g, "collectives"), trace.call(g, "collectives", "all_max", (arr,)):
         return await _on_engine(g, engine_ops.all_reduce(g, arr, "max", t))
 
 
@@ -317,7 +317,7 @@ async def all_min(
     x: Any, *, group: Group | None = None, stream: Any = None, timeout: float | None = None
 ) -> np.ndarray:
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
-    with claim(g, "collectives"):
+    with claim(g, "collectives"), trace.call(g, "collectives", "all_min", (arr,)):
         return await _on_engine(g, engine_ops.all_reduce(g, arr, "min", t))
 
 
@@ -335,7 +335,7 @@ async def all_gather(
     arguments and errors as :func:`all_sum`.
     """
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
-    with claim(g, "collectives"):
+    with claim(g, "collectives"), trace.call(g, "collectives", "all_gather", (arr,)):
         return await _on_engine(g, engine_ops.all_gather(g, arr, t))
 
 
@@ -352,7 +352,7 @@ async def sum_scatter(
         Others as :func:`all_sum`.
     """
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
-    with claim(g, "collectives"):
+    with claim(g, "collectives"), trace.call(g, "collectives", "sum_scatter", (arr,)):
         return await _on_engine(g, engine_ops.sum_scatter(g, arr, t))
 
 
@@ -371,7 +371,7 @@ async def send(
     """
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
     dst = check_peer(g, dst, "dst")
-    with claim(g, ("send", dst)):
+    with claim(g, ("send", dst)), trace.call(g, ("send", dst), "send", (arr, dst)):
         await _on_engine(g, engine_ops.send(g, arr, dst, t))
     return arr
 
@@ -390,7 +390,7 @@ async def recv(
     dims, dt, t = check_shape(shape), wire.wire_dtype(dtype), check_timeout(timeout)
     g = _formed(group) or await init()
     src = check_peer(g, src, "src")
-    with claim(g, ("recv", src)):
+    with claim(g, ("recv", src)), trace.call(g, ("recv", src), "recv", (dims, dt, src)):
         return await _on_engine(g, engine_ops.recv(g, dims, dt, src, t))
 
 
@@ -419,7 +419,7 @@ async def broadcast(x: Any, root: int, *, group: Group | None = None, timeout: f
     """
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
     root = args.check_root(g, root)
-    with claim(g, "collectives"):
+    with claim(g, "collectives"), trace.call(g, "collectives", "broadcast", (arr, root)):
         return await _on_engine(g, engine_ops.broadcast(g, arr, root, t))
 
 
@@ -431,7 +431,7 @@ async def gather(x: Any, root: int, *, group: Group | None = None, timeout: floa
     """
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
     root = args.check_root(g, root)
-    with claim(g, "collectives"):
+    with claim(g, "collectives"), trace.call(g, "collectives", "gather", (arr, root)):
         return await _on_engine(g, engine_ops.gather(g, arr, root, t))
 
 
@@ -445,7 +445,7 @@ async def all_to_all(x: Any, *, group: Group | None = None, timeout: float | Non
         Others as :func:`broadcast`.
     """
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
-    with claim(g, "collectives"):
+    with claim(g, "collectives"), trace.call(g, "collectives", "all_to_all", (arr,)):
         return await _on_engine(g, engine_ops.all_to_all(g, arr, t))
 
 
@@ -466,7 +466,7 @@ async def all_gather_v(
         PeerLostError, CommTimeoutError: as :func:`all_sum`.
     """
     arr, t, g = as_array(x), check_timeout(timeout), (_formed(group) or await init())
-    with claim(g, "collectives"):
+    with claim(g, "collectives"), trace.call(g, "collectives", "all_gather_v", (arr,)):
         return await _on_engine(g, engine_ops.all_gather_v(g, arr, t))
 
 
@@ -478,7 +478,7 @@ async def barrier(*, group: Group | None = None, timeout: float | None = None) -
         PeerLostError, CommTimeoutError: as :func:`all_sum`.
     """
     t, g = check_timeout(timeout), (_formed(group) or await init())
-    with claim(g, "collectives"):
+    with claim(g, "collectives"), trace.call(g, "collectives", "barrier", ()):
         await _on_engine(g, engine_ops.barrier(g, t))
 
 
@@ -561,7 +561,7 @@ async def split(color: int, key: int = -1, *, group: Group | None = None, timeou
     """Async form of :meth:`Group.split` (collective over ``group``, default the world)."""
     color, key = args.check_color_key(color, key)
     t, g = check_timeout(timeout), (_formed(group) or await init())
-    with claim(g, "collectives"):
+    with claim(g, "collectives"), trace.call(g, "collectives", "split", ()):
         return await _on_engine(g, engine_ops.split(g, color, key, t))
 
 

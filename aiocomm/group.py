@@ -42,7 +42,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from . import args, collectives, portal, rooted
+from . import args, collectives, portal, rooted, trace
 from .backends import SplitResult
 from .backends.ring import RingBackend, split_context
 from .config import WorldSpec
@@ -221,6 +221,8 @@ class Group:
         self._rank = rank
         self.context = context
         self.seq = 0  # collectives started on this group (the ring's tags)
+        self.trace_seq = 0  # collectives called on this group (numbers them in the record: aiocomm.trace)
+        self.trace_p2p: dict[Any, int] = {}  # calls per ("send", dst) / ("recv", src) stream, for the record
         self._splits = 0
         self.streams: dict[int, PeerStream] = {}  # group rank -> outgoing connection, once opened (the ring's)
         self._busy: dict[Any, Claim] = {}  # stream of calls -> the calls in flight there
@@ -249,7 +251,7 @@ class Group:
         t = args.check_timeout(timeout)
         backend = self._engine.backend
         if backend is not None and backend.direct and self.size() > 1:
-            with claim(self, "collectives"):
+            with claim(self, "collectives"), trace.call(self, "collectives", "split", ()):
                 index = self._splits
                 self._splits += 1
                 return self._child(backend.call_blocking("split", self, index, color, key, t))  # type: ignore[attr-defined]
@@ -368,7 +370,7 @@ def call_blocking(
     backend that can (MPI), else on the loop that owns the group's
     connections (a world of size 1 has none: its operations finish without
     waiting)."""
-    with claim(group, stream):
+    with claim(group, stream), trace.call(group, stream, what, args):
         engine = group._engine
         backend = engine.backend
         if backend is not None and group.size() > 1:

@@ -17,6 +17,7 @@ import shlex
 import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from aiocomm.placement import POLICIES, SCHEDULING, batch_scheduled, cpu_sets
@@ -234,6 +235,8 @@ def plan_job(args: argparse.Namespace) -> tuple[list[RankProcess], list[socket.s
         stdin = rank_stdin(args.stdin, r)
         if is_local(host):
             job_env.update(AIOCOMM_LISTEN_FDS=",".join(map(str, fds[r])))
+            if getattr(args, "trace_dir", None) and "AIOCOMM_TRACE_DIR" not in extra:
+                job_env["AIOCOMM_TRACE_DIR"] = args.trace_dir
             ranks.append(RankProcess(r, argv, job_env, args.cwd, fds[r], stdin=stdin, output=output,
                                      cpus=bound[r], batch=batch, hostfile_json=hostfile_text))
         else:
@@ -270,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(is_local(host) for host in plan.hosts):
             check_command(rank_argv, args.cwd, dict(os.environ, **env))
         return mpi.run(args, rank_argv, plan.hosts, env)
+    args.trace_dir, own_trace_dir = trace_directory(parse_env(args.env))
     ranks, listeners = plan_job(args)
 
     def close_listeners() -> None:  # the ranks hold their own copies now
@@ -279,13 +283,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     async def go() -> int:
         try:
             result = await run_job(
-                ranks, prefix=args.prefix, timeout=args.timeout, verbose=args.verbose, on_started=close_listeners
+                ranks, prefix=args.prefix, timeout=args.timeout, verbose=args.verbose, on_started=close_listeners,
+                trace_dir=args.trace_dir,
             )
         finally:
             close_listeners()
         if result.exit_status != 0:
+            print_trace_verdict(args.trace_dir)  # (the summary stays the last line)
             with contextlib.suppress(OSError):
                 os.write(2, f"aiocomm-launch: {result.summary()}\n".encode(errors="replace"))
         return result.exit_status
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    finally:
+        if own_trace_dir:
+            shutil.rmtree(args.trace_dir, ignore_errors=True)
+
+
+def trace_directory(extra: dict[str, str]) -> tuple[str, bool]:
+    """Where the ranks write their record (``AIOCOMM_TRACE_DIR``): the user's
+    (``--env`` or the launcher's environment; kept), else a directory of the
+    launcher's, removed after the job; and whether it is the launcher's.
+
+    The launcher's is only named here, under an unguessable name: a rank
+    creates it (mode 0700) when it writes a record, so a job that needs
+    none, or a launcher killed by SIGKILL while every rank runs, leaves no
+    file behind."""
+    mine = extra.get("AIOCOMM_TRACE_DIR") or os.environ.get("AIOCOMM_TRACE_DIR")
+    if mine:
+        return mine, False
+    return os.path.join(tempfile.gettempdir(), f"aiocomm-trace-{secrets.token_hex(8)}"), True
+
+
+def print_trace_verdict(trace_dir: str | None) -> None:
+    """The verdict of the ranks' records (aiocomm.trace), on the launcher's stderr, if any rank wrote one."""
+    if not trace_dir:
+        return
+    from aiocomm.trace.verdict import read_dir, verdict
+
+    records = read_dir(trace_dir)
+    if records:
+        text = "".join(f"aiocomm-launch: trace: {line}\n" for line in verdict(records))
+        with contextlib.suppress(OSError):
+            os.write(2, text.encode(errors="replace"))

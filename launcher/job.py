@@ -63,6 +63,9 @@ COLLECT = 2.0
 #: Once every agent has ended, seconds a pipe may stay silent (held by some
 #: leftover process) before the launcher stops reading it.
 DRAIN_IDLE = 0.5
+#: Seconds, on a failure or a timeout, that the ranks still running get to
+#: write their record (aiocomm.trace, on SIGUSR1) before they are stopped.
+TRACE_WAIT = 1.5
 
 
 @dataclass
@@ -401,8 +404,13 @@ async def run_job(
     on_started: Callable[[], None] | None = None,
     stdout_fd: int = 1,
     stderr_fd: int = 2,
+    trace_dir: str | None = None,
 ) -> JobResult:
     """Start every rank, wait, and stop the rest as soon as one fails.
+
+    With ``trace_dir`` (the ranks' ``AIOCOMM_TRACE_DIR``), on a failure or a
+    timeout the ranks still running are asked for their record (SIGUSR1)
+    and get up to ``TRACE_WAIT`` seconds to write it before they are stopped.
 
     Returns the result once every rank has ended and its output is written;
     the caller prints ``result.summary()`` when ``result.exit_status`` is not 0.
@@ -429,10 +437,15 @@ async def run_job(
 
     stdout, stderr = _consoles(loop, stdout_fd, stderr_fd, prefix, output_broken)
 
-    def stop_all() -> None:
+    def stop_all(records: bool = False) -> None:
         if state["stopping"]:
             return
         state["stopping"] = True
+        if records and trace_dir is not None and _ask_for_records(runs, trace_dir, loop, terminate):
+            return
+        terminate()
+
+    def terminate() -> None:
         for run in runs:
             if run.running:
                 run.stop_sent = True
@@ -523,10 +536,11 @@ async def run_job(
                 if deadline is not None and now >= deadline:
                     deadline = None
                     result.timed_out = True
-                    end(f"the job timed out after {timeout:g} s", 124)
+                    note_ending(f"the job timed out after {timeout:g} s", 124)
+                    stop_all(records=True)
                 if collect_until is not None and now >= collect_until:
                     collect_until = None
-                    stop_all()
+                    stop_all(records=True)
                 continue
             run.agent_code = code
             run.outcome.ended_at = time.monotonic()
@@ -552,6 +566,37 @@ async def run_job(
     if stderr is not stdout:
         await asyncio.to_thread(stderr.close)
     return result
+
+
+def _ask_for_records(runs: list[_RankRun], trace_dir: str, loop: asyncio.AbstractEventLoop,
+                     then: Callable[[], None]) -> bool:
+    """SIGUSR1 to the ranks still running (aiocomm writes its record then),
+    and ``then()`` once each wrote one, or ``TRACE_WAIT`` seconds later.
+    False if no rank runs.  A rank that does not handle SIGUSR1 ends by it:
+    it is being stopped anyway (and counts as stopped)."""
+    asked = [run for run in runs if run.running and run.spec.ssh is None]
+    if not asked:
+        return False
+    since = time.time()
+    for run in asked:
+        run.stop_sent = True
+        run.send(agent.frame(b"S", str(int(signal.SIGUSR1)).encode()))
+    give_up = time.monotonic() + TRACE_WAIT
+
+    def written(run: _RankRun) -> bool:
+        try:
+            return os.stat(os.path.join(trace_dir, f"rank-{run.spec.rank}.jsonl")).st_mtime >= since - 1
+        except OSError:
+            return False
+
+    def check() -> None:
+        if time.monotonic() >= give_up or all(written(r) or not r.running for r in asked):
+            then()
+        else:
+            loop.call_later(0.05, check)
+
+    loop.call_later(0.05, check)
+    return True
 
 
 async def _drain(pumps: list[_Pump]) -> None:

@@ -42,7 +42,8 @@ from .hosts import Host, is_local
 # Runs one rank (argv[2:]); tags its output lines with its MPI rank when
 # argv[1] is "tag"; notes that it started and how it ended in
 # AIOCOMM_FAILURE_FILE, if set (a SIGTERM or SIGHUP from mpirun is passed on,
-# and the rank noted as stopped); exits as the rank did.  A relay whose rank
+# and the rank noted as stopped; with AIOCOMM_TRACE_DIR, a SIGTERM after the
+# rank got SIGUSR1 and wrote its record, or 1.5 s; SIGUSR1 is passed on); exits as the rank did.  A relay whose rank
 # failed waits (up to HOLD seconds) before it exits while another rank that
 # ended its program is still in MPI_Finalize: mpirun ends the whole job as
 # soon as it sees a failed rank, and that rank's finalize completes only once
@@ -64,14 +65,32 @@ def note(**fields):
 note(started=True)
 proc = subprocess.Popen(sys.argv[2:], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 stopped = []
+trace = os.environ.get("AIOCOMM_TRACE_DIR")
+def ask_record():
+    since = time.time()
+    until = time.monotonic() + 1.5
+    try:
+        proc.send_signal(signal.SIGUSR1)
+    except OSError:
+        return
+    while time.monotonic() < until and proc.poll() is None:
+        try:
+            if os.stat(os.path.join(trace, "rank-" + rank + ".jsonl")).st_mtime >= since - 0.05:
+                return
+        except OSError:
+            pass
+        time.sleep(0.02)
 def stop(sig, frame):
     stopped.append(sig)
+    if trace and len(stopped) == 1 and sig == signal.SIGTERM:
+        ask_record()
     try:
         proc.send_signal(sig)
     except OSError:
         pass
 for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
     signal.signal(sig, stop)
+signal.signal(signal.SIGUSR1, lambda sig, frame: proc.send_signal(sig))
 def pump(src, dst):
     for line in iter(src.readline, b""):
         dst.write(tag + (line if line.endswith(b"\n") else line + b"\n"))
@@ -164,7 +183,9 @@ def run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Host
         return _run(args, rank_argv, hosts, extra, None)
     with tempfile.TemporaryDirectory(prefix="aiocomm-mpi-") as tmp:
         reports = os.path.join(tmp, "failures.jsonl")
-        return _run(args, rank_argv, hosts, dict(extra, AIOCOMM_FAILURE_FILE=reports), reports)
+        trace = extra.get("AIOCOMM_TRACE_DIR") or os.environ.get("AIOCOMM_TRACE_DIR") or os.path.join(tmp, "trace")
+        return _run(args, rank_argv, hosts, dict(extra, AIOCOMM_FAILURE_FILE=reports, AIOCOMM_TRACE_DIR=trace),
+                    reports)
 
 
 def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Host], extra: dict[str, str],
@@ -198,6 +219,11 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
         if received:
             return 128 + received[0]
     except subprocess.TimeoutExpired:
+        if "AIOCOMM_TRACE_DIR" in extra:  # mpirun passes SIGUSR1 to the ranks: they write their record
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGUSR1)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1.5)
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=5)
@@ -205,6 +231,7 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         _join(copier)
+        _print_verdict(extra)
         print(f"aiocomm-launch: job timed out after {args.timeout:g}s", file=sys.stderr)
         return 124
     finally:
@@ -214,6 +241,7 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
     if code == 0:
         return 0
     status = code if code > 0 else 128 - code
+    _print_verdict(extra)
     if reports is not None:
         outcomes = read_outcomes(reports, args.n * max(len(hosts), 1))
         if not any(outcome.started for outcome in outcomes.values()):
@@ -227,6 +255,14 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
     print(f"aiocomm-launch: mpirun exited with status {status} (a rank failed; mpirun's report is above)",
           file=sys.stderr)
     return status
+
+
+def _print_verdict(extra: dict[str, str]) -> None:
+    """The verdict of the ranks' records (aiocomm.trace), before the launcher's own last line."""
+    from .cli import print_trace_verdict
+
+    sys.stderr.flush()
+    print_trace_verdict(extra.get("AIOCOMM_TRACE_DIR"))
 
 
 HEAD_BYTES = 64 * 1024  # of mpirun's stderr, kept for its reason
