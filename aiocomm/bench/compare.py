@@ -5,7 +5,9 @@
 Runs ``python -m aiocomm.bench --json`` under ``aiocomm-launch`` and the same
 measurement for torch's gloo (under torchrun), OpenMPI (mpirun + mpi4py),
 MLX's ring backend (mlx.launch) and, for 2 ranks, the physical duplex
-reference; a peer that is not installed is skipped with a message.  Prints
+reference; Open MPI twice: over loopback TCP (``openmpi``) and with its own
+choice on one host, shared memory (``openmpi-shm``); a peer that is not
+installed is skipped with a message.  Prints
 one table with aiocomm's bus bandwidth as a ratio of each peer's; with
 ``--plot FILE.png`` also draws bus bandwidth and latency against message
 size, one line per library and rank count (matplotlib: ``pip install
@@ -62,13 +64,15 @@ def commands(peer: str, ranks: int, op: str, common: list[str]) -> list[str] | s
             return "torch (torchrun) is not installed"
         return [torchrun, "--nproc-per-node", str(ranks), "--master-port", str(_free_port()),
                 "-m", "aiocomm.bench.peers", "gloo", *common]
-    if peer == "openmpi":
+    if peer in ("openmpi", "openmpi-shm"):
         mpirun = _tool("mpirun")
         if mpirun is None or not _peer_modules_available("mpi4py"):
             return "mpirun or mpi4py is not installed"
-        # TCP over loopback, as aiocomm uses (Open MPI would otherwise pick shared memory).
-        return [mpirun, "--oversubscribe", "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "lo",
-                "-n", str(ranks), py, "-m", "aiocomm.bench.peers", "mpi", *common]
+        # "openmpi": TCP over loopback, as aiocomm's TCP transport; "openmpi-shm": Open MPI's own
+        # choice on one host (its shared-memory BTL, vader).
+        how = [] if peer == "openmpi-shm" else ["--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "lo"]
+        return [mpirun, "--oversubscribe", *how, "-n", str(ranks), py, "-m", "aiocomm.bench.peers", "mpi",
+                *common]
     if peer == "mlx-ring":
         launch = _tool("mlx.launch")
         if launch is None or not _peer_modules_available("mlx.core"):
@@ -151,7 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--small-iters", type=int, default=500, help="timed iterations for sizes under 1 MiB")
     parser.add_argument("--average", choices=list(AVERAGES), default="avg",
                         help="an iteration's time from the ranks' own times (nccl-tests' -a): mean, slowest, ...")
-    parser.add_argument("--peers", default="aiocomm,duplex-reference,gloo,openmpi,mlx-ring")
+    parser.add_argument("--peers", default="aiocomm,duplex-reference,gloo,openmpi,openmpi-shm,mlx-ring")
+    parser.add_argument("--transport", choices=["auto", "tcp", "shm"], default="auto",
+                        help="aiocomm's transport between ranks of this host (python -m aiocomm.bench --transport)")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--plot", metavar="FILE.png", default=None,
                         help="also draw bus bandwidth and latency against message size to FILE (needs matplotlib)")
@@ -164,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     for ranks in (int(r) for r in args.ranks.split(",")):
         for peer in peers:
-            cmd = commands(peer, ranks, args.op, common)
+            extra = ["--transport", args.transport] if peer == "aiocomm" else []
+            cmd = commands(peer, ranks, args.op, common + extra)
             if cmd is None:
                 continue
             if isinstance(cmd, str):
