@@ -10,7 +10,13 @@ slots (for a reduction: its 1/n share of the round, reduced in rank order
 into its own output slot, so every rank gets bit-identical values; a second
 barrier; then every share copied out), as DeepSpeed's CPU all-reduce does.
 Two barriers per round suffice: a slot is written again only after a
-barrier that every rank reaches once it has finished reading it.
+barrier that every rank reaches once it has finished reading it.  Every
+call begins with a barrier that carries its signature (below), so a large
+call never overwrites what a slow peer still reads of the call before.
+Calls of at most :data:`SMALL_BYTES` take that one barrier only: their data
+travel with it, in the half of the input slot of the barrier's parity (a
+rank writes the other half for the next call while a slow peer may still
+read this one), and every rank reduces all of it itself, in rank order.
 
 A barrier is an epoch: a rank stores its next epoch in its own control
 block and waits until every other rank's is at least as high.  Waiting
@@ -21,10 +27,10 @@ looks, about once a millisecond, for the reasons the wait can never end: a
 peer that died (its pidfd), a peer that gave up on the group (its control
 block, or the transport's ABORT), a lost connection, the deadline.
 
-Agreement: the first round's barrier also publishes each rank's signature
-(a hash of the operation, dtype and shape); every rank compares them all
-after that barrier, so ranks that disagree all raise ``MismatchError``
-before any data is read.  A rank that gives up (deadline, mismatch, an
+Agreement: a call's first barrier also publishes each rank's signature (a
+hash of the operation, dtype and shape, in the slot of that barrier's
+parity); every rank compares them all after it, so ranks that disagree all
+raise ``MismatchError`` before any data is read.  A rank that gives up (deadline, mismatch, an
 error) marks its control block broken and rings its bell: the group is
 unusable from then on, on every rank.
 """
@@ -42,12 +48,14 @@ import numpy as np
 
 from .. import collectives
 from ..errors import CommError, CommTimeoutError, MismatchError, PeerLostError
-from .segment import BROKEN, EPOCH, LOST, SIGNATURE, Segment
+from .segment import BROKEN, EPOCH, LOST, SIGNATURES, Segment
 
 #: Seconds a waiter spins (then yields the CPU) before it sleeps.
 SPIN_SECONDS = 0.0005
 #: Longest sleep between two looks at why a wait might never end.
 NAP_SECONDS = 0.002
+#: Calls of at most this many bytes per rank take one barrier (see Channel._small).
+SMALL_BYTES = 64 << 10
 
 Health = Callable[[], "CommError | None"]  # the transport's view: an ABORT, a lost peer
 
@@ -72,6 +80,7 @@ class Channel:
         self.others = [(k, peers[k]) for k in sorted(peers)]
         self.epoch = 0
         self.broken: CommError | None = None
+        self._described = ""  # the description in this rank's control block
         self.slot_bytes = mine.slot_bytes
         self._poll = select.poll()
         self._pidfds: dict[int, int] = {}
@@ -167,100 +176,121 @@ class Channel:
         if self.mine.fd >= 0 and epoch == 1:  # every peer mapped this segment before its first barrier
             self.mine.let_go_of_fd()
 
-    def _agree(self, sig: int, description: str) -> None:
-        """After the first barrier of a call: every rank's signature is this one, or MismatchError."""
-        others = [(k, seg) for k, seg in self.others if int(seg.control[SIGNATURE]) != sig]
-        if not others:
-            return
+    def _start(self, description: str, deadline: float, health: Health, timeout: float) -> None:
+        """Every call's first barrier: publish this call's signature (in the
+        slot of that barrier's parity: a slow peer may still be reading the
+        one of the call before), pass the barrier, and check every peer's.
+        Data written before it (the small calls') travel with it."""
+        if self.broken is not None:
+            raise self.broken
+        sig = signature_hash(description)
+        slot = SIGNATURES[(self.epoch + 1) & 1]
+        if description is not self._described:
+            self.mine.describe(description)
+            self._described = description
+        self.mine.control[slot] = sig
+        self.barrier(deadline, health, description, timeout)
+        for _k, seg in self.others:
+            if int(seg.control[slot]) != sig:
+                self._mismatch(slot, sig, description)
+
+    def _mismatch(self, slot: int, sig: int, description: str) -> None:
         me = self.members[self.rank]
-        theirs = "; ".join(f"rank {self.members[k]}: {seg.description()}" for k, seg in others)
+        theirs = "; ".join(f"rank {self.members[k]}: {seg.description()}" for k, seg in self.others
+                           if int(seg.control[slot]) != sig)
         raise self.give_up(MismatchError(f"rank {me} called {description}, but not every rank did the same "
                                          f"({theirs})"), _BROKE_MISMATCH)
 
-    def _publish(self, sig: int, description: str) -> None:
-        self.mine.describe(description)
-        self.mine.control[SIGNATURE] = sig
-
-    def _begin(self) -> None:
-        if self.broken is not None:
-            raise self.broken
+    def _small(self, nbytes: int) -> list[np.ndarray] | None:
+        """For a call of ``nbytes`` per rank small enough for one barrier:
+        every segment's input half of this call's parity (else None).  Small
+        calls alternate between the two halves of the input slot, so a rank
+        may write the next call's data while a slow peer still reads this one's."""
+        if nbytes > SMALL_BYTES or 2 * nbytes > self.slot_bytes:
+            return None
+        half = ((self.epoch + 1) & 1) * (self.slot_bytes // 2)
+        return [seg.input[half : half + nbytes] for seg in self.segments]
 
     # ---- the collectives
 
     def agree(self, description: str, deadline: float, health: Health, timeout: float) -> None:
         """Only the agreement (before a collective that moves its data another way)."""
-        self._begin()
-        self._publish(signature_hash(description), description)
-        self.barrier(deadline, health, description, timeout)
-        self._agree(signature_hash(description), description)
+        self._start(description, deadline, health, timeout)
 
     def all_reduce(self, x: np.ndarray, op: str, description: str, deadline: float, health: Health,
                    timeout: float) -> np.ndarray:
-        self._begin()
         n, r = self.size, self.rank
         dtype = x.dtype
+        ufunc = collectives.REDUCERS[op]
+        small = self._small(x.nbytes)
+        if small is not None:  # one barrier; every rank reduces all of it, in rank order
+            inputs = [b.view(dtype) for b in small]
+            inputs[r][:] = x.reshape(-1)
+            self._start(description, deadline, health, timeout)
+            if n == 1:
+                alone: np.ndarray = inputs[0].reshape(x.shape).copy()
+                return alone
+            total: np.ndarray = ufunc(inputs[0], inputs[1])  # (1-d: a 0-d x would give a numpy scalar)
+            for k in range(2, n):
+                ufunc(total, inputs[k], out=total)
+            return total.reshape(x.shape)
         flat = np.ascontiguousarray(x).reshape(-1)
         out = np.empty(x.shape, dtype)
         result = out.reshape(-1)
-        ufunc = collectives.REDUCERS[op]
         per_round = max(1, self.slot_bytes // dtype.itemsize)
-        sig = signature_hash(description)
-        self._publish(sig, description)
-        inputs = [seg.input[: per_round * dtype.itemsize].view(dtype) for seg in self.segments]
-        outputs = [seg.output[: per_round * dtype.itemsize].view(dtype) for seg in self.segments]
-        first = True
-        for start in range(0, max(flat.size, 1), per_round):
+        self._start(description, deadline, health, timeout)
+        ins = [seg.input[: per_round * dtype.itemsize].view(dtype) for seg in self.segments]
+        outs = [seg.output[: per_round * dtype.itemsize].view(dtype) for seg in self.segments]
+        for start in range(0, flat.size, per_round):
             stop = min(start + per_round, flat.size)
             count = stop - start
-            inputs[r][:count] = flat[start:stop]
+            ins[r][:count] = flat[start:stop]
             self.barrier(deadline, health, description, timeout)
-            if first:
-                self._agree(sig, description)
-                first = False
             shares = collectives.partition(count, n)
             a, b = shares[r]
-            share = outputs[r][a:b]
+            share = outs[r][a:b]
             if n == 1:
-                share[:] = inputs[0][a:b]
+                share[:] = ins[0][a:b]
             else:
-                ufunc(inputs[0][a:b], inputs[1][a:b], out=share)
+                ufunc(ins[0][a:b], ins[1][a:b], out=share)
                 for k in range(2, n):
-                    ufunc(share, inputs[k][a:b], out=share)
+                    ufunc(share, ins[k][a:b], out=share)
             self.barrier(deadline, health, description, timeout)
             for k, (ka, kb) in enumerate(shares):
-                result[start + ka : start + kb] = outputs[k][ka:kb]
+                result[start + ka : start + kb] = outs[k][ka:kb]
         return out
 
     def all_gather(self, x: np.ndarray, description: str, deadline: float, health: Health,
                    timeout: float) -> np.ndarray:
-        self._begin()
         n, r = self.size, self.rank
         dtype = x.dtype
         flat = np.ascontiguousarray(x).reshape(-1)
         m = flat.size
         out = np.empty(collectives.gathered_shape(x.shape, n), dtype)
         result = out.reshape(-1)
+        small = self._small(x.nbytes)
+        if small is not None:
+            inputs = [b.view(dtype) for b in small]
+            inputs[r][:] = flat
+            self._start(description, deadline, health, timeout)
+            for k in range(n):
+                result[k * m : (k + 1) * m] = inputs[k]
+            return out
         per_round = max(1, self.slot_bytes // dtype.itemsize)
-        sig = signature_hash(description)
-        self._publish(sig, description)
-        inputs = [seg.input[: per_round * dtype.itemsize].view(dtype) for seg in self.segments]
-        first = True
-        for start in range(0, max(m, 1), per_round):
+        self._start(description, deadline, health, timeout)
+        ins = [seg.input[: per_round * dtype.itemsize].view(dtype) for seg in self.segments]
+        for start in range(0, m, per_round):
             stop = min(start + per_round, m)
             count = stop - start
-            inputs[r][:count] = flat[start:stop]
+            ins[r][:count] = flat[start:stop]
             self.barrier(deadline, health, description, timeout)
-            if first:
-                self._agree(sig, description)
-                first = False
             for k in range(n):
-                result[k * m + start : k * m + stop] = inputs[k][:count]
+                result[k * m + start : k * m + stop] = ins[k][:count]
             self.barrier(deadline, health, description, timeout)
         return out
 
     def reduce_scatter(self, x: np.ndarray, op: str, description: str, deadline: float, health: Health,
                        timeout: float) -> np.ndarray:
-        self._begin()
         n, r = self.size, self.rank
         dtype = x.dtype
         flat = np.ascontiguousarray(x).reshape(-1)
@@ -268,29 +298,37 @@ class Channel:
         out = np.empty(collectives.scattered_shape(x.shape, n), dtype)
         result = out.reshape(-1)
         ufunc = collectives.REDUCERS[op]
+        small = self._small(x.nbytes)
+        if small is not None:
+            inputs = [b.view(dtype) for b in small]
+            inputs[r][:] = flat
+            self._start(description, deadline, health, timeout)
+            mine = [inputs[k][r * m : (r + 1) * m] for k in range(n)]
+            if n == 1:
+                result[:] = mine[0]
+            else:
+                ufunc(mine[0], mine[1], out=result)
+                for k in range(2, n):
+                    ufunc(result, mine[k], out=result)
+            return out
         per_round = max(1, self.slot_bytes // dtype.itemsize // n)  # items of each block per round
-        sig = signature_hash(description)
-        self._publish(sig, description)
-        inputs = [seg.input[: per_round * n * dtype.itemsize].view(dtype).reshape(n, per_round)
-                  for seg in self.segments]
-        first = True
-        for start in range(0, max(m, 1), per_round):
+        self._start(description, deadline, health, timeout)
+        ins = [seg.input[: per_round * n * dtype.itemsize].view(dtype).reshape(n, per_round)
+               for seg in self.segments]
+        for start in range(0, m, per_round):
             stop = min(start + per_round, m)
             count = stop - start
-            mine = inputs[r]
+            own = ins[r]
             for k in range(n):
-                mine[k, :count] = flat[k * m + start : k * m + stop]
+                own[k, :count] = flat[k * m + start : k * m + stop]
             self.barrier(deadline, health, description, timeout)
-            if first:
-                self._agree(sig, description)
-                first = False
             target = result[start:stop]
             if n == 1:
-                target[:] = inputs[0][r, :count]
+                target[:] = ins[0][r, :count]
             else:
-                ufunc(inputs[0][r, :count], inputs[1][r, :count], out=target)
+                ufunc(ins[0][r, :count], ins[1][r, :count], out=target)
                 for k in range(2, n):
-                    ufunc(target, inputs[k][r, :count], out=target)
+                    ufunc(target, ins[k][r, :count], out=target)
             self.barrier(deadline, health, description, timeout)
         return out
 

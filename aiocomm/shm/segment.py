@@ -10,9 +10,9 @@ as any shared memory between two processes of one job does.
 Layout (bytes)::
 
     0     int64 epoch        barriers passed by the owner (see Channel.barrier)
-    8     int64 signature    hash of the owner's current call (op, dtype, shape)
+    8     int64 signature    hash of the owner's current call (op, dtype, shape), even barriers
     16    int64 broken       why the owner gave up on the group (0: it did not)
-    24    (unused)
+    24    int64 signature    the same, for a call whose first barrier is odd
     32    int64 text length  of the signature's description, at byte 256
     40    int64 reason length
     48    int64 lost             the world rank the owner lost, when that is why it gave up
@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 
 CONTROL = 4096
-EPOCH, SIGNATURE, BROKEN, TEXT, REASON, LOST = 0, 1, 2, 4, 5, 6
+EPOCH, BROKEN, TEXT, REASON, LOST = 0, 2, 4, 5, 6
+SIGNATURES = (1, 3)  # the signature of the call whose first barrier has an even / odd epoch
 _BELL_OFFSET = 64
 _TEXT_OFFSET = 256
 _REASON_OFFSET = 1664
