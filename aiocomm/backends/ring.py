@@ -8,8 +8,8 @@ reason to the other members).
 
 Shared memory (:mod:`aiocomm.shm`): at a group's first collective its
 members decide together, over TCP, whether every one of them runs on this
-host; if so the group's reductions and gathers (all_sum/max/min,
-all_gather, sum_scatter) move through shared memory from then on -- in the
+host; if so the group's reductions, gathers and broadcasts (all_sum/max/min,
+all_gather, sum_scatter, broadcast) move through shared memory from then on -- in the
 calling thread for the blocking face (:meth:`RingBackend.in_caller`), in
 the group's own thread for the async face -- and every other collective
 first agrees there on what was called, so ranks that call different
@@ -223,6 +223,9 @@ class RingBackend:
             "all_gather": lambda x, t: self._shm_call(
                 group, state, channel.all_gather, x, signature("all_gather", x.dtype, x.shape).describe(), t),
             "sum_scatter": lambda x, t: self._shm_sum_scatter(group, state, x, t),
+            "broadcast": lambda x, root, t: self._shm_call(
+                group, state, channel.broadcast, x, root,
+                signature(f"broadcast from rank {root}", x.dtype, x.shape).describe(), t),
         }
         state.channel = channel
 
@@ -288,16 +291,17 @@ class RingBackend:
             return None
         return state.direct.get(name)  # type: ignore[no-any-return]
 
-    async def _shm_or_tcp(self, group: GroupState, name: str, sig: Signature, timeout: float,
-                          body: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """A reduction or gather: through shared memory if the group decided so, else over TCP."""
+    async def _shm_or_tcp(self, group: GroupState, name: str, direct_args: tuple[Any, ...], sig: Signature,
+                          timeout: float, body: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """A collective that shared memory can move (engine operation ``name``,
+        with ``direct_args``): through it if the group decided so, else
+        ``body(link, *args)`` over TCP."""
         state = self._state(group)
         if not state.decided:
             await self._decided(group, state, timeout)
         direct = state.direct.get(name)
         if direct is not None:
-            call_args = (*args, timeout) if name == "all_reduce" else (args[0], timeout)
-            return await self._in_worker(state, lambda: direct(*call_args))
+            return await self._in_worker(state, lambda: direct(*direct_args))
         return await self._tcp_collective(group, sig, timeout, body, *args)
 
     async def _collective(
@@ -363,19 +367,20 @@ class RingBackend:
 
     def all_reduce(self, group: GroupState, x: np.ndarray, op: str, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
         sig = signature(_OP_NAMES[op], x.dtype, x.shape)
-        return self._shm_or_tcp(group, "all_reduce", sig, timeout, collectives.all_reduce, x, op)
+        return self._shm_or_tcp(group, "all_reduce", (x, op, timeout), sig, timeout, collectives.all_reduce, x, op)
 
     def all_gather(self, group: GroupState, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
         sig = signature("all_gather", x.dtype, x.shape)
-        return self._shm_or_tcp(group, "all_gather", sig, timeout, collectives.all_gather, x)
+        return self._shm_or_tcp(group, "all_gather", (x, timeout), sig, timeout, collectives.all_gather, x)
 
     def sum_scatter(self, group: GroupState, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
         sig = signature("sum_scatter", x.dtype, x.shape)
-        return self._shm_or_tcp(group, "sum_scatter", sig, timeout, collectives.reduce_scatter, x, "sum")
+        return self._shm_or_tcp(group, "sum_scatter", (x, timeout), sig, timeout, collectives.reduce_scatter, x,
+                                "sum")
 
     def broadcast(self, group: GroupState, x: np.ndarray, root: int, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
         sig = signature(f"broadcast from rank {root}", x.dtype, x.shape)
-        return self._collective(group, sig, timeout, rooted.broadcast, x, root)
+        return self._shm_or_tcp(group, "broadcast", (x, root, timeout), sig, timeout, rooted.broadcast, x, root)
 
     def gather(
         self, group: GroupState, x: np.ndarray, root: int, timeout: float

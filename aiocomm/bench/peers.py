@@ -226,7 +226,7 @@ def duplex(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m aiocomm.bench.peers")
     parser.add_argument("peer", choices=["gloo", "mpi", "mlx", "duplex"])
-    parser.add_argument("--op", choices=["all_sum", "all_gather"], default="all_sum")
+    parser.add_argument("--op", choices=["all_sum", "all_gather", "broadcast"], default="all_sum")
     parser.add_argument("--sizes", default="64M")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--small-iters", type=int, default=500, help="timed iterations for sizes under 1 MiB")

@@ -289,6 +289,40 @@ class Channel:
             self.barrier(deadline, health, description, timeout)
         return out
 
+    def broadcast(self, x: np.ndarray, root: int, description: str, deadline: float, health: Health,
+                  timeout: float) -> np.ndarray:
+        r = self.rank
+        dtype = x.dtype
+        out = np.array(x, order="C", copy=True) if r == root else np.empty(x.shape, dtype)
+        result = out.reshape(-1)
+        small = self._small(x.nbytes)
+        if small is not None:
+            source = small[root].view(dtype)
+            if r == root:
+                source[:] = result
+            self._start(description, deadline, health, timeout)
+            if r != root:
+                result[:] = source
+            return out
+        # Pipelined: the root's two slots take turns, so the root copies the
+        # next round in while the others copy this one out; one barrier a
+        # round (a slot is written again only two rounds later), one at the end.
+        per_round = max(1, self.slot_bytes // dtype.itemsize)
+        self._start(description, deadline, health, timeout)
+        seg = self.segments[root]
+        sources = [seg.input[: per_round * dtype.itemsize].view(dtype),
+                   seg.output[: per_round * dtype.itemsize].view(dtype)]
+        rounds = list(range(0, result.size, per_round))
+        for i, start in enumerate(rounds):
+            stop = min(start + per_round, result.size)
+            if r == root:
+                sources[i & 1][: stop - start] = result[start:stop]
+            self.barrier(deadline, health, description, timeout)
+            if r != root:
+                result[start:stop] = sources[i & 1][: stop - start]
+        self.barrier(deadline, health, description, timeout)
+        return out
+
     def reduce_scatter(self, x: np.ndarray, op: str, description: str, deadline: float, health: Health,
                        timeout: float) -> np.ndarray:
         n, r = self.size, self.rank
