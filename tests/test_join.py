@@ -158,8 +158,14 @@ def test_real_mpirun():
 @pytest.mark.timeout(120)
 def test_real_mlx_launch():
     launch = _tool("mlx.launch")
-    proc = subprocess.run([launch, "--backend", "ring", "-n", "2", "--starting-port", str(_free_port()),
-                           sys.executable, str(WORKERS / "join_report.py")],
-                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=110)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    for attempt in range(2):
+        proc = subprocess.run([launch, "--backend", "ring", "-n", "2", "--starting-port", str(_free_port()),
+                               sys.executable, str(WORKERS / "join_report.py")],
+                              cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=110)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        # mlx.launch (0.32.4) once exited 0 with none of its ranks' output relayed, in a
+        # loaded full run (never in isolation): a second run tells that apart from a failure.
+        if attempt == 0 and proc.stdout.count("JOINED") == 0:
+            continue
+        break
     _check_joined(proc.stdout, 2)
