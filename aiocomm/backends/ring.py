@@ -58,7 +58,7 @@ class MeshLink:
         group.seq = seq + 1
         self.tag_base = seq << 8
         self.sig = sig
-        self.op = Op(sig.describe(), group.context, timeout, mesh.loop.time() + timeout)
+        self.op = Op(sig, group.context, timeout, mesh.loop.time() + timeout)  # (described only if it fails)
         # The group's connections, kept across calls: opening costs a lookup
         # per peer per call otherwise.
         self.streams = group.streams
@@ -404,7 +404,8 @@ class RingBackend:
         mesh = self.mesh
         world_dst = group.members[dst]
         sig = signature("send", x.dtype, x.shape)
-        op = Op(f"send of {sig.describe()} to rank {world_dst}", group.context, timeout, mesh.loop.time() + timeout)
+        op = Op(lambda: f"send of {sig.describe()} to rank {world_dst}", group.context, timeout,
+                mesh.loop.time() + timeout)
         if group.context in mesh.broken:
             self._raise_broken(group.context, "send")
         stream = None
@@ -425,7 +426,8 @@ class RingBackend:
         mesh = self.mesh
         world_src = group.members[src]
         sig = signature("send", dtype, shape)
-        op = Op(f"recv of {sig.describe()} from rank {world_src}", group.context, timeout, mesh.loop.time() + timeout)
+        op = Op(lambda: f"recv of {sig.describe()} from rank {world_src}", group.context, timeout,
+                mesh.loop.time() + timeout)
         if group.context in mesh.broken:
             self._raise_broken(group.context, "recv")
         try:

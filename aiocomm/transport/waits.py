@@ -31,21 +31,33 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import CommError, CommTimeoutError
-from ..wire import Sink
+from ..wire import Signature, Sink
 
 CONNECTING = "connecting to"
 
 
 class Op:
-    """One operation: what it is (for messages), its context and its deadline."""
+    """One operation: what it is (for messages), its context and its deadline.
 
-    __slots__ = ("what", "context", "timeout", "deadline")
+    ``what`` may be given as the call's :class:`~aiocomm.wire.Signature`, or
+    a function that says it: it is put in words only when a message needs it
+    (most calls never fail)."""
 
-    def __init__(self, what: str, context: int, timeout: float, deadline: float) -> None:
-        self.what = what
+    __slots__ = ("_what", "context", "timeout", "deadline")
+
+    def __init__(self, what: str | Signature | Callable[[], str], context: int, timeout: float,
+                 deadline: float) -> None:
+        self._what = what
         self.context = context
         self.timeout = timeout
         self.deadline = deadline
+
+    @property
+    def what(self) -> str:
+        what = self._what
+        if isinstance(what, str):
+            return what
+        return what.describe() if isinstance(what, Signature) else what()
 
 
 class Wait(Sink):
