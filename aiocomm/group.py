@@ -222,6 +222,8 @@ class Group:
         self.context = context
         self.seq = 0  # collectives started on this group (the ring's tags)
         self.trace_seq = 0  # collectives called on this group (numbers them in the record: aiocomm.trace)
+        backend = engine.backend.name if engine.backend is not None else "none"
+        self.trace_label = trace.GroupLabel(context, members, rank, backend)  # what the record keeps of it
         self.trace_p2p: dict[Any, int] = {}  # calls per ("send", dst) / ("recv", src) stream, for the record
         self._splits = 0
         self.streams: dict[int, PeerStream] = {}  # group rank -> outgoing connection, once opened (the ring's)

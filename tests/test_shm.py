@@ -98,3 +98,41 @@ def test_tcp_can_be_forced(tmp_path):
     assert_ok(proc, 2, "SHM False OK async")
     bad = launch(2, "shm_moments.py", "async", env={"AIOCOMM_TRANSPORT": "carrier-pigeon"}, timeout=50)
     assert bad.returncode != 0 and "AIOCOMM_TRANSPORT='carrier-pigeon'" in bad.stderr, bad.stderr[-2000:]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("others,transport", [("async", "auto"), ("blocking", "auto"), ("async", "tcp")])
+def test_calls_issued_while_a_group_decides_keep_their_order(others, transport):
+    """40 async calls issued from the very first collective, while the group
+    decides on its transport: each pairs with the same call on the other rank
+    (they ran out of order, silently wrong, 8 runs in 8, before the fix)."""
+    for _ in range(3):
+        proc = launch(2, "shm_moments.py", "pileup", others, env={"AIOCOMM_TRANSPORT": transport}, timeout=50)
+        assert_ok(proc, 2, "PILEUP wrong 0 []")
+
+
+@pytest.mark.timeout(60)
+def test_an_interrupt_between_barriers_breaks_the_group_not_the_results():
+    """KeyboardInterrupt on rank 0 while it waits in a large call: every rank
+    then raises, none returns a wrong (half-reduced) result."""
+    proc = launch(2, "shm_moments.py", "interrupt", env={"AIOCOMM_SHM_SLOT_BYTES": "16384"}, timeout=50)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = re.findall(r"\[rank (\d)\] INTERRUPT \[(.*)\]", proc.stdout)
+    assert len(lines) == 2, proc.stdout + proc.stderr[-3000:]
+    for _rank, outcomes in lines:
+        assert "WRONG" not in outcomes and "'ok', 'ok'" not in outcomes, proc.stdout
+    assert "'KeyboardInterrupt', 'CommError'" in proc.stdout, proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_numpy_error_settings_of_one_rank_do_not_split_a_reduction():
+    proc = launch(3, "shm_moments.py", "seterr", env={"AIOCOMM_SHM_SLOT_BYTES": "16384"}, timeout=50)
+    assert_ok(proc, 3, "SETERR wrong 0 inf 1")
+
+
+@pytest.mark.timeout(60)
+def test_a_dropped_group_gives_its_shared_memory_back():
+    proc = launch(2, "shm_moments.py", "drop", timeout=50)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for maps in re.findall(r"DROP maps (\d+)", proc.stdout):
+        assert int(maps) <= 4, proc.stdout  # the world's segments (2), not 12 groups' (24 more)

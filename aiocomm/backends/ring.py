@@ -22,7 +22,9 @@ import asyncio
 import concurrent.futures
 import hashlib
 import os
+import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -93,11 +95,14 @@ class RingGroup:
     """The ring's state of one group (``group.handle``): whether its
     collectives move through shared memory (decided at its first collective)."""
 
-    __slots__ = ("decided", "deciding", "channel", "health", "direct", "_worker")
+    __slots__ = ("decided", "line", "lock", "channel", "health", "direct", "_worker")
 
     def __init__(self) -> None:
         self.decided = False
-        self.deciding: asyncio.Future[None] | None = None  # while the first collective decides
+        #: done once the last collective issued has its place (a TCP sequence
+        #: number, or a turn in the worker): each call waits for the one before
+        self.line: asyncio.Future[None] | None = None
+        self.lock = threading.Lock()  # one shared-memory step at a time (a cancelled call's goes on)
         self.channel: shm.Channel | None = None
         self.health: shm.Health = _healthy
         #: engine operation name -> the call in the caller's thread (the blocking face)
@@ -114,6 +119,12 @@ class RingGroup:
 
 def _healthy() -> CommError | None:
     return None
+
+
+def _release(channel: shm.Channel) -> None:
+    """A group that uses shared memory was dropped: unmap its segments (its
+    worker thread, if any, ends with its executor)."""
+    channel.close()
 
 
 async def _neighbours_gather(link: MeshLink, row: np.ndarray) -> np.ndarray:
@@ -168,18 +179,30 @@ class RingBackend:
             state = group.handle = RingGroup()
         return state  # type: ignore[no-any-return]
 
-    async def _decided(self, group: GroupState, state: RingGroup, timeout: float) -> None:
-        """Once the group has decided (its first collective decides; collectives
-        issued meanwhile wait, and go on in the order they were issued)."""
-        if state.deciding is not None:
-            await asyncio.shield(state.deciding)
-            return
-        state.deciding = self.mesh.loop.create_future()
+    async def _take_turn(self, group: GroupState, state: RingGroup, timeout: float) -> asyncio.Future[None]:
+        """Wait until every collective issued before this one on the group has
+        its place, deciding (the first call) whether the group uses shared
+        memory.  Returns this call's own ``placed`` future, to be resolved
+        once it has taken its place: calls issued while the group decides, or
+        while the one before them waits, keep the order they were issued in."""
+        before, placed = state.line, self.mesh.loop.create_future()
+        state.line = placed
         try:
-            await self._decide(group, state, timeout)
-        finally:
-            state.decided = True
-            state.deciding.set_result(None)
+            if before is not None and not before.done():
+                await before
+            if not state.decided:
+                try:
+                    await self._decide(group, state, timeout)
+                except BaseException as exc:  # the group cannot go on: nobody may wait for this rank's choice
+                    state.decided = True
+                    self._abort_once(group.context, exc if isinstance(exc, CommError) else CommError(
+                        f"rank {self.rank}: setting the group up failed ({type(exc).__name__}: {exc})"))
+                    raise
+                state.decided = True
+        except BaseException:
+            placed.set_result(None)
+            raise
+        return placed
 
     async def _decide(self, group: GroupState, state: RingGroup, timeout: float) -> None:
         """At the group's first collective, on every rank: use shared memory if
@@ -216,6 +239,7 @@ class RingBackend:
             return
         assert segment is not None
         channel = shm.Channel(me, group.members, segment, peers, {k: int(table[k, 1]) for k in peers})
+        weakref.finalize(group, _release, channel)  # (nothing in its arguments may refer to the group)
         state.health = self._health(group)
         state.direct = {
             "all_reduce": lambda x, op, t: self._shm_call(
@@ -266,12 +290,19 @@ class RingBackend:
         if cause is not None:
             failure_report.raise_broken(self.rank, cause, args[-2])  # (args[-2]: the call's description)
         try:
-            return step(*args[:-1], time.monotonic() + timeout, state.health, timeout)
-        except CommError as exc:
-            channel.give_up(exc)
-            failure_report.record(self.rank, exc)
+            with state.lock:
+                return step(*args[:-1], time.monotonic() + timeout, state.health, timeout)
+        except BaseException as exc:
+            # Anything else (KeyboardInterrupt, an exception from a signal
+            # handler) may have stopped this rank between two barriers: the
+            # others must not go on with it, as if nothing had happened.
+            err = exc if isinstance(exc, CommError) else CommError(
+                f"rank {self.rank}: {args[-2]} was interrupted here ({type(exc).__name__}), which breaks the "
+                "group on every rank")
+            channel.give_up(err)
+            failure_report.record(self.rank, err)
             try:
-                self.mesh.loop.call_soon_threadsafe(self._abort_once, group.context, exc)
+                self.mesh.loop.call_soon_threadsafe(self._abort_once, group.context, err)
             except RuntimeError:  # the loop is closed: nothing to tell over TCP
                 pass
             raise
@@ -279,9 +310,6 @@ class RingBackend:
     def _abort_once(self, context: int, exc: CommError) -> None:
         if context not in self.mesh.broken:
             self.mesh.abort(context, exc)
-
-    async def _in_worker(self, state: RingGroup, call: Callable[[], T]) -> T:
-        return await asyncio.wrap_future(state.worker().submit(call))
 
     def in_caller(self, group: GroupState, name: str) -> Callable[..., Any] | None:
         """The blocking face's way to run engine operation ``name`` in the
@@ -297,12 +325,19 @@ class RingBackend:
         with ``direct_args``): through it if the group decided so, else
         ``body(link, *args)`` over TCP."""
         state = self._state(group)
-        if not state.decided:
-            await self._decided(group, state, timeout)
-        direct = state.direct.get(name)
-        if direct is not None:
-            return await self._in_worker(state, lambda: direct(*direct_args))
-        return await self._tcp_collective(group, sig, timeout, body, *args)
+        placed = await self._take_turn(group, state, timeout)
+        try:
+            direct = state.direct.get(name)
+            if direct is not None:
+                work = state.worker().submit(lambda: direct(*direct_args))
+                placed.set_result(None)
+                return await asyncio.wrap_future(work)
+            link = MeshLink(group, self.mesh, sig, timeout)  # (its sequence number: its place)
+            placed.set_result(None)
+            return await self._run_link(group, link, body, *args)
+        finally:
+            if not placed.done():
+                placed.set_result(None)
 
     async def _collective(
         self, group: GroupState, sig: Signature, timeout: float, body: Callable[..., Awaitable[T]], *args: Any
@@ -310,24 +345,34 @@ class RingBackend:
         """A collective that moves its data over TCP; on a group that uses
         shared memory, after agreeing there on what was called."""
         state = self._state(group)
-        if not state.decided:
-            await self._decided(group, state, timeout)
-        channel = state.channel
-        if channel is not None:
-            describe = sig.describe()
-            await self._in_worker(state, lambda: self._shm_call(group, state, channel.agree, describe, timeout))
-        return await self._tcp_collective(group, sig, timeout, body, *args)
+        placed = await self._take_turn(group, state, timeout)
+        try:
+            channel = state.channel
+            if channel is not None:
+                describe = sig.describe()
+                work = state.worker().submit(lambda: self._shm_call(group, state, channel.agree, describe, timeout))
+                placed.set_result(None)  # (its TCP number is taken when its agreement ends, in the worker's order)
+                await asyncio.wrap_future(work)
+            link = MeshLink(group, self.mesh, sig, timeout)
+            if not placed.done():
+                placed.set_result(None)
+            return await self._run_link(group, link, body, *args)
+        finally:
+            if not placed.done():
+                placed.set_result(None)
 
     async def _tcp_collective(
         self, group: GroupState, sig: Signature, timeout: float, body: Callable[..., Awaitable[T]], *args: Any
     ) -> T:
         """Run ``body(link, *args)`` as one collective call of ``group``
-        (``sig``: what every rank must agree on); a failure here aborts the
-        group on every rank."""
+        (``sig``: what every rank must agree on) over TCP, now."""
+        return await self._run_link(group, MeshLink(group, self.mesh, sig, timeout), body, *args)
+
+    async def _run_link(self, group: GroupState, link: MeshLink, body: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``body(link, *args)``; a failure here aborts the group on every rank."""
         mesh = self.mesh
-        link = MeshLink(group, mesh, sig, timeout)
         if group.context in mesh.broken:
-            self._raise_broken(group.context, sig.op)
+            self._raise_broken(group.context, link.sig.op)
         try:
             return await body(link, *args)
         except BaseException as exc:

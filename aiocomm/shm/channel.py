@@ -219,6 +219,14 @@ class Channel:
 
     def all_reduce(self, x: np.ndarray, op: str, description: str, deadline: float, health: Health,
                    timeout: float) -> np.ndarray:
+        # numpy's default error handling, whatever the calling thread set: a
+        # reduction must not raise on one rank only (the TCP path reduces on
+        # the loop's thread, with the defaults)
+        with np.errstate(divide="warn", over="warn", under="ignore", invalid="warn"):
+            return self._all_reduce(x, op, description, deadline, health, timeout)
+
+    def _all_reduce(self, x: np.ndarray, op: str, description: str, deadline: float, health: Health,
+                    timeout: float) -> np.ndarray:
         n, r = self.size, self.rank
         dtype = x.dtype
         ufunc = collectives.REDUCERS[op]
@@ -325,6 +333,11 @@ class Channel:
 
     def reduce_scatter(self, x: np.ndarray, op: str, description: str, deadline: float, health: Health,
                        timeout: float) -> np.ndarray:
+        with np.errstate(divide="warn", over="warn", under="ignore", invalid="warn"):  # (see all_reduce)
+            return self._reduce_scatter(x, op, description, deadline, health, timeout)
+
+    def _reduce_scatter(self, x: np.ndarray, op: str, description: str, deadline: float, health: Health,
+                        timeout: float) -> np.ndarray:
         n, r = self.size, self.rank
         dtype = x.dtype
         flat = np.ascontiguousarray(x).reshape(-1)

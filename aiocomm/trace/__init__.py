@@ -133,6 +133,22 @@ class _NotRecorded:
 _NOT_RECORDED = _NotRecorded()
 
 
+class GroupLabel:
+    """What the record keeps of a group (not the group: a dropped group's
+    resources, its shared memory above all, must not live on in the record)."""
+
+    __slots__ = ("context", "members", "_rank", "backend")
+
+    def __init__(self, context: int, members: tuple[int, ...], rank: int, backend: str) -> None:
+        self.context = context
+        self.members = members
+        self._rank = rank
+        self.backend = backend  # its name
+
+    def rank(self) -> int:
+        return self._rank
+
+
 def call(group: Any, stream: Any, op: str, args: tuple[Any, ...]) -> Entry | _NotRecorded:
     """The entry of one call of ``op`` on ``group`` (use it as ``with``).
 
@@ -154,13 +170,14 @@ def call(group: Any, stream: Any, op: str, args: tuple[Any, ...]) -> Entry | _No
         counts = group.trace_p2p
         seq = counts.get(stream, 0)
         counts[stream] = seq + 1
+    label = group.trace_label
     x = args[0] if args else None
     if type(x) is _ndarray or isinstance(x, _ndarray):
-        e.info = (group, seq, op, x.dtype, x.shape, args[1] if op in _PEER_SECOND else None)
+        e.info = (label, seq, op, x.dtype, x.shape, args[1] if op in _PEER_SECOND else None)
     elif op == "recv":
-        e.info = (group, seq, op, args[1], x, args[2])
+        e.info = (label, seq, op, args[1], x, args[2])
     else:
-        e.info = (group, seq, op, None, None, None)
+        e.info = (label, seq, op, None, None, None)
     e.end = None
     e.start = perf_counter()
     return e
@@ -228,9 +245,8 @@ def lines(reason: str) -> tuple[str, list[str]]:
             "full": len(entries) >= _size}
     out = [json.dumps(head)]
     for g in groups.values():
-        backend = getattr(g.engine, "backend", None)
         out.append(json.dumps({"group": g.context, "members": list(g.members), "rank": g.rank(),
-                               "backend": getattr(backend, "name", "none")}))
+                               "backend": g.backend}))
     return rank, out + ops
 
 

@@ -14,6 +14,7 @@ async:            the async face on a shared-memory group: 20 calls in
 """
 
 import asyncio
+import gc
 import os
 import random
 import signal
@@ -86,5 +87,68 @@ elif mode == "async":
 
     asyncio.run(main())
     print(f"SHM {uses_shm()} OK async", flush=True)
+elif mode == "pileup":
+    # From the very first collective, calls pile up while the group decides
+    # whether it uses shared memory; rank 0 uses the async face, the others
+    # argv[2] ("async" or "blocking").  Each result is checked.
+    def check(i: int, y: np.ndarray) -> str | None:
+        return None if y[0] == n * i else f"{i}->{y[0]:g}"
+
+    async def piled() -> list[str | None]:
+        tasks = []
+        for i in range(40):
+            tasks.append(asyncio.create_task(aio.all_sum(np.full(4, float(i)))))
+            await asyncio.sleep(0)
+        return [check(i, y) for i, y in enumerate(await asyncio.gather(*tasks))]
+
+    if r == 0 or sys.argv[2] == "async":
+        wrong = [w for w in asyncio.run(piled()) if w]
+    else:
+        wrong = [w for w in (check(i, aiocomm.all_sum(np.full(4, float(i)))) for i in range(40)) if w]
+    print(f"PILEUP wrong {len(wrong)} {wrong[:3]}", flush=True)
+elif mode == "interrupt":
+    # Rank 0 is interrupted (KeyboardInterrupt) between the barriers of a
+    # large call, catches it and goes on: no rank may return a wrong result.
+    aiocomm.all_sum(np.ones(4))
+    big = np.full(2048, 100.0 * (r + 1))  # 16 KiB: one round of a 16 KiB slot
+    if r == 0:
+        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    else:
+        time.sleep(1.0)
+    outcomes = []
+    try:
+        y = aiocomm.all_sum(big, timeout=10)
+        outcomes.append("ok" if np.all(y == 100.0 * n * (n + 1) / 2) else "WRONG")
+    except (KeyboardInterrupt, aiocomm.CommError) as exc:
+        outcomes.append(type(exc).__name__)
+    try:
+        z = aiocomm.all_sum(np.full(4, r + 1.0), timeout=10)
+        outcomes.append("ok" if np.all(z == n * (n + 1) / 2) else "WRONG")
+    except aiocomm.CommError as exc:
+        outcomes.append(type(exc).__name__)
+    print(f"INTERRUPT {outcomes}", flush=True)
+elif mode == "seterr":
+    # A rank that asked numpy to raise on overflow reduces the same as the
+    # others (and as the TCP path): a reduction never raises on one rank only.
+    aiocomm.all_sum(np.ones(2, np.float32))
+    if r == n - 1:
+        np.seterr(over="raise")
+    x = np.ones(3072, np.float32)  # 12 KiB, one round of a 16 KiB slot
+    if r < n - 1:
+        x[2500] = 3e38  # overflows in the last rank's share
+    y = aiocomm.all_sum(x, timeout=10)
+    bad = int(np.count_nonzero((y != n) & ~np.isinf(y)))
+    print(f"SETERR wrong {bad} inf {int(np.count_nonzero(np.isinf(y)))}", flush=True)
+elif mode == "drop":
+    # Groups dropped by the program give their shared memory back.
+    x = np.ones(1 << 20, np.float32)
+    for _ in range(12):
+        g = world.split(0)
+        aiocomm.all_sum(x, group=g)
+        del g
+        gc.collect()
+    with open("/proc/self/maps") as fh:
+        maps = sum(1 for line in fh if "aiocomm-shm" in line)
+    print(f"DROP maps {maps}", flush=True)
 else:
     raise SystemExit(f"unknown mode {mode}")
