@@ -139,25 +139,28 @@ class Segment:
 
     # ---- the control block
 
+    def _put_text(self, length_slot: int, offset: int, limit: int, text: str) -> None:
+        data = text.encode()[:limit]
+        self.mm[offset : offset + len(data)] = np.frombuffer(data, np.uint8)
+        self.control[length_slot] = len(data)
+
+    def _text(self, length_slot: int, offset: int, limit: int) -> str:
+        length = max(0, min(int(self.control[length_slot]), limit))
+        return self.mm[offset : offset + length].tobytes().decode(errors="replace")
+
     def describe(self, text: str) -> None:
-        data = text.encode()[:_TEXT_MAX]
-        self.mm[_TEXT_OFFSET : _TEXT_OFFSET + len(data)] = np.frombuffer(data, np.uint8)
-        self.control[TEXT] = len(data)
+        """Publish the description of the owner's current call (for MismatchError)."""
+        self._put_text(TEXT, _TEXT_OFFSET, _TEXT_MAX, text)
 
     def description(self) -> str:
-        length = int(self.control[TEXT])
-        return self.mm[_TEXT_OFFSET : _TEXT_OFFSET + max(0, min(length, _TEXT_MAX))].tobytes().decode(
-            errors="replace")
+        return self._text(TEXT, _TEXT_OFFSET, _TEXT_MAX)
 
     def explain(self, reason: str) -> None:
-        data = reason.encode()[:_REASON_MAX]
-        self.mm[_REASON_OFFSET : _REASON_OFFSET + len(data)] = np.frombuffer(data, np.uint8)
-        self.control[REASON] = len(data)
+        """Publish why the owner gave up on the group."""
+        self._put_text(REASON, _REASON_OFFSET, _REASON_MAX, reason)
 
     def reason(self) -> str:
-        length = int(self.control[REASON])
-        return self.mm[_REASON_OFFSET : _REASON_OFFSET + max(0, min(length, _REASON_MAX))].tobytes().decode(
-            errors="replace")
+        return self._text(REASON, _REASON_OFFSET, _REASON_MAX)
 
     def ring(self, epoch: int) -> None:
         """Publish ``epoch`` and wake peers asleep on this segment."""
