@@ -136,3 +136,67 @@ def test_a_dropped_group_gives_its_shared_memory_back():
     assert proc.returncode == 0, proc.stderr[-3000:]
     for maps in re.findall(r"DROP maps (\d+)", proc.stdout):
         assert int(maps) <= 4, proc.stdout  # the world's segments (2), not 12 groups' (24 more)
+
+
+# ---- the barrier, in one process: a peer that arrived and then left is no reason to give up
+
+@pytest.fixture
+def make_channel():
+    from aiocomm.shm.channel import Channel
+    from aiocomm.shm.segment import Segment
+    made = []
+
+    def make(n, pids=None):
+        segments = [Segment.create(4096) for _ in range(n)]
+        made.extend(segments)
+        return Channel(0, tuple(range(n)), segments[0], {k: segments[k] for k in range(1, n)}, pids or {}), segments
+
+    yield make
+    for segment in made:
+        segment.close()
+
+
+def test_a_peer_that_arrives_and_leaves_between_two_looks_does_not_break_the_barrier(make_channel):
+    """CI caught it once (tests/test_ssh.py): rank 3 passed the last barrier and
+    exited; rank 0, between checking the epoch and looking at the transport's
+    health, saw the lost connection first and raised, alone, for a call that
+    had completed everywhere."""
+    from aiocomm.errors import PeerLostError
+    from aiocomm.shm.segment import EPOCH
+    channel, segments = make_channel(2)
+
+    def health():
+        segments[1].control[EPOCH] = 1  # it arrives ...
+        return PeerLostError("rank 0 lost rank 1 (closed by the peer)", 1)  # ... and leaves
+
+    channel.barrier(time.monotonic() + 5, health, "all_sum", 5)
+    assert channel.broken is None
+
+
+def test_a_peer_that_arrived_and_exited_is_no_reason_while_another_is_on_its_way(make_channel):
+    from aiocomm.errors import PeerLostError
+    from aiocomm.shm.segment import EPOCH
+    ended = subprocess.Popen(["true"])
+    os.waitid(os.P_PID, ended.pid, os.WEXITED | os.WNOWAIT)  # ended, not reaped: its pidfd says so
+    channel, segments = make_channel(3, {2: ended.pid})
+    segments[2].control[EPOCH] = 1  # rank 2 arrived, then its process ended
+    looks = []
+
+    def health():
+        looks.append(1)
+        if len(looks) == 3:
+            segments[1].control[EPOCH] = 1  # rank 1 was merely slow
+        return PeerLostError("rank 0 lost rank 2 (closed by the peer)", 2)
+
+    channel.barrier(time.monotonic() + 5, health, "all_sum", 5)
+    assert channel.broken is None and len(looks) >= 3
+    ended.wait()
+
+
+def test_a_peer_that_left_before_arriving_still_breaks_the_barrier(make_channel):
+    from aiocomm.errors import PeerLostError
+    channel, _segments = make_channel(2)
+    with pytest.raises(PeerLostError, match="closed by the peer"):
+        channel.barrier(time.monotonic() + 5, lambda: PeerLostError("rank 0 lost rank 1 (closed by the peer)", 1),
+                        "all_sum", 5)
+    assert channel.broken is not None

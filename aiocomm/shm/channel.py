@@ -107,20 +107,30 @@ class Channel:
             self.mine.wake()
         return exc
 
-    def _why_stuck(self, k: int, deadline: float, health: Health, what: str, timeout: float) -> CommError | None:
+    def _arrived(self, world_rank: int | None, epoch: int) -> bool:
+        """Whether the member with this world rank reached barrier ``epoch``:
+        what befalls it afterwards (it exits, its connection closes, it gives
+        up on a later step) belongs to a later step, not to this barrier."""
+        if world_rank is None or world_rank not in self.members:
+            return False
+        return int(self.segments[self.members.index(world_rank)].control[EPOCH]) >= epoch
+
+    def _why_stuck(self, k: int, epoch: int, deadline: float, health: Health, what: str,
+                   timeout: float) -> CommError | None:
         world = self.members[k]
         if self._pidfds:
             for fd, _ in self._poll.poll(0):
                 gone = self.members[self._pidfds[fd]]
-                return PeerLostError(
-                    f"rank {gone} (same host, shared memory) exited during {what} on rank "
-                    f"{self.members[self.rank]}", gone)
+                if not self._arrived(gone, epoch):
+                    return PeerLostError(
+                        f"rank {gone} (same host, shared memory) exited during {what} on rank "
+                        f"{self.members[self.rank]}", gone)
         exc = health()
-        if exc is not None:
+        if exc is not None and not (isinstance(exc, PeerLostError) and self._arrived(exc.rank, epoch)):
             return exc
         for other, seg in self.others:
             code = int(seg.control[BROKEN])
-            if code:
+            if code and int(seg.control[EPOCH]) < epoch:
                 origin = self.members[other]
                 # (as the transport's ABORT reports it: the origin's own words)
                 text = f"{seg.reason() or f'rank {origin} gave up on this group during {what}'} " \
@@ -163,8 +173,8 @@ class Channel:
                 now = time.perf_counter()
                 if now - looked >= NAP_SECONDS or spins == 32:
                     looked = now
-                    why = self._why_stuck(k, deadline, health, what, timeout)
-                    if why is not None:
+                    why = self._why_stuck(k, epoch, deadline, health, what, timeout)
+                    if why is not None and control[EPOCH] < epoch:  # (it may have arrived as we looked)
                         raise self.give_up(why, _BROKE_TIMEOUT if isinstance(why, CommTimeoutError) else _BROKE_ERROR)
                 if now - started < SPIN_SECONDS:
                     os.sched_yield()
