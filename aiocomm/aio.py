@@ -52,6 +52,8 @@ __all__ = [
     "broadcast_obj",
     "all_gather_obj",
     "average_gradients",
+    "agree",
+    "shrink",
 ]
 
 T = TypeVar("T")
@@ -563,6 +565,20 @@ async def split(color: int, key: int = -1, *, group: Group | None = None, timeou
     t, g = check_timeout(timeout), (_formed(group) or await init())
     with claim(g, "collectives"), trace.call(g, "collectives", "split", ()):
         return await _on_engine(g, engine_ops.split(g, color, key, t))
+
+
+async def agree(flag: bool, *, group: Group | None = None, timeout: float | None = None) -> bool:
+    """Async form of :meth:`Group.agree` (over the living members of ``group``, default the world)."""
+    t, g = check_timeout(timeout), (_formed(group) or await init())
+    with claim(g, "agreement"), trace.call(g, "agreement", "agree", ()):
+        return await _on_engine(g, engine_ops.agree(g, bool(flag), t))
+
+
+async def shrink(*, group: Group | None = None, timeout: float | None = None) -> Group:
+    """Async form of :meth:`Group.shrink` (the living members of ``group``, default the world)."""
+    t, g = check_timeout(timeout), (_formed(group) or await init())
+    with claim(g, "agreement"), trace.call(g, "agreement", "shrink", ()):
+        return await _on_engine(g, engine_ops.shrink(g, t))
 
 
 def _reset_for_tests() -> None:

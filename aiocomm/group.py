@@ -101,6 +101,17 @@ class Backend(Protocol):
         on the loop that owns the connections, if the backend has one)."""
         ...
 
+    def agree(self, group: Group, index: int, flag: bool, failed: tuple[int, ...],
+              timeout: float) -> Coroutine[Any, Any, tuple[bool, tuple[int, ...]]]:
+        """Agreement number ``index`` of ``group`` among its living members:
+        the AND of their flags, and the members (group ranks) agreed gone
+        (``failed``: those agreed before)."""
+        ...
+
+    def shrink(self, group: Group, index: int, failed: tuple[int, ...], timeout: float) -> SplitResult:
+        """The group of ``group``'s members but the agreed ``failed`` ones."""
+        ...
+
     async def close(self) -> None: ...
 
     def fds(self) -> list[int]: ...
@@ -226,6 +237,8 @@ class Group:
         self.trace_label = trace.GroupLabel(context, members, rank, backend)  # what the record keeps of it
         self.trace_p2p: dict[Any, int] = {}  # calls per ("send", dst) / ("recv", src) stream, for the record
         self._splits = 0
+        self._agreements = 0  # agree calls on this group (shrink's included): numbers them on the wire
+        self._failed: tuple[int, ...] = ()  # group ranks the survivors agreed are gone
         self.streams: dict[int, PeerStream] = {}  # group rank -> outgoing connection, once opened (the ring's)
         self._busy: dict[Any, Claim] = {}  # stream of calls -> the calls in flight there
         self._busy_lock = threading.Lock()  # (only to take over the claim of a thread that ended)
@@ -258,6 +271,47 @@ class Group:
                 self._splits += 1
                 return self._child(backend.call_blocking("split", self, index, color, key, t))  # type: ignore[attr-defined]
         return call_blocking(self, "collectives", "split", split, color, key, t)
+
+    def agree(self, flag: bool, timeout: float | None = None) -> bool:
+        """A fault-tolerant logical AND of ``flag`` over the living members
+        (blocking; collective over the members that are still alive).
+
+        Completes even if members died before or during it (or stay silent
+        for ``timeout`` seconds: they are then taken for dead, and cut off
+        for good), and returns the same value on every survivor: a
+        consensus, not a reduction that a death could split.  Afterwards
+        :meth:`failed` lists the members the survivors agreed are gone.  It
+        works on a group that a failure broke.  In async code use
+        ``await aiocomm.aio.agree(flag, group=g)``.
+
+        Raises:
+            CommError: the other members declared this rank failed (it was
+                silent too long), or the backend cannot agree (the MPI
+                backend without ULFM).
+        """
+        t = args.check_timeout(timeout)
+        return call_agreement(self, "agree", agree(self, bool(flag), t))
+
+    def failed(self) -> list[int]:
+        """The ranks of this group (sorted) that the survivors agreed are gone,
+        as of this rank's last :meth:`agree` or :meth:`shrink` on it."""
+        return list(self._failed)
+
+    def shrink(self, timeout: float | None = None) -> Group:
+        """A new group of exactly the living members, agreed by all of them
+        (blocking; collective over the survivors).
+
+        Ranks are renumbered in this group's order; the new group has a
+        context of its own, so no message of this group ever reaches it.
+        Works on a broken group or a healthy one, on the world or a split
+        group, and again after a later failure (also one during ``shrink``).
+        In async code use ``await aiocomm.aio.shrink(group=g)``.
+
+        Raises:
+            CommError: as :meth:`agree`.
+        """
+        t = args.check_timeout(timeout)
+        return call_agreement(self, "shrink", shrink(self, t))
 
     def _child(self, result: SplitResult) -> Group:
         members, rank, context, handle = result
@@ -388,6 +442,19 @@ def call_blocking(
         return portal.run(loop, coro, what)
 
 
+def call_agreement(group: Group, what: str, coro: Coroutine[Any, Any, T]) -> T:
+    """Run an agreement's coroutine for a blocking caller (on the loop that
+    owns the connections; in this thread for a backend bound to none)."""
+    try:
+        with claim(group, "agreement"), trace.call(group, "agreement", what, ()):
+            loop = group._engine.loop
+            if loop is None or group.size() == 1:
+                return portal.run_now(coro)
+            return portal.run(loop, coro, what)
+    finally:
+        coro.close()  # (not started: claim refused it)
+
+
 # ------------------------------------------------------------------ engine operations
 # Arguments arrive checked by a face; these run on the loop that owns the
 # group's connections (or any loop, for a backend bound to none).
@@ -475,7 +542,29 @@ async def split(group: Group, color: int, key: int, timeout: float) -> Group:
     return group._child(await _backend(group).split(group, index, color, key, timeout))
 
 
+async def agree(group: Group, flag: bool, timeout: float) -> bool:
+    index = group._agreements
+    group._agreements += 1
+    if group.size() == 1:
+        return flag
+    value, failed = await _backend(group).agree(group, index, flag, group._failed, timeout)
+    group._failed = failed
+    return value
+
+
+async def shrink(group: Group, timeout: float) -> Group:
+    """Agree until two agreements in a row name the same members gone (one
+    that dies during the first is in the second), then build the group."""
+    if group.size() == 1:
+        return Group(group._engine, group.members, 0, split_context(group.context, group._agreements, 0))
+    failed: tuple[int, ...] | None = None
+    while failed != group._failed:
+        failed = group._failed
+        await agree(group, True, timeout)
+    return group._child(_backend(group).shrink(group, group._agreements, group._failed, timeout))
+
+
 __all__ = [
     "Engine", "Group", "Claim", "claim", "call_blocking", "all_reduce", "all_gather", "sum_scatter", "send", "recv",
-    "split", "broadcast", "gather", "all_to_all", "all_gather_v", "barrier",
+    "split", "broadcast", "gather", "all_to_all", "all_gather_v", "barrier", "agree", "shrink", "call_agreement",
 ]

@@ -35,6 +35,7 @@ from ..errors import CommError
 from ..transport import Mesh, Op, Wait
 from ..wire import Kind, Signature, signature
 from . import GroupState, SplitResult
+from .agreement import Agreement
 
 _COLL = Kind.COLL
 #: Seconds a failed collective waits for its unsent frames to leave before
@@ -147,6 +148,13 @@ def split_context(parent: int, index: int, color: int) -> int:
     return int.from_bytes(digest, "little") | 1  # never the world's 0
 
 
+def shrink_context(parent: int, index: int, failed: tuple[int, ...]) -> int:
+    """The context of a shrunken group: the same on every survivor, never
+    one an old group's message carries."""
+    digest = hashlib.blake2b(f"{parent}:shrink:{index}:{failed}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") | 1
+
+
 class RingBackend:
     """Groups over this process's :class:`~aiocomm.transport.Mesh`."""
 
@@ -165,6 +173,8 @@ class RingBackend:
             why = "AIOCOMM_TRANSPORT=tcp"
         self.shm_unavailable = why  # None: groups whose members share this host use shared memory
         self.shm_slot_bytes = config.shm_slot_bytes()
+        self.lingering: set[asyncio.Task[Any]] = set()  # agreements' readers, taking their last messages
+        self.excluded: str | None = None  # why the others declared this rank failed, once they did
 
     def _raise_broken(self, context: int, what: str) -> None:
         cause = self.mesh.broken.get(context)
@@ -494,7 +504,32 @@ class RingBackend:
             self.mesh.abort(group.context, exc)
             failure_report.record(self.rank, exc)
 
+    async def agree(self, group: GroupState, index: int, flag: bool, failed: tuple[int, ...],
+                    timeout: float) -> tuple[bool, tuple[int, ...]]:
+        """Agreement ``index`` of ``group`` among its living members (see
+        :mod:`.agreement`): the AND of their flags, and who is gone."""
+        if self.excluded is not None:
+            raise CommError(self.excluded)
+        agreement = Agreement(self.mesh, group.members, group.rank(), group.context, index, flag, failed, timeout,
+                              self.lingering)
+        try:
+            return await agreement.run()
+        except CommError as exc:
+            if agreement.excluded_by is not None:  # for good: every later agreement says so too
+                self.excluded = str(exc)
+            raise
+
+    def shrink(self, group: GroupState, index: int, failed: tuple[int, ...], timeout: float) -> SplitResult:
+        """The group of ``group``'s members but ``failed`` (agreed on by every
+        survivor), with a context of its own."""
+        members = tuple(w for k, w in enumerate(group.members) if k not in failed)
+        context = shrink_context(group.context, index, failed)
+        self.mesh.register_context(context, members)
+        return SplitResult(members, members.index(self.rank), context)
+
     async def close(self) -> None:
+        for task in list(self.lingering):
+            task.cancel()
         await self.mesh.close()
 
     def fds(self) -> list[int]:

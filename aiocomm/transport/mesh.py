@@ -233,6 +233,11 @@ class Mesh:
         self.waits.fail_peer(peer, err)
         self.matcher.drop_peer(peer)
 
+    def cut_off(self, peer: int, err: PeerLostError) -> None:
+        """Take ``peer`` for lost from now on, as if it had died (the survivors
+        gave up on it): its connections close, and it is never let back."""
+        self.connections.peer_lost(peer, err)
+
     def abort(self, context: int, exc: CommError) -> None:
         """Mark ``context`` broken with ``exc`` here and tell its other members."""
         if self._break(context, exc):

@@ -416,6 +416,38 @@ class MpiBackend:
             self._broke(group, "collectives", exc, here=True)
             failure_report.record(self.rank, exc)
 
+    def _ulfm_comm(self, group: GroupState, what: str) -> Any:
+        why = library.ulfm_missing()
+        if why is not None:
+            raise CommError(
+                f"rank {self.rank}: {what} on the MPI backend needs the MPI library's fault-tolerance extension "
+                f"(ULFM), and this one has none: {why}. Use the ring backend (aiocomm-launch without "
+                "--backend mpi), or an MPI built with ULFM (Open MPI 5 configured --with-ft=ulfm)")
+        return group.handle.comm
+
+    async def agree(self, group: GroupState, index: int, flag: bool, failed: tuple[int, ...],
+                    timeout: float) -> tuple[bool, tuple[int, ...]]:
+        """ULFM's agreement (``MPIX_Comm_agree``), and the failed members it acknowledged."""
+        comm = self._ulfm_comm(group, "agree")
+        value = comm.Agree(1 if flag else 0)
+        comm.Ack_failed()
+        gone = comm.Get_failed()
+        ranks = self.MPI.Group.Translate_ranks(gone, list(range(gone.Get_size())), comm.Get_group())
+        return bool(value), tuple(sorted(set(failed) | {int(r) for r in ranks}))
+
+    def shrink(self, group: GroupState, index: int, failed: tuple[int, ...], timeout: float) -> SplitResult:
+        """ULFM's shrink (``MPIX_Comm_shrink``) of the group's communicator."""
+        from ..ring import shrink_context
+
+        comm = self._ulfm_comm(group, "shrink")
+        new = comm.Shrink()
+        new.Set_errhandler(self.MPI.ERRORS_RETURN)
+        size = new.Get_size()
+        parent_ranks = self.MPI.Group.Translate_ranks(new.Get_group(), list(range(size)), comm.Get_group())
+        members = tuple(group.members[int(r)] for r in parent_ranks)
+        context = shrink_context(group.context, index, failed)
+        return SplitResult(members, new.Get_rank(), context, groups.MpiGroup(new, context, members))
+
     async def close(self) -> None:
         return None
 

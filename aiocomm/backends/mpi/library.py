@@ -191,3 +191,33 @@ def translate(exc: BaseException) -> BaseException:
     err = CommError(f"MPI error: {text}")
     err.__cause__ = exc
     return err
+
+
+_ULFM_CALLS = ("MPIX_Comm_agree", "MPIX_Comm_shrink", "MPIX_Comm_revoke")
+
+
+def ulfm_missing() -> str | None:
+    """None if the loaded MPI library has ULFM's fault tolerance (what
+    ``agree`` and ``shrink`` need), else what is missing.  mpi4py offers
+    ``Comm.Agree`` and ``Comm.Shrink`` either way, but without the library's
+    own they fall back to plain collectives that a dead rank hangs."""
+    import ctypes
+
+    paths = set()
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1] if len(line.split()) >= 6 else ""
+                if "libmpi" in os.path.basename(path) and ".so" in path:
+                    paths.add(path)
+    except OSError:
+        return "the MPI library could not be inspected (/proc/self/maps)"
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        if all(hasattr(lib, name) for name in _ULFM_CALLS):
+            return None
+    return f"{' '.join(_ULFM_CALLS)} are not in the MPI library ({', '.join(sorted(paths)) or 'none loaded'})"
+

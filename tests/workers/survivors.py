@@ -1,0 +1,123 @@
+"""Survivors carry on: agree and shrink with ranks that die at chosen moments.
+
+    survivors.py before V          rank V dies before anything; the rest agree and shrink
+    survivors.py moment V N [V2 N2] rank V dies just before its N-th agreement message
+                                   (V2 at its N2-th), during agree(...) then shrink()
+    survivors.py frozen V          rank V stops (SIGSTOP) before agree; the rest give up on it
+    survivors.py slow V            rank V comes 1.5 s late: nobody may leave it out
+    survivors.py chain V1 V2 V3    ranks die one after another, a shrink after each
+
+Each survivor prints what it agreed on; the test checks every survivor printed the same.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+import aiocomm
+from aiocomm.backends import agreement
+
+world = aiocomm.init()
+rank, size = world.rank(), world.size()
+mode, rest = sys.argv[1], [int(a) for a in sys.argv[2:]]
+T = float(os.environ.get("SURVIVORS_TIMEOUT", "20"))
+
+
+def die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def die_at_message(n: int) -> None:
+    """Die just before this rank's ``n``-th agreement message leaves."""
+    send = agreement.Agreement._send
+    count = [0]
+
+    def counting(self, k, msg):  # type: ignore[no-untyped-def]
+        count[0] += 1
+        if count[0] == n:
+            die()
+        return send(self, k, msg)
+
+    agreement.Agreement._send = counting  # type: ignore[method-assign]
+
+
+def report(group: aiocomm.Group, what: str) -> aiocomm.Group:
+    """Use the group; a member that died during the shrink that made it (after
+    the last agreement counted it) fails the call on every rank: shrink again."""
+    while True:
+        try:
+            total = aiocomm.all_sum(np.array([group.members[group.rank()] + 1]), group=group, timeout=T)
+        except aiocomm.CommError:
+            group = group.shrink(timeout=T)
+            continue
+        print(f"{what} size {group.size()} members {list(group.members)} sum {int(total[0])}", flush=True)
+        return group
+
+
+def expect_failure() -> None:
+    try:
+        aiocomm.all_sum(np.ones(3), timeout=T)
+    except aiocomm.CommError as exc:
+        print(f"FAILED {type(exc).__name__}", flush=True)
+    else:
+        print("FAILED nothing", flush=True)
+
+
+if mode == "before":
+    if rank == rest[0]:
+        die()
+    expect_failure()
+    value = world.agree(True, timeout=T)
+    print(f"AGREE {value} failed {world.failed()}", flush=True)
+    report(world.shrink(timeout=T), "SHRINK")
+elif mode == "moment":
+    for victim, n in zip(rest[0::2], rest[1::2], strict=True):
+        if rank == victim:
+            die_at_message(n)
+    value = world.agree(rank != 1, timeout=T)
+    print(f"AGREE {value} failed {world.failed()}", flush=True)
+    report(world.shrink(timeout=T), "SHRINK")
+elif mode == "frozen":
+    aiocomm.all_sum(np.ones(1))
+    if rank == rest[0]:
+        os.kill(os.getpid(), signal.SIGSTOP)  # (the test wakes it once the others are done)
+        try:
+            world.agree(True, timeout=T)
+        except aiocomm.CommError as exc:
+            print(f"EXCLUDED {exc}", flush=True)
+        else:
+            print("NOT EXCLUDED", flush=True)
+        try:
+            world.shrink(timeout=T)
+        except aiocomm.CommError:
+            print("EXCLUDED AGAIN", flush=True)
+        sys.exit(0)
+    value = world.agree(True, timeout=T)
+    print(f"AGREE {value} failed {world.failed()}", flush=True)
+    report(world.shrink(timeout=T), "SHRINK")
+    print("SURVIVOR DONE", flush=True)
+    time.sleep(3)  # (the woken rank finds the connections it had closed)
+elif mode == "slow":
+    if rank == rest[0]:
+        time.sleep(1.5)
+    value = world.agree(rank != rest[0], timeout=T)
+    print(f"AGREE {value} failed {world.failed()}", flush=True)
+    report(world.shrink(timeout=T), "SHRINK")
+elif mode == "chain":
+    group = world
+    for step, victim in enumerate(rest):
+        if group.members[group.rank()] == victim:
+            die()
+        try:
+            aiocomm.all_sum(np.ones(2), group=group, timeout=T)
+        except aiocomm.CommError:
+            pass
+        group = report(group.shrink(timeout=T), f"STEP {step}")
+else:
+    raise SystemExit(f"unknown mode {mode}")
