@@ -8,13 +8,15 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
-from .conftest import WORKERS, spawn_world
+from .conftest import WORKERS, clean_env, spawn_world
 
 
 def run_world(n, tmp_path, *args, env=None, timeout=60):
@@ -118,6 +120,34 @@ def test_a_frozen_rank_is_given_up_on_and_never_rejoins(tmp_path):
     assert "EXCLUDED AGAIN" in out, out
 
 
+@pytest.mark.timeout(60)
+def test_the_async_face_on_a_split_group(tmp_path):
+    outs = run_world(6, tmp_path, "async", 2)
+    evens = [outs[r] for r in (0, 4)]
+    for code, out, err in evens:
+        assert code == 0, (out, err[-3000:])
+        assert "AGREE True failed [1]" in out and "SHRINK size 2 members [0, 4] sum 6" in out, (out, err[-3000:])
+    for r in (1, 3, 5):  # the odd group lost nobody: it ran its own agreement and shrink
+        code, out, err = outs[r]
+        assert code == 0 and "AGREE True failed []" in out and "SHRINK size 3 members [1, 3, 5] sum 12" in out, (
+            out, err[-3000:])
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs Open MPI's mpirun and mpi4py")
+@pytest.mark.timeout(90)
+def test_the_mpi_backend_says_what_its_library_lacks():
+    env = clean_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                    OMPI_MCA_rmaps_base_oversubscribe="1")
+    proc = subprocess.run([shutil.which("mpirun"), "-n", "2", sys.executable, str(WORKERS / "survivors.py"), "mpi"],
+                          env=env, capture_output=True, text=True, timeout=80)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if "NOT REFUSED" in proc.stdout:  # an MPI library with ULFM: its own agree and shrink ran
+        pytest.skip("this MPI library has ULFM")
+    assert proc.stdout.count("REFUSED rank") == 4, proc.stdout
+    assert "needs the MPI library's fault-tolerance extension (ULFM)" in proc.stdout, proc.stdout
+    assert "MPIX_Comm_agree" in proc.stdout and "Use the ring backend" in proc.stdout, proc.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_no_survivor_ever_disagrees_over_randomized_kill_moments(tmp_path):
@@ -145,3 +175,73 @@ def _randomized(tmp_path, runs):
         lines = survivors_agree(outs, dead)
         members = [r for r in range(n) if r not in dead]
         assert lines[1].startswith(f"SHRINK size {len(members)} members {members}"), (run, n, args, lines)
+
+
+def test_the_mpi_backend_drives_ulfm_where_the_library_has_it(monkeypatch):
+    """No MPI library here has ULFM: a stand-in communicator with ULFM's calls
+    checks what the backend does with them (MPIX_Comm_agree's value, the
+    failed ranks it acknowledged, MPIX_Comm_shrink's survivors in order)."""
+    from aiocomm.backends.mpi import backend, library
+
+    class Grp:
+        def __init__(self, ranks):
+            self.ranks = ranks
+
+        def Get_size(self):
+            return len(self.ranks)
+
+    class FakeMPI:
+        ERRORS_RETURN = "errors-return"
+
+        class Group:
+            @staticmethod
+            def Translate_ranks(group, ranks, _parent):
+                return [group.ranks[r] for r in ranks]
+
+    class Shrunk:
+        def Set_errhandler(self, handler):
+            self.handler = handler
+
+        def Get_size(self):
+            return 3
+
+        def Get_group(self):
+            return Grp([0, 2, 3])  # parent ranks of the survivors
+
+        def Get_rank(self):
+            return 1
+
+    class Comm:
+        def Agree(self, flag):
+            return flag & 0
+
+        def Ack_failed(self):
+            return 1
+
+        def Get_failed(self):
+            return Grp([1])
+
+        def Get_group(self):
+            return Grp([0, 1, 2, 3])
+
+        def Shrink(self):
+            return Shrunk()
+
+    class Handle:
+        comm = Comm()
+
+    class G:
+        members = (10, 11, 12, 13)
+        context = 7
+        handle = Handle()
+
+    monkeypatch.setattr(library, "ulfm_missing", lambda: None)
+    be = object.__new__(backend.MpiBackend)
+    be.MPI, be.rank = FakeMPI, 12
+    coro = be.agree(G(), 0, True, (), 5.0)
+    with pytest.raises(StopIteration) as done:
+        coro.send(None)
+    assert done.value.value == (False, (1,))
+    result = be.shrink(G(), 2, (1,), 5.0)
+    assert result.members == (10, 12, 13) and result.rank == 1
+    assert result.handle.comm.handler == "errors-return" and result.handle.members == (10, 12, 13)

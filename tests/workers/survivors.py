@@ -6,6 +6,8 @@
     survivors.py frozen V          rank V stops (SIGSTOP) before agree; the rest give up on it
     survivors.py slow V            rank V comes 1.5 s late: nobody may leave it out
     survivors.py chain V1 V2 V3    ranks die one after another, a shrink after each
+    survivors.py async V           the async face (aio.agree, aio.shrink) on a split group; V dies
+    survivors.py mpi               under mpirun: agree and shrink say what the MPI library lacks
 
 Each survivor prints what it agreed on; the test checks every survivor printed the same.
 """
@@ -22,9 +24,9 @@ import numpy as np
 import aiocomm
 from aiocomm.backends import agreement
 
-world = aiocomm.init()
-rank, size = world.rank(), world.size()
 mode, rest = sys.argv[1], [int(a) for a in sys.argv[2:]]
+world = aiocomm.init(backend="mpi" if mode == "mpi" else "any")
+rank, size = world.rank(), world.size()
 T = float(os.environ.get("SURVIVORS_TIMEOUT", "20"))
 
 
@@ -119,5 +121,33 @@ elif mode == "chain":
         except aiocomm.CommError:
             pass
         group = report(group.shrink(timeout=T), f"STEP {step}")
+elif mode == "async":
+    import asyncio
+
+    from aiocomm import aio
+
+    async def main() -> None:
+        evens = await aio.split(rank % 2, group=world)  # a split group: ranks 0, 2, 4 / 1, 3, 5
+        if rank == rest[0]:
+            die()
+        try:
+            await aio.all_sum(np.ones(2), group=evens, timeout=T)
+        except aiocomm.CommError:
+            pass
+        value = await aio.agree(True, group=evens, timeout=T)
+        print(f"AGREE {value} failed {evens.failed()}", flush=True)
+        smaller = await aio.shrink(group=evens, timeout=T)
+        total = await aio.all_sum(np.array([rank + 1]), group=smaller, timeout=T)
+        print(f"SHRINK size {smaller.size()} members {list(smaller.members)} sum {int(total[0])}", flush=True)
+
+    asyncio.run(main())
+elif mode == "mpi":
+    for call in (lambda: world.agree(True), world.shrink):
+        try:
+            call()
+        except aiocomm.CommError as exc:
+            print(f"REFUSED {exc}", flush=True)
+        else:
+            print("NOT REFUSED", flush=True)
 else:
     raise SystemExit(f"unknown mode {mode}")
