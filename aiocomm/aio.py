@@ -564,7 +564,7 @@ async def split(color: int, key: int = -1, *, group: Group | None = None, timeou
     color, key = args.check_color_key(color, key)
     t, g = check_timeout(timeout), (_formed(group) or await init())
     with claim(g, "collectives"), trace.call(g, "collectives", "split", ()):
-        return await _on_engine(g, engine_ops.split(g, color, key, t))
+        return g._child(await _on_engine(g, engine_ops.split(g, g.next_split(), color, key, t)))
 
 
 async def agree(flag: bool, *, group: Group | None = None, timeout: float | None = None) -> bool:

@@ -264,13 +264,14 @@ class Group:
         """
         color, key = args.check_color_key(color, key)
         t = args.check_timeout(timeout)
-        backend = self._engine.backend
-        if backend is not None and backend.direct and self.size() > 1:
-            with claim(self, "collectives"), trace.call(self, "collectives", "split", ()):
-                index = self._splits
-                self._splits += 1
-                return self._child(backend.call_blocking("split", self, index, color, key, t))  # type: ignore[attr-defined]
-        return call_blocking(self, "collectives", "split", split, color, key, t)
+        return self._child(call_blocking(self, "collectives", "split", split, self.next_split(), color, key, t))
+
+    def next_split(self) -> int:
+        """Number this group's next split (the same on every member: splits
+        are collective, in the same order everywhere)."""
+        index = self._splits
+        self._splits += 1
+        return index
 
     def agree(self, flag: bool, timeout: float | None = None) -> bool:
         """A fault-tolerant logical AND of ``flag`` over the living members
@@ -534,12 +535,11 @@ async def barrier(group: Group, timeout: float) -> None:
         await _backend(group).barrier(group, timeout)
 
 
-async def split(group: Group, color: int, key: int, timeout: float) -> Group:
-    index = group._splits
-    group._splits += 1
+async def split(group: Group, index: int, color: int, key: int, timeout: float) -> SplitResult:
+    """Split number ``index`` of ``group`` (see :meth:`Group.next_split`)."""
     if group.size() == 1:
-        return Group(group._engine, group.members, 0, split_context(group.context, index, color))
-    return group._child(await _backend(group).split(group, index, color, key, timeout))
+        return SplitResult(group.members, 0, split_context(group.context, index, color))
+    return await _backend(group).split(group, index, color, key, timeout)
 
 
 async def agree(group: Group, flag: bool, timeout: float) -> bool:
