@@ -28,6 +28,8 @@ from typing import Any
 from . import COMPLETED, STARTED
 
 P2P = ("send", "recv")
+#: Numbered on their own (Group.agree and Group.shrink): they complete without the dead.
+AGREEMENT = ("agree", "shrink")
 
 
 @dataclass
@@ -48,6 +50,8 @@ class Op:
     @property
     def stream(self) -> tuple[int, str, int | None]:
         """(group, "collectives" or the p2p kind, peer) -- the calls numbered together."""
+        if self.op in AGREEMENT:
+            return (self.group, "agreement", None)
         return (self.group, "collectives", None) if self.op not in P2P else (self.group, self.op, self.peer)
 
     def describe(self) -> str:
@@ -283,7 +287,7 @@ def _disagreements(job: _Job) -> list[str]:
         calls: dict[int, dict[tuple[Any, ...], list[int]]] = {}
         for m in present:
             for op in job.records[m].ops:
-                if op.group == context and op.op not in P2P:
+                if op.group == context and op.op not in P2P and op.op not in AGREEMENT:
                     shape = None if op.op == "all_gather_v" or op.shape is None else op.shape
                     calls.setdefault(op.seq, {}).setdefault((op.op, op.dtype, shape, op.peer), []).append(m)
         for seq in sorted(calls):
