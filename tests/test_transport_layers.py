@@ -1,13 +1,21 @@
 """The transport's modules import one way: down the layers below, never up,
 not even under ``TYPE_CHECKING`` or inside a function.  A module that needs
 something of the one above it asks through a ``typing.Protocol`` it defines
-itself (``stream.StreamOwner``, ``connections.ConnectionsOwner``)."""
+itself (``stream.StreamOwner``, ``connections.ConnectionsOwner``); so a
+stream runs under any owner, here a socket-free one."""
 
 from __future__ import annotations
 
 import ast
+import asyncio
+import math
 
 import pytest
+
+from aiocomm.errors import CommError, PeerLostError
+from aiocomm.transport.stream import PeerStream
+from aiocomm.transport.waits import WaitSet
+from aiocomm.wire import DialerHandshake, Sink
 
 from .conftest import ROOT
 
@@ -84,3 +92,73 @@ def test_the_check_sees_imports_hidden_from_run_time(tmp_path):
         (6, "aiocomm.group"),
         (7, "aiocomm.transport.connections"),
     ]
+
+
+# ---- a stream under an owner of its own
+
+
+class Owner:
+    """A :class:`~aiocomm.transport.stream.StreamOwner` that records the stream's end."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.rank = 0
+        self.waits = WaitSet(loop, rank=0, poll_s=0.0)
+        self.lost: list[PeerStream] = []
+
+    def accepted(self, stream):
+        pass
+
+    def handshake_done(self, stream):
+        pass
+
+    def refused(self, claimed, where):
+        pass
+
+    def stream_lost(self, stream, exc):
+        self.lost.append(stream)
+
+    def route(self, src, header, meta):
+        return Sink(None)
+
+    def hold(self, nbytes):
+        return False
+
+    def release(self, nbytes):
+        pass
+
+
+def paused_stream(loop) -> tuple[Owner, PeerStream]:
+    """A stream to rank 1 whose written bytes wait for the kernel."""
+    owner = Owner(loop)
+    stream = PeerStream(owner, DialerHandshake(b"token", 0, 2, 1), ("127.0.0.1", 1))
+    stream.peer = 1
+    stream.pause_writing()
+    return owner, stream
+
+
+def test_a_drain_outside_any_operation_is_a_wait_without_deadline(loop):
+    owner, stream = paused_stream(loop)
+    done = stream.drained_future()
+    [wait] = owner.waits.pending
+    assert wait.future is done and wait.peer == 1 and wait.op.deadline == math.inf
+    owner.waits.fail_context(0, CommError("aborted"))  # no group's abort ends it
+    assert not done.done()
+    stream.resume_writing()
+    assert done.result() is None and not owner.waits.pending
+
+
+def test_a_drain_at_shutdown_ends_with_its_connection_or_its_callers_timeout(loop):
+    """At shutdown the mesh fails and closes its waits before the connections
+    drain: a drain made then still ends when its connection does, and a
+    caller's timeout bounds one that never would."""
+    owner, stream = paused_stream(loop)
+    owner.waits.fail_all(CommError("shut down"))
+    owner.waits.close()
+    with pytest.raises(asyncio.TimeoutError):
+        loop.run_until_complete(asyncio.wait_for(stream.drained_future(), 0.01))
+    done = stream.drained_future()
+    stream.connection_lost(None)
+    assert isinstance(done.exception(), PeerLostError)
+    assert not owner.waits.pending and owner.lost == [stream]
+    assert stream.drained_future() is None  # closed: nothing left to wait for

@@ -32,13 +32,16 @@ from .. import wire
 from ..errors import CommError, PeerLostError, ProtocolError
 from ..wire import AcceptorHandshake, DialerHandshake, Header, Kind, Signature, Sink
 from .flow import Announcement, SendWindow
-from .waits import Op, Wait, WaitSet
+from .waits import NO_CONTEXT, Op, Wait, WaitSet
 
 log = logging.getLogger("aiocomm")
 
 Address = tuple[str, int]
 _encode_head = wire.encode_frame_head
 _EMPTY = b""
+#: What a drain outside any operation (a clean close, an ABORT) belongs to:
+#: no deadline (its caller bounds it) and no group's context.
+_NO_OPERATION = Op("a write outside any operation (a clean close, an ABORT)", NO_CONTEXT, math.inf, math.inf)
 
 
 class StreamOwner(Protocol):
@@ -211,19 +214,22 @@ class PeerStream(asyncio.BufferedProtocol):
             return None  # nothing waits in our buffer (even if the peer has since closed)
         if self.closed:
             raise self.lost_error(self.lost_reason)
-        assert self.peer is not None
-        wait = Wait(self.owner.waits, self.peer, op, "waiting for what it wrote to be read by")
-        self._drains.append(wait)
-        return wait
+        return self._drain(op)
 
     def drained_future(self) -> asyncio.Future[None] | None:
         """Like :meth:`drained` for writes outside any operation (a clean
-        close, an ABORT): a future that ends either way, or None."""
+        close, an ABORT): the future of a wait with no deadline (the caller
+        bounds it), which fails if the connection ends first; or None if
+        nothing waits to drain or the connection is closed already."""
         if not self.paused or self.closed:
             return None
-        drain = _PlainDrain(self.owner.loop.create_future())
-        self._drains.append(drain)  # type: ignore[arg-type]
-        return drain.future
+        return self._drain(_NO_OPERATION).future
+
+    def _drain(self, op: Op) -> Wait:
+        assert self.peer is not None  # only registered streams (handshake done) are drained
+        wait = Wait(self.owner.waits, self.peer, op, "waiting for what it wrote to be read by")
+        self._drains.append(wait)
+        return wait
 
     def lost_error(self, exc: BaseException | None) -> PeerLostError:
         err = PeerLostError(
@@ -330,18 +336,3 @@ class PeerStream(asyncio.BufferedProtocol):
         else:
             raise ProtocolError(f"unexpected {kind.name} frame from rank {self.peer} on a connection it accepted")
         return Sink(None)
-
-
-class _PlainDrain:
-    """A drain wait that belongs to no operation: its future ends either way."""
-
-    __slots__ = ("future",)
-
-    def __init__(self, future: asyncio.Future[None]) -> None:
-        self.future = future
-
-    def resolve(self, value: object = None) -> None:
-        if not self.future.done():
-            self.future.set_result(None)
-
-    fail = resolve
