@@ -47,8 +47,8 @@ from typing import Protocol, TypeVar
 from ..config import WorldSpec
 from ..errors import AuthenticationError, CommError, CommTimeoutError, PeerLostError, ProtocolError
 from ..wire import AcceptorHandshake, DialerHandshake, Header, Sink
-from .stream import PeerStream
-from .waits import CONNECTING, Op, Wait, WaitSet
+from .stream import DataOwner, PeerStream
+from .waits import CONNECTING, Op, Wait
 
 log = logging.getLogger("aiocomm")
 T = TypeVar("T")
@@ -72,25 +72,15 @@ def backoff(first: float = 0.01, cap: float = 0.5) -> Iterator[float]:
         delay = min(delay * 2, cap)
 
 
-class ConnectionsOwner(Protocol):
-    """What the connections ask of the mesh that owns them."""
+class ConnectionsOwner(DataOwner, Protocol):
+    """What the connections ask of the mesh that owns them: what their
+    streams' data needs (passed on), the world, and hearing of lost peers."""
 
     spec: WorldSpec
-    loop: asyncio.AbstractEventLoop
     window: int  # the bytes each sender may send this rank unasked (announced in the handshake)
-    waits: WaitSet
 
     def peer_lost(self, peer: int, err: PeerLostError) -> None:
         """``peer`` is gone (its connections are closed already)."""
-
-    def route(self, src: int, header: Header, meta: bytes) -> Sink:
-        """Where a frame from ``src`` goes, on a connection ``src`` dialled."""
-
-    def hold(self, nbytes: int) -> bool:
-        """Take ``nbytes`` of this rank's budget for a copy of an announced send, if it fits."""
-
-    def release(self, nbytes: int) -> None:
-        """Give back what :meth:`hold` took."""
 
 
 class Connections:

@@ -44,13 +44,28 @@ _EMPTY = b""
 _NO_OPERATION = Op("a write outside any operation (a clean close, an ABORT)", NO_CONTEXT, math.inf, math.inf)
 
 
-class StreamOwner(Protocol):
-    """What a stream asks of whoever owns it: the events of its life, where
-    its frames go, and the budget for copies of detached sends."""
+class DataOwner(Protocol):
+    """What a stream's data needs from above (of the mesh, in the end): the
+    loop and waits it uses, where its frames go, and the budget for copies
+    of detached sends."""
 
     loop: asyncio.AbstractEventLoop
-    rank: int  # this rank, for messages
     waits: WaitSet  # where the stream's waits are registered
+
+    def route(self, src: int, header: Header, meta: bytes) -> Sink:
+        """Where a frame from ``src`` goes, on a connection ``src`` dialled."""
+
+    def hold(self, nbytes: int) -> bool:
+        """Take ``nbytes`` of this rank's budget for a copy of an announced send, if it fits."""
+
+    def release(self, nbytes: int) -> None:
+        """Give back what :meth:`hold` took."""
+
+
+class StreamOwner(DataOwner, Protocol):
+    """What a stream asks of whoever owns it: what its data needs, and the events of its life."""
+
+    rank: int  # this rank, for messages
 
     def accepted(self, stream: PeerStream) -> None:
         """An acceptor stream's connection came in (its handshake is not done)."""
@@ -63,15 +78,6 @@ class StreamOwner(Protocol):
 
     def stream_lost(self, stream: PeerStream, exc: BaseException | None) -> None:
         """``stream``'s connection ended (its own waits have failed already)."""
-
-    def route(self, src: int, header: Header, meta: bytes) -> Sink:
-        """Where a frame from ``src`` goes, on a connection ``src`` dialled."""
-
-    def hold(self, nbytes: int) -> bool:
-        """Take ``nbytes`` of this rank's budget for a copy of an announced send, if it fits."""
-
-    def release(self, nbytes: int) -> None:
-        """Give back what :meth:`hold` took."""
 
 
 class PeerStream(asyncio.BufferedProtocol):
