@@ -29,6 +29,11 @@ the peers it refused get its REJECT too instead of a refused connection.
 Unauthenticated connections cost little: they stage a few hundred bytes, at
 most :data:`MAX_PENDING_HANDSHAKES` may be pending (the oldest is dropped
 for a newer one), and each must finish within :data:`HANDSHAKE_TIMEOUT`.
+
+The connections own their streams (they are each stream's
+:class:`~aiocomm.transport.stream.StreamOwner`) and are owned in turn by a
+:class:`ConnectionsOwner` (the mesh), known only through that protocol:
+imports in this package point down, never up.
 """
 
 from __future__ import annotations
@@ -36,16 +41,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Protocol, TypeVar
 
+from ..config import WorldSpec
 from ..errors import AuthenticationError, CommError, CommTimeoutError, PeerLostError, ProtocolError
-from ..wire import AcceptorHandshake, DialerHandshake
-from .stream import PeerStream
+from ..wire import AcceptorHandshake, DialerHandshake, Header, Sink
+from .stream import DataOwner, PeerStream
 from .waits import CONNECTING, Op, Wait
-
-if TYPE_CHECKING:
-    from .mesh import Mesh
 
 log = logging.getLogger("aiocomm")
 T = TypeVar("T")
@@ -69,13 +72,32 @@ def backoff(first: float = 0.01, cap: float = 0.5) -> Iterator[float]:
         delay = min(delay * 2, cap)
 
 
+class ConnectionsOwner(DataOwner, Protocol):
+    """What the connections ask of the mesh that owns them: what their
+    streams' data needs (passed on), the world, and hearing of lost peers."""
+
+    spec: WorldSpec
+    window: int  # the bytes each sender may send this rank unasked (announced in the handshake)
+
+    def peer_lost(self, peer: int, err: PeerLostError) -> None:
+        """``peer`` is gone (its connections are closed already)."""
+
+
 class Connections:
     """All of one rank's connections, and which peers are gone."""
 
-    def __init__(self, mesh: Mesh) -> None:
-        self.mesh = mesh
-        self.loop = mesh.loop
-        self.rank = mesh.rank
+    def __init__(self, owner: ConnectionsOwner) -> None:
+        self.owner = owner
+        self.spec = owner.spec
+        self.loop = owner.loop
+        self.rank = owner.spec.rank
+        self.size = owner.spec.size
+        self.waits = owner.waits
+        # What a stream asks of its owner beyond its own life goes straight to
+        # the mesh (a frame's route is looked up once per connection, not per frame).
+        self.route: Callable[[int, Header, bytes], Sink] = owner.route
+        self.hold: Callable[[int], bool] = owner.hold
+        self.release: Callable[[int], None] = owner.release
         self.outgoing: dict[int, PeerStream] = {}
         self.inbound: dict[int, PeerStream] = {}
         self.lost: dict[int, PeerLostError] = {}
@@ -95,7 +117,7 @@ class Connections:
     # ---- listening and accepting
 
     async def listen(self) -> None:
-        spec = self.mesh.spec
+        spec = self.spec
         inherited = list(spec.listen_fds)
         for host, port in spec.addresses[self.rank]:
             try:
@@ -110,8 +132,7 @@ class Connections:
             self._servers.append(server)
 
     def _acceptor(self) -> PeerStream:
-        mesh = self.mesh
-        return PeerStream(mesh, AcceptorHandshake(mesh.token, mesh.rank, mesh.size, mesh.window))
+        return PeerStream(self, AcceptorHandshake(self.spec.token, self.rank, self.size, self.owner.window))
 
     def accepted(self, stream: PeerStream) -> None:
         """A connection came in: it has ``HANDSHAKE_TIMEOUT`` to prove itself."""
@@ -175,7 +196,7 @@ class Connections:
     async def bring_up(self, connect_timeout: float) -> None:
         """Dial the right neighbour and wait for the left one, within ``connect_timeout``."""
         self.connect_timeout = connect_timeout
-        size = self.mesh.size
+        size = self.size
         right, left = (self.rank + 1) % size, (self.rank - 1) % size
         deadline = self._bring_up_deadline = self.loop.time() + connect_timeout
         waiter = self._inbound_future(left)
@@ -184,7 +205,7 @@ class Connections:
             try:
                 await asyncio.wait_for(self._unless_refused(waiter), max(0.0, deadline - self.loop.time()))
             except asyncio.TimeoutError:
-                addr = ", ".join(f"{h}:{p}" for h, p in self.mesh.spec.addresses[self.rank])
+                addr = ", ".join(f"{h}:{p}" for h, p in self.spec.addresses[self.rank])
                 raise CommTimeoutError(
                     f"rank {self.rank} (listening on {addr}) got no connection from its left neighbour "
                     f"rank {left} within {connect_timeout:.1f}s (AIOCOMM_CONNECT_TIMEOUT)",
@@ -223,7 +244,7 @@ class Connections:
         the token check.  During bring-up that may be rank ``claimed``
         started with another token, or a stranger: dial rank ``claimed`` to
         see (once at a time; not if an authenticated connection to it is open)."""
-        if self.formed or self.closed or self._bring_up_deadline is None or not 0 <= claimed < self.mesh.size:
+        if self.formed or self.closed or self._bring_up_deadline is None or not 0 <= claimed < self.size:
             return
         stream = self.outgoing.get(claimed)
         if stream is not None and not stream.closed:
@@ -243,7 +264,7 @@ class Connections:
         if peer in self.lost:
             raise self.lost[peer]
         task = self._dial_task(peer, None if self.formed else self.loop.time() + self.connect_timeout)
-        wait = Wait(self.mesh.waits, peer, op, CONNECTING)
+        wait = Wait(self.waits, peer, op, CONNECTING)
 
         def finished(t: asyncio.Task[PeerStream]) -> None:
             if t.cancelled():
@@ -274,12 +295,11 @@ class Connections:
     async def _dial(self, peer: int, deadline: float | None) -> PeerStream:
         """Dial ``peer``: during bring-up retry until ``deadline``; once formed, a
         refusal means the peer is gone."""
-        mesh = self.mesh
-        host, port = mesh.spec.addresses[peer][0]
+        host, port = self.spec.addresses[peer][0]
         last: BaseException | None = None
 
         def dialer() -> PeerStream:
-            return PeerStream(mesh, DialerHandshake(mesh.token, mesh.rank, mesh.size, peer), (host, port))
+            return PeerStream(self, DialerHandshake(self.spec.token, self.rank, self.size, peer), (host, port))
 
         for delay in backoff():
             stream: PeerStream | None = None
@@ -367,7 +387,7 @@ class Connections:
             stream = streams.pop(peer, None)
             if stream is not None:
                 stream.close()
-        self.mesh.peer_lost(peer, err)
+        self.owner.peer_lost(peer, err)
 
     # ---- teardown
 

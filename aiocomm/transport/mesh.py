@@ -16,6 +16,12 @@ calls: ``open`` a peer, ``send`` a frame, ``post`` a receive, ``flush``,
 ``abort`` a context.  It owns the events that cross parts: a lost peer fails
 its waits and its half-received messages; an aborted context fails its waits
 everywhere and tells the other members.
+
+Imports point one way: ``mesh`` imports ``connections``, which imports
+``stream``; those two ask what they need of the layer above through a
+protocol of their own (:class:`~.connections.ConnectionsOwner`, which the
+mesh is, and :class:`~.stream.StreamOwner`, which the connections are).
+``tests/test_transport_layers.py`` keeps it so.
 """
 
 from __future__ import annotations

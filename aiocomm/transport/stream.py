@@ -2,8 +2,8 @@
 
 A :class:`PeerStream` is an ``asyncio.BufferedProtocol``.  Until its
 handshake (:mod:`aiocomm.wire.handshake`) is done it stages only a few
-hundred bytes and routes frames to the handshake; then it routes them to the
-mesh.  The *dialer* of a connection sends data on it; the *acceptor* only
+hundred bytes and routes frames to the handshake; then it routes them to its
+owner.  The *dialer* of a connection sends data on it; the *acceptor* only
 receives data there and sends flow control (``CTS``, ``CREDIT``) back, which
 the dialer's side handles itself (:class:`~aiocomm.transport.flow.SendWindow`).
 
@@ -11,6 +11,10 @@ Everything that waits on this connection is a
 :class:`~aiocomm.transport.waits.Wait` on its peer: a drain (the kernel
 taking what was written) or an announced message.  When the connection
 ends they fail with :class:`PeerLostError` naming the peer and address.
+
+A stream knows nothing of what owns it beyond :class:`StreamOwner` (in
+practice :class:`~aiocomm.transport.connections.Connections`, which passes
+the data on to the mesh): imports in this package point down, never up.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import functools
 import logging
 import math
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -28,32 +32,68 @@ from .. import wire
 from ..errors import CommError, PeerLostError, ProtocolError
 from ..wire import AcceptorHandshake, DialerHandshake, Header, Kind, Signature, Sink
 from .flow import Announcement, SendWindow
-from .waits import Op, Wait
-
-if TYPE_CHECKING:
-    from .mesh import Mesh
+from .waits import NO_CONTEXT, Op, Wait, WaitSet
 
 log = logging.getLogger("aiocomm")
 
 Address = tuple[str, int]
 _encode_head = wire.encode_frame_head
 _EMPTY = b""
+#: What a drain outside any operation (a clean close, an ABORT) belongs to:
+#: no deadline (its caller bounds it) and no group's context.
+_NO_OPERATION = Op("a write outside any operation (a clean close, an ABORT)", NO_CONTEXT, math.inf, math.inf)
+
+
+class DataOwner(Protocol):
+    """What a stream's data needs from above (of the mesh, in the end): the
+    loop and waits it uses, where its frames go, and the budget for copies
+    of detached sends."""
+
+    loop: asyncio.AbstractEventLoop
+    waits: WaitSet  # where the stream's waits are registered
+
+    def route(self, src: int, header: Header, meta: bytes) -> Sink:
+        """Where a frame from ``src`` goes, on a connection ``src`` dialled."""
+
+    def hold(self, nbytes: int) -> bool:
+        """Take ``nbytes`` of this rank's budget for a copy of an announced send, if it fits."""
+
+    def release(self, nbytes: int) -> None:
+        """Give back what :meth:`hold` took."""
+
+
+class StreamOwner(DataOwner, Protocol):
+    """What a stream asks of whoever owns it: what its data needs, and the events of its life."""
+
+    rank: int  # this rank, for messages
+
+    def accepted(self, stream: PeerStream) -> None:
+        """An acceptor stream's connection came in (its handshake is not done)."""
+
+    def handshake_done(self, stream: PeerStream) -> None:
+        """``stream`` knows its peer; it routes frames from now on."""
+
+    def refused(self, claimed: int, where: str) -> None:
+        """A connection from ``where`` claiming to be rank ``claimed`` failed the token check."""
+
+    def stream_lost(self, stream: PeerStream, exc: BaseException | None) -> None:
+        """``stream``'s connection ended (its own waits have failed already)."""
 
 
 class PeerStream(asyncio.BufferedProtocol):
     """One connection to or from a peer."""
 
     def __init__(
-        self, mesh: Mesh, handshake: AcceptorHandshake | DialerHandshake, address: Address | None = None
+        self, owner: StreamOwner, handshake: AcceptorHandshake | DialerHandshake, address: Address | None = None
     ) -> None:
-        self.mesh = mesh
+        self.owner = owner
         self.handshake = handshake
         self.dialer = isinstance(handshake, DialerHandshake)
         self.address = address
         self.peer: int | None = None  # known once the handshake is done
         self.transport: asyncio.Transport | None = None
-        self.opened: asyncio.Future[None] = mesh.loop.create_future()
-        self.ended: asyncio.Future[None] = mesh.loop.create_future()  # done when connection_lost has run
+        self.opened: asyncio.Future[None] = owner.loop.create_future()
+        self.ended: asyncio.Future[None] = owner.loop.create_future()  # done when connection_lost has run
         self.reader = wire.FrameReader(self._handshake_frame, stage_size=wire.HANDSHAKE_STAGE,
                                        max_meta=wire.HANDSHAKE_MAX_META)
         # BufferedProtocol.get_buffer is the reader's own method: uvloop looks
@@ -77,7 +117,7 @@ class PeerStream(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=0)  # type: ignore[attr-defined]  # a stream transport: it has this
         if not self.dialer:
             self.address = transport.get_extra_info("peername")
-            self.mesh.connections.accepted(self)
+            self.owner.accepted(self)
             if not self.closing:
                 self._write(self.handshake.start())  # type: ignore[union-attr]
 
@@ -105,7 +145,7 @@ class PeerStream(asyncio.BufferedProtocol):
                 self.lost_reason or ConnectionError(f"connection to {self.where()} closed during the handshake")
             )
             self.opened.exception()  # mark retrieved; the dialer reports it
-        self.mesh.connections.stream_lost(self, exc)
+        self.owner.stream_lost(self, exc)
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -151,15 +191,15 @@ class PeerStream(asyncio.BufferedProtocol):
             return None
         if self.closing:
             raise self.lost_error(self.lost_reason)
-        mesh = self.mesh
-        held = detach and mesh.hold(nbytes)
+        owner = self.owner
+        held = detach and owner.hold(nbytes)
         if held:
             data = data.copy()
             op = Op(op.what, op.context, math.inf, math.inf)  # no deadline: it ends with its peer or context
-        entry = outbox.announce(mesh.waits, self.peer, op, data)
+        entry = outbox.announce(owner.waits, self.peer, op, data)
         entry.revoke = self._revoke
         if held:
-            entry.on_end = lambda: mesh.release(nbytes)
+            entry.on_end = lambda: owner.release(nbytes)
         meta = sig.encoded + wire.RTS_TRAILER.pack(entry.rid, nbytes)
         self.send_frame(wire.HEADER.pack(wire.MAGIC, wire.VERSION, Kind.RTS, kind, context, tag, 0, len(meta)) + meta)
         return None if held else entry
@@ -180,23 +220,26 @@ class PeerStream(asyncio.BufferedProtocol):
             return None  # nothing waits in our buffer (even if the peer has since closed)
         if self.closed:
             raise self.lost_error(self.lost_reason)
-        assert self.peer is not None
-        wait = Wait(self.mesh.waits, self.peer, op, "waiting for what it wrote to be read by")
-        self._drains.append(wait)
-        return wait
+        return self._drain(op)
 
     def drained_future(self) -> asyncio.Future[None] | None:
         """Like :meth:`drained` for writes outside any operation (a clean
-        close, an ABORT): a future that ends either way, or None."""
+        close, an ABORT): the future of a wait with no deadline (the caller
+        bounds it), which fails if the connection ends first; or None if
+        nothing waits to drain or the connection is closed already."""
         if not self.paused or self.closed:
             return None
-        drain = _PlainDrain(self.mesh.loop.create_future())
-        self._drains.append(drain)  # type: ignore[arg-type]
-        return drain.future
+        return self._drain(_NO_OPERATION).future
+
+    def _drain(self, op: Op) -> Wait:
+        assert self.peer is not None  # only registered streams (handshake done) are drained
+        wait = Wait(self.owner.waits, self.peer, op, "waiting for what it wrote to be read by")
+        self._drains.append(wait)
+        return wait
 
     def lost_error(self, exc: BaseException | None) -> PeerLostError:
         err = PeerLostError(
-            f"rank {self.mesh.rank}: connection to rank {self.peer} ({self.where()}) is closed"
+            f"rank {self.owner.rank}: connection to rank {self.peer} ({self.where()}) is closed"
             + (f": {exc}" if exc else ""),
             self.peer,
         )
@@ -239,7 +282,7 @@ class PeerStream(asyncio.BufferedProtocol):
         if transport is None or self.closing or not transport.get_write_buffer_size():
             return
         self.abort(CommError(
-            f"rank {self.mesh.rank}: {what} failed while part of its data was still unsent; the connection "
+            f"rank {self.owner.rank}: {what} failed while part of its data was still unsent; the connection "
             f"to rank {self.peer} was closed so that it never receives a torn message"))
 
     def abort(self, reason: BaseException) -> None:
@@ -252,7 +295,7 @@ class PeerStream(asyncio.BufferedProtocol):
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         who = f"rank {self.peer}" if self.peer is not None else "unidentified peer"
-        log.warning("rank %d: closing connection from %s at %s: %s", self.mesh.rank, who, self.where(), exc)
+        log.warning("rank %d: closing connection from %s at %s: %s", self.owner.rank, who, self.where(), exc)
         hs = self.handshake
         if hs.refusal and not hs.done:
             # A peer that got the layout right failed the token check: tell it
@@ -262,7 +305,7 @@ class PeerStream(asyncio.BufferedProtocol):
             self.lost_reason = exc
             self.close()
             if hs.claimed is not None:
-                self.mesh.connections.refused(hs.claimed, self.where())
+                self.owner.refused(hs.claimed, self.where())
             return
         self.abort(exc)
 
@@ -279,8 +322,8 @@ class PeerStream(asyncio.BufferedProtocol):
                 self.outbox = SendWindow(hs.window)
                 self.reader.set_route(self._route_back)
             else:
-                self.reader.set_route(functools.partial(self.mesh.route, hs.peer))
-            self.mesh.connections.handshake_done(self)
+                self.reader.set_route(functools.partial(self.owner.route, hs.peer))
+            self.owner.handshake_done(self)
             if not self.opened.done():
                 self.opened.set_result(None)
         return Sink(None)
@@ -299,18 +342,3 @@ class PeerStream(asyncio.BufferedProtocol):
         else:
             raise ProtocolError(f"unexpected {kind.name} frame from rank {self.peer} on a connection it accepted")
         return Sink(None)
-
-
-class _PlainDrain:
-    """A drain wait that belongs to no operation: its future ends either way."""
-
-    __slots__ = ("future",)
-
-    def __init__(self, future: asyncio.Future[None]) -> None:
-        self.future = future
-
-    def resolve(self, value: object = None) -> None:
-        if not self.future.done():
-            self.future.set_result(None)
-
-    fail = resolve

@@ -34,6 +34,9 @@ from ..errors import CommError, CommTimeoutError
 from ..wire import Signature, Sink
 
 CONNECTING = "connecting to"
+#: The context of an operation that belongs to no group (a clean close, say):
+#: a wire context is unsigned, so no abort ever names this one.
+NO_CONTEXT = -1
 
 
 class Op:

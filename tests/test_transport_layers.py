@@ -1,0 +1,164 @@
+"""The transport's modules import one way: down the layers below, never up,
+not even under ``TYPE_CHECKING`` or inside a function.  A module that needs
+something of the one above it asks through a ``typing.Protocol`` it defines
+itself (``stream.StreamOwner``, ``connections.ConnectionsOwner``); so a
+stream runs under any owner, here a socket-free one."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import math
+
+import pytest
+
+from aiocomm.errors import CommError, PeerLostError
+from aiocomm.transport.stream import PeerStream
+from aiocomm.transport.waits import WaitSet
+from aiocomm.wire import DialerHandshake, Sink
+
+from .conftest import ROOT
+
+TRANSPORT = ROOT / "aiocomm" / "transport"
+
+#: Each transport module's layer: a module may import only modules of a lower layer.
+LAYERS = {
+    "waits": 0,  # every wait, its deadline, who can end it
+    "contexts": 0,  # groups on the wire, and aborting them
+    "flow": 1,  # credit and announced messages (waits)
+    "matching": 1,  # pairing frames with receives (waits)
+    "stream": 2,  # one connection (flow, waits)
+    "connections": 3,  # every connection of a rank (stream, waits)
+    "mesh": 4,  # composes the parts
+    "__init__": 5,  # the package's face
+}
+#: What the transport may import of the rest of aiocomm: the layers beneath it.
+BENEATH = ("aiocomm.errors", "aiocomm.config", "aiocomm.wire")
+
+
+def imported_modules(path) -> list[tuple[int, str]]:
+    """``(line, absolute module name)`` of every import in the file at
+    ``path`` (a module of ``aiocomm.transport``), wherever it is written."""
+    package = ["aiocomm", "transport"]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            if node.module:
+                found.append((node.lineno, module))
+            else:  # ``from .. import wire``: the names are modules
+                found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
+    return sorted(found)
+
+
+def test_every_transport_module_has_a_layer():
+    modules = {p.stem for p in TRANSPORT.glob("*.py")}
+    assert modules == set(LAYERS), "give each module of aiocomm/transport a layer in LAYERS"
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_transport_imports_point_down(name):
+    path = TRANSPORT / f"{name}.py"
+    wrong = []
+    for line, module in imported_modules(path):
+        if module.startswith("aiocomm.transport."):
+            target = module.split(".")[2]
+            if LAYERS.get(target, len(LAYERS)) >= LAYERS[name]:
+                wrong.append(f"{path.name}:{line} imports {module} (layer {LAYERS.get(target)} >= {LAYERS[name]})")
+        elif module.split(".")[0] == "aiocomm" and ".".join(module.split(".")[:2]) not in BENEATH:
+            wrong.append(f"{path.name}:{line} imports {module}, above the transport")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_check_sees_imports_hidden_from_run_time(tmp_path):
+    """The parser finds imports under TYPE_CHECKING and inside functions, relative or not."""
+    source = tmp_path / "x.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from .. import wire\n"
+        "if TYPE_CHECKING:\n"
+        "    from .mesh import Mesh\n"
+        "def f():\n"
+        "    import aiocomm.group\n"
+        "    from . import connections\n"
+    )
+    assert imported_modules(source) == [
+        (1, "typing"),
+        (2, "aiocomm.wire"),
+        (4, "aiocomm.transport.mesh"),
+        (6, "aiocomm.group"),
+        (7, "aiocomm.transport.connections"),
+    ]
+
+
+# ---- a stream under an owner of its own
+
+
+class Owner:
+    """A :class:`~aiocomm.transport.stream.StreamOwner` that records the stream's end."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.rank = 0
+        self.waits = WaitSet(loop, rank=0, poll_s=0.0)
+        self.lost: list[PeerStream] = []
+
+    def accepted(self, stream):
+        pass
+
+    def handshake_done(self, stream):
+        pass
+
+    def refused(self, claimed, where):
+        pass
+
+    def stream_lost(self, stream, exc):
+        self.lost.append(stream)
+
+    def route(self, src, header, meta):
+        return Sink(None)
+
+    def hold(self, nbytes):
+        return False
+
+    def release(self, nbytes):
+        pass
+
+
+def paused_stream(loop) -> tuple[Owner, PeerStream]:
+    """A stream to rank 1 whose written bytes wait for the kernel."""
+    owner = Owner(loop)
+    stream = PeerStream(owner, DialerHandshake(b"token", 0, 2, 1), ("127.0.0.1", 1))
+    stream.peer = 1
+    stream.pause_writing()
+    return owner, stream
+
+
+def test_a_drain_outside_any_operation_is_a_wait_without_deadline(loop):
+    owner, stream = paused_stream(loop)
+    done = stream.drained_future()
+    [wait] = owner.waits.pending
+    assert wait.future is done and wait.peer == 1 and wait.op.deadline == math.inf
+    owner.waits.fail_context(0, CommError("aborted"))  # no group's abort ends it
+    assert not done.done()
+    stream.resume_writing()
+    assert done.result() is None and not owner.waits.pending
+
+
+def test_a_drain_at_shutdown_ends_with_its_connection_or_its_callers_timeout(loop):
+    """At shutdown the mesh fails and closes its waits before the connections
+    drain: a drain made then still ends when its connection does, and a
+    caller's timeout bounds one that never would."""
+    owner, stream = paused_stream(loop)
+    owner.waits.fail_all(CommError("shut down"))
+    owner.waits.close()
+    with pytest.raises(asyncio.TimeoutError):
+        loop.run_until_complete(asyncio.wait_for(stream.drained_future(), 0.01))
+    done = stream.drained_future()
+    stream.connection_lost(None)
+    assert isinstance(done.exception(), PeerLostError)
+    assert not owner.waits.pending and owner.lost == [stream]
+    assert stream.drained_future() is None  # closed: nothing left to wait for
