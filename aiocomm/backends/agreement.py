@@ -311,8 +311,9 @@ class Agreement:
             f"rank {self.members[self.me]} gave up on rank {peer}: silent for {silent:.1f}s during an agreement "
             f"(timeout={self.timeout:g}s); it is out of the job", peer)
 
+        self._send(k, self._message(EXCLUDED))  # (now: before the None a decision queues)
+
         async def exclude() -> None:
-            self._send(k, self._message(EXCLUDED))
             box = self.outboxes[k]
             for _ in range(100):  # best effort: let the notice reach the kernel before the connection closes
                 if box.empty():
