@@ -41,7 +41,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -49,7 +48,7 @@ from typing import Any
 
 from . import agent
 from .blame import RankOutcome, Verdict, decide, summary
-from .output import Console, RankText
+from .output import Console, RankText, Writer
 
 #: Seconds the agents give ranks between SIGTERM and SIGKILL.
 GRACE = agent.GRACE
@@ -119,58 +118,6 @@ def agent_argv(python: str, fd: int, source: bytes) -> list[str]:
     return [python, "-I", "-S", "-c", agent.BOOTSTRAP, str(fd), str(len(source))]
 
 
-class _Channel:
-    """Frames to one agent, written by a thread: the loop never blocks on a full pipe."""
-
-    HIGH_WATER = 1 << 20
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self._frames: deque[bytes] = deque()
-        self._pending = 0
-        self._closing = False
-        self._cond = threading.Condition()
-        threading.Thread(target=self._run, name="aiocomm-control", daemon=True).start()
-
-    def send(self, data: bytes, wait: bool = False) -> None:
-        """Queue ``data``; with ``wait``, first block while much is pending (the stdin thread)."""
-        with self._cond:
-            while wait and self._pending > self.HIGH_WATER and not self._closing:
-                self._cond.wait()
-            if self._closing:
-                return
-            self._frames.append(data)
-            self._pending += len(data)
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        """Close the channel once what is queued is written: the agent stops its rank if it still runs."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-
-    def _run(self) -> None:
-        broken = False
-        while True:
-            with self._cond:
-                while not self._frames and not self._closing:
-                    self._cond.wait()
-                if not self._frames:
-                    break
-                data = self._frames.popleft()
-            if not broken:
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(self.fd, view):]
-                except OSError:  # the agent is gone
-                    broken = True
-            with self._cond:
-                self._pending -= len(data)
-                self._cond.notify_all()
-        os.close(self.fd)
-
-
 class _Pump:
     """Reads one output pipe of a rank on the event loop into its RankText."""
 
@@ -230,7 +177,7 @@ class _RankRun:
         self.marker = marker
         self.outcome = RankOutcome(spec.rank)
         self.proc: subprocess.Popen[bytes] | None = None
-        self.channel: _Channel | None = None
+        self.channel: Writer | None = None  # the control channel: frames to the agent
         self.stdin_pipe: int | None = None  # write end of a local rank's stdin ("copy")
         self.pumps: list[_Pump] = []
         self.rank_pid: int | None = None
@@ -263,7 +210,7 @@ class _RankRun:
 
     def send(self, data: bytes) -> None:
         if self.channel is not None and self.running:
-            self.channel.send(data)
+            self.channel.write(data)
 
     def settle(self) -> None:
         """Fill in the outcome from the agent's report, or from its own end."""
@@ -335,7 +282,7 @@ def _start(run: _RankRun, source: bytes, stdout: Console, stderr: Console,
             os.close(control_r)
             if copy_r is not None:
                 os.close(copy_r)
-        run.channel = _Channel(control_w)
+        run.channel = _control_channel(control_w)
     else:
         remote = "exec " + " ".join(shlex.quote(a) for a in agent_argv(spec.python, 0, source))
         run.proc = subprocess.Popen(
@@ -343,9 +290,9 @@ def _start(run: _RankRun, source: bytes, stdout: Console, stderr: Console,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
         )
         assert run.proc.stdin is not None
-        run.channel = _Channel(os.dup(run.proc.stdin.fileno()))
+        run.channel = _control_channel(os.dup(run.proc.stdin.fileno()))
         run.proc.stdin.close()
-    run.channel.send(opening)
+    run.channel.write(opening)
     out, err = stdout, stderr
     if spec.output is not None:
         fd = os.open(spec.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -358,6 +305,14 @@ def _start(run: _RankRun, source: bytes, stdout: Console, stderr: Console,
         run.pumps.append(_Pump(loop, fd, RankText(spec.rank, console, marker, run.on_report)))
 
 
+def _control_channel(fd: int) -> Writer:
+    """Frames to one agent on ``fd``, written by a thread (the loop never
+    blocks on a full pipe); closing it, once what is queued is written, tells
+    the agent to stop its rank if it still runs.  A write that fails (the
+    agent is gone) drops the rest."""
+    return Writer(fd, name="control", owns_fd=True)
+
+
 def _agent_stdin(spec: RankProcess) -> str:
     """The agent's ``stdin`` mode: a remote rank's input comes in frames; a
     local rank's copy comes on the agent's own stdin (a pipe), which it passes on."""
@@ -366,7 +321,7 @@ def _agent_stdin(spec: RankProcess) -> str:
     return "null"
 
 
-def _forward_stdin(pipes: list[int], channels: list[_Channel]) -> None:
+def _forward_stdin(pipes: list[int], channels: list[Writer]) -> None:
     """Copy the launcher's stdin to every rank that reads it (a thread): into
     the pipe of each local rank, in frames to each remote agent; at its end,
     end theirs.  A rank that does not read holds the others back once its
@@ -384,13 +339,13 @@ def _forward_stdin(pipes: list[int], channels: list[_Channel]) -> None:
                         pipes.remove(fd)
                         os.close(fd)
                 for channel in channels:
-                    channel.send(agent.frame(b"I", chunk), wait=True)
+                    channel.write(agent.frame(b"I", chunk), wait=True)
         except OSError:
             pass
         for fd in pipes:
             os.close(fd)
         for channel in channels:
-            channel.send(agent.frame(b"E"))
+            channel.write(agent.frame(b"E"))
 
     threading.Thread(target=read, name="aiocomm-stdin", daemon=True).start()
 
@@ -431,7 +386,7 @@ async def run_job(
         note_ending(ending, status)
         stop_all()
 
-    def output_broken(console: Console, exc: OSError) -> None:
+    def output_broken(console: Writer, exc: OSError) -> None:
         if not state["stopping"]:
             end(f"the launcher's {console.name} was closed ({exc.strerror or exc})", 128 + signal.SIGPIPE)
 
@@ -613,7 +568,7 @@ async def _drain(pumps: list[_Pump]) -> None:
 
 
 def _consoles(loop: asyncio.AbstractEventLoop, stdout_fd: int, stderr_fd: int, prefix: bool,
-              on_broken: Callable[[Console, OSError], None]) -> tuple[Console, Console]:
+              on_broken: Callable[[Writer, OSError], None]) -> tuple[Console, Console]:
     """The launcher's stdout and stderr; one console when both are the same file
     (a terminal, or ``2>&1``), so their lines never cut into each other."""
     out_stat, err_stat = os.fstat(stdout_fd), os.fstat(stderr_fd)
