@@ -1,4 +1,5 @@
-"""Run the ranks of one job, watch them, and stop them all when one fails.
+"""Run the ranks of one job, watch them, and stop them all when one fails
+(or, with ``--on-failure continue``, let the others carry on).
 
 Theory of operation
 -------------------
@@ -26,6 +27,14 @@ every rank has exited) for the other ranks to end on their own, so the rank
 that caused the failure is seen failing, not stopped; then it stops the rest
 (SIGTERM, SIGKILL ``GRACE`` seconds later) and :mod:`.blame` decides the
 cause from the exits and the runtime's failure records.
+
+With ``on_failure="continue"`` a rank that fails while the job runs on
+(:class:`.blame.CarryOn`: another rank still runs, none has exited 0 yet) is
+*lost*: the launcher says so on its stderr at once (which rank, on which
+host, how it ended), stops nobody and goes on waiting; the job's status
+counts only the others (:func:`.blame.decide`).  Any other failure ends the
+job as above.  A signal to the launcher, a timeout or a closed output still
+stop every rank.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ from importlib import resources
 from typing import Any
 
 from . import agent
-from .blame import RankOutcome, Verdict, decide, summary
+from .blame import CarryOn, RankOutcome, Verdict, decide, ended_clause, loss_report, summary
 from .output import Console, RankText, Writer
 
 #: Seconds the agents give ranks between SIGTERM and SIGKILL.
@@ -83,6 +92,7 @@ class RankProcess:
     ssh: list[str] | None = None  # ssh command reaching the rank's host, host name last (None: local)
     python: str = sys.executable  # interpreter that runs the agent
     hostfile_json: str | None = None  # the hostfile, for the agent to write in its private directory
+    host: str | None = None  # the host's name as the user gave it (for messages)
 
 
 @dataclass
@@ -91,6 +101,7 @@ class JobResult:
     ending: str | None = None  # what ended the job other than a rank's failure
     ending_status: int = 0
     timed_out: bool = False
+    records_asked_at: float | None = None  # wall time the ranks were asked for their records (SIGUSR1)
 
     @property
     def verdict(self) -> Verdict:
@@ -101,6 +112,11 @@ class JobResult:
         if self.ending is not None:
             return self.ending_status
         return self.verdict.status
+
+    @property
+    def lost(self) -> list[int]:
+        """The ranks the job carried on without (``--on-failure continue``)."""
+        return sorted(rank for rank, o in self.outcomes.items() if o.lost)
 
     @property
     def returncodes(self) -> dict[int, int | None]:
@@ -360,8 +376,11 @@ async def run_job(
     stdout_fd: int = 1,
     stderr_fd: int = 2,
     trace_dir: str | None = None,
+    on_failure: str = "stop",
 ) -> JobResult:
-    """Start every rank, wait, and stop the rest as soon as one fails.
+    """Start every rank, wait, and stop the rest as soon as one fails
+    (``on_failure="stop"``); with ``"continue"``, a rank that fails while
+    others run is reported and the others carry on (see the module's notes).
 
     With ``trace_dir`` (the ranks' ``AIOCOMM_TRACE_DIR``), on a failure or a
     timeout the ranks still running are asked for their record (SIGUSR1)
@@ -377,9 +396,11 @@ async def run_job(
     files: list[Console] = []
     state = {"stopping": False, "signalled": False}
     timers: list[asyncio.TimerHandle] = []
+    reports: list[asyncio.Task[None]] = []  # lines on ranks lost (--on-failure continue), being written
+    carry_on = CarryOn(spec.rank for spec in ranks)
 
     def note_ending(ending: str, status: int) -> None:
-        if result.ending is None and not any(r.failed_on_its_own for r in runs):
+        if result.ending is None and not any(r.failed_on_its_own and not r.outcome.lost for r in runs):
             result.ending, result.ending_status = ending, status
 
     def end(ending: str, status: int) -> None:
@@ -396,8 +417,10 @@ async def run_job(
         if state["stopping"]:
             return
         state["stopping"] = True
-        if records and trace_dir is not None and _ask_for_records(runs, trace_dir, loop, terminate):
-            return
+        if records and trace_dir is not None:
+            result.records_asked_at = time.time()
+            if _ask_for_records(runs, trace_dir, loop, terminate):
+                return
         terminate()
 
     def terminate() -> None:
@@ -502,7 +525,11 @@ async def run_job(
             running -= 1
             if run.channel is not None:
                 run.channel.close()
-            if run.failed_on_its_own and not state["stopping"] and collect_until is None:
+            if on_failure == "continue" and not state["stopping"] \
+                    and carry_on.ended(run.spec.rank, code, run.stop_sent):
+                run.outcome.lost = True
+                reports.append(asyncio.create_task(_report_loss(run, stderr)))
+            elif run.failed_on_its_own and not state["stopping"] and collect_until is None:
                 collect_until = time.monotonic() + COLLECT
     finally:
         for timer in timers:
@@ -513,6 +540,8 @@ async def run_job(
             if run.channel is not None:
                 run.channel.close()
     await _drain([p for r in runs for p in r.pumps])
+    if reports:
+        await asyncio.wait(reports)
     for run in runs:
         run.settle()
     for console in files:
@@ -521,6 +550,23 @@ async def run_job(
     if stderr is not stdout:
         await asyncio.to_thread(stderr.close)
     return result
+
+
+async def _report_loss(run: _RankRun, stderr: Console) -> None:
+    """Say on the launcher's stderr that ``run``'s rank was lost and the job
+    carries on, once its agent's report of how it ended is in (or
+    ``DRAIN_IDLE`` seconds later: then the agent's own status tells)."""
+    pending = [p.done for p in run.pumps if not p.done.done()]
+    if pending and run.reported_exit is None:
+        await asyncio.wait(pending, timeout=DRAIN_IDLE)
+    spec = run.spec
+    host = spec.host or (spec.ssh[-1] if spec.ssh else "this host")
+    if run.reported_exit is not None:
+        how = ended_clause(run.reported_exit.get("exit"))
+    else:  # its agent, or the ssh connection to it, ended first
+        agent = "ssh client" if spec.ssh is not None else "agent"
+        how = f"was lost: its {agent} {ended_clause(run.agent_code)} before the rank's end was reported"
+    stderr.note(loss_report(spec.rank, host, how))
 
 
 def _ask_for_records(runs: list[_RankRun], trace_dir: str, loop: asyncio.AbstractEventLoop,
