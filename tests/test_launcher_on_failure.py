@@ -168,6 +168,15 @@ def test_sigterm_to_the_launcher_still_ends_every_rank():
     assert not _job_processes(job), "a process of the job outlived its launcher"
 
 
+def test_mpi_backend_refuses_to_carry_on_across_hosts():
+    proc = subprocess.run([sys.executable, "-m", "launcher", "--backend", "mpi", "--hosts", "127.0.0.2,127.0.0.3",
+                           "--on-failure", "continue", SURVIVORS], cwd=ROOT, env=clean_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("aiocomm-launch: --backend mpi --on-failure continue needs every rank on this host:")
+    assert "--enable-recovery" in proc.stderr
+
+
 # --- the pure rule ------------------------------------------------------------------------------
 
 
