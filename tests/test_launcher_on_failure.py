@@ -8,7 +8,6 @@ whom it stops, and the job's status.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import uuid
 import pytest
 
 from .conftest import ROOT, WORKERS, clean_env
+from .test_launcher import _processes_with_env as _job_processes
 
 SURVIVORS = str(WORKERS / "launcher_survivors.py")
 LOSS = "aiocomm-launch: rank {rank} (host 127.0.0.1) {how}; the other ranks carry on (--on-failure continue)"
@@ -34,27 +34,6 @@ def _launch(n: int, *plan: str, on_failure: str | None = "continue", launcher_ar
 
 def _last_line(proc: subprocess.CompletedProcess[str]) -> str:
     return proc.stdout.strip().splitlines()[-1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _job_processes(entry: str) -> list[int]:
-    """Pids of the live processes whose environment holds ``entry``: the job's agents and ranks."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                if entry.encode() in fh.read().split(b"\0") and _alive(int(pid)):
-                    found.append(int(pid))
-        except OSError:
-            continue
-    return found
 
 
 @pytest.mark.timeout(90)
