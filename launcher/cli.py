@@ -27,6 +27,8 @@ from .job import RankProcess, run_job
 
 #: ``--stdin`` choices: every rank gets a copy, only rank 0, no rank.
 STDIN_MODES = ("all", "0", "none")
+#: ``--on-failure`` choices (the ranks see the choice as ``AIOCOMM_ON_FAILURE``).
+ON_FAILURE = ("stop", "continue")
 
 
 def rank_stdin(mode: str | None, rank: int) -> str:
@@ -78,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stdin", default=None, choices=STDIN_MODES,
                         help="which ranks read the launcher's stdin: '0' (default) rank 0 only, 'all' every rank "
                         "a copy of every byte (so pdb works on any rank), 'none' no rank")
+    parser.add_argument("--on-failure", default="stop", choices=ON_FAILURE,
+                        help="when a rank fails (killed by a signal, or exits non-zero): 'stop' (default) stops "
+                        "every rank, and the job's status is that of the rank that caused the failure; 'continue' "
+                        "reports the rank at once and the others carry on, while another rank runs and none has "
+                        "exited 0 yet: the status is then 0 if every rank that was not lost exits 0, else as with "
+                        "'stop'. Ctrl-C, SIGTERM and --timeout still stop every rank. The ranks see "
+                        "AIOCOMM_ON_FAILURE. With --backend mpi: Open MPI's mpirun --enable-recovery, every rank "
+                        "on this host")
     parser.add_argument("--print-python", action="store_true",
                         help="print the path of the Python interpreter that runs *.py commands (--python) and exit")
     parser.add_argument("--verbose", action="store_true", help="say what is started")
@@ -230,7 +240,8 @@ def plan_job(args: argparse.Namespace) -> tuple[list[RankProcess], list[socket.s
     ssh = shlex.split(args.ssh)
     ranks = []
     for r, host in enumerate(slots):
-        job_env = dict(extra, AIOCOMM_RANK=str(r), AIOCOMM_TOKEN=token, PYTHONUNBUFFERED="1")
+        job_env = dict(extra, AIOCOMM_RANK=str(r), AIOCOMM_TOKEN=token, PYTHONUNBUFFERED="1",
+                       AIOCOMM_ON_FAILURE=args.on_failure)
         output = os.path.join(args.output_dir, f"rank-{r}.log") if args.output_dir else None
         stdin = rank_stdin(args.stdin, r)
         if is_local(host):
@@ -238,10 +249,11 @@ def plan_job(args: argparse.Namespace) -> tuple[list[RankProcess], list[socket.s
             if getattr(args, "trace_dir", None) and "AIOCOMM_TRACE_DIR" not in extra:
                 job_env["AIOCOMM_TRACE_DIR"] = args.trace_dir
             ranks.append(RankProcess(r, argv, job_env, args.cwd, fds[r], stdin=stdin, output=output,
-                                     cpus=bound[r], batch=batch, hostfile_json=hostfile_text))
+                                     cpus=bound[r], batch=batch, hostfile_json=hostfile_text, host=host.ssh))
         else:
             ranks.append(RankProcess(r, argv, job_env, args.cwd or os.getcwd(), (), stdin=stdin, output=output,
-                                     ssh=[*ssh, host.ssh], python=args.python, hostfile_json=hostfile_text))
+                                     ssh=[*ssh, host.ssh], python=args.python, hostfile_json=hostfile_text,
+                                     host=host.ssh))
     return ranks, listeners
 
 
@@ -268,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             plan = read_hostfile(args.hostfile) if args.hostfile else parse_hosts(args.hosts)
         except HostfileError as exc:
             raise SystemExit(f"aiocomm-launch: {exc}") from None
-        env = parse_env(plan.envs) | parse_env(args.env)
+        env = parse_env(plan.envs) | parse_env(args.env) | {"AIOCOMM_ON_FAILURE": args.on_failure}
         rank_argv = command_argv(args.command, args.python)
         if any(is_local(host) for host in plan.hosts):
             check_command(rank_argv, args.cwd, dict(os.environ, **env))
@@ -284,12 +296,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             result = await run_job(
                 ranks, prefix=args.prefix, timeout=args.timeout, verbose=args.verbose, on_started=close_listeners,
-                trace_dir=args.trace_dir,
+                trace_dir=args.trace_dir, on_failure=args.on_failure,
             )
         finally:
             close_listeners()
         if result.exit_status != 0:
-            print_trace_verdict(args.trace_dir)  # (the summary stays the last line)
+            # (the summary stays the last line)
+            print_trace_verdict(args.trace_dir, since=result.records_asked_at if result.lost else None,
+                                carried_on=bool(result.lost))
+        if result.exit_status != 0 or result.lost:
             with contextlib.suppress(OSError):
                 os.write(2, f"aiocomm-launch: {result.summary()}\n".encode(errors="replace"))
         return result.exit_status
@@ -316,13 +331,22 @@ def trace_directory(extra: dict[str, str]) -> tuple[str, bool]:
     return os.path.join(tempfile.gettempdir(), f"aiocomm-trace-{secrets.token_hex(8)}"), True
 
 
-def print_trace_verdict(trace_dir: str | None) -> None:
-    """The verdict of the ranks' records (aiocomm.trace), on the launcher's stderr, if any rank wrote one."""
-    if not trace_dir:
+def print_trace_verdict(trace_dir: str | None, since: float | None = None, carried_on: bool = False) -> None:
+    """The verdict of the ranks' records (aiocomm.trace), on the launcher's stderr, if any rank wrote one.
+
+    After the job carried on without a rank (``carried_on``), a record a rank
+    wrote on its own may tell of that loss, which the job survived, and the
+    verdict would name the lost rank: then only records written since the
+    launcher asked for them (``since``, wall time: a timeout) are read, and
+    none if it did not ask.
+    """
+    if not trace_dir or (carried_on and since is None):
         return
     from aiocomm.trace.verdict import read_dir, verdict
 
     records = read_dir(trace_dir)
+    if since is not None:
+        records = {rank: record for rank, record in records.items() if record.written >= since}
     if records:
         text = "".join(f"aiocomm-launch: trace: {line}\n" for line in verdict(records))
         with contextlib.suppress(OSError):

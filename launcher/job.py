@@ -1,4 +1,5 @@
-"""Run the ranks of one job, watch them, and stop them all when one fails.
+"""Run the ranks of one job, watch them, and stop them all when one fails
+(or, with ``--on-failure continue``, let the others carry on).
 
 Theory of operation
 -------------------
@@ -26,6 +27,14 @@ every rank has exited) for the other ranks to end on their own, so the rank
 that caused the failure is seen failing, not stopped; then it stops the rest
 (SIGTERM, SIGKILL ``GRACE`` seconds later) and :mod:`.blame` decides the
 cause from the exits and the runtime's failure records.
+
+With ``on_failure="continue"`` a rank that fails while the job runs on
+(:class:`.blame.CarryOn`: another rank still runs, none has exited 0 yet) is
+*lost*: the launcher says so on its stderr at once (which rank, on which
+host, how it ended), stops nobody and goes on waiting; the job's status
+counts only the others (:func:`.blame.decide`).  Any other failure ends the
+job as above.  A signal to the launcher, a timeout or a closed output still
+stop every rank.
 """
 
 from __future__ import annotations
@@ -41,15 +50,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 from . import agent
-from .blame import RankOutcome, Verdict, decide, summary
-from .output import Console, RankText
+from .blame import CarryOn, RankOutcome, Verdict, decide, ended_clause, loss_report, summary
+from .output import Console, RankText, Writer
 
 #: Seconds the agents give ranks between SIGTERM and SIGKILL.
 GRACE = agent.GRACE
@@ -84,6 +92,7 @@ class RankProcess:
     ssh: list[str] | None = None  # ssh command reaching the rank's host, host name last (None: local)
     python: str = sys.executable  # interpreter that runs the agent
     hostfile_json: str | None = None  # the hostfile, for the agent to write in its private directory
+    host: str | None = None  # the host's name as the user gave it (for messages)
 
 
 @dataclass
@@ -92,6 +101,7 @@ class JobResult:
     ending: str | None = None  # what ended the job other than a rank's failure
     ending_status: int = 0
     timed_out: bool = False
+    records_asked_at: float | None = None  # wall time the ranks were asked for their records (SIGUSR1)
 
     @property
     def verdict(self) -> Verdict:
@@ -102,6 +112,11 @@ class JobResult:
         if self.ending is not None:
             return self.ending_status
         return self.verdict.status
+
+    @property
+    def lost(self) -> list[int]:
+        """The ranks the job carried on without (``--on-failure continue``)."""
+        return sorted(rank for rank, o in self.outcomes.items() if o.lost)
 
     @property
     def returncodes(self) -> dict[int, int | None]:
@@ -117,58 +132,6 @@ def agent_source() -> bytes:
 
 def agent_argv(python: str, fd: int, source: bytes) -> list[str]:
     return [python, "-I", "-S", "-c", agent.BOOTSTRAP, str(fd), str(len(source))]
-
-
-class _Channel:
-    """Frames to one agent, written by a thread: the loop never blocks on a full pipe."""
-
-    HIGH_WATER = 1 << 20
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self._frames: deque[bytes] = deque()
-        self._pending = 0
-        self._closing = False
-        self._cond = threading.Condition()
-        threading.Thread(target=self._run, name="aiocomm-control", daemon=True).start()
-
-    def send(self, data: bytes, wait: bool = False) -> None:
-        """Queue ``data``; with ``wait``, first block while much is pending (the stdin thread)."""
-        with self._cond:
-            while wait and self._pending > self.HIGH_WATER and not self._closing:
-                self._cond.wait()
-            if self._closing:
-                return
-            self._frames.append(data)
-            self._pending += len(data)
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        """Close the channel once what is queued is written: the agent stops its rank if it still runs."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-
-    def _run(self) -> None:
-        broken = False
-        while True:
-            with self._cond:
-                while not self._frames and not self._closing:
-                    self._cond.wait()
-                if not self._frames:
-                    break
-                data = self._frames.popleft()
-            if not broken:
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(self.fd, view):]
-                except OSError:  # the agent is gone
-                    broken = True
-            with self._cond:
-                self._pending -= len(data)
-                self._cond.notify_all()
-        os.close(self.fd)
 
 
 class _Pump:
@@ -230,7 +193,7 @@ class _RankRun:
         self.marker = marker
         self.outcome = RankOutcome(spec.rank)
         self.proc: subprocess.Popen[bytes] | None = None
-        self.channel: _Channel | None = None
+        self.channel: Writer | None = None  # the control channel: frames to the agent
         self.stdin_pipe: int | None = None  # write end of a local rank's stdin ("copy")
         self.pumps: list[_Pump] = []
         self.rank_pid: int | None = None
@@ -263,7 +226,7 @@ class _RankRun:
 
     def send(self, data: bytes) -> None:
         if self.channel is not None and self.running:
-            self.channel.send(data)
+            self.channel.write(data)
 
     def settle(self) -> None:
         """Fill in the outcome from the agent's report, or from its own end."""
@@ -335,7 +298,7 @@ def _start(run: _RankRun, source: bytes, stdout: Console, stderr: Console,
             os.close(control_r)
             if copy_r is not None:
                 os.close(copy_r)
-        run.channel = _Channel(control_w)
+        run.channel = _control_channel(control_w)
     else:
         remote = "exec " + " ".join(shlex.quote(a) for a in agent_argv(spec.python, 0, source))
         run.proc = subprocess.Popen(
@@ -343,9 +306,9 @@ def _start(run: _RankRun, source: bytes, stdout: Console, stderr: Console,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
         )
         assert run.proc.stdin is not None
-        run.channel = _Channel(os.dup(run.proc.stdin.fileno()))
+        run.channel = _control_channel(os.dup(run.proc.stdin.fileno()))
         run.proc.stdin.close()
-    run.channel.send(opening)
+    run.channel.write(opening)
     out, err = stdout, stderr
     if spec.output is not None:
         fd = os.open(spec.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -358,6 +321,14 @@ def _start(run: _RankRun, source: bytes, stdout: Console, stderr: Console,
         run.pumps.append(_Pump(loop, fd, RankText(spec.rank, console, marker, run.on_report)))
 
 
+def _control_channel(fd: int) -> Writer:
+    """Frames to one agent on ``fd``, written by a thread (the loop never
+    blocks on a full pipe); closing it, once what is queued is written, tells
+    the agent to stop its rank if it still runs.  A write that fails (the
+    agent is gone) drops the rest."""
+    return Writer(fd, name="control", owns_fd=True)
+
+
 def _agent_stdin(spec: RankProcess) -> str:
     """The agent's ``stdin`` mode: a remote rank's input comes in frames; a
     local rank's copy comes on the agent's own stdin (a pipe), which it passes on."""
@@ -366,7 +337,7 @@ def _agent_stdin(spec: RankProcess) -> str:
     return "null"
 
 
-def _forward_stdin(pipes: list[int], channels: list[_Channel]) -> None:
+def _forward_stdin(pipes: list[int], channels: list[Writer]) -> None:
     """Copy the launcher's stdin to every rank that reads it (a thread): into
     the pipe of each local rank, in frames to each remote agent; at its end,
     end theirs.  A rank that does not read holds the others back once its
@@ -384,13 +355,13 @@ def _forward_stdin(pipes: list[int], channels: list[_Channel]) -> None:
                         pipes.remove(fd)
                         os.close(fd)
                 for channel in channels:
-                    channel.send(agent.frame(b"I", chunk), wait=True)
+                    channel.write(agent.frame(b"I", chunk), wait=True)
         except OSError:
             pass
         for fd in pipes:
             os.close(fd)
         for channel in channels:
-            channel.send(agent.frame(b"E"))
+            channel.write(agent.frame(b"E"))
 
     threading.Thread(target=read, name="aiocomm-stdin", daemon=True).start()
 
@@ -405,8 +376,11 @@ async def run_job(
     stdout_fd: int = 1,
     stderr_fd: int = 2,
     trace_dir: str | None = None,
+    on_failure: str = "stop",
 ) -> JobResult:
-    """Start every rank, wait, and stop the rest as soon as one fails.
+    """Start every rank, wait, and stop the rest as soon as one fails
+    (``on_failure="stop"``); with ``"continue"``, a rank that fails while
+    others run is reported and the others carry on (see the module's notes).
 
     With ``trace_dir`` (the ranks' ``AIOCOMM_TRACE_DIR``), on a failure or a
     timeout the ranks still running are asked for their record (SIGUSR1)
@@ -422,16 +396,18 @@ async def run_job(
     files: list[Console] = []
     state = {"stopping": False, "signalled": False}
     timers: list[asyncio.TimerHandle] = []
+    reports: list[asyncio.Task[None]] = []  # lines on ranks lost (--on-failure continue), being written
+    carry_on = CarryOn(spec.rank for spec in ranks)
 
     def note_ending(ending: str, status: int) -> None:
-        if result.ending is None and not any(r.failed_on_its_own for r in runs):
+        if result.ending is None and not any(r.failed_on_its_own and not r.outcome.lost for r in runs):
             result.ending, result.ending_status = ending, status
 
     def end(ending: str, status: int) -> None:
         note_ending(ending, status)
         stop_all()
 
-    def output_broken(console: Console, exc: OSError) -> None:
+    def output_broken(console: Writer, exc: OSError) -> None:
         if not state["stopping"]:
             end(f"the launcher's {console.name} was closed ({exc.strerror or exc})", 128 + signal.SIGPIPE)
 
@@ -441,8 +417,10 @@ async def run_job(
         if state["stopping"]:
             return
         state["stopping"] = True
-        if records and trace_dir is not None and _ask_for_records(runs, trace_dir, loop, terminate):
-            return
+        if records and trace_dir is not None:
+            result.records_asked_at = time.time()
+            if _ask_for_records(runs, trace_dir, loop, terminate):
+                return
         terminate()
 
     def terminate() -> None:
@@ -547,7 +525,11 @@ async def run_job(
             running -= 1
             if run.channel is not None:
                 run.channel.close()
-            if run.failed_on_its_own and not state["stopping"] and collect_until is None:
+            if on_failure == "continue" and not state["stopping"] \
+                    and carry_on.ended(run.spec.rank, code, run.stop_sent):
+                run.outcome.lost = True
+                reports.append(asyncio.create_task(_report_loss(run, stderr)))
+            elif run.failed_on_its_own and not state["stopping"] and collect_until is None:
                 collect_until = time.monotonic() + COLLECT
     finally:
         for timer in timers:
@@ -558,6 +540,8 @@ async def run_job(
             if run.channel is not None:
                 run.channel.close()
     await _drain([p for r in runs for p in r.pumps])
+    if reports:
+        await asyncio.wait(reports)
     for run in runs:
         run.settle()
     for console in files:
@@ -566,6 +550,23 @@ async def run_job(
     if stderr is not stdout:
         await asyncio.to_thread(stderr.close)
     return result
+
+
+async def _report_loss(run: _RankRun, stderr: Console) -> None:
+    """Say on the launcher's stderr that ``run``'s rank was lost and the job
+    carries on, once its agent's report of how it ended is in (or
+    ``DRAIN_IDLE`` seconds later: then the agent's own status tells)."""
+    pending = [p.done for p in run.pumps if not p.done.done()]
+    if pending and run.reported_exit is None:
+        await asyncio.wait(pending, timeout=DRAIN_IDLE)
+    spec = run.spec
+    host = spec.host or (spec.ssh[-1] if spec.ssh else "this host")
+    if run.reported_exit is not None:
+        how = ended_clause(run.reported_exit.get("exit"))
+    else:  # its agent, or the ssh connection to it, ended first
+        agent = "ssh client" if spec.ssh is not None else "agent"
+        how = f"was lost: its {agent} {ended_clause(run.agent_code)} before the rank's end was reported"
+    stderr.note(loss_report(spec.rank, host, how))
 
 
 def _ask_for_records(runs: list[_RankRun], trace_dir: str, loop: asyncio.AbstractEventLoop,
@@ -613,7 +614,7 @@ async def _drain(pumps: list[_Pump]) -> None:
 
 
 def _consoles(loop: asyncio.AbstractEventLoop, stdout_fd: int, stderr_fd: int, prefix: bool,
-              on_broken: Callable[[Console, OSError], None]) -> tuple[Console, Console]:
+              on_broken: Callable[[Writer, OSError], None]) -> tuple[Console, Console]:
     """The launcher's stdout and stderr; one console when both are the same file
     (a terminal, or ``2>&1``), so their lines never cut into each other."""
     out_stat, err_stat = os.fstat(stdout_fd), os.fstat(stderr_fd)

@@ -16,6 +16,16 @@ A job on this host alone may have more ranks than the host has cores, as on
 the ring: Open MPI refuses that unless told, so the launcher passes
 ``--oversubscribe`` then, unless the user's mpirun arguments speak of slots or
 oversubscription themselves.
+
+``--on-failure continue`` asks Open MPI's mpirun to keep the other ranks
+running when one fails (``--enable-recovery``).  mpirun then exits 0 however
+the ranks ended, so the launcher reads how each ended from its relay's notes:
+a thread follows them in the order they were written, says at once which
+rank was lost (:class:`.blame.CarryOn`, as on the ring), stops the job on a
+failure it does not carry on after (as mpirun would have), and the job gets
+the status the ring backend would give it.  The notes are on this host
+only, so the launcher refuses the choice for a job on other hosts, and for
+an mpirun that is not Open MPI's.
 """
 
 from __future__ import annotations
@@ -31,13 +41,15 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from typing import IO
 
 from aiocomm.placement import usable_cpus
 
-from .blame import RankOutcome, decide, summary
+from .blame import CarryOn, RankOutcome, decide, ended_clause, loss_report, summary
 from .hosts import Host, is_local
+from .job import COLLECT
 
 # Runs one rank (argv[2:]); tags its output lines with its MPI rank when
 # argv[1] is "tag"; notes that it started and how it ended in
@@ -123,6 +135,8 @@ def mpirun_argv(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Seque
         raise SystemExit(f"aiocomm-launch: --backend mpi needs {args.mpirun!r} (Open MPI or MPICH) on PATH")
     total = args.n * max(len(hosts), 1)
     cmd = [mpirun, "-n", str(total)]
+    if getattr(args, "on_failure", "stop") == "continue":
+        cmd += ["--enable-recovery"]  # Open MPI: a rank that fails does not end the others
     if not all(is_local(host) for host in hosts):
         cmd += ["--host", ",".join(f"{host.ssh.split('@')[-1]}:{args.n}" for host in hosts)]
     user = shlex.split(args.mpirun_args)
@@ -178,7 +192,23 @@ def is_open_mpi(mpirun: str) -> bool:
     return "Open MPI" in out.stdout + out.stderr or "OpenRTE" in out.stdout + out.stderr
 
 
+def check_on_failure(args: argparse.Namespace, hosts: Sequence[Host]) -> None:
+    """Refuse ``--on-failure continue`` where the launcher cannot keep its promise."""
+    if getattr(args, "on_failure", "stop") != "continue":
+        return
+    if not all(is_local(host) for host in hosts):
+        raise SystemExit("aiocomm-launch: --backend mpi --on-failure continue needs every rank on this host: mpirun "
+                         "--enable-recovery keeps the other ranks running but exits 0 however they end, and the "
+                         "launcher learns how each rank ended only from notes written on this host (the ring "
+                         "backend, the default, carries on across hosts)")
+    mpirun = shutil.which(args.mpirun)
+    if mpirun is not None and not is_open_mpi(mpirun):
+        raise SystemExit(f"aiocomm-launch: --backend mpi --on-failure continue needs Open MPI's mpirun, which keeps "
+                         f"the other ranks running with --enable-recovery; {mpirun} is not Open MPI's")
+
+
 def run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Host], extra: dict[str, str]) -> int:
+    check_on_failure(args, hosts)
     if not all(is_local(host) for host in hosts):  # the ranks' notes would be on other hosts
         return _run(args, rank_argv, hosts, extra, None)
     with tempfile.TemporaryDirectory(prefix="aiocomm-mpi-") as tmp:
@@ -205,6 +235,12 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
         copier = threading.Thread(target=_copy, args=(proc.stderr, head), daemon=True)
         copier.start()
     received: list[int] = []
+    carry_on = getattr(args, "on_failure", "stop") == "continue" and reports is not None
+    watcher = None
+    if carry_on:
+        assert reports is not None
+        size = args.n * max(len(hosts), 1)
+        watcher = _LossWatcher(reports, size, hosts[0].ssh if hosts else "this host", proc.pid)
 
     def forward(sig: int, _frame: object) -> None:
         """SIGINT, SIGTERM or SIGHUP to the launcher: to mpirun's whole group
@@ -219,7 +255,9 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
         if received:
             return 128 + received[0]
     except subprocess.TimeoutExpired:
+        asked = None
         if "AIOCOMM_TRACE_DIR" in extra:  # mpirun passes SIGUSR1 to the ranks: they write their record
+            asked = time.time()
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGUSR1)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -231,13 +269,31 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         _join(copier)
-        _print_verdict(extra)
+        if watcher is not None:
+            watcher.stop()
+        lost = bool(watcher and watcher.carry_on.lost)
+        _print_verdict(extra, since=asked if lost else None, carried_on=lost)
         print(f"aiocomm-launch: job timed out after {args.timeout:g}s", file=sys.stderr)
         return 124
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
         _join(copier)
+        if watcher is not None:
+            watcher.stop()
+    if carry_on:  # mpirun --enable-recovery exits 0 however the ranks ended: their notes tell
+        assert reports is not None and watcher is not None
+        outcomes = read_outcomes(reports, args.n * max(len(hosts), 1))
+        if any(outcome.started for outcome in outcomes.values()):
+            for rank in watcher.carry_on.lost:
+                outcomes[rank].lost = True
+            verdict = decide(outcomes)
+            if verdict.cause is not None:
+                _print_verdict(extra, carried_on=bool(watcher.carry_on.lost))
+            if verdict.cause is not None or verdict.lost:
+                print(f"aiocomm-launch: {summary(outcomes, verdict)}", file=sys.stderr)
+            if verdict.cause is not None or code == 0:
+                return verdict.status
     if code == 0:
         return 0
     status = code if code > 0 else 128 - code
@@ -257,12 +313,82 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
     return status
 
 
-def _print_verdict(extra: dict[str, str]) -> None:
+def _print_verdict(extra: dict[str, str], since: float | None = None, carried_on: bool = False) -> None:
     """The verdict of the ranks' records (aiocomm.trace), before the launcher's own last line."""
     from .cli import print_trace_verdict
 
     sys.stderr.flush()
-    print_trace_verdict(extra.get("AIOCOMM_TRACE_DIR"))
+    print_trace_verdict(extra.get("AIOCOMM_TRACE_DIR"), since, carried_on)
+
+
+class _LossWatcher:
+    """Follows the relays' notes while the job runs (``--on-failure continue``):
+    says on the launcher's stderr, at once, which rank was lost
+    (:class:`.blame.CarryOn`); on a failure the job does not carry on after,
+    stops the job as mpirun would without ``--enable-recovery``: SIGTERM to
+    mpirun's group (``mpirun``: its pid) once the others had ``COLLECT``
+    seconds to end on their own."""
+
+    INTERVAL = 0.1
+
+    def __init__(self, path: str, size: int, host: str, mpirun: int) -> None:
+        self.path = path
+        self.host = host
+        self.mpirun = mpirun
+        self.carry_on = CarryOn(range(size))
+        self._stop_timer: threading.Timer | None = None
+        self._offset = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="aiocomm-losses", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop following (mpirun has ended: its pid must not be signalled any more)."""
+        if not self._done.is_set():
+            self._done.set()
+            self._thread.join(5)
+            if self._stop_timer is not None:
+                self._stop_timer.cancel()
+            self._look()  # the notes written last
+
+    def _stop_job(self) -> None:
+        if not self._done.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.mpirun, signal.SIGTERM)
+
+    def _run(self) -> None:
+        while not self._done.wait(self.INTERVAL):
+            self._look()
+
+    def _look(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except OSError:
+            return
+        end = data.rfind(b"\n") + 1  # whole lines only
+        self._offset += end
+        for raw in data[:end].splitlines():
+            try:
+                note = json.loads(raw)
+                rank = int(note["rank"])
+                if note.get("left"):
+                    self.carry_on.left(rank)
+                    continue
+                code = int(note["exit"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            stopped = bool(note.get("stopped"))
+            if self.carry_on.ended(rank, code, stopped):
+                text = loss_report(rank, self.host, ended_clause(code)) + "\n"
+                with contextlib.suppress(OSError):
+                    os.write(sys.stderr.fileno(), text.encode(errors="replace"))  # one write: not cut by mpirun's
+            elif code != 0 and not stopped and self.carry_on.running and self._stop_timer is None \
+                    and not self._done.is_set():
+                self._stop_timer = threading.Timer(COLLECT, self._stop_job)
+                self._stop_timer.daemon = True
+                self._stop_timer.start()
 
 
 HEAD_BYTES = 64 * 1024  # of mpirun's stderr, kept for its reason

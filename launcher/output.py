@@ -7,14 +7,15 @@ cuts the bytes into lines and hands each whole line to the :class:`Console`
 of its destination (the launcher's stdout or stderr, or the rank's log file),
 so lines of different ranks never mix mid-line.
 
-A :class:`Console` writes from a thread of its own: a slow reader never
-stalls the launcher's event loop (timeouts, signals and failures are still
-handled), every write is finished however the descriptor is set up (partial
-writes, non-blocking descriptors), and when more than ``HIGH_WATER`` bytes
-wait, the pumps stop reading from the ranks until it drains, so a rank that
-outpaces the reader blocks as it would writing to a pipe itself.  When the
-reader goes away (EPIPE), the console says so once (``on_broken``) and drops
-everything after.
+A :class:`Console` is a :class:`Writer`, which writes from a thread of its
+own: a slow reader never stalls the launcher's event loop (timeouts, signals
+and failures are still handled), every write is finished however the
+descriptor is set up (partial writes, non-blocking descriptors), and when
+more than ``HIGH_WATER`` bytes wait, the pumps stop reading from the ranks
+until it drains, so a rank that outpaces the reader blocks as it would
+writing to a pipe itself.  When the reader goes away (EPIPE), the writer
+says so once (``on_broken``) and drops everything after.  The launcher's
+control channel to each agent (:mod:`.job`) is a plain :class:`Writer`.
 
 Carriage returns (progress bars such as tqdm's) are rendered the way a
 terminal would show the rank's line: each ``\\r`` starts overwriting from the
@@ -50,48 +51,54 @@ def overlay(shown: bytes, segment: bytes) -> bytes:
     return segment + shown[len(segment):]
 
 
-class Console:
-    """One destination of the job's output, written by its own thread."""
+class Writer:
+    """Bytes to one file descriptor, written by a thread of its own.
+
+    :meth:`write` only queues, so its caller (the event loop, or a thread
+    that must not stall) never blocks on a slow reader unless it asks to.
+    Every write is finished however the descriptor is set up (partial
+    writes, non-blocking descriptors).  When writing fails (the reader went
+    away: EPIPE), the writer says so once (``on_broken``, on the loop) and
+    drops everything after.  With ``owns_fd`` it closes the descriptor once
+    it has written what was queued before :meth:`close`.
+    """
 
     def __init__(
         self,
         fd: int,
-        loop: asyncio.AbstractEventLoop,
+        loop: asyncio.AbstractEventLoop | None = None,
         *,
-        prefix: bool = True,
-        tty: bool = False,
-        raw: bool = False,
-        on_broken: Callable[[Console, OSError], None] | None = None,
+        on_broken: Callable[[Writer, OSError], None] | None = None,
         name: str = "output",
+        owns_fd: bool = False,
     ) -> None:
         self.fd = fd
         self.loop = loop
-        self.prefix = prefix
-        self.tty = tty
-        self.raw = raw
         self.name = name
         self.on_broken = on_broken
+        self.owns_fd = owns_fd
         self.broken: OSError | None = None
         self._chunks: deque[bytes] = deque()
         self._pending = 0
         self._closing = False
         self._cond = threading.Condition()
         self._room_waiters: list[Callable[[], None]] = []
-        self._floating: tuple[int, bytes] | None = None  # (rank, drawn text) of the bar drawn in place
-        self._bars: dict[int, list[float]] = {}  # rank -> [bar's first update, last written] (pipes and files)
         self._thread = threading.Thread(target=self._run, name=f"aiocomm-{name}", daemon=True)
         self._thread.start()
 
-    # --- bytes ------------------------------------------------------------------------
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, wait: bool = False) -> None:
+        """Queue ``data``; with ``wait`` (a thread of its own, never the loop),
+        first block while more than ``HIGH_WATER`` bytes wait."""
         if not data:
             return
         with self._cond:
-            if self.broken is not None:
+            while wait and self._pending > HIGH_WATER and self.broken is None and not self._closing:
+                self._cond.wait()
+            if self.broken is not None or self._closing:
                 return
             self._chunks.append(data)
             self._pending += len(data)
-            self._cond.notify()
+            self._cond.notify_all()
 
     @property
     def full(self) -> bool:
@@ -99,6 +106,7 @@ class Console:
 
     def when_room(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` on the loop once the pending bytes fell to half the high-water mark."""
+        assert self.loop is not None
         with self._cond:
             if self._pending > HIGH_WATER // 2 and self.broken is None:
                 self._room_waiters.append(callback)
@@ -111,7 +119,7 @@ class Console:
                 while not self._chunks and not self._closing:
                     self._cond.wait()
                 if not self._chunks:
-                    return
+                    break
                 data = b"".join(self._chunks)
                 self._chunks.clear()
             if self.broken is None:
@@ -129,24 +137,59 @@ class Console:
                     waiters, self._room_waiters = self._room_waiters, []
                 else:
                     waiters = []
+                self._cond.notify_all()
             for callback in waiters:
                 self._call_soon(callback)
+        if self.owns_fd:
+            os.close(self.fd)
 
     def _call_soon(self, callback: Callable[..., None], *args: object) -> None:
+        if self.loop is None:
+            return
         try:
             self.loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:  # the loop is closed: the job is over
             pass
+
+    def close(self, timeout: float | None = 0) -> None:
+        """Write what is pending, then stop the thread (and close the descriptor
+        if it is ours); wait up to ``timeout`` seconds for that (None: as long
+        as it takes; 0: do not wait)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if timeout != 0:
+            self._thread.join(timeout)
+
+
+class Console(Writer):
+    """One destination of the job's output (the launcher's stdout or stderr,
+    or a rank's log file): whole lines, tagged with their rank."""
+
+    def __init__(
+        self,
+        fd: int,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        prefix: bool = True,
+        tty: bool = False,
+        raw: bool = False,
+        on_broken: Callable[[Writer, OSError], None] | None = None,
+        name: str = "output",
+    ) -> None:
+        self.prefix = prefix
+        self.tty = tty
+        self.raw = raw
+        self._floating: tuple[int, bytes] | None = None  # (rank, drawn text) of the bar drawn in place
+        self._bars: dict[int, list[float]] = {}  # rank -> [bar's first update, last written] (pipes and files)
+        super().__init__(fd, loop, on_broken=on_broken, name=name)
 
     def close(self, timeout: float | None = None) -> None:
         """Write what is pending (ending a bar drawn in place), then stop the thread."""
         if self._floating is not None:
             self.write(b"\n")
             self._floating = None
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        self._thread.join(timeout)
+        super().close(timeout)
 
     # --- lines ------------------------------------------------------------------------
     def _tag(self, rank: int) -> bytes:

@@ -172,3 +172,30 @@ def test_mpi_races(scenario):
     """Races an adversarial review found (tests/workers/mpi_races.py stages each); each failed before its fix."""
     proc = mpirun(2, "mpi_races.py", scenario, timeout=100)
     ok(proc, 1 if scenario == "exit_mid" else 2, "OK mpi_races")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("plan,linger,status,last", [
+    (("2=kill@0.3",), "1.5", 0,
+     "aiocomm-launch: the job carried on without rank 2 (killed by SIGKILL); ranks 0, 1, 3 exited 0"),
+    # rank 1 fails after the others ended their programs (their MPI_Finalize waits for it): counted against the job
+    (("2=kill@0.3", "1=3@3"), "1.5", 3,
+     "aiocomm-launch: rank 1 exited with code 3 (the cause); the job carried on without rank 2 (killed by SIGKILL)"),
+    # rank 3 ended its program first: the job was finishing, so rank 2's death stops it (ranks 0, 1 would sleep 30 s)
+    (("3=0@0.1", "2=kill@1.0"), "30", 128 + 9,
+     "aiocomm-launch: rank 2 killed by SIGKILL (the cause); ranks 0, 1 stopped by the launcher"),
+], ids=["survivors-exit-0", "a-survivor-fails-last", "after-an-exit-0"])
+def test_launcher_backend_mpi_carries_on_after_a_rank_dies(plan, linger, status, last):
+    """--on-failure continue under mpirun (Open MPI's --enable-recovery): the
+    others run on, the launcher says at once which rank was lost, and the
+    job gets the status the ring backend would give it (mpirun's own is 0);
+    a failure the job does not carry on after stops it, as mpirun would."""
+    proc = launch_mpi("-n", "4", "--on-failure", "continue", str(WORKERS / "launcher_survivors.py"), *plan,
+                      env={"AIOCOMM_TEST_LINGER": linger})
+    detail = proc.stdout + proc.stderr
+    assert proc.returncode == status, detail
+    lost = "aiocomm-launch: rank 2 (host 127.0.0.1) was killed by SIGKILL; the other ranks carry on"
+    assert (lost in proc.stderr) == (linger != "30"), detail
+    for rank in (0, 1, 3) if linger != "30" else (3,):
+        assert f"[rank {rank}] carried on continue" in proc.stdout, detail
+    assert proc.stderr.strip().splitlines()[-1] == last, detail

@@ -8,6 +8,7 @@ address as on a real cluster.
 
 import getpass
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -253,3 +254,46 @@ def test_env_options_and_the_hostfile_reach_remote_ranks(ssh_config):
         assert f"[rank {rank}] SUM 4" in proc.stdout, proc.stdout
         assert f"[rank {rank}] ENV AIOCOMM_T_A='over ssh'" in proc.stdout, proc.stdout
         assert f"[rank {rank}] ENV AIOCOMM_T_B='x=y'" in proc.stdout, proc.stdout
+
+
+def _carry_on_cmd(cfg, marker: str, *plan: str, linger: str = "3") -> list[str]:
+    return _ssh_cmd(cfg, "launcher_survivors.py", *plan, marker,
+                    launcher_args=("--on-failure", "continue", "--env", f"AIOCOMM_TEST_LINGER={linger}"))
+
+
+@pytest.mark.timeout(120)
+def test_a_remote_rank_dies_and_the_others_carry_on(ssh_config):
+    marker = uuid.uuid4().hex
+    proc = subprocess.run(_carry_on_cmd(ssh_config, marker, "3=kill@0.3"), cwd=ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"aiocomm-launch: rank 3 (host {HOSTS[1]}) was killed by SIGKILL; the other ranks carry on "
+            "(--on-failure continue)") in proc.stderr, proc.stderr[-3000:]
+    for rank in range(3):  # rank 2 on the same host as the dead rank, its agent and ssh client left alone
+        assert f"[rank {rank}] carried on continue" in proc.stdout, proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == ("aiocomm-launch: the job carried on without rank 3 "
+                                                    "(killed by SIGKILL); ranks 0, 1, 2 exited 0")
+    assert _none_left(marker, 10), _processes_with(marker)
+
+
+@pytest.mark.timeout(120)
+def test_a_host_whose_connection_drops_is_carried_on_without(ssh_config):
+    import signal
+
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen(_carry_on_cmd(ssh_config, marker, linger="8"), cwd=ROOT, env=clean_env(),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = 0
+    while started < 4:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()[-3000:]
+        started += line.startswith("[rank ") and " pid " in line
+    clients = _ssh_clients(proc.pid, HOSTS[1])
+    assert len(clients) == 2, clients
+    os.kill(clients[0], signal.SIGKILL)  # that rank's agent stops it; the job goes on without it
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    assert re.search(rf"aiocomm-launch: rank [23] \(host {HOSTS[1]}\) was lost: its ssh client was killed by "
+                     r"SIGKILL before the rank's end was reported; the other ranks carry on", err), err[-3000:]
+    assert out.count("carried on continue") == 3, out
+    assert _none_left(marker, 20), _processes_with(marker)
