@@ -17,7 +17,10 @@ CASES = {
     "port_from_mlx.py": ([], "ported: every mx.distributed call ran on 4 ranks"),
     "share_file.py": (["100000", "30000"], "shared 100000 bytes from rank 0 in 4 chunks"),
     "bfloat16_gradients.py": (["150", "500"], "weights identical on every rank"),
+    "elastic_training.py": (["--second"], "30 steps on 2 survivors (2 redone); weights match the one-process run"),
 }
+#: Launcher options an example needs.
+LAUNCH = {"elastic_training.py": ["--on-failure", "continue"]}
 #: What an example needs beyond aiocomm's own dependencies (the test extra has it).
 NEEDS = {"bfloat16_gradients.py": "ml_dtypes"}
 
@@ -33,7 +36,7 @@ def test_example(name):
     if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:
         pytest.skip(f"{name} needs {NEEDS[name]} (pip install -e '.[test]')")
     proc = subprocess.run(
-        [sys.executable, "-m", "launcher", "-n", "4", str(ROOT / "examples" / name), *args],
+        [sys.executable, "-m", "launcher", "-n", "4", *LAUNCH.get(name, []), str(ROOT / "examples" / name), *args],
         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=110,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
