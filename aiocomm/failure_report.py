@@ -32,6 +32,13 @@ def record(rank: int, exc: BaseException) -> None:
              "message": str(exc)})
 
 
+def recovered(rank: int) -> None:
+    """Note that world rank ``rank`` carried on after its failures (it is in a
+    shrunken group): what it reported before is no longer why it might fail."""
+    if os.environ.get(ENV):
+        _append({"rank": rank, "pid": os.getpid(), "recovered": True})
+
+
 def left(rank: int) -> None:
     """Note that world rank ``rank`` ended its program and is leaving the job
     (a launcher that cannot see its exit status, because mpirun ends it,

@@ -42,7 +42,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from . import args, collectives, portal, rooted, trace
+from . import args, collectives, failure_report, portal, rooted, trace
 from .backends import SplitResult
 from .backends.ring import RingBackend, split_context
 from .config import WorldSpec
@@ -561,7 +561,9 @@ async def shrink(group: Group, timeout: float) -> Group:
     while failed != group._failed:
         failed = group._failed
         await agree(group, True, timeout)
-    return group._child(_backend(group).shrink(group, group._agreements, group._failed, timeout))
+    shrunk = group._child(_backend(group).shrink(group, group._agreements, group._failed, timeout))
+    failure_report.recovered(group.members[group.rank()])  # (the launcher blames it afresh from here on)
+    return shrunk
 
 
 __all__ = [

@@ -220,7 +220,10 @@ class _RankRun:
         if "started" in report:
             self.rank_pid = report["started"]
         elif isinstance(report.get("failure"), dict):
-            self.outcome.records.append(report["failure"])
+            if report["failure"].get("recovered"):  # (it carried on in a shrunken group: a fresh start)
+                self.outcome.records.clear()
+            else:
+                self.outcome.records.append(report["failure"])
         elif "exit" in report:
             self.reported_exit = report
 

@@ -455,6 +455,8 @@ def read_outcomes(path: str, size: int) -> dict[int, RankOutcome]:
             outcome.ended_at = float(note.get("at", outcome.ended_at))
         elif note.get("left"):
             outcome.left = True
+        elif note.get("recovered"):  # (it carried on in a shrunken group: a fresh start)
+            outcome.records.clear()
         else:
             outcome.records.append(note)
     for outcome in outcomes.values():

@@ -133,6 +133,20 @@ def test_the_async_face_on_a_split_group(tmp_path):
             out, err[-3000:])
 
 
+@pytest.mark.timeout(60)
+def test_the_launcher_blames_a_survivor_for_its_own_later_failure():
+    """A survivor caught the loss (its PeerLostError names the dead rank, and
+    goes to the launcher's failure records), shrank, and later failed on its
+    own: the launcher names it, with its own status, not the dead rank."""
+    proc = subprocess.run([sys.executable, "-m", "launcher", "-n", "4", "--on-failure", "continue",
+                           str(WORKERS / "survivors.py"), "blame", "2"],
+                          cwd=WORKERS.parent.parent, env=clean_env(), capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "rank 0 exited with code 3 (the cause)" in last, proc.stderr[-3000:]
+    assert proc.stdout.count("SHRINK size 3 members [0, 1, 3] sum 7") == 3, proc.stdout
+
+
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs Open MPI's mpirun and mpi4py")
 @pytest.mark.timeout(90)
 def test_the_mpi_backend_says_what_its_library_lacks():

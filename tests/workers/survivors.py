@@ -8,6 +8,8 @@
     survivors.py chain V1 V2 V3    ranks die one after another, a shrink after each
     survivors.py async V           the async face (aio.agree, aio.shrink) on a split group; V dies
     survivors.py mpi               under mpirun: agree and shrink say what the MPI library lacks
+    survivors.py blame V           (under aiocomm-launch --on-failure continue) V dies, the rest
+                                   shrink; rank 0 then fails on its own (exit 3) after the others end
 
 Each survivor prints what it agreed on; the test checks every survivor printed the same.
 """
@@ -141,6 +143,14 @@ elif mode == "async":
         print(f"SHRINK size {smaller.size()} members {list(smaller.members)} sum {int(total[0])}", flush=True)
 
     asyncio.run(main())
+elif mode == "blame":
+    if rank == rest[0]:
+        die()
+    expect_failure()  # (a PeerLostError naming the dead rank: caught, and recorded for the launcher)
+    report(world.shrink(timeout=T), "SHRINK")
+    if rank == 0:
+        time.sleep(1.0)  # the others have ended: this failure is the job's
+        sys.exit(3)
 elif mode == "mpi":
     for call in (lambda: world.agree(True), world.shrink):
         try:
