@@ -165,6 +165,7 @@ class RingBackend:
             why = "AIOCOMM_TRANSPORT=tcp"
         self.shm_unavailable = why  # None: groups whose members share this host use shared memory
         self.shm_slot_bytes = config.shm_slot_bytes()
+        self.two_level = config.two_level()  # (groups over several hosts: aiocomm.backends.two_level)
 
     def _raise_broken(self, context: int, what: str) -> None:
         cause = self.mesh.broken.get(context)
@@ -216,9 +217,15 @@ class RingBackend:
                 segment = shm.Segment.create(self.shm_slot_bytes)
             except OSError:
                 segment = None
-        mine = np.array([shm.host_id(), os.getpid(), segment.fd if segment is not None else -1], np.int64)
+        mine = np.array([shm.host_id(), os.getpid(), segment.fd if segment is not None else -1,
+                         self.shm_slot_bytes, self.two_level], np.int64)
         table = await self._tcp_collective(group, signature("shared-memory set-up", mine.dtype, mine.shape),
                                            timeout, _neighbours_gather, mine)
+        if not np.all(table[:, 0] == table[0, 0]):  # more than one host: two levels, or the flat ring
+            from . import two_level  # (here: it builds on this module)
+
+            await two_level.set_up(self, group, state, table, segment, timeout)
+            return
         peers: dict[int, shm.Segment] = {}
         usable = segment is not None and bool(np.all(table[:, 0] == table[0, 0]) and np.all(table[:, 2] >= 0))
         if usable:
