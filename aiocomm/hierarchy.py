@@ -68,7 +68,7 @@ from .shm import Channel, Health
 #: A chunk is at least this big (unless the whole array is smaller) ...
 MIN_CHUNK_BYTES = 256 << 10
 #: ... and the array is cut into about this many chunks when it is big enough.
-CHUNKS = 8
+CHUNKS = 16
 #: Chunks whose cross phase may be in flight while this thread collects the next.
 DEPTH = 3
 #: Seconds between two looks at the host's channel while waiting for a cross phase.

@@ -54,7 +54,7 @@ class SimulatedHosts:
 
     def __init__(self, count: int, rate: str | None = None, net: int = 1) -> None:
         self.count = count
-        self.rate = rate  # a tc rate ("1gbit"), or None: unshaped
+        self.rate = None if rate in (None, "", "none") else rate  # a tc rate ("1gbit"), or None: unshaped
         tag = uuid.uuid4().hex[:6]
         self.names = [f"aio{tag}h{i}" for i in range(count)]
         self.switch = f"aio{tag}sw"
