@@ -115,7 +115,7 @@ class SimulatedHosts:
 
     def command(self, host: int, argv: list[str]) -> list[str]:
         """``argv`` run on host ``host``."""
-        return ["ip", "netns", "exec", self.names[host], *argv]
+        return _in_host(self.names[host], argv)
 
     def rsh(self) -> str:
         """An ``--ssh`` / ``plm_rsh_agent`` command that reaches these hosts by address."""
@@ -138,7 +138,15 @@ def rsh(argv: list[str]) -> None:
             name = fh.read().strip()
     except OSError:
         raise SystemExit(f"aiocomm.bench.simhosts: no simulated host has the address {host!r}") from None
-    os.execvp("ip", ["ip", "netns", "exec", name, "sh", "-c", command])
+    argv = _in_host(name, ["sh", "-c", command])
+    os.execvp(argv[0], argv)
+
+
+def _in_host(name: str, argv: list[str]) -> list[str]:
+    """``argv`` in the host's network namespace, with the host's name (a UTS
+    namespace of its own: programs that tell hosts apart by their names, as
+    Open MPI does, see two hosts)."""
+    return ["ip", "netns", "exec", name, "unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', name, *argv]
 
 
 if __name__ == "__main__":
