@@ -141,3 +141,22 @@ def test_the_memory_budget_holds(hosts, tmp_path):
         extra = {op: int(mib) for op, mib in re.findall(r"MEMORY (\w+) (-?\d+)", out)}
         assert set(extra) == {"all_sum", "all_gather", "sum_scatter"}, detail
         assert max(extra.values()) <= 64, detail
+
+
+@pytest.mark.timeout(180)
+def test_the_benchmark_on_simulated_hosts(hosts):
+    """python -m aiocomm.bench.hosts makes hosts of its own, measures and removes them."""
+    def ours() -> set[str]:
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        return set(re.findall(r"^(aio[0-9a-f]{6}(?:h\d+|sw))\b", listed, re.M))
+
+    before = ours()
+    proc = subprocess.run([sys.executable, "-m", "aiocomm.bench.hosts", "--hosts", "2", "--per-host", "2", "--rate",
+                           "none", "--sizes", "8,64K", "--iters", "2", "--small-iters", "5",
+                           "--peers", "aiocomm,aiocomm-flat"],
+                          cwd=ROOT, env=clean_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^  (aiocomm(?:-flat)?) +(\d+) .* (yes|NO)$", proc.stdout, re.M)
+    assert sorted(rows) == [("aiocomm", "65536", "yes"), ("aiocomm", "8", "yes"),
+                            ("aiocomm-flat", "65536", "yes"), ("aiocomm-flat", "8", "yes")], proc.stdout
+    assert ours() - before == set(), "the benchmark left namespaces behind"

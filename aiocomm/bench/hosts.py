@@ -103,11 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# op={args.op} float32 on {args.hosts} simulated hosts x {args.per_host} ranks, links {args.rate}; "
           f"median of {args.iters} iterations ({args.small_iters} under 1 MiB; each iteration's time: "
           f"{AVERAGES[args.average]}), same links, same run")
-    print(f"# {'peer':<13} {'bytes':>10} {'median_us':>11} {'algbw_GB/s':>10} {'of_link':>7} {'aiocomm/peer':>12} "
-          "correct")
+    print("# algbw: bytes of the buffer per second of the call; busbw: algbw x the bytes a flat ring moves per "
+          "byte (2(n-1)/n for all_sum, (n-1)/n for all_gather); of_link: either, as a fraction of --rate")
+    print(f"# {'peer':<13} {'bytes':>10} {'median_us':>11} {'algbw_GB/s':>10} {'of_link':>7} {'busbw_GB/s':>10} "
+          f"{'of_link':>7} {'aiocomm/peer':>12} correct")
     for (peer, nbytes), row in sorted(results.items(), key=lambda kv: (kv[0][1], PEERS.index(kv[0][0]))):
         mine = results.get(("aiocomm", nbytes))
         of_link = f"{row['algbw_GBps'] * 1e9 / link:.2f}" if link else "-"
+        bus_of_link = f"{row['busbw_GBps'] * 1e9 / link:.2f}" if link else "-"
         if mine is None or peer == "aiocomm":
             ratio = ""
         elif nbytes >= 1 << 20:
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             ratio = f"{row['median_us'] / mine['median_us']:.2f}x lat"
         print(f"  {peer:<13} {nbytes:>10} {row['median_us']:>11.1f} {row['algbw_GBps']:>10.4f} {of_link:>7} "
-              f"{ratio:>12} {'yes' if row['correct'] else 'NO'}", flush=True)
+              f"{row['busbw_GBps']:>10.4f} {bus_of_link:>7} {ratio:>12} {'yes' if row['correct'] else 'NO'}",
+              flush=True)
 
 
 if __name__ == "__main__":
