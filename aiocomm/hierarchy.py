@@ -38,7 +38,10 @@ runs on the loop, this thread collects chunks ``c+1 .. c+DEPTH`` and
 spreads chunk ``c-1``.  Every local rank runs the same barriers in the same
 order; a chunk takes the slot halves of its parity, so a rank writes the
 next chunk while a slower peer still reads this one (see
-:meth:`~aiocomm.shm.Channel.input_half`).
+:meth:`~aiocomm.shm.Channel.input_half`).  A call of one chunk writes its
+data before the call's first barrier (in the input half of that barrier's
+parity, as the channel's own small calls do), which then serves as the
+collect barrier too: two barriers in all.
 
 Results are the same bits on every rank: each piece is reduced once (inside
 the host in local order, between hosts in ring order) and then copied.
@@ -170,14 +173,28 @@ class TwoLevel:
 
     # ---- the pipeline
 
-    def _run(self, chunks: int, collect: Step, cross: Callable[[int], Body | None], spread: Step,
+    def _run(self, chunks: int, put: Step, take: Step, cross: Callable[[int], Body | None], spread: Step,
              cross_face: Cross, description: str, deadline: float, health: Health, timeout: float) -> None:
-        self.channel.agree(description, deadline, health, timeout)
+        """The pipeline: chunk ``c`` is collected (``put`` this rank's part
+        in its input half, a barrier, ``take`` what this rank owns), crossed
+        and spread, while up to DEPTH chunks after it are collected."""
+        ch = self.channel
         # (on a failure, cross phases still in flight end with the group's
         # abort; they use only this call's own arrays)
         pending: dict[int, concurrent.futures.Future[None]] = {}
         for c in range(chunks):
-            collect(c, c & 1)
+            if chunks == 1:  # its data travel with the call's first barrier (in the half of its parity)
+                parity = (ch.epoch + 1) & 1
+                put(0, parity)
+                ch.agree(description, deadline, health, timeout)
+            else:
+                if c == 0:
+                    ch.agree(description, deadline, health, timeout)
+                parity = c & 1
+                put(c, parity)
+                if not self.alone:
+                    self._barrier(description, deadline, health, timeout)
+            take(c, parity)
             body = cross(c)
             if body is not None:
                 pending[c] = cross_face.start(body)
@@ -233,14 +250,16 @@ class TwoLevel:
         chunks = _chunks(src.size, dtype.itemsize, self.half)
         pieces = [[(s + a, s + b) for a, b in partition(e - s, flows)] for s, e in chunks]
 
-        def collect(c: int, parity: int) -> None:
+        def put(c: int, parity: int) -> None:
             s, e = chunks[c]
             if self.alone:
                 dst[s:e] = src[s:e]
-                return
-            ch.input_half(ch.rank, parity, (e - s) * dtype.itemsize).view(dtype)[:] = src[s:e]
-            self._barrier(description, deadline, health, timeout)
-            if j < flows:
+            else:
+                ch.input_half(ch.rank, parity, (e - s) * dtype.itemsize).view(dtype)[:] = src[s:e]
+
+        def take(c: int, parity: int) -> None:
+            s, e = chunks[c]
+            if not self.alone and j < flows:
                 a, b = pieces[c][j]
                 ins = [ch.input_half(k, parity, (e - s) * dtype.itemsize).view(dtype)[a - s : b - s]
                        for k in range(ch.size)]
@@ -273,7 +292,7 @@ class TwoLevel:
                     a, b = pieces[c][k]
                     dst[a:b] = ch.output_half(k, parity, (b - a) * dtype.itemsize).view(dtype)
 
-        self._run(len(chunks), collect, cross, spread, cross_face, description, deadline, health, timeout)
+        self._run(len(chunks), put, take, cross, spread, cross_face, description, deadline, health, timeout)
         return out
 
     # ---- sum_scatter
@@ -301,15 +320,17 @@ class TwoLevel:
             a, b = partition(e - s, flows)[k]
             return s + a, s + b
 
-        def collect(c: int, parity: int) -> None:
+        def put(c: int, parity: int) -> None:
             s, e = chunks[c]
             if self.alone:
                 works[c] = table[self.rows, s:e]
                 return
             mine = ch.input_half(ch.rank, parity, n * (e - s) * dtype.itemsize).view(dtype).reshape(n, e - s)
             np.take(table[:, s:e], self.rows, axis=0, out=mine)
-            self._barrier(description, deadline, health, timeout)
-            if j < flows:
+
+        def take(c: int, parity: int) -> None:
+            s, e = chunks[c]
+            if not self.alone and j < flows:
                 a, b = piece(c, j)
                 ins = [ch.input_half(k, parity, n * (e - s) * dtype.itemsize).view(dtype).reshape(n, e - s)
                        [:, a - s : b - s] for k in range(ch.size)]
@@ -348,7 +369,7 @@ class TwoLevel:
                 half = ch.output_half(k, parity, self.local_size * (b - a) * dtype.itemsize)
                 result[a:b] = half.view(dtype).reshape(self.local_size, b - a)[j]
 
-        self._run(len(chunks), collect, cross, spread, cross_face, description, deadline, health, timeout)
+        self._run(len(chunks), put, take, cross, spread, cross_face, description, deadline, health, timeout)
         return out
 
     # ---- all_gather
@@ -370,13 +391,16 @@ class TwoLevel:
             a, b = partition(e - s, flows)[k]
             return s + a, s + b
 
-        def collect(c: int, parity: int) -> None:
+        def put(c: int, parity: int) -> None:
             s, e = chunks[c]
             if self.alone:
                 table[self.here[0], s:e] = src[s:e]
             else:
                 ch.input_half(ch.rank, parity, (e - s) * dtype.itemsize).view(dtype)[:] = src[s:e]
-                self._barrier(description, deadline, health, timeout)
+
+        def take(c: int, parity: int) -> None:
+            s, e = chunks[c]
+            if not self.alone:
                 for k in range(ch.size):
                     table[self.here[k], s:e] = ch.input_half(k, parity, (e - s) * dtype.itemsize).view(dtype)
             if j < flows:
@@ -417,5 +441,5 @@ class TwoLevel:
                 half = ch.output_half(k, parity, (n - self.local_size) * (b - a) * dtype.itemsize)
                 table[away, a:b] = half.view(dtype).reshape(n - self.local_size, b - a)
 
-        self._run(len(chunks), collect, cross, spread, cross_face, description, deadline, health, timeout)
+        self._run(len(chunks), put, take, cross, spread, cross_face, description, deadline, health, timeout)
         return out
