@@ -88,6 +88,12 @@ def test_every_collective_every_dtype(hosts, tmp_path, layout, slot):
 
 
 @pytest.mark.timeout(120)
+def test_the_async_face_with_many_calls_in_flight(hosts, tmp_path):
+    for rank, (code, out, err) in enumerate(run(hosts, [2, 2], tmp_path, "async")):
+        assert code == 0 and "MODE two-level" in out and "ASYNC ok" in out, f"rank {rank}:\n{out}\n{err[-3000:]}"
+
+
+@pytest.mark.timeout(120)
 def test_two_level_can_be_turned_off(hosts, tmp_path):
     outs = run(hosts, [2, 2], tmp_path, "matrix", env={"AIOCOMM_TWO_LEVEL": "0"})
     for rank, (code, out, err) in enumerate(outs):

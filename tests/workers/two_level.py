@@ -10,6 +10,8 @@ kill PHASE VICTIM: all_sum of 8 MiB in a loop; in call 3 the victim SIGKILLs
                    <time>: ...`` and ``DONE``.
 mismatch:          the ranks of the last host call all_sum with another shape;
                    every rank prints ``MISMATCH <class>``.
+async:             the async face: 25 collectives in flight at once, the
+                   two-level ones among others that stay on the flat ring.
 memory:            all_sum, all_gather and sum_scatter of 64 MiB; prints how
                    much the peak RSS of each grew beyond its output (MiB).
 """
@@ -110,6 +112,27 @@ elif mode == "mismatch":
         print(f"MISMATCH {type(exc).__name__}: {exc}", flush=True)
     else:
         print("MISMATCH none", flush=True)
+elif mode == "async":
+    from aiocomm import aio
+
+    async def main() -> None:
+        sizes = [1, 1000, 70_000, 300_000] * 5
+        xs = [np.arange(m, dtype=np.float64) * (r + 1) for m in sizes]
+        calls = [aio.all_sum(x) for x in xs]
+        calls += [aio.broadcast(np.full(10, r, np.int32), 1), aio.gather(np.full(3, r), 0), aio.barrier(),
+                  aio.all_gather(xs[2]), aio.sum_scatter(np.ones(4 * n))]
+        got = await asyncio.gather(*calls)
+        total = n * (n + 1) / 2
+        for x, y in zip(xs, got, strict=False):
+            assert np.array_equal(y, x / (r + 1) * total), (x.size, y[:3])
+        bcast, gathered, _, allg, scattered = got[len(xs):]
+        assert np.array_equal(bcast, np.full(10, 1, np.int32))
+        assert (gathered is None) == (r != 0) and (r or np.array_equal(gathered, np.repeat(np.arange(n), 3)))
+        assert np.array_equal(allg, np.concatenate([xs[2] / (r + 1) * (k + 1) for k in range(n)]))
+        assert np.array_equal(scattered, np.full(4, n, np.float64))
+
+    asyncio.run(main())
+    print("ASYNC ok", flush=True)
 elif mode == "memory":
     def rss() -> int:
         with open("/proc/self/status") as fh:
