@@ -207,11 +207,11 @@ class TwoLevel:
                 description: str, deadline: float, health: Health, timeout: float) -> None:
         fut = pending.pop(c, None)
         if fut is not None:
-            self._wait(fut, description, deadline, health, timeout)
+            self.wait(fut, description, deadline, health, timeout)
         spread(c, c & 1)
 
-    def _wait(self, fut: concurrent.futures.Future[None], what: str, deadline: float, health: Health,
-              timeout: float) -> None:
+    def wait(self, fut: concurrent.futures.Future[None], what: str, deadline: float, health: Health,
+             timeout: float) -> None:
         """Wait for a cross phase, looking at the host's channel meanwhile (a
         local peer that died or gave up ends the wait)."""
         while True:

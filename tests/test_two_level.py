@@ -131,10 +131,16 @@ def test_a_rank_killed_in_either_phase_fails_every_rank_in_time(hosts, tmp_path,
 
 
 @pytest.mark.timeout(90)
-def test_mismatched_shapes_across_hosts_raise_on_every_rank(hosts, tmp_path):
-    for rank, (code, out, err) in enumerate(run(hosts, [2, 2], tmp_path, "mismatch", timeout=60)):
+@pytest.mark.parametrize("how", ["shape", "kind"])
+def test_mismatched_calls_across_hosts_raise_on_every_rank(hosts, tmp_path, how):
+    """Another shape on one host; or broadcast (which stays on the flat ring)
+    on one host where the other calls all_sum (two-level): MismatchError on
+    every rank, well before the call's 30 s timeout."""
+    start_time = time.monotonic()
+    for rank, (code, out, err) in enumerate(run(hosts, [2, 2], tmp_path, "mismatch", how, timeout=60)):
         detail = f"rank {rank}: exit {code}\n{out[-3000:]}\n{err[-3000:]}"
         assert code == 0 and "MISMATCH MismatchError" in out, detail
+    assert time.monotonic() - start_time < 25
 
 
 @pytest.mark.timeout(120)

@@ -95,7 +95,7 @@ class RingGroup:
     """The ring's state of one group (``group.handle``): whether its
     collectives move through shared memory (decided at its first collective)."""
 
-    __slots__ = ("decided", "line", "lock", "channel", "health", "direct", "_worker")
+    __slots__ = ("decided", "line", "lock", "channel", "health", "direct", "agree", "_worker")
 
     def __init__(self) -> None:
         self.decided = False
@@ -107,6 +107,10 @@ class RingGroup:
         self.health: shm.Health = _healthy
         #: engine operation name -> the call in the caller's thread (the blocking face)
         self.direct: dict[str, Callable[..., Any]] = {}
+        #: how a collective that moves its data over TCP first agrees on what
+        #: was called: ``agree(sig, description, deadline, health, timeout)``
+        #: (None: it does not; else set with ``channel``)
+        self.agree: Callable[..., None] | None = None
         self._worker: concurrent.futures.ThreadPoolExecutor | None = None
 
     def worker(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -258,6 +262,7 @@ class RingBackend:
                 group, state, channel.broadcast, x, root,
                 signature(f"broadcast from rank {root}", x.dtype, x.shape).describe(), t),
         }
+        state.agree = lambda _sig, *rest: channel.agree(*rest)
         state.channel = channel
 
     def _health(self, group: GroupState) -> shm.Health:
@@ -333,15 +338,13 @@ class RingBackend:
         ``body(link, *args)`` over TCP."""
         state = self._state(group)
         placed = await self._take_turn(group, state, timeout)
+        direct = state.direct.get(name)
+        if direct is None:
+            return await self._after_agreeing(group, state, placed, sig, timeout, body, *args)
         try:
-            direct = state.direct.get(name)
-            if direct is not None:
-                work = state.worker().submit(lambda: direct(*direct_args))
-                placed.set_result(None)
-                return await asyncio.wrap_future(work)
-            link = MeshLink(group, self.mesh, sig, timeout)  # (its sequence number: its place)
+            work = state.worker().submit(lambda: direct(*direct_args))
             placed.set_result(None)
-            return await self._run_link(group, link, body, *args)
+            return await asyncio.wrap_future(work)
         finally:
             if not placed.done():
                 placed.set_result(None)
@@ -353,11 +356,20 @@ class RingBackend:
         shared memory, after agreeing there on what was called."""
         state = self._state(group)
         placed = await self._take_turn(group, state, timeout)
+        return await self._after_agreeing(group, state, placed, sig, timeout, body, *args)
+
+    async def _after_agreeing(self, group: GroupState, state: RingGroup, placed: asyncio.Future[None],
+                              sig: Signature, timeout: float, body: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``body(link, *args)`` over TCP for a call that has its turn
+        (``placed``: resolved once it has its place); first, on a group that
+        uses shared memory, ``state.agree``."""
         try:
             channel = state.channel
             if channel is not None:
                 describe = sig.describe()
-                work = state.worker().submit(lambda: self._shm_call(group, state, channel.agree, describe, timeout))
+                agree = state.agree
+                assert agree is not None  # (set with the channel)
+                work = state.worker().submit(lambda: self._shm_call(group, state, agree, sig, describe, timeout))
                 placed.set_result(None)  # (its TCP number is taken when its agreement ends, in the worker's order)
                 await asyncio.wrap_future(work)
             link = MeshLink(group, self.mesh, sig, timeout)

@@ -11,8 +11,10 @@ hosts as the smallest host has ranks).  From then on the group's
 all_sum/max/min, all_gather and sum_scatter run two-level, in the calling
 thread (the blocking face) or the group's worker (the async face), with
 their TCP parts on the event loop; its other collectives stay on the flat
-ring, after the host's ranks agree on what was called (as a group on one
-host does).
+ring, after agreeing on what was called: inside each host, as a group on
+one host does, and between hosts, where an empty frame carrying the call's
+signature meets what another host sent (a two-level call's first part, if
+that host called one: ``MismatchError``).
 
 The rings between hosts (:class:`CrossRing`) move their frames in the
 group's own context, so an abort of the group ends their waits, and with
@@ -163,5 +165,13 @@ async def set_up(backend: RingBackend, group: GroupState, state: RingGroup, tabl
         return backend._shm_call(  # type: ignore[no-any-return]
             group, state, two.reduce_scatter, x, "sum", cross, describe, t)
 
+    def agree(sig: Signature, description: str, deadline: float, health: shm.Health, t: float) -> None:
+        # (the call's signature goes to the other hosts as the first part of
+        # a two-level call would: a host that called one of those meets it)
+        channel.agree(description, deadline, health, t)
+        if ring is not None:
+            two.wait(CrossCall(backend, ring, sig, t).start(collectives.barrier), description, deadline, health, t)
+
     state.direct = {"all_reduce": all_reduce, "all_gather": all_gather, "sum_scatter": sum_scatter}
+    state.agree = agree
     state.channel = channel

@@ -8,8 +8,9 @@ kill PHASE VICTIM: all_sum of 8 MiB in a loop; in call 3 the victim SIGKILLs
                    of the host; ``inter``: while its ring between hosts has
                    frames in flight).  Survivors print ``FAILED <class> at
                    <time>: ...`` and ``DONE``.
-mismatch:          the ranks of the last host call all_sum with another shape;
-                   every rank prints ``MISMATCH <class>``.
+mismatch HOW:      the ranks of the last host call all_sum with another shape
+                   (``shape``), or broadcast where the others call all_sum
+                   (``kind``); every rank prints ``MISMATCH <class>``.
 async:             the async face: 25 collectives in flight at once, the
                    two-level ones among others that stay on the flat ring.
 memory:            all_sum, all_gather and sum_scatter of 64 MiB; prints how
@@ -105,9 +106,14 @@ elif mode == "kill":
         assert y[0] == want and y[-1] == want and np.all(y[::4099] == want), f"WRONG result in call {i}"
     print("DONE", flush=True)
 elif mode == "mismatch":
-    size = 1001 if n - 1 in world.handle.channel.members else 1000  # the host of the last rank: another shape
+    odd = n - 1 in world.handle.channel.members  # the host of the last rank calls something else
     try:
-        aiocomm.all_sum(np.ones(size, np.float32), timeout=30)
+        if sys.argv[2] == "shape":
+            aiocomm.all_sum(np.ones(1001 if odd else 1000, np.float32), timeout=30)
+        elif odd:  # "kind": a collective that stays on the flat ring, beside a two-level one
+            aiocomm.broadcast(np.ones(1000, np.float32), 0, timeout=30)
+        else:
+            aiocomm.all_sum(np.ones(1000, np.float32), timeout=30)
     except aiocomm.CommError as exc:
         print(f"MISMATCH {type(exc).__name__}: {exc}", flush=True)
     else:
