@@ -216,7 +216,7 @@ class RingBackend:
         whether everyone mapped everyone."""
         n, me = group.size(), group.rank()
         segment = None
-        if self.shm_unavailable is None and n <= shm.MAX_RANKS:
+        if self.shm_unavailable is None:  # (more than MAX_RANKS: only two levels, with fewer on each host)
             try:
                 segment = shm.Segment.create(self.shm_slot_bytes)
             except OSError:
@@ -231,7 +231,7 @@ class RingBackend:
             await two_level.set_up(self, group, state, table, segment, timeout)
             return
         peers: dict[int, shm.Segment] = {}
-        usable = segment is not None and bool(np.all(table[:, 0] == table[0, 0]) and np.all(table[:, 2] >= 0))
+        usable = segment is not None and n <= shm.MAX_RANKS and bool(np.all(table[:, 2] >= 0))
         if usable:
             try:
                 for k in range(n):

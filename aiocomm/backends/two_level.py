@@ -118,7 +118,7 @@ async def set_up(backend: RingBackend, group: GroupState, state: RingGroup, tabl
     layout = hierarchy.Layout.of(table[:, 0].tolist(), me)
     local = layout.hosts[layout.host]
     usable = (segment is not None and layout.worth_it() and bool(np.all(table[:, 2] >= 0))
-              and bool(np.all(table[:, 4] == 1)))
+              and bool(np.all(table[:, 4] == 1)) and max(len(ranks) for ranks in layout.hosts) <= shm.MAX_RANKS)
     peers: dict[int, shm.Segment] = {}
     if usable:
         try:
