@@ -10,7 +10,8 @@ the group's reductions and gathers move through shared memory from then on,
 in the calling thread of the blocking face (no hand-off to the event loop)
 or in the group's own thread for the async face.  Messages (send/recv) and
 the other collectives keep to TCP, after the same agreement on what was
-called.
+called.  A group over several hosts uses a channel among its ranks on each
+host for its first and last level (:mod:`aiocomm.hierarchy`).
 """
 
 from __future__ import annotations
