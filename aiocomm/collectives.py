@@ -293,13 +293,17 @@ async def _ring_all_reduce(link: Link, x: np.ndarray, op: str) -> np.ndarray:
     out = np.array(x, order="C", copy=True)
     if link.size == 1:
         return out
-    flat = out.reshape(-1)
+    await ring_all_reduce_in_place(link, out.reshape(-1), op)
+    return out
+
+
+async def ring_all_reduce_in_place(link: Link, flat: np.ndarray, op: str) -> None:
+    """The ring all-reduce of a contiguous 1-d array, in place."""
     blocks = partition(flat.size, link.size)
     gathered = post_all_gather(link, flat, blocks, 1, lane=1)
     await ring_reduce_scatter(link, flat, blocks, REDUCERS[op], 1)
     await ring_all_gather(link, flat, blocks, 1, lane=1, posted=gathered)
     await link.flush()
-    return out
 
 
 def gathered_shape(shape: tuple[int, ...], size: int) -> tuple[int, ...]:

@@ -215,6 +215,17 @@ def transport(environ: Mapping[str, str] | None = None) -> str:
     return value
 
 
+def two_level(environ: Mapping[str, str] | None = None) -> bool:
+    """``AIOCOMM_TWO_LEVEL``: ``1`` (default): a group that spans hosts with
+    several ranks on some of them reduces inside each host first
+    (:mod:`aiocomm.hierarchy`); ``0``: one flat ring."""
+    env = os.environ if environ is None else environ
+    value = env.get("AIOCOMM_TWO_LEVEL", "").strip() or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"AIOCOMM_TWO_LEVEL={env['AIOCOMM_TWO_LEVEL']!r}: expected 1 (two levels) or 0 (a flat ring)")
+    return value == "1"
+
+
 def shm_slot_bytes(environ: Mapping[str, str] | None = None) -> int:
     """Bytes of each shared-memory slot (``AIOCOMM_SHM_SLOT_BYTES``, default
     8 MiB): a collective moves its array in rounds of one slot; each rank of

@@ -2,7 +2,10 @@
 API, two implementations chosen at ``init``:
 
 * :mod:`.ring` -- aiocomm's own TCP mesh (:mod:`aiocomm.transport`) and the
-  collectives of :mod:`aiocomm.collectives`; always available.
+  collectives of :mod:`aiocomm.collectives`; always available.  Groups on
+  one host move their data through shared memory (:mod:`aiocomm.shm`);
+  groups over several hosts with several ranks on a host, in two levels
+  (:mod:`.two_level`, :mod:`aiocomm.hierarchy`).
 * :mod:`.mpi` -- the MPI library through mpi4py (an optional extra), for
   jobs started by ``mpirun``: shared memory inside a node, fast fabrics
   between nodes.

@@ -96,7 +96,7 @@ class RingGroup:
     """The ring's state of one group (``group.handle``): whether its
     collectives move through shared memory (decided at its first collective)."""
 
-    __slots__ = ("decided", "line", "lock", "channel", "health", "direct", "_worker")
+    __slots__ = ("decided", "line", "lock", "channel", "health", "direct", "agree", "_worker")
 
     def __init__(self) -> None:
         self.decided = False
@@ -108,6 +108,10 @@ class RingGroup:
         self.health: shm.Health = _healthy
         #: engine operation name -> the call in the caller's thread (the blocking face)
         self.direct: dict[str, Callable[..., Any]] = {}
+        #: how a collective that moves its data over TCP first agrees on what
+        #: was called: ``agree(sig, description, deadline, health, timeout)``
+        #: (None: it does not; else set with ``channel``)
+        self.agree: Callable[..., None] | None = None
         self._worker: concurrent.futures.ThreadPoolExecutor | None = None
 
     def worker(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -173,6 +177,7 @@ class RingBackend:
             why = "AIOCOMM_TRANSPORT=tcp"
         self.shm_unavailable = why  # None: groups whose members share this host use shared memory
         self.shm_slot_bytes = config.shm_slot_bytes()
+        self.two_level = config.two_level()  # (groups over several hosts: aiocomm.backends.two_level)
         self.lingering: set[asyncio.Task[Any]] = set()  # agreements' readers, taking their last messages
         self.excluded: str | None = None  # why the others declared this rank failed, once they did
 
@@ -221,16 +226,22 @@ class RingBackend:
         whether everyone mapped everyone."""
         n, me = group.size(), group.rank()
         segment = None
-        if self.shm_unavailable is None and n <= shm.MAX_RANKS:
+        if self.shm_unavailable is None:  # (more than MAX_RANKS: only two levels, with fewer on each host)
             try:
                 segment = shm.Segment.create(self.shm_slot_bytes)
             except OSError:
                 segment = None
-        mine = np.array([shm.host_id(), os.getpid(), segment.fd if segment is not None else -1], np.int64)
+        mine = np.array([shm.host_id(), os.getpid(), segment.fd if segment is not None else -1,
+                         self.shm_slot_bytes, self.two_level], np.int64)
         table = await self._tcp_collective(group, signature("shared-memory set-up", mine.dtype, mine.shape),
                                            timeout, _neighbours_gather, mine)
+        if not np.all(table[:, 0] == table[0, 0]):  # more than one host: two levels, or the flat ring
+            from . import two_level  # (here: it builds on this module)
+
+            await two_level.set_up(self, group, state, table, segment, timeout)
+            return
         peers: dict[int, shm.Segment] = {}
-        usable = segment is not None and bool(np.all(table[:, 0] == table[0, 0]) and np.all(table[:, 2] >= 0))
+        usable = segment is not None and n <= shm.MAX_RANKS and bool(np.all(table[:, 2] >= 0))
         if usable:
             try:
                 for k in range(n):
@@ -261,6 +272,7 @@ class RingBackend:
                 group, state, channel.broadcast, x, root,
                 signature(f"broadcast from rank {root}", x.dtype, x.shape).describe(), t),
         }
+        state.agree = lambda _sig, *rest: channel.agree(*rest)
         state.channel = channel
 
     def _health(self, group: GroupState) -> shm.Health:
@@ -336,15 +348,13 @@ class RingBackend:
         ``body(link, *args)`` over TCP."""
         state = self._state(group)
         placed = await self._take_turn(group, state, timeout)
+        direct = state.direct.get(name)
+        if direct is None:
+            return await self._after_agreeing(group, state, placed, sig, timeout, body, *args)
         try:
-            direct = state.direct.get(name)
-            if direct is not None:
-                work = state.worker().submit(lambda: direct(*direct_args))
-                placed.set_result(None)
-                return await asyncio.wrap_future(work)
-            link = MeshLink(group, self.mesh, sig, timeout)  # (its sequence number: its place)
+            work = state.worker().submit(lambda: direct(*direct_args))
             placed.set_result(None)
-            return await self._run_link(group, link, body, *args)
+            return await asyncio.wrap_future(work)
         finally:
             if not placed.done():
                 placed.set_result(None)
@@ -356,11 +366,20 @@ class RingBackend:
         shared memory, after agreeing there on what was called."""
         state = self._state(group)
         placed = await self._take_turn(group, state, timeout)
+        return await self._after_agreeing(group, state, placed, sig, timeout, body, *args)
+
+    async def _after_agreeing(self, group: GroupState, state: RingGroup, placed: asyncio.Future[None],
+                              sig: Signature, timeout: float, body: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``body(link, *args)`` over TCP for a call that has its turn
+        (``placed``: resolved once it has its place); first, on a group that
+        uses shared memory, ``state.agree``."""
         try:
             channel = state.channel
             if channel is not None:
                 describe = sig.describe()
-                work = state.worker().submit(lambda: self._shm_call(group, state, channel.agree, describe, timeout))
+                agree = state.agree
+                assert agree is not None  # (set with the channel)
+                work = state.worker().submit(lambda: self._shm_call(group, state, agree, sig, describe, timeout))
                 placed.set_result(None)  # (its TCP number is taken when its agreement ends, in the worker's order)
                 await asyncio.wrap_future(work)
             link = MeshLink(group, self.mesh, sig, timeout)

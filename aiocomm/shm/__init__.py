@@ -10,7 +10,8 @@ the group's reductions and gathers move through shared memory from then on,
 in the calling thread of the blocking face (no hand-off to the event loop)
 or in the group's own thread for the async face.  Messages (send/recv) and
 the other collectives keep to TCP, after the same agreement on what was
-called.
+called.  A group over several hosts uses a channel among its ranks on each
+host for its first and last level (:mod:`aiocomm.hierarchy`).
 """
 
 from __future__ import annotations
@@ -30,19 +31,30 @@ __all__ = ["Channel", "Health", "MAX_RANKS", "Segment", "host_id", "supported"]
 
 @functools.lru_cache(maxsize=1)
 def host_id() -> int:
-    """Ranks with equal ids can map each other's segments: one kernel (boot
-    id), one PID namespace (``/proc/<pid>`` names the same process), one
-    mount of /proc."""
+    """Which host this process is on, as the group decisions see it.
+
+    Ranks with equal ids can map each other's segments: one kernel (boot
+    id), one PID namespace, seen through one mount of /proc (its device:
+    ``/proc/<pid>`` names the same process), and one network namespace.
+    The network namespace makes two namespaces of one machine two hosts
+    (what simulated hosts are: ``ip netns``), and the mount namespace is left
+    out on purpose: ``ip netns exec`` gives every process it starts a new one
+    with the same /proc, and ranks started that way in one namespace are one
+    host."""
     parts = [socket.gethostname()]
     try:
         with open("/proc/sys/kernel/random/boot_id") as fh:
             parts.append(fh.read().strip())
     except OSError:
         parts.append("no boot id")
-    for ns in ("pid", "mnt"):
+    for ns in ("pid", "net"):
         try:
             parts.append(str(os.stat(f"/proc/self/ns/{ns}").st_ino))
         except OSError:
             parts.append(f"no {ns} namespace")
+    try:
+        parts.append(str(os.stat("/proc/self").st_dev))
+    except OSError:
+        parts.append("no /proc")
     digest = hashlib.blake2b("\0".join(parts).encode(), digest_size=8).digest()
     return int(np.frombuffer(digest, np.int64)[0])

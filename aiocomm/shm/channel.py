@@ -129,30 +129,33 @@ class Channel:
         if exc is not None and not (isinstance(exc, PeerLostError) and self._arrived(exc.rank, epoch)):
             return exc
         for other, seg in self.others:
-            code = int(seg.control[BROKEN])
-            if code and int(seg.control[EPOCH]) < epoch:
-                origin = self.members[other]
-                # (as the transport's ABORT reports it: the origin's own words)
-                text = f"{seg.reason() or f'rank {origin} gave up on this group during {what}'} " \
-                       f"(reported by rank {origin})"
-                err: CommError
-                if code == _BROKE_TIMEOUT:  # (the same class as the transport's ABORT would give)
-                    err = CommTimeoutError(text, (origin,))
-                elif code == _BROKE_MISMATCH:
-                    err = MismatchError(text)
-                elif code == _BROKE_LOST:
-                    lost = int(seg.control[LOST])
-                    err = PeerLostError(text, lost if lost >= 0 else None)
-                else:
-                    err = CommError(text)
-                    err.culprit = origin
-                return err
+            if int(seg.control[BROKEN]) and int(seg.control[EPOCH]) < epoch:
+                return self._gave_up(other, seg, what)
         if time.monotonic() >= deadline:
             return CommTimeoutError(
                 f"rank {self.members[self.rank]} timed out after {timeout:g}s in {what}, waiting for the next step "
                 f"from rank {world} (shared memory): pass a larger timeout= or set AIOCOMM_TIMEOUT (seconds)",
                 (world,))
         return None
+
+    def _gave_up(self, other: int, seg: Segment, what: str) -> CommError:
+        """The error for a peer that marked its control block broken, as the
+        transport's ABORT would report it: the origin's own words and class."""
+        code = int(seg.control[BROKEN])
+        origin = self.members[other]
+        text = f"{seg.reason() or f'rank {origin} gave up on this group during {what}'} (reported by rank {origin})"
+        err: CommError
+        if code == _BROKE_TIMEOUT:
+            err = CommTimeoutError(text, (origin,))
+        elif code == _BROKE_MISMATCH:
+            err = MismatchError(text)
+        elif code == _BROKE_LOST:
+            lost = int(seg.control[LOST])
+            err = PeerLostError(text, lost if lost >= 0 else None)
+        else:
+            err = CommError(text)
+            err.culprit = origin
+        return err
 
     # ---- the barrier
 
@@ -220,6 +223,46 @@ class Channel:
             return None
         half = ((self.epoch + 1) & 1) * (self.slot_bytes // 2)
         return [seg.input[half : half + nbytes] for seg in self.segments]
+
+    # ---- slots for algorithms outside this module (aiocomm.hierarchy)
+
+    def input_half(self, k: int, parity: int, nbytes: int) -> np.ndarray:
+        """The first ``nbytes`` of half ``parity`` of rank ``k``'s input slot.
+
+        Rules for a caller that writes them: a call writes input halves only
+        after its first barrier (:meth:`agree`) and reads them only before its
+        last barrier; output halves may be read after it, by the ranks that
+        passed it, so they too are written only after a call's first barrier.
+        Taking halves in turn (``parity``) lets a rank write the next part
+        while a slower peer still reads the part before."""
+        half = self.slot_bytes // 2
+        assert nbytes <= half
+        return self.segments[k].input[parity * half : parity * half + nbytes]
+
+    def output_half(self, k: int, parity: int, nbytes: int) -> np.ndarray:
+        """The same, of rank ``k``'s output slot."""
+        half = self.slot_bytes // 2
+        assert nbytes <= half
+        return self.segments[k].output[parity * half : parity * half + nbytes]
+
+    def trouble(self, health: Health, what: str) -> CommError | None:
+        """Why this rank should give up while it waits outside a barrier (for
+        work of its own elsewhere): a peer that died or gave up, or what the
+        transport knows (``health``); None if nothing is wrong."""
+        if self.broken is not None:
+            return self.broken
+        if self._pidfds:
+            for fd, _ in self._poll.poll(0):
+                gone = self.members[self._pidfds[fd]]
+                return PeerLostError(f"rank {gone} (same host, shared memory) exited during {what} on rank "
+                                     f"{self.members[self.rank]}", gone)
+        exc = health()
+        if exc is not None:
+            return exc
+        for other, seg in self.others:
+            if int(seg.control[BROKEN]):
+                return self._gave_up(other, seg, what)
+        return None
 
     # ---- the collectives
 
