@@ -288,6 +288,8 @@ class Connections:
             def forget(t: asyncio.Task[PeerStream]) -> None:
                 if self._dialing.get(peer) is t:
                     self._dialing.pop(peer, None)
+                if not t.cancelled():
+                    t.exception()  # (seen: a best-effort dial whose waiter gave up is no error to log at exit)
 
             task.add_done_callback(forget)
         return task
