@@ -223,13 +223,17 @@ class Signature:
     dtype: str
     shape: tuple[int, ...]
     encoded: bytes = field(init=False, repr=False, compare=False)
+    described: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         encoded = msgpack.packb([self.op, self.dtype, list(self.shape)], use_bin_type=True)
         object.__setattr__(self, "encoded", encoded)
+        object.__setattr__(self, "described", f"{self.op}(shape={self.shape}, dtype={self.dtype})")
 
     def describe(self) -> str:
-        return f"{self.op}(shape={self.shape}, dtype={self.dtype})"
+        """The call in words (one string per signature: shared memory writes
+        it for its peers only when it changes, found by identity)."""
+        return self.described
 
 
 _SIGNATURES: dict[tuple[str, np.dtype, tuple[int, ...]], Signature] = {}
