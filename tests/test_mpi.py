@@ -52,6 +52,15 @@ def test_p2p_split_faces_mismatch_timeout_over_mpi(n):
     ok(mpirun(n, "mpi_program.py", timeout=170), n, "OK mpi")
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("script", ["collectives_matrix.py", "mpi_program.py"])
+def test_groups_that_agree_by_reducing_a_hash_over_mpi(script):
+    """Groups of more than collectives.GATHER_UP_TO ranks agree with an
+    all-reduce of the call's hash and carry no input in it: forced here on
+    3 ranks, every collective, dtype and shape, mismatches and timeouts."""
+    ok(mpirun(3, "mpi_wide.py", script, timeout=170), 3, "OK ")
+
+
 @pytest.mark.timeout(120)
 def test_launcher_backend_mpi_prefixes_and_status():
     code = ("import aiocomm, numpy as np, sys; w = aiocomm.init(strict=True); "
