@@ -33,6 +33,7 @@ from ... import collectives, wire
 from ...errors import MismatchError
 from ...rooted import split_rows
 from .. import GroupState, SplitResult
+from . import results
 from .groups import MpiGroup
 from .progress import Call, Steps, Until, abandon
 from .reductions import UFUNCS, element_type, reduction
@@ -149,7 +150,7 @@ def all_reduce_steps(MPI: Any, group: GroupState, x: np.ndarray, op: str) -> Ste
             ufunc(reduced, rows[i], out=reduced)
         return reduced if x.ndim == 1 else reduced.reshape(x.shape)
     yield from agree(MPI, state.comm, call, group.rank())
-    out = np.array(x, order="C", copy=True)
+    out = results.copy_of(x)
     datatype, mpi_op = reduction(MPI, x.dtype, op)
     comm = state.comm
     yield _in_place(state, x.nbytes, comm.Allreduce, comm.Iallreduce, MPI, [out, x.size, datatype], op=mpi_op)
@@ -159,7 +160,7 @@ def all_reduce_steps(MPI: Any, group: GroupState, x: np.ndarray, op: str) -> Ste
 def all_gather_steps(MPI: Any, group: GroupState, x: np.ndarray) -> Steps[np.ndarray]:
     state = group.handle
     yield from agree(MPI, state.comm, identity("all_gather", x.dtype, x.shape), group.rank())
-    out = np.empty(collectives.gathered_shape(x.shape, group.size()), x.dtype)
+    out = results.empty(collectives.gathered_shape(x.shape, group.size()), x.dtype)
     flat_bytes(out)[group.rank() * x.nbytes : (group.rank() + 1) * x.nbytes] = flat_bytes(x)
     comm = state.comm
     yield _in_place(state, out.nbytes, comm.Allgather, comm.Iallgather, MPI,
@@ -171,20 +172,20 @@ def sum_scatter_steps(MPI: Any, group: GroupState, x: np.ndarray) -> Steps[np.nd
     state = group.handle
     yield from agree(MPI, state.comm, identity("sum_scatter", x.dtype, x.shape), group.rank())
     shape = collectives.scattered_shape(x.shape, group.size())
-    work = np.array(x, order="C", copy=True).reshape(-1)
+    work = results.copy_of(x).reshape(-1)
     count = work.size // group.size()
     datatype, mpi_op = reduction(MPI, x.dtype, "sum")
     comm = state.comm
     yield _in_place(state, x.nbytes, comm.Reduce_scatter_block, comm.Ireduce_scatter_block, MPI,
                     [work, count, datatype], op=mpi_op)
-    out: np.ndarray = work[:count].copy().reshape(shape)
+    out = results.copy_of(work[:count]).reshape(shape)
     return out
 
 
 def broadcast_steps(MPI: Any, group: GroupState, x: np.ndarray, root: int) -> Steps[np.ndarray]:
     state = group.handle
     yield from agree(MPI, state.comm, identity(f"broadcast from rank {root}", x.dtype, x.shape), group.rank())
-    out = np.array(x, order="C", copy=True) if group.rank() == root else np.empty(x.shape, x.dtype)
+    out = results.copy_of(x) if group.rank() == root else results.empty(x.shape, x.dtype)
     comm = state.comm
     buf = [out, out.size, element_type(MPI, x.dtype)]
     if out.nbytes >= BLOCKING_FROM:
@@ -201,14 +202,14 @@ def gather_steps(MPI: Any, group: GroupState, x: np.ndarray, root: int) -> Steps
     # (blocking and nonblocking collectives never match: decide on what every rank knows)
     blocking = x.nbytes * group.size() >= BLOCKING_FROM
     if group.rank() != root:
-        mine = np.array(x, order="C", copy=True)  # (never the caller's: see the module's notes)
+        mine = results.copy_of(x)  # (never the caller's: see the module's notes)
         send = [mine, mine.size, kind]
         if blocking:
             yield Call(lambda: comm.Gather(send, None, root), state.worker())
         else:
             yield comm.Igather(send, None, root)
         return None
-    out = np.empty(collectives.gathered_shape(x.shape, group.size()), x.dtype)
+    out = results.empty(collectives.gathered_shape(x.shape, group.size()), x.dtype)
     flat_bytes(out)[root * x.nbytes : (root + 1) * x.nbytes] = flat_bytes(x)
     recv = [out, x.size, kind]
     if blocking:
@@ -222,8 +223,8 @@ def all_to_all_steps(MPI: Any, group: GroupState, x: np.ndarray) -> Steps[np.nda
     state = group.handle
     split_rows(x.shape, group.size(), "all_to_all")
     yield from agree(MPI, state.comm, identity("all_to_all", x.dtype, x.shape), group.rank())
-    work = np.array(x, order="C", copy=True)
-    out = np.empty(x.shape, x.dtype)
+    work = results.copy_of(x)
+    out = results.empty(x.shape, x.dtype)
     comm, count, kind = state.comm, x.size // group.size(), element_type(MPI, x.dtype)
     send, recv = [work, count, kind], [out, count, kind]
     if x.nbytes >= BLOCKING_FROM:
@@ -242,7 +243,7 @@ def all_gather_v_steps(MPI: Any, group: GroupState, x: np.ndarray) -> Steps[tupl
     yield comm.Iallgather(np.array([rows.shape[0]], np.int64), counts)
     lengths = [int(c) for c in counts]
     row_items = int(np.prod(rows.shape[1:], dtype=np.int64))
-    out = np.empty((sum(lengths), *rows.shape[1:]), x.dtype)
+    out = results.empty((sum(lengths), *rows.shape[1:]), x.dtype)
     items = [c * row_items for c in lengths]
     starts = [sum(items[:p]) for p in range(group.size())]
     me = group.rank()
