@@ -275,13 +275,11 @@ class MpiBackend:
                     raise GiveUp(error)
 
         if type(step) is Call:
-            future = step.start()
-            while True:
-                try:
-                    future.result(max(0.0, min(0.01, deadline - time.monotonic())))
-                    return
-                except TimeoutError:
-                    pause()
+            job = step.start()
+            while not job.wait(max(0.0, min(0.01, deadline - time.monotonic()))):
+                pause()
+            job.result()
+            return
         request, status = split_step(step)
         spins = 0
         busy_until = 0.0
