@@ -84,8 +84,10 @@ class Worker:
     they were handed to it.  (Leaner than a one-thread executor: handing a
     call over and waiting for it are a lock released and one acquired, which
     shows at a megabyte, where the whole collective takes ~250 us.)  A
-    daemon: a call that waits inside MPI for a rank that never comes does
-    not hold up the exit, which aborts the job (see :func:`drained`)."""
+    daemon: the interpreter's exit does not join a call that waits inside
+    MPI for a rank that never comes; the exit hooks decide, as for every
+    operation given up on, whether MPI is finalized or the job aborted
+    (see :func:`drained`)."""
 
     def __init__(self, name: str) -> None:
         self._jobs: collections.deque[Job] = collections.deque()
