@@ -52,6 +52,43 @@ def test_p2p_split_faces_mismatch_timeout_over_mpi(n):
     ok(mpirun(n, "mpi_program.py", timeout=170), n, "OK mpi")
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("script", ["collectives_matrix.py", "mpi_program.py"])
+def test_groups_that_agree_by_reducing_a_hash_over_mpi(script):
+    """Groups of more than collectives.GATHER_UP_TO ranks agree with an
+    all-reduce of the call's hash and carry no input in it: forced here on
+    3 ranks, every collective, dtype and shape, mismatches and timeouts."""
+    ok(mpirun(3, "mpi_wide.py", script, timeout=170), 3, "OK ")
+
+
+def test_large_results_are_made_on_memory_that_earlier_ones_gave_back():
+    """An array of results.POOL_FROM bytes or more is made on the memory of
+    one nobody holds any more (a view still holds it); the pool keeps at
+    most POOL_BYTES; smaller arrays are numpy's own."""
+    import numpy as np
+
+    from aiocomm.backends.mpi import results
+
+    f4 = np.dtype(np.float32)
+    n = results.POOL_FROM // 4
+    a = results.copy_of(np.arange(n, dtype=f4))
+    assert a.dtype == f4 and a.shape == (n,) and a.flags.c_contiguous and a[-1] == n - 1
+    address = a.ctypes.data
+    view = a[10:20]
+    del a
+    b = results.empty((n,), f4)
+    assert b.ctypes.data != address  # the view holds it
+    del view
+    c = results.empty((2, n // 2), np.dtype(np.int32))
+    assert c.ctypes.data == address and c.shape == (2, n // 2)
+    del b, c
+    many = [results.empty((results.POOL_BYTES // 4,), f4) for _ in range(3)]
+    del many
+    assert sum(block.nbytes for block in results._free) == results._held <= results.POOL_BYTES
+    small = results.empty((3,), f4)
+    assert small.base is None
+
+
 @pytest.mark.timeout(120)
 def test_launcher_backend_mpi_prefixes_and_status():
     code = ("import aiocomm, numpy as np, sys; w = aiocomm.init(strict=True); "

@@ -8,8 +8,10 @@ For each size it alternates blocks of ``aiocomm.all_sum`` (world formed with
 prints the median time per operation of each (mean of the ranks per
 iteration, as nccl-tests' ``-a 1``) and their ratio (``raw / aiocomm``:
 1.0 means no overhead).  aiocomm's figure includes what the backend adds:
-the 16-byte signature agreement before each collective, allocating the
-result, and the step driver.
+the signature agreement before each collective (a reduction of up to 56
+bytes is done within it), the result's array, the step driver and, from
+256 KiB on, handing MPI's blocking call to the group's worker thread and
+back.
 """
 
 from __future__ import annotations

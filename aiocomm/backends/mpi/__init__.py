@@ -17,10 +17,12 @@ deadline and by what the notices say.
 Invariants:
 
 * Ranks that disagree get :class:`~aiocomm.errors.MismatchError`, never
-  wrong numbers: collectives agree on a signature first; every
+  wrong numbers: collectives agree on a signature first (a reduction small
+  enough rides in that agreement, see :mod:`.collectives`); every
   point-to-point message carries its signature in its head.
 * An operation given up on (timeout, cancel, a notice) never reads the
-  caller's arrays again: collectives run in place on their own copy, and a
+  caller's arrays again: collectives run in place on their own copy (large
+  ones on memory earlier results gave back, :mod:`.results`), and a
   send either handed MPI a private copy or is withdrawn with a verdict the
   receiver waits for (:mod:`.p2p`).  Nothing a receive took from MPI is
   lost.
@@ -30,8 +32,8 @@ Invariants:
   were called; its blocking collectives run in its own worker thread.
 
 Layers: :mod:`.library` (the MPI library and process life) ->
-:mod:`.reductions`, :mod:`.groups`, :mod:`.progress` -> :mod:`.notices`,
-:mod:`.collectives`, :mod:`.p2p` -> :mod:`.backend`.
+:mod:`.reductions`, :mod:`.results`, :mod:`.progress` -> :mod:`.groups` ->
+:mod:`.notices`, :mod:`.collectives`, :mod:`.p2p` -> :mod:`.backend`.
 """
 
 from .backend import MpiBackend, start_world

@@ -46,6 +46,7 @@ from .progress import Call, GiveUp, Steps, split_step
 SPIN_SECONDS = 0.05
 
 _PUBLIC = {"all_reduce": "a collective"}  # engine operation names as the user called them
+_P2P = frozenset(("send", "recv"))
 
 _STEPS: dict[str, Callable[..., Steps[Any]]] = {
     "all_reduce": all_reduce_steps,
@@ -129,8 +130,9 @@ class MpiBackend:
         (which must not hold already), and (for a collective) its number
         among the group's collectives, known once it is issued."""
         self.notices.poll(every=0.001)  # cheap, but not free: a fast operation needs no fresh news
-        self._refuse(group, name)
         state: groups.MpiGroup = group.handle
+        if state.broken is not None:
+            self._refuse(group, name)
         heard = self.notices
         index = [state.entered + 1]  # the earliest it can be, until it is issued
         doomed: Doomed
@@ -218,15 +220,16 @@ class MpiBackend:
     def call_blocking(self, name: str, group: GroupState, *args: Any) -> Any:
         """Run operation ``name`` in the calling thread."""
         timeout = args[-1]
-        collective = name not in ("send", "recv")
+        collective = name not in _P2P
         state: groups.MpiGroup = group.handle
-        pending = state.queues.get(_stream(name, args))
-        if pending is not None and not pending.done():
-            raise RuntimeError(
-                f"aiocomm.{name}: an operation started with aiocomm.aio on the same stream of this group (its "
-                "collectives, or its messages with that rank) has not finished; await it before calling the "
-                "blocking face there"
-            )
+        if state.queues:  # (the async face has been used on this group)
+            pending = state.queues.get(_stream(name, args))
+            if pending is not None and not pending.done():
+                raise RuntimeError(
+                    f"aiocomm.{name}: an operation started with aiocomm.aio on the same stream of this group (its "
+                    "collectives, or its messages with that rank) has not finished; await it before calling the "
+                    "blocking face there"
+                )
         doomed, index = self._begin(group, name, args)
         if collective:
             self._issue(group, name, index)
@@ -237,7 +240,9 @@ class MpiBackend:
         try:
             step = next(steps)
             while True:
-                self._wait(step, deadline, doomed, group, name, timeout)
+                # (the common case first: a request without a status, done at its first test)
+                if type(step) is Call or type(step) is tuple or not step.Test():
+                    self._wait(step, deadline, doomed, group, name, timeout)
                 step = steps.send(None)
         except StopIteration as stop:
             return stop.value
@@ -269,14 +274,12 @@ class MpiBackend:
                 if error is not None:
                     raise GiveUp(error)
 
-        if isinstance(step, Call):
-            future = step.start()
-            while True:
-                try:
-                    future.result(max(0.0, min(0.01, deadline - time.monotonic())))
-                    return
-                except TimeoutError:
-                    pause()
+        if type(step) is Call:
+            job = step.start()
+            while not job.wait(max(0.0, min(0.01, deadline - time.monotonic()))):
+                pause()
+            job.result()
+            return
         request, status = split_step(step)
         spins = 0
         busy_until = 0.0

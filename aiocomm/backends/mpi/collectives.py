@@ -2,21 +2,27 @@
 
 MPI checks nothing of what ranks pass: mismatched counts are undefined
 behaviour and mismatched dtypes silently wrong.  So every collective first
-agrees on a signature: one 16-byte ``Iallreduce`` (MAX of ``[h, -h]``, ``h`` a
-hash of the operation, dtype and shape) tells every rank whether all hashes
-are equal; if not, the ranks gather each other's descriptions and raise
-:class:`MismatchError` naming them.
+agrees on a signature (:func:`agree`): each rank contributes a
+:data:`RECORD`-byte record -- a 63-bit hash of the operation, dtype and
+shape -- to one ``Iallgather``, and every rank sees whether all hashes are
+equal; if not, the ranks gather each other's descriptions and raise
+:class:`MismatchError` naming them.  A record has room for a small input
+(:data:`INLINE` bytes): a reduction of one that small is complete once the
+records are in (each rank reduces the gathered inputs with numpy, in rank
+order, so every rank gets the same bits), one round where it took two.
+Groups of more than :data:`GATHER_UP_TO` ranks agree with a 16-byte
+``Iallreduce`` instead (MAX of ``[h, -h]``; a table of records would grow
+with the group) and carry no input.
 
-Every collective copies its input into the buffer it returns and runs *in
-place* there (MPI's ``IN_PLACE``; MPI's own algorithms begin with that copy
-anyway).  So a collective that timed out, and goes on in the background
+Every other collective copies its input into the buffer it returns and runs
+*in place* there (MPI's ``IN_PLACE``; MPI's own algorithms begin with that
+copy anyway).  So a collective that timed out, and goes on in the background
 for the other ranks' sake, never reads the caller's array again: the caller
 may change it at once, and the other ranks still get what it held.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Callable
 from typing import Any
@@ -27,9 +33,10 @@ from ... import collectives, wire
 from ...errors import MismatchError
 from ...rooted import split_rows
 from .. import GroupState, SplitResult
+from . import results
 from .groups import MpiGroup
 from .progress import Call, Steps, Until, abandon
-from .reductions import element_type, reduction
+from .reductions import UFUNCS, element_type, reduction
 
 #: Buffers from this size on are reduced by MPI's blocking collectives, run
 #: in the group's worker thread: Open MPI's nonblocking ones progress only
@@ -41,30 +48,81 @@ def flat_bytes(x: np.ndarray) -> np.ndarray:
     return x.reshape(-1).view(np.uint8)
 
 
-@functools.lru_cache(maxsize=1024)
-def _identity(call: wire.Signature | str) -> tuple[str, int]:
-    """A call's description and a 63-bit hash of it (cached: signatures repeat)."""
-    what = call if isinstance(call, str) else call.describe()
-    return what, int.from_bytes(hashlib.blake2b(what.encode(), digest_size=8).digest(), "little", signed=True) >> 1
+#: Bytes of each rank's record in an agreement: its call's hash, then room
+#: for an input of up to :data:`INLINE` bytes.
+RECORD = 64
+INLINE = RECORD - 8
+#: The largest group that agrees by gathering records (larger ones reduce
+#: a 16-byte hash pair instead, whose cost grows only with log(size)).
+GATHER_UP_TO = 16
 
 
-def agree(MPI: Any, comm: Any, call: wire.Signature | str, rank: int) -> Steps[None]:
-    """Every rank of ``comm`` made the same ``call``, or MismatchError naming them."""
-    what, h = _identity(call)
-    mine = np.array([h, -h], np.int64)
-    out = np.empty(2, np.int64)
-    yield comm.Iallreduce(mine, out, op=MPI.MAX)
-    if out[0] == -out[1]:  # max == min: every rank's hash is the same
-        return
+Identity = tuple[str, int, bytes, bytes]
+_IDENTITIES: dict[tuple[str, np.dtype | None, tuple[int, ...]], Identity] = {}
+
+
+def identity(op: str, dtype: np.dtype | None = None, shape: tuple[int, ...] = ()) -> Identity:
+    """What every rank must agree on for a call of ``op`` (on an array of
+    ``dtype`` and ``shape``, if it takes one): its description, a 63-bit
+    hash of it, the hash's bytes and the record that carries no input.
+    Cached: programs repeat the same few calls."""
+    key = (op, dtype, shape)
+    found = _IDENTITIES.get(key)
+    if found is None:
+        what = op if dtype is None else wire.signature(op, dtype, shape).describe()
+        h = int.from_bytes(hashlib.blake2b(what.encode(), digest_size=8).digest(), "little", signed=True) >> 1
+        hashed = h.to_bytes(8, "little", signed=True)
+        if len(_IDENTITIES) >= 4096:
+            _IDENTITIES.clear()
+        found = _IDENTITIES[key] = (what, h, hashed, hashed.ljust(RECORD, b"\0"))
+    return found
+
+
+def carries(group: GroupState, x: np.ndarray) -> bool:
+    """Whether the agreement's records carry ``x`` (the same on every rank
+    that makes the same call)."""
+    return x.nbytes <= INLINE and group.size() <= GATHER_UP_TO
+
+
+def agree(MPI: Any, comm: Any, call: Identity, rank: int, x: np.ndarray | None = None) -> Steps[bytearray | None]:
+    """Every rank of ``comm`` made the same ``call`` (its :func:`identity`),
+    or MismatchError naming them.  With ``x`` (see :func:`carries`), the
+    gathered records, one :data:`RECORD` after another by rank (see
+    :func:`inputs`)."""
+    what, h, hashed, empty = call
+    size = comm.Get_size()
+    if size > GATHER_UP_TO:
+        mine = np.array([h, -h], np.int64)
+        out = np.empty(2, np.int64)
+        yield comm.Iallreduce(mine, out, op=MPI.MAX)
+        top, bottom = out.tolist()
+        if top == -bottom:  # max == min: every rank's hash is the same
+            return None
+    else:
+        record = empty if x is None else (hashed + x.tobytes()).ljust(RECORD, b"\0")
+        table = bytearray(size * RECORD)
+        yield comm.Iallgather(record, table)
+        for at in range(0, size * RECORD, RECORD):
+            if table[at : at + 8] != hashed:
+                break
+        else:
+            return table
     text = what.encode()[:255]
     row = np.zeros(256, np.uint8)
     row[0] = len(text)
     row[1 : 1 + len(text)] = np.frombuffer(text, np.uint8)
-    table = np.empty((comm.Get_size(), 256), np.uint8)
-    yield comm.Iallgather([row, MPI.BYTE], [table, MPI.BYTE])
-    calls = [bytes(r[1 : 1 + r[0]]).decode(errors="replace") for r in table]
+    descriptions = np.empty((size, 256), np.uint8)
+    yield comm.Iallgather([row, MPI.BYTE], [descriptions, MPI.BYTE])
+    calls = [bytes(r[1 : 1 + r[0]]).decode(errors="replace") for r in descriptions]
     others = "; ".join(f"rank {i}: {c}" for i, c in enumerate(calls) if c != what)
     raise MismatchError(f"rank {rank} called {what}, but not every rank did the same ({others})")
+
+
+def inputs(table: bytearray, x: np.ndarray) -> np.ndarray:
+    """Every rank's input, carried by the agreement's records (bytes
+    ``8 : 8 + x.nbytes`` of each), as rows of ``x.size`` elements."""
+    rows: np.ndarray = np.ndarray((len(table) // RECORD, x.size), x.dtype, table, 8, (RECORD, x.itemsize))
+    return rows
 
 
 def _in_place(state: MpiGroup, nbytes: int, blocking: Callable[..., Any], nonblocking: Callable[..., Any],
@@ -77,10 +135,22 @@ def _in_place(state: MpiGroup, nbytes: int, blocking: Callable[..., Any], nonblo
     return nonblocking(MPI.IN_PLACE, buf, **kwargs)
 
 
+_REDUCTIONS = {"sum": "all_sum", "max": "all_max", "min": "all_min"}  # (their public names)
+
+
 def all_reduce_steps(MPI: Any, group: GroupState, x: np.ndarray, op: str) -> Steps[np.ndarray]:
     state = group.handle
-    yield from agree(MPI, state.comm, wire.signature(f"all_{op}", x.dtype, x.shape), group.rank())
-    out = np.array(x, order="C", copy=True)
+    call = identity(_REDUCTIONS[op], x.dtype, x.shape)
+    if carries(group, x):
+        table = yield from agree(MPI, state.comm, call, group.rank(), x)
+        assert table is not None
+        rows, ufunc = inputs(table, x), UFUNCS[op]
+        reduced: np.ndarray = ufunc(rows[0], rows[1])  # (a binary call costs half what ufunc.reduce does)
+        for i in range(2, len(rows)):
+            ufunc(reduced, rows[i], out=reduced)
+        return reduced if x.ndim == 1 else reduced.reshape(x.shape)
+    yield from agree(MPI, state.comm, call, group.rank())
+    out = results.copy_of(x)
     datatype, mpi_op = reduction(MPI, x.dtype, op)
     comm = state.comm
     yield _in_place(state, x.nbytes, comm.Allreduce, comm.Iallreduce, MPI, [out, x.size, datatype], op=mpi_op)
@@ -89,8 +159,8 @@ def all_reduce_steps(MPI: Any, group: GroupState, x: np.ndarray, op: str) -> Ste
 
 def all_gather_steps(MPI: Any, group: GroupState, x: np.ndarray) -> Steps[np.ndarray]:
     state = group.handle
-    yield from agree(MPI, state.comm, wire.signature("all_gather", x.dtype, x.shape), group.rank())
-    out = np.empty(collectives.gathered_shape(x.shape, group.size()), x.dtype)
+    yield from agree(MPI, state.comm, identity("all_gather", x.dtype, x.shape), group.rank())
+    out = results.empty(collectives.gathered_shape(x.shape, group.size()), x.dtype)
     flat_bytes(out)[group.rank() * x.nbytes : (group.rank() + 1) * x.nbytes] = flat_bytes(x)
     comm = state.comm
     yield _in_place(state, out.nbytes, comm.Allgather, comm.Iallgather, MPI,
@@ -100,22 +170,22 @@ def all_gather_steps(MPI: Any, group: GroupState, x: np.ndarray) -> Steps[np.nda
 
 def sum_scatter_steps(MPI: Any, group: GroupState, x: np.ndarray) -> Steps[np.ndarray]:
     state = group.handle
-    yield from agree(MPI, state.comm, wire.signature("sum_scatter", x.dtype, x.shape), group.rank())
+    yield from agree(MPI, state.comm, identity("sum_scatter", x.dtype, x.shape), group.rank())
     shape = collectives.scattered_shape(x.shape, group.size())
-    work = np.array(x, order="C", copy=True).reshape(-1)
+    work = results.copy_of(x).reshape(-1)
     count = work.size // group.size()
     datatype, mpi_op = reduction(MPI, x.dtype, "sum")
     comm = state.comm
     yield _in_place(state, x.nbytes, comm.Reduce_scatter_block, comm.Ireduce_scatter_block, MPI,
                     [work, count, datatype], op=mpi_op)
-    out: np.ndarray = work[:count].copy().reshape(shape)
+    out = results.copy_of(work[:count]).reshape(shape)
     return out
 
 
 def broadcast_steps(MPI: Any, group: GroupState, x: np.ndarray, root: int) -> Steps[np.ndarray]:
     state = group.handle
-    yield from agree(MPI, state.comm, wire.signature(f"broadcast from rank {root}", x.dtype, x.shape), group.rank())
-    out = np.array(x, order="C", copy=True) if group.rank() == root else np.empty(x.shape, x.dtype)
+    yield from agree(MPI, state.comm, identity(f"broadcast from rank {root}", x.dtype, x.shape), group.rank())
+    out = results.copy_of(x) if group.rank() == root else results.empty(x.shape, x.dtype)
     comm = state.comm
     buf = [out, out.size, element_type(MPI, x.dtype)]
     if out.nbytes >= BLOCKING_FROM:
@@ -127,19 +197,19 @@ def broadcast_steps(MPI: Any, group: GroupState, x: np.ndarray, root: int) -> St
 
 def gather_steps(MPI: Any, group: GroupState, x: np.ndarray, root: int) -> Steps[np.ndarray | None]:
     state = group.handle
-    yield from agree(MPI, state.comm, wire.signature(f"gather to rank {root}", x.dtype, x.shape), group.rank())
+    yield from agree(MPI, state.comm, identity(f"gather to rank {root}", x.dtype, x.shape), group.rank())
     comm, kind = state.comm, element_type(MPI, x.dtype)
     # (blocking and nonblocking collectives never match: decide on what every rank knows)
     blocking = x.nbytes * group.size() >= BLOCKING_FROM
     if group.rank() != root:
-        mine = np.array(x, order="C", copy=True)  # (never the caller's: see the module's notes)
+        mine = results.copy_of(x)  # (never the caller's: see the module's notes)
         send = [mine, mine.size, kind]
         if blocking:
             yield Call(lambda: comm.Gather(send, None, root), state.worker())
         else:
             yield comm.Igather(send, None, root)
         return None
-    out = np.empty(collectives.gathered_shape(x.shape, group.size()), x.dtype)
+    out = results.empty(collectives.gathered_shape(x.shape, group.size()), x.dtype)
     flat_bytes(out)[root * x.nbytes : (root + 1) * x.nbytes] = flat_bytes(x)
     recv = [out, x.size, kind]
     if blocking:
@@ -152,9 +222,9 @@ def gather_steps(MPI: Any, group: GroupState, x: np.ndarray, root: int) -> Steps
 def all_to_all_steps(MPI: Any, group: GroupState, x: np.ndarray) -> Steps[np.ndarray]:
     state = group.handle
     split_rows(x.shape, group.size(), "all_to_all")
-    yield from agree(MPI, state.comm, wire.signature("all_to_all", x.dtype, x.shape), group.rank())
-    work = np.array(x, order="C", copy=True)
-    out = np.empty(x.shape, x.dtype)
+    yield from agree(MPI, state.comm, identity("all_to_all", x.dtype, x.shape), group.rank())
+    work = results.copy_of(x)
+    out = results.empty(x.shape, x.dtype)
     comm, count, kind = state.comm, x.size // group.size(), element_type(MPI, x.dtype)
     send, recv = [work, count, kind], [out, count, kind]
     if x.nbytes >= BLOCKING_FROM:
@@ -167,13 +237,13 @@ def all_to_all_steps(MPI: Any, group: GroupState, x: np.ndarray) -> Steps[np.nda
 def all_gather_v_steps(MPI: Any, group: GroupState, x: np.ndarray) -> Steps[tuple[np.ndarray, list[int]]]:
     state = group.handle
     rows = x.reshape(1, *x.shape) if x.ndim == 0 else x
-    yield from agree(MPI, state.comm, wire.signature("all_gather_v of rows", x.dtype, x.shape[1:]), group.rank())
+    yield from agree(MPI, state.comm, identity("all_gather_v of rows", x.dtype, x.shape[1:]), group.rank())
     comm = state.comm
     counts = np.empty(group.size(), np.int64)
     yield comm.Iallgather(np.array([rows.shape[0]], np.int64), counts)
     lengths = [int(c) for c in counts]
     row_items = int(np.prod(rows.shape[1:], dtype=np.int64))
-    out = np.empty((sum(lengths), *rows.shape[1:]), x.dtype)
+    out = results.empty((sum(lengths), *rows.shape[1:]), x.dtype)
     items = [c * row_items for c in lengths]
     starts = [sum(items[:p]) for p in range(group.size())]
     me = group.rank()
@@ -184,8 +254,8 @@ def all_gather_v_steps(MPI: Any, group: GroupState, x: np.ndarray) -> Steps[tupl
 
 
 def barrier_steps(MPI: Any, group: GroupState) -> Steps[None]:
-    """Every rank has entered once the agreement (an all-reduce) is done."""
-    yield from agree(MPI, group.handle.comm, "barrier", group.rank())
+    """Every rank has entered once the agreement is done."""
+    yield from agree(MPI, group.handle.comm, identity("barrier"), group.rank())
 
 
 def _stand_ins(MPI: Any, state: MpiGroup) -> Steps[None]:
@@ -213,7 +283,7 @@ def _stand_ins(MPI: Any, state: MpiGroup) -> Steps[None]:
             yield Until(lambda: state.current is None)
             continue
         try:
-            yield from agree(MPI, state.comm, "stand-in", rank)
+            yield from agree(MPI, state.comm, identity("stand-in"), rank)
         except MismatchError:
             pass
         finally:
@@ -239,7 +309,7 @@ def split_steps(MPI: Any, group: GroupState, index: int, color: int, key: int) -
     from ..ring import split_context, split_order
 
     comm = group.handle.comm
-    yield from agree(MPI, comm, "split", group.rank())
+    yield from agree(MPI, comm, identity("split"), group.rank())
     mine = np.array([color, key], np.int64)
     table = np.empty((group.size(), 2), np.int64)
     yield comm.Iallgather(mine, table)

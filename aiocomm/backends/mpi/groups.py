@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import threading
 from typing import TYPE_CHECKING, Any
 
 from ...errors import CommError
+from .progress import Worker
 
 if TYPE_CHECKING:
     from .p2p import Inbox
@@ -39,16 +39,16 @@ class MpiGroup:
         self.current: Any = None  # the collective being issued or run here, if any
         self.draining = False  # stand-ins are being issued (see collectives.stand_in)
         self.lock = threading.Lock()  # between issuing a collective and hearing that the group broke
-        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._worker: Worker | None = None
         by_context[context] = self
 
-    def worker(self) -> concurrent.futures.ThreadPoolExecutor:
+    def worker(self) -> Worker:
         """This group's thread for MPI's blocking collectives.  One per group:
         a group runs one collective at a time, and groups never wait for each
         other's threads (a shared pool could fill with collectives whose
         partners are queued behind them on another rank)."""
         if self._worker is None:
-            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"aiocomm-mpi-{self.context:x}")
+            self._worker = Worker(f"aiocomm-mpi-{self.context:x}")
         return self._worker
 
 

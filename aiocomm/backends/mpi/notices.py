@@ -109,6 +109,8 @@ class Notices:
     def lost_collective(self, state: groups.MpiGroup, index: int) -> CommError | None:
         """The error for collective number ``index`` (counted from 1) of a
         group if a member left without starting it."""
+        if not self.gone:
+            return None
         for world_rank in state.members:
             left = self.gone.get(world_rank)
             if left is not None and left.get(state.context, (0, 0))[0] < index:

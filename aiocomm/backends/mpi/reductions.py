@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 _ELEMENT_TYPES: dict[int, str] = {1: "BYTE", 2: "UINT16_T", 4: "UINT32_T", 8: "UINT64_T", 16: "C_DOUBLE_COMPLEX"}
-_UFUNCS = {"sum": np.add, "max": np.maximum, "min": np.minimum}
+#: numpy's reduction for each operation
+UFUNCS = {"sum": np.add, "max": np.maximum, "min": np.minimum}
 _NATIVE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 _user_ops: dict[tuple[str, np.dtype], Any] = {}
 
@@ -37,7 +38,7 @@ def reduction(MPI: Any, dtype: np.dtype, op: str) -> tuple[Any, Any]:
     key = (op, dtype)
     mpi_op = _user_ops.get(key)
     if mpi_op is None:
-        ufunc = _UFUNCS[op]
+        ufunc = UFUNCS[op]
 
         def apply(
             inbuf: Any, inoutbuf: Any, datatype: Any, ufunc: Callable[..., Any] = ufunc, dtype: np.dtype = dtype
