@@ -162,6 +162,29 @@ def test_the_mpi_backend_says_what_its_library_lacks():
     assert "MPIX_Comm_agree" in proc.stdout and "Use the ring backend" in proc.stdout, proc.stdout
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("victim,n,how", [(0, 1, "stop"), (0, 4, "sleep"), (2, 3, "sleep"), (2, 6, "stop")])
+def test_a_rank_that_stands_still_mid_agreement_never_carries_on_alone(tmp_path, victim, n, how):
+    """Frozen (SIGSTOP) or with its loop blocked, at a chosen message of an
+    agreement, for longer than the timeout: the others give up on it and
+    carry on; when it moves again it must learn it is out -- not take its own
+    stall for everyone else's silence, nor their closed connections for
+    their deaths, and decide alone (an adversarial review found both)."""
+    outs = run_world(4, tmp_path, "stall", victim, n, env={"SURVIVORS_TIMEOUT": "1", "SURVIVORS_STALL": how})
+    code, out, err = outs[victim]
+    assert code == 0 and "VICTIM OUT" in out and "VICTIM SHRANK" not in out, (out, err[-3000:])
+    lines = None
+    for rank, (code, out, err) in enumerate(outs):
+        if rank == victim:
+            continue
+        assert code == 0, (rank, out, err[-3000:])
+        mine = [line for line in out.splitlines() if line.startswith(("AGREE", "SHRINK"))]
+        lines = lines or mine
+        assert mine == lines, (rank, mine, lines)
+    survivors = [r for r in range(4) if r != victim]
+    assert lines[-1] == f"SHRINK size 3 members {survivors} sum {sum(r + 1 for r in survivors)}", lines
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_no_survivor_ever_disagrees_over_randomized_kill_moments(tmp_path):

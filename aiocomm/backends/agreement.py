@@ -33,6 +33,14 @@ it is closed for good (the mesh never lets a lost rank back), so if it
 wakes it can neither rejoin nor act on the group as if it were the only
 survivor.
 
+A rank that itself stood still (its wait ended far past its deadline) does
+not take that for its peers' silence: their clocks start again, and what
+they sent meanwhile is read before anyone is blamed (a short grace precedes
+every blame).  Only a peer's reader, after everything that peer sent, says
+it is lost (a failed send does not: the EXCLUDED it sent first must be heard).
+A rank that stood still and then finds every other member gone does not
+decide alone: it raises, as one declared failed.
+
 Each rank's messages to one peer travel on one connection in order, and
 each rank sends DECIDED last, so a peer's reader ends with its DECIDED (or
 its loss); readers linger after the decision to take those last messages.
@@ -48,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -65,6 +74,11 @@ GONE, YES, NO = 0, 1, 2
 #: leader itself may first wait one timeout for a silent member's flag,
 #: then one for its acknowledgement).
 LEADER_PATIENCE = 2.5
+#: A wait that ends this late (seconds, or this share of the timeout) means
+#: this rank stood still, not that its peers were silent.
+STALL_SECONDS, STALL_SHARE = 0.05, 0.25
+#: Before it blames a silent member, a rank lets what arrived be read.
+GRACE_SECONDS = 0.02
 _I64 = np.dtype(np.int64)
 
 
@@ -78,8 +92,10 @@ class Agreement:
     """One ``agree`` call on one rank (run it once)."""
 
     def __init__(self, mesh: Mesh, members: tuple[int, ...], me: int, context: int, index: int, flag: bool,
-                 failed: tuple[int, ...], timeout: float, lingering: set[asyncio.Task[Any]]) -> None:
+                 failed: tuple[int, ...], timeout: float, lingering: set[asyncio.Task[Any]],
+                 on_excluded: Callable[[str], None] | None = None) -> None:
         self.mesh = mesh
+        self.on_excluded = on_excluded  # told if an EXCLUDED comes after this rank decided
         self.loop = mesh.loop
         self.members = members
         self.n = len(members)
@@ -105,6 +121,7 @@ class Agreement:
         self.events: asyncio.Queue[tuple[int, np.ndarray | None]] = asyncio.Queue()
         self.outboxes: dict[int, asyncio.Queue[np.ndarray | None]] = {}
         self.excluded_by: int | None = None
+        self.stalled = 0.0  # the longest this rank stood still during the agreement (seconds)
         self.done = False
 
     # ---- messages
@@ -145,9 +162,10 @@ class Agreement:
                                self._op(f"agreement with rank {peer}", self.timeout))
                 if msg[0] in (DECIDED, EXCLUDED):
                     return
-        except Exception as exc:  # (a lost peer, a closed connection): it is gone for this agreement
+        except Exception as exc:  # (a lost peer, a closed connection, a refused dial)
+            # Not a loss: the reader decides that, once it has taken everything
+            # the peer sent first (maybe that this rank was excluded).
             log.debug("rank %d: agreement message to rank %d not sent: %r", self.mesh.rank, peer, exc)
-            self.events.put_nowait((k, None))
 
     async def _reader(self, k: int) -> None:
         """Everything ``k`` sends in this agreement, in order, then its loss or its DECIDED."""
@@ -167,6 +185,8 @@ class Agreement:
             except CommError:
                 self.events.put_nowait((k, None))
                 return
+            if self.done and msg[0] == EXCLUDED and self.on_excluded is not None:  # (after this rank decided)
+                self.on_excluded(self._excluded_text(k))
             self.events.put_nowait((k, msg))
             if msg[0] == DECIDED:
                 return
@@ -190,17 +210,36 @@ class Agreement:
                 self._progress()
                 if self.decision is not None:
                     break
-                wait = self._next_deadline() - self.loop.time()
+                until = self._next_deadline()
                 try:
-                    k, msg = await asyncio.wait_for(self.events.get(), max(wait, 0.0))
+                    k, msg = await asyncio.wait_for(self.events.get(), max(until - self.loop.time(), 0.0))
                 except TimeoutError:
-                    self._give_up_on_silent()
+                    now = self.loop.time()
+                    if now - until > max(STALL_SECONDS, STALL_SHARE * self.timeout):
+                        # This rank stood still (frozen, its loop blocked), not
+                        # its peers: their clocks start again, and what they
+                        # sent meanwhile is waiting to be read.
+                        self.stalled = max(self.stalled, now - until)
+                        self._restart_clocks(now)
+                    await asyncio.sleep(GRACE_SECONDS)  # (what arrived is heard before anyone is blamed)
+                    if self.events.empty():
+                        self._give_up_on_silent()
                     continue
                 self._handle(k, msg)
         finally:
             self.done = True
         decision = self.decision
         assert decision is not None
+        if self.stalled and self.n > 1 and all(decision[k] == GONE for k in range(self.n) if k != self.me):
+            # It stood still, and everyone was gone when it looked again: the
+            # others cut it off (their notice did not reach it), or it is on
+            # the losing side of a partition.  Alone, it must not carry on.
+            why = (f"rank {self.members[self.me]}: this rank stood still for {self.stalled:.1f}s during an "
+                   "agreement and found every other member gone afterwards: the others most likely declared it "
+                   "failed; it cannot rejoin the group")
+            if self.on_excluded is not None:
+                self.on_excluded(why)
+            raise CommError(why)
         if decision[self.me] == GONE:
             raise CommError(
                 f"rank {self.members[self.me]}: the other members of the group declared this rank failed "
@@ -247,9 +286,7 @@ class Agreement:
     def _handle(self, k: int, msg: np.ndarray | None) -> None:
         if msg is not None and msg[0] == EXCLUDED:
             self.excluded_by = self.members[k]
-            raise CommError(
-                f"rank {self.members[self.me]}: rank {self.members[k]} declared this rank failed after it was "
-                f"silent for more than timeout={self.timeout:g}s in an agreement; it cannot rejoin the group")
+            raise CommError(self._excluded_text(k))
         if k in self.suspected:
             return  # (what a rank made dead says is not heard; a lost one's earlier messages came first)
         if msg is None:
@@ -269,6 +306,16 @@ class Agreement:
                 self.acks.add(k)
         elif kind == DECIDED:
             self._decide(body.copy())
+
+    def _excluded_text(self, k: int) -> str:
+        return (f"rank {self.members[self.me]}: rank {self.members[k]} declared this rank failed after it was "
+                f"silent for more than timeout={self.timeout:g}s in an agreement; it cannot rejoin the group")
+
+    def _restart_clocks(self, now: float) -> None:
+        """Every member's silence counts from ``now`` (after this rank's own stall)."""
+        self.started = self.round_since = now
+        if self.leading_since is not None:
+            self.leading_since = now
 
     # ---- silence
 

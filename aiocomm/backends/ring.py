@@ -530,13 +530,17 @@ class RingBackend:
         if self.excluded is not None:
             raise CommError(self.excluded)
         agreement = Agreement(self.mesh, group.members, group.rank(), group.context, index, flag, failed, timeout,
-                              self.lingering)
+                              self.lingering, self._excluded)
         try:
             return await agreement.run()
         except CommError as exc:
             if agreement.excluded_by is not None:  # for good: every later agreement says so too
                 self.excluded = str(exc)
             raise
+
+    def _excluded(self, why: str) -> None:
+        if self.excluded is None:
+            self.excluded = why
 
     def shrink(self, group: GroupState, index: int, failed: tuple[int, ...], timeout: float) -> SplitResult:
         """The group of ``group``'s members but ``failed`` (agreed on by every

@@ -8,6 +8,9 @@
     survivors.py chain V1 V2 V3    ranks die one after another, a shrink after each
     survivors.py async V           the async face (aio.agree, aio.shrink) on a split group; V dies
     survivors.py mpi               under mpirun: agree and shrink say what the MPI library lacks
+    survivors.py stall V N HOW     rank V stands still for 3 s at its N-th agreement message (HOW:
+                                   stop = SIGSTOP, woken from outside; sleep = its loop blocked);
+                                   the rest give up on it, and it must never carry on alone
     survivors.py blame V           (under aiocomm-launch --on-failure continue) V dies, the rest
                                    shrink; rank 0 then fails on its own (exit 3) after the others end
 
@@ -143,6 +146,39 @@ elif mode == "async":
         print(f"SHRINK size {smaller.size()} members {list(smaller.members)} sum {int(total[0])}", flush=True)
 
     asyncio.run(main())
+elif mode == "stall":
+    victim, n = rest[0], rest[1]
+    how = os.environ["SURVIVORS_STALL"]
+    aiocomm.all_sum(np.ones(1))
+    if rank == victim:
+        import subprocess
+
+        send = agreement.Agreement._send
+        count = [0]
+
+        def stalling(self, k, msg):  # type: ignore[no-untyped-def]
+            count[0] += 1
+            if count[0] == n:
+                if how == "sleep":
+                    time.sleep(3)  # (the loop blocked: user code, a long collection, swapping)
+                else:
+                    subprocess.Popen(["sh", "-c", f"sleep 3; kill -CONT {os.getpid()}"])
+                    os.kill(os.getpid(), signal.SIGSTOP)
+            return send(self, k, msg)
+
+        agreement.Agreement._send = stalling  # type: ignore[method-assign]
+        try:
+            world.agree(True, timeout=T)
+            print(f"VICTIM AGREED failed {world.failed()}", flush=True)
+            g = world.shrink(timeout=T)
+            print(f"VICTIM SHRANK to {list(g.members)}", flush=True)
+        except aiocomm.CommError as exc:
+            print(f"VICTIM OUT {exc}", flush=True)
+    else:
+        value = world.agree(True, timeout=T)
+        print(f"AGREE {value} failed {world.failed()}", flush=True)
+        report(world.shrink(timeout=T), "SHRINK")
+        time.sleep(4)  # (until the victim woke and found out)
 elif mode == "blame":
     if rank == rest[0]:
         die()
