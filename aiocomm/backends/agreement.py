@@ -14,7 +14,9 @@ one round of flags in front of it:
    GONE (suspected), YES or NO.
 2. Rounds 0, 1, ... have leaders 0, 1, ...  The leader of a round sends its
    proposal to everyone; a rank that receives the proposal of the round it
-   is in (or a later one) acknowledges it.  A rank leaves round ``r`` only
+   is in (or a later one) acknowledges it.  A leader that gives up on a
+   member before every acknowledgement came proposes again (a new version,
+   that member gone), so a decision names every member given up on.  A rank leaves round ``r`` only
    when it suspects leader ``r``, and then adopts ``r``'s proposal if it
    had received it.  A leader with the acknowledgement of every member it
    does not suspect sends DECIDED to everyone and decides.
@@ -116,6 +118,7 @@ class Agreement:
         self.round = 0
         self.round_since = start  # when this rank entered its round (or last heard from its leader)
         self.leading_since: float | None = None  # when this rank sent its proposal as a leader
+        self.version = 0  # of its proposal: a leader proposes again, marking members it has given up on since
         self.acks: set[int] = set()
         self.decision: np.ndarray | None = None
         self.events: asyncio.Queue[tuple[int, np.ndarray | None]] = asyncio.Queue()
@@ -126,9 +129,9 @@ class Agreement:
 
     # ---- messages
 
-    def _message(self, kind: int, round_: int = 0, body: np.ndarray | None = None) -> np.ndarray:
+    def _message(self, kind: int, round_: int = 0, body: np.ndarray | None = None, version: int = 0) -> np.ndarray:
         msg = np.zeros(self.n + 2, _I64)
-        msg[0], msg[1] = kind, round_
+        msg[0], msg[1] = kind, round_ | (version << 32)
         if body is not None:
             msg[2:] = body
         return msg
@@ -267,10 +270,21 @@ class Agreement:
                 self.round_since = self.loop.time()
                 continue
             break
-        if self.round == self.me and self.proposal is not None and self.leading_since is None:
-            self.leading_since = self.loop.time()
-            self.acks = set()
-            self._send_all(self._message(PROPOSAL, self.me, self.proposal))
+        if self.round == self.me and self.proposal is not None:
+            stale = [k for k in self.suspected if self.proposal[k] != GONE]
+            if self.leading_since is None or stale:
+                # (Again, marking members given up on since as gone: a decision
+                # needs every living member's acknowledgement of this version,
+                # and a member that decided an earlier value told everyone
+                # first, so nobody alive decides anything else.)
+                if stale:
+                    self.proposal = self.proposal.copy()
+                    self.proposal[stale] = GONE
+                if self.leading_since is not None:
+                    self.version += 1
+                self.leading_since = self.loop.time()
+                self.acks = set()
+                self._send_all(self._message(PROPOSAL, self.me, self.proposal, self.version))
         if self.leading_since is not None and all(
                 k == self.me or k in self.suspected or k in self.acks for k in range(self.n)):
             assert self.proposal is not None
@@ -292,7 +306,7 @@ class Agreement:
         if msg is None:
             self.suspected.add(k)
             return
-        kind, round_, body = int(msg[0]), int(msg[1]), msg[2:]
+        kind, round_, version, body = int(msg[0]), int(msg[1]) & 0xFFFFFFFF, int(msg[1]) >> 32, msg[2:]
         if kind == FLAG:
             self.flags[k] = body[k] == YES
         elif kind == PROPOSAL:
@@ -300,9 +314,9 @@ class Agreement:
             if round_ == self.round:
                 self.round_since = self.loop.time()
             if round_ >= self.round:
-                self._send(k, self._message(ACK, round_))
+                self._send(k, self._message(ACK, round_, version=version))
         elif kind == ACK:
-            if round_ == self.me and self.leading_since is not None:
+            if round_ == self.me and self.leading_since is not None and version == self.version:
                 self.acks.add(k)
         elif kind == DECIDED:
             self._decide(body.copy())
