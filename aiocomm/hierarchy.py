@@ -140,6 +140,7 @@ class Cross(Protocol):
 
 Step = Callable[[int, int], None]  # (chunk, parity): one shared-memory phase of one chunk
 Body = Callable[[Link], Awaitable[None]]  # one chunk's cross phase
+BlockRing = Callable[[Link, np.ndarray, list[tuple[int, int]]], Awaitable[None]]  # a ring over a flat array's blocks
 
 
 def _chunks(items: int, item_bytes: int, half: int) -> list[tuple[int, int]]:
@@ -297,6 +298,37 @@ class TwoLevel:
 
     # ---- sum_scatter
 
+    def _pieces(self, chunks: list[tuple[int, int]]) -> Callable[[int, int], tuple[int, int]]:
+        """``piece(c, k)``: the columns of chunk ``c`` that flow ``k`` carries between hosts."""
+        flows = self.flows
+
+        def piece(c: int, k: int) -> tuple[int, int]:
+            s, e = chunks[c]
+            a, b = partition(e - s, flows)[k]
+            return s + a, s + b
+
+        return piece
+
+    def _block_ring(self, works: dict[int, np.ndarray], ring: BlockRing) -> Callable[[int], Body | None]:
+        """``cross(c)``: chunk ``c``'s phase between hosts for a call that moves
+        blocks (``ring(link, flat, blocks)`` on this owner's piece of every
+        block, rows host by host), or None on a rank that owns no flow."""
+
+        def cross(c: int) -> Body | None:
+            if self.layout.local >= self.flows:
+                return None
+            work = works[c]
+            flat = work.reshape(-1)
+            width = work.shape[1]
+            blocks = [(s * width, e * width) for s, e in self.host_blocks]
+
+            async def body(link: Link) -> None:
+                await ring(link, flat, blocks)
+                await link.flush()
+            return body
+
+        return cross
+
     def reduce_scatter(self, x: np.ndarray, op: str, cross_face: Cross, description: str, deadline: float,
                        health: Health, timeout: float) -> np.ndarray:
         with np.errstate(divide="warn", over="warn", under="ignore", invalid="warn"):  # (see all_reduce)
@@ -315,10 +347,7 @@ class TwoLevel:
         row0, row1 = self.host_rows
         works: dict[int, np.ndarray] = {}  # chunk -> this owner's piece of every block, rows host by host
 
-        def piece(c: int, k: int) -> tuple[int, int]:
-            s, e = chunks[c]
-            a, b = partition(e - s, flows)[k]
-            return s + a, s + b
+        piece = self._pieces(chunks)
 
         def put(c: int, parity: int) -> None:
             s, e = chunks[c]
@@ -340,18 +369,8 @@ class TwoLevel:
                     ufunc(work, ins[k], out=work)
                 works[c] = work
 
-        def cross(c: int) -> Body | None:
-            if j >= flows:
-                return None
-            work = works[c]
-            flat = work.reshape(-1)
-            width = work.shape[1]
-            blocks = [(s * width, e * width) for s, e in self.host_blocks]
-
-            async def body(link: Link) -> None:
-                await collectives.ring_reduce_scatter(link, flat, blocks, ufunc, 0)
-                await link.flush()
-            return body
+        cross = self._block_ring(
+            works, lambda link, flat, blocks: collectives.ring_reduce_scatter(link, flat, blocks, ufunc, 0))
 
         def spread(c: int, parity: int) -> None:
             work = works.pop(c, None)
@@ -386,10 +405,7 @@ class TwoLevel:
         row0, row1 = self.host_rows
         works: dict[int, np.ndarray] = {}
 
-        def piece(c: int, k: int) -> tuple[int, int]:
-            s, e = chunks[c]
-            a, b = partition(e - s, flows)[k]
-            return s + a, s + b
+        piece = self._pieces(chunks)
 
         def put(c: int, parity: int) -> None:
             s, e = chunks[c]
@@ -409,18 +425,7 @@ class TwoLevel:
                 work[row0:row1] = table[self.here, a:b]
                 works[c] = work
 
-        def cross(c: int) -> Body | None:
-            if j >= flows:
-                return None
-            work = works[c]
-            flat = work.reshape(-1)
-            width = work.shape[1]
-            blocks = [(s * width, e * width) for s, e in self.host_blocks]
-
-            async def body(link: Link) -> None:
-                await collectives.ring_all_gather(link, flat, blocks, 0)
-                await link.flush()
-            return body
+        cross = self._block_ring(works, lambda link, flat, blocks: collectives.ring_all_gather(link, flat, blocks, 0))
 
         def spread(c: int, parity: int) -> None:
             work = works.pop(c, None)

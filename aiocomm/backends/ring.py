@@ -240,28 +240,15 @@ class RingBackend:
 
             await two_level.set_up(self, group, state, table, segment, timeout)
             return
-        peers: dict[int, shm.Segment] = {}
         usable = segment is not None and n <= shm.MAX_RANKS and bool(np.all(table[:, 2] >= 0))
-        if usable:
-            try:
-                for k in range(n):
-                    if k != me:
-                        peers[k] = shm.Segment.open(int(table[k, 1]), int(table[k, 2]), self.shm_slot_bytes)
-            except OSError:
-                usable = False
-        flag = np.array([1 if usable else 0], np.int64)
-        flags = await self._tcp_collective(group, signature("shared-memory agreement", flag.dtype, flag.shape),
-                                           timeout, _neighbours_gather, flag)
-        if not flags.all():
-            for seg in peers.values():
-                seg.close()
-            if segment is not None:
-                segment.close()
+        rows = {k: k for k in range(n) if k != me}
+        peers = await self.map_segments(group, usable, rows, table, segment, "shared-memory agreement", timeout)
+        if peers is None:
             return
         assert segment is not None
         channel = shm.Channel(me, group.members, segment, peers, {k: int(table[k, 1]) for k in peers})
         weakref.finalize(group, _release, channel)  # (nothing in its arguments may refer to the group)
-        state.health = self._health(group)
+        state.health = self.health(group.context, [w for w in group.members if w != self.rank])
         state.direct = {
             "all_reduce": lambda x, op, t: self._shm_call(
                 group, state, channel.all_reduce, x, op, signature(_OP_NAMES[op], x.dtype, x.shape).describe(), t),
@@ -275,11 +262,35 @@ class RingBackend:
         state.agree = lambda _sig, *rest: channel.agree(*rest)
         state.channel = channel
 
-    def _health(self, group: GroupState) -> shm.Health:
+    async def map_segments(self, group: GroupState, usable: bool, rows: dict[int, int], table: np.ndarray,
+                           segment: shm.Segment | None, what: str, timeout: float) -> dict[int, shm.Segment] | None:
+        """If ``usable``, map the segments of ``rows`` (channel rank -> its row
+        of the set-up ``table``: pid, fd); then agree over TCP, as ``what``,
+        whether every member could.  Returns the mapped segments, or None
+        with everything (``segment`` too) let go if any member could not."""
+        peers: dict[int, shm.Segment] = {}
+        if usable:
+            try:
+                for k, row in rows.items():
+                    peers[k] = shm.Segment.open(int(table[row, 1]), int(table[row, 2]), self.shm_slot_bytes)
+            except OSError:
+                usable = False
+        flag = np.array([1 if usable else 0], np.int64)
+        flags = await self._tcp_collective(group, signature(what, flag.dtype, flag.shape), timeout,
+                                           _neighbours_gather, flag)
+        if flags.all():
+            return peers
+        for seg in peers.values():
+            seg.close()
+        if segment is not None:
+            segment.close()
+        return None
+
+    def health(self, context: int, others: list[int]) -> shm.Health:
         """What the transport knows that ends a shared-memory wait: an ABORT of
-        the group, or a lost member (read from any thread)."""
-        mesh, context = self.mesh, group.context
-        others = [w for w in group.members if w != self.rank]
+        the group ``context``, or a lost rank of ``others`` (world ranks; read
+        from any thread)."""
+        mesh = self.mesh
 
         def health() -> CommError | None:
             cause = mesh.broken.get(context)

@@ -31,9 +31,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import collectives, hierarchy, shm
-from ..errors import CommError
 from ..wire import Signature, signature
-from .ring import MeshLink, _neighbours_gather, _release
+from .ring import MeshLink, _release
 
 if TYPE_CHECKING:
     from . import GroupState
@@ -88,28 +87,6 @@ class CrossCall:
                                                 backend.mesh.loop)
 
 
-def _health(backend: RingBackend, context: int, local: list[int]) -> shm.Health:
-    """What the transport knows that ends a wait inside the host: an ABORT of
-    the group, or a lost rank of this host.  Ranks of other hosts lost are no
-    reason by themselves (one that finished and exited may close its
-    connections while this host still finishes the call): if one is lost
-    mid-call, its ring's owners find out and abort the group."""
-    mesh = backend.mesh
-
-    def health() -> CommError | None:
-        cause = mesh.broken.get(context)
-        if cause is not None:
-            return cause
-        lost = mesh.lost
-        if lost:
-            for w in local:
-                if w in lost:
-                    return lost[w]
-        return None
-
-    return health
-
-
 async def set_up(backend: RingBackend, group: GroupState, state: RingGroup, table: np.ndarray,
                  segment: shm.Segment | None, timeout: float) -> None:
     """Decide, on a group whose members are not all on this host, whether it
@@ -119,22 +96,9 @@ async def set_up(backend: RingBackend, group: GroupState, state: RingGroup, tabl
     local = layout.hosts[layout.host]
     usable = (segment is not None and layout.worth_it() and bool(np.all(table[:, 2] >= 0))
               and bool(np.all(table[:, 4] == 1)) and max(len(ranks) for ranks in layout.hosts) <= shm.MAX_RANKS)
-    peers: dict[int, shm.Segment] = {}
-    if usable:
-        try:
-            for k, g in enumerate(local):
-                if g != me:
-                    peers[k] = shm.Segment.open(int(table[g, 1]), int(table[g, 2]), backend.shm_slot_bytes)
-        except OSError:
-            usable = False
-    flag = np.array([1 if usable else 0], np.int64)
-    flags = await backend._tcp_collective(group, signature("two-level agreement", flag.dtype, flag.shape),
-                                          timeout, _neighbours_gather, flag)
-    if not flags.all():
-        for seg in peers.values():
-            seg.close()
-        if segment is not None:
-            segment.close()
+    rows = {k: g for k, g in enumerate(local) if g != me}
+    peers = await backend.map_segments(group, usable, rows, table, segment, "two-level agreement", timeout)
+    if peers is None:
         return
     assert segment is not None
     members = tuple(group.members[g] for g in local)
@@ -144,7 +108,11 @@ async def set_up(backend: RingBackend, group: GroupState, state: RingGroup, tabl
     ring = None
     if layout.owner:
         ring = CrossRing(tuple(group.members[g] for g in layout.ring(layout.local)), layout.host, group.context)
-    state.health = _health(backend, group.context, [w for w in members if w != backend.rank])
+    # (Ranks of other hosts lost are no reason by themselves: one that
+    # finished and exited may close its connections while this host still
+    # finishes the call; if one is lost mid-call, its ring's owners find out
+    # and abort the group.)
+    state.health = backend.health(group.context, [w for w in members if w != backend.rank])
     n = group.size()
 
     def call(name: str, x: np.ndarray, t: float) -> tuple[CrossCall, str]:
