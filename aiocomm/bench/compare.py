@@ -99,6 +99,21 @@ def run(cmd: list[str], timeout: float) -> list[dict[str, Any]]:
     return rows
 
 
+def peer_rows(peer: str, cmd: list[str] | str | None, timeout: float, where: str = "") -> list[dict[str, Any]]:
+    """The rows ``peer``'s command printed; none (saying why on stdout) if the
+    peer is skipped (``cmd`` None or the reason) or its run failed."""
+    if cmd is None:
+        return []
+    if isinstance(cmd, str):
+        print(f"# skipping {peer}: {cmd}", flush=True)
+        return []
+    try:
+        return run(cmd, timeout)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        print(f"# {peer}{where} failed: {exc}", flush=True)
+        return []
+
+
 def require_matplotlib() -> None:
     """Fail at once, before any benchmark runs, when ``--plot`` cannot draw."""
     try:
@@ -172,17 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         for peer in peers:
             extra = ["--transport", args.transport] if peer == "aiocomm" else []
             cmd = commands(peer, ranks, args.op, common + extra)
-            if cmd is None:
-                continue
-            if isinstance(cmd, str):
-                print(f"# skipping {peer}: {cmd}", flush=True)
-                continue
-            try:
-                rows = run(cmd, args.timeout)
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                print(f"# {peer} with {ranks} ranks failed: {exc}", flush=True)
-                continue
-            for row in rows:
+            for row in peer_rows(peer, cmd, args.timeout, f" with {ranks} ranks"):
                 results[(peer, ranks, row["bytes"])] = row
     how = AVERAGES[args.average]
     print(f"# op={args.op} float32, median of {args.iters} iterations ({args.small_iters} under 1 MiB; "

@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
 from typing import Any
 
-from .compare import _peer_modules_available, _tool, run
+from .compare import _peer_modules_available, _tool, peer_rows
 from .run import AVERAGES
 from .simhosts import SimulatedHosts, why_not
 
@@ -89,16 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         for peer in peers:
             if peer not in PEERS:
                 raise SystemExit(f"--peers: {peer!r} is not one of {', '.join(PEERS)}")
-            cmd = commands(peer, hosts, args.per_host, common)
-            if isinstance(cmd, str):
-                print(f"# skipping {peer}: {cmd}", flush=True)
-                continue
-            try:
-                rows = run(cmd, args.timeout)
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                print(f"# {peer} failed: {exc}", flush=True)
-                continue
-            for row in rows:
+            for row in peer_rows(peer, commands(peer, hosts, args.per_host, common), args.timeout):
                 results[(peer, row["bytes"])] = row
     print(f"# op={args.op} float32 on {args.hosts} simulated hosts x {args.per_host} ranks, links {args.rate}; "
           f"median of {args.iters} iterations ({args.small_iters} under 1 MiB; each iteration's time: "
