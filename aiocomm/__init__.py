@@ -181,38 +181,42 @@ def barrier(*, group: Group | None = None, timeout: float | None = None) -> None
     engine_ops.call_blocking(_group(group), "collectives", "barrier", engine_ops.barrier, t)
 
 
-def _drive(steps: objects.Steps) -> Any:
-    """Run a generator of steps (see :mod:`aiocomm.objects`) with this face's calls."""
+def _drive(steps: objects.Steps, group: Group, stream: Any = "collectives") -> Any:
+    """Run a generator of steps (see :mod:`aiocomm.objects`) with this face's
+    calls, holding ``stream`` of ``group`` for the whole call: another
+    thread's call between two of its steps is an overlap (MPI's serialized
+    rule), not a call that pairs with one of them on other ranks."""
     result = None
-    while True:
-        try:
-            name, a, kw = steps.send(result)
-        except StopIteration as stop:
-            return stop.value
-        result = globals()[name](*a, **kw)
+    with engine_ops.claim(group, stream):
+        while True:
+            try:
+                name, a, kw = steps.send(result)
+            except StopIteration as stop:
+                return stop.value
+            result = globals()[name](*a, **kw)
 
 
 def send_obj(obj: Any, dst: int, *, group: Group | None = None, timeout: float | None = None) -> None:
     g = _group(group)
     args.check_peer(g, dst, "dst")
-    _drive(objects.send_obj_steps(obj, dst, {"group": g, "timeout": timeout}))
+    _drive(objects.send_obj_steps(obj, dst, {"group": g, "timeout": timeout}), g, ("send", dst))
 
 
 def recv_obj(src: int, *, group: Group | None = None, timeout: float | None = None) -> Any:
     g = _group(group)
     args.check_peer(g, src, "src")
-    return _drive(objects.recv_obj_steps(src, {"group": g, "timeout": timeout}))
+    return _drive(objects.recv_obj_steps(src, {"group": g, "timeout": timeout}), g, ("recv", src))
 
 
 def broadcast_obj(obj: Any, root: int, *, group: Group | None = None, timeout: float | None = None) -> Any:
     g = _group(group)
     root = args.check_root(g, root)
-    return _drive(objects.broadcast_obj_steps(obj, root, g.rank(), {"group": g, "timeout": timeout}))
+    return _drive(objects.broadcast_obj_steps(obj, root, g.rank(), {"group": g, "timeout": timeout}), g)
 
 
 def all_gather_obj(obj: Any, *, group: Group | None = None, timeout: float | None = None) -> list[Any]:
     g = _group(group)
-    return _drive(objects.all_gather_obj_steps(obj, {"group": g, "timeout": timeout}))  # type: ignore[no-any-return]
+    return _drive(objects.all_gather_obj_steps(obj, {"group": g, "timeout": timeout}), g)  # type: ignore[no-any-return]
 
 
 def average_gradients(tree: Any, *, group: Group | None = None, bucket_bytes: int = 32 << 20, dtype: Any = None,
@@ -220,7 +224,7 @@ def average_gradients(tree: Any, *, group: Group | None = None, bucket_bytes: in
     g = _group(group)
     steps = trees.average_gradients_steps(tree, g.size(), args.check_bucket(bucket_bytes), dtype,
                                           {"group": g, "timeout": timeout})
-    return _drive(steps)
+    return _drive(steps, g)
 
 
 # The blocking functions take the same arguments and give the same results

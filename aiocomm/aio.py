@@ -484,15 +484,18 @@ async def barrier(*, group: Group | None = None, timeout: float | None = None) -
         await _on_engine(g, engine_ops.barrier(g, t))
 
 
-async def _drive(steps: objects.Steps) -> Any:
-    """Run a generator of steps (see :mod:`aiocomm.objects`) with this face's calls."""
+async def _drive(steps: objects.Steps, group: Group, stream: Any = "collectives") -> Any:
+    """Run a generator of steps (see :mod:`aiocomm.objects`) with this face's
+    calls, holding ``stream`` of ``group`` between them (another thread's
+    call there meanwhile is an overlap, as for the blocking face)."""
     result = None
-    while True:
-        try:
-            name, a, kw = steps.send(result)
-        except StopIteration as stop:
-            return stop.value
-        result = await globals()[name](*a, **kw)
+    with claim(group, stream):
+        while True:
+            try:
+                name, a, kw = steps.send(result)
+            except StopIteration as stop:
+                return stop.value
+            result = await globals()[name](*a, **kw)
 
 
 async def send_obj(obj: Any, dst: int, *, group: Group | None = None, timeout: float | None = None) -> None:
@@ -506,7 +509,7 @@ async def send_obj(obj: Any, dst: int, *, group: Group | None = None, timeout: f
     """
     g = _formed(group) or await init()
     check_peer(g, dst, "dst")
-    await _drive(objects.send_obj_steps(obj, dst, {"group": g, "timeout": timeout}))
+    await _drive(objects.send_obj_steps(obj, dst, {"group": g, "timeout": timeout}), g, ("send", dst))
 
 
 async def recv_obj(src: int, *, group: Group | None = None, timeout: float | None = None) -> Any:
@@ -517,20 +520,20 @@ async def recv_obj(src: int, *, group: Group | None = None, timeout: float | Non
     """
     g = _formed(group) or await init()
     check_peer(g, src, "src")
-    return await _drive(objects.recv_obj_steps(src, {"group": g, "timeout": timeout}))
+    return await _drive(objects.recv_obj_steps(src, {"group": g, "timeout": timeout}), g, ("recv", src))
 
 
 async def broadcast_obj(obj: Any, root: int, *, group: Group | None = None, timeout: float | None = None) -> Any:
     """``root``'s object on every rank (the others' ``obj`` is ignored); as :func:`send_obj` for the rest."""
     g = _formed(group) or await init()
     root = args.check_root(g, root)
-    return await _drive(objects.broadcast_obj_steps(obj, root, g.rank(), {"group": g, "timeout": timeout}))
+    return await _drive(objects.broadcast_obj_steps(obj, root, g.rank(), {"group": g, "timeout": timeout}), g)
 
 
 async def all_gather_obj(obj: Any, *, group: Group | None = None, timeout: float | None = None) -> list[Any]:
     """Every rank's object, in rank order; as :func:`send_obj` for the rest."""
     g = _formed(group) or await init()
-    gathered: list[Any] = await _drive(objects.all_gather_obj_steps(obj, {"group": g, "timeout": timeout}))
+    gathered: list[Any] = await _drive(objects.all_gather_obj_steps(obj, {"group": g, "timeout": timeout}), g)
     return gathered
 
 
@@ -556,7 +559,7 @@ async def average_gradients(tree: Any, *, group: Group | None = None, bucket_byt
     g = _formed(group) or await init()
     steps = trees.average_gradients_steps(tree, g.size(), args.check_bucket(bucket_bytes), dtype,
                                           {"group": g, "timeout": timeout})
-    return await _drive(steps)
+    return await _drive(steps, g)
 
 
 async def split(color: int, key: int = -1, *, group: Group | None = None, timeout: float | None = None) -> Group:

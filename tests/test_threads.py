@@ -82,3 +82,77 @@ def test_a_claim_of_a_thread_that_died_is_ignored_and_a_live_one_refuses(fresh_w
         release.set()
         t.join()
     assert aiocomm.all_sum(np.ones(2)).tolist() == [1.0, 1.0]  # released with its call
+
+
+@pytest.mark.parametrize("call", ["broadcast_obj", "all_gather_obj"])
+def test_a_call_of_several_steps_holds_its_group_between_them(fresh_world, monkeypatch, call):
+    """In-process, on a world of size 1: the object calls (and
+    average_gradients, driven the same way, though on one rank it makes no
+    call) are made of several collectives; another thread's call between two
+    of them is an overlap (it would pair with one of them on other ranks),
+    so it raises, naming both threads."""
+    import threading
+
+    import numpy as np
+
+    import aiocomm
+
+    aiocomm.init()
+    inner = {"broadcast_obj": "broadcast", "all_gather_obj": "all_gather_v"}[call]
+    real = getattr(aiocomm, inner)
+    between, go_on = threading.Event(), threading.Event()
+
+    def step(*a, **kw):  # each step of the call: the first one waits for the other thread's try
+        between.set()
+        go_on.wait(10)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(aiocomm, inner, step)
+    results: list[object] = []
+    arg = {"broadcast_obj": {"x": 1}, "all_gather_obj": 5}[call]
+    kwargs = {"root": 0} if call == "broadcast_obj" else {}
+    t = threading.Thread(target=lambda: results.append(getattr(aiocomm, call)(arg, **kwargs)), name="several-steps")
+    t.start()
+    try:
+        assert between.wait(10)
+        with pytest.raises(RuntimeError, match=r"several-steps.*still in flight"):
+            real(np.ones(3)) if inner != "broadcast" else real(np.ones(3), 0)
+    finally:
+        go_on.set()
+        t.join(10)
+    assert not t.is_alive()
+
+
+def test_an_async_call_of_several_steps_holds_its_group_between_them(fresh_world, monkeypatch):
+    """The same on the async face: a blocking call from another thread while
+    an awaited broadcast_obj is between two of its steps raises."""
+    import asyncio
+    import threading
+
+    import numpy as np
+
+    import aiocomm
+    from aiocomm import aio
+
+    aiocomm.init()
+    real = aio.broadcast
+    between, go_on = threading.Event(), threading.Event()
+
+    async def step(*a, **kw):
+        between.set()
+        await asyncio.to_thread(go_on.wait, 10)
+        return await real(*a, **kw)
+
+    monkeypatch.setattr(aio, "broadcast", step)
+    results: list[object] = []
+    t = threading.Thread(target=lambda: results.append(asyncio.run(aio.broadcast_obj({"x": 1}, 0))),
+                         name="async-steps")
+    t.start()
+    try:
+        assert between.wait(10)
+        with pytest.raises(RuntimeError, match=r"async-steps.*still in flight"):
+            aiocomm.all_sum(np.ones(3))
+    finally:
+        go_on.set()
+        t.join(10)
+    assert not t.is_alive()
