@@ -374,6 +374,9 @@ def test_real_srun_trains_data_parallel(slurm):
     proc = subprocess.run(["srun", "-n", "4", sys.executable, "examples/data_parallel.py", "30", "200"], cwd=ROOT,
                           env=_client_env(slurm), capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # one world of 4 (four worlds of one would each print a line of their own)
+    trained = [line for line in proc.stdout.splitlines() if line.startswith("trained on ")]
+    assert len(trained) == 1 and trained[0].startswith("trained on 4 ranks:"), proc.stdout[-3000:]
 
 
 @pytest.mark.timeout(240)

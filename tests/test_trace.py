@@ -145,6 +145,40 @@ def test_buffer_keeps_the_last_n_and_zero_records_nothing(tmp_path: Path) -> Non
         assert [(r["seq"], r["shape"]) for r in rows if "op" in r] == [(s, [s + 1]) for s in expect]
 
 
+@pytest.mark.timeout(30)
+def test_the_record_is_written_when_a_thread_dies_and_at_exit_after_a_failure(tmp_path: Path) -> None:
+    """A rank one of whose threads ends with an exception writes its record;
+    so does a rank that leaves (any status) after a call failed with an error
+    that is not a CommError (an interrupt); one whose calls all
+    completed and that leaves with sys.exit(3) writes none."""
+    code = ("import aiocomm, aiocomm.trace, numpy as np, sys, threading\n"
+            "aiocomm.all_sum(np.ones(3))\n"
+            "if sys.argv[1] == 'thread':\n"
+            "    t = threading.Thread(target=lambda: 1 / 0, name='worker'); t.start(); t.join()\n"
+            "    import os, json; print(json.loads(open(os.path.join(os.environ['AIOCOMM_TRACE_DIR'],"
+            " 'rank-0.jsonl')).readline())['reason'])\n"
+            "elif sys.argv[1] == 'failed':\n"
+            "    try:  # a Ctrl-C in the middle of a call (the entry the face makes for it)\n"
+            "        with aiocomm.trace.call(aiocomm.init(), 'collectives', 'all_sum', (np.ones(1),)):\n"
+            "            raise KeyboardInterrupt\n"
+            "    except KeyboardInterrupt:\n"
+            "        pass\n"
+            "    aiocomm.all_sum(np.ones(2))\n"
+            "sys.exit(3)\n")
+    reasons = {}
+    for mode in ("thread", "failed", "clean"):
+        trace = tmp_path / mode
+        proc = subprocess.run([PY, "-c", code, mode], cwd=ROOT, timeout=25, capture_output=True, text=True,
+                              env=clean_env(AIOCOMM_TRACE_DIR=str(trace)))
+        assert proc.returncode == 3, proc.stderr
+        path = trace / "rank-0.jsonl"
+        reasons[mode] = json.loads(path.read_text().splitlines()[0])["reason"] if path.exists() else None
+        if mode == "thread":
+            assert proc.stdout.strip() == "uncaught ZeroDivisionError in thread 'worker'", proc.stdout
+    assert reasons == {"thread": "uncaught ZeroDivisionError in thread 'worker'",
+                       "failed": "exit after a failed call", "clean": None}, reasons
+
+
 # ------------------------------------------------------------------ the verdict alone (synthetic records)
 
 
@@ -183,3 +217,21 @@ def test_verdict_without_a_record_names_the_silent_rank() -> None:
     lines = verdict({0: record(0, [(0, 0, "all_sum", None, "timed out")], members=(0, 1))})
     assert lines[0] == "records of rank 0; none from rank 1"
     assert lines[1].startswith("rank 1 is behind: rank 0 is waiting in all_sum seq 0"), lines
+
+
+def test_verdict_names_two_ranks_that_wait_for_each_other_in_two_groups() -> None:
+    """Rank 0 calls group A's all_sum first, rank 1 group B's: each waits in
+    a collective the other has not started.  The verdict says they wait for
+    each other, and never 'up to seq -1'."""
+    a, b = 0xA, 0xB
+    records = {}
+    for rank, first in ((0, a), (1, b)):
+        rec = record(rank, [(0, 0, "all_sum", None, "completed"), (first, 0, "all_sum", None, "started")],
+                     members=(0, 1))
+        rec.groups[a] = GroupInfo((0, 1), "ring")
+        rec.groups[b] = GroupInfo((0, 1), "ring")
+        records[rank] = rec
+    lines = verdict(records)
+    assert "ranks 0, 1 wait for each other: each is in a call another has not started" in "\n".join(lines), lines
+    assert any("which rank 1 has not started (it has started none there)" in line for line in lines), lines
+    assert not any("seq -1" in line for line in lines), lines

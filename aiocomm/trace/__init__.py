@@ -18,7 +18,10 @@ a microsecond per call, and nothing is formatted until it is written.
 The record is written, as JSON lines, to ``AIOCOMM_TRACE_DIR/rank-N.jsonl``
 (N the world rank) when a call fails with a :class:`~aiocomm.CommError` (a
 timeout above all), when the process gets ``SIGUSR1`` (while it runs,
-whatever it does), and when an exception ends the program.  Nothing is
+whatever it does), when an exception ends the program or one of its
+threads, and at exit when a call failed or is still in flight (a rank that
+leaves with ``sys.exit(status)`` after its calls completed writes none:
+the launcher names its status).  Nothing is
 written without ``AIOCOMM_TRACE_DIR``; ``aiocomm-launch`` sets it, asks the
 ranks still running for their record on a failure or a timeout, and prints
 the verdict that :mod:`aiocomm.trace.verdict` draws from the records
@@ -37,6 +40,7 @@ while the call is in flight; ``state`` one of ``started``, ``completed``,
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import os
@@ -295,6 +299,27 @@ def _install() -> None:
         previous(kind, exc, tb)
 
     sys.excepthook = excepthook
+    previous_thread_hook = threading.excepthook
+
+    def thread_excepthook(args: Any) -> None:
+        if args.exc_type is not SystemExit:
+            name = args.thread.name if args.thread is not None else "?"
+            write(f"uncaught {args.exc_type.__name__} in thread {name!r}")
+        previous_thread_hook(args)
+
+    threading.excepthook = thread_excepthook
+    atexit.register(_at_exit)
+
+
+def _at_exit() -> None:
+    """At exit, the record of a rank that leaves with a call in flight (in
+    another thread) or after a call failed: its last record may predate
+    what it did since, or there may be none (an error that is not a
+    :class:`~aiocomm.CommError`, such as an overlap of two threads)."""
+    for e in list(_ring):
+        if e.info is not None and (e.end is None or isinstance(e.end, tuple)):
+            write("exit after a failed call" if e.end is not None else "exit with a call in flight")
+            return
 
 
 _install()

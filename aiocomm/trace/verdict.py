@@ -231,6 +231,14 @@ def behind(records: dict[int, RankRecord]) -> list[int]:
     return roots or sorted(waited)
 
 
+def _cycle(job: _Job) -> list[int]:
+    """Ranks that wait for each other in a ring (a deadlock), if the waits have no rank at their end."""
+    waited = {other for targets in job.waits.values() for other in targets}
+    if not waited or any(not job.waits.get(r) for r in waited):
+        return []
+    return sorted(r for r in waited if r in job.waits)
+
+
 def verdict(records: dict[int, RankRecord]) -> list[str]:
     """The verdict as lines of text (see the module's notes)."""
     if not records:
@@ -242,6 +250,11 @@ def verdict(records: dict[int, RankRecord]) -> list[str]:
     if missing:
         head += f"; none from {_ranks(missing)}"
     lines.append(head)
+    cycle = _cycle(job)
+    if cycle:
+        lines.append(f"{_ranks(cycle)} wait for each other: each is in a call another has not started "
+                     "(collectives of different groups called in a different order, or sends and receives "
+                     "that both wait)")
     for rank in behind(records):
         waiters: dict[tuple[int, str, int, str], list[int]] = {}
         for waiter, targets in job.waits.items():
@@ -254,8 +267,12 @@ def verdict(records: dict[int, RankRecord]) -> list[str]:
                        f"{job.group_name(context)}"
             else:
                 done = job.started(rank, (context, "collectives", None))
-                at = f"it has started {done} collective{'s' if done != 1 else ''} there, up to seq {done - 1}" \
-                    if rank in records else "it wrote no record"
+                if rank not in records:
+                    at = "it wrote no record"
+                elif done:
+                    at = f"it has started {done} collective{'s' if done != 1 else ''} there, up to seq {done - 1}"
+                else:
+                    at = "it has started none there"
                 what = f"{_ranks(ranks)} {'is' if len(ranks) == 1 else 'are'} waiting in {described} of " \
                        f"{job.group_name(context)}, which rank {rank} has not started ({at})"
             lines.append(f"rank {rank} is behind: {what}")

@@ -87,11 +87,14 @@ elif mode == "executor":
             return aiocomm.all_sum(contribution(i, r))
 
         for i in range(50):
-            got = await loop.run_in_executor(None, call, i)
+            # a short task beside each call keeps the pool's threads taking turns
+            got, _ = await asyncio.gather(loop.run_in_executor(None, call, i),
+                                          loop.run_in_executor(None, time.sleep, 0.002))
             expect_sum([contribution(i, k) for k in range(n)], got, f"call {i}")
         return len(threads)
 
     used = asyncio.run(main())
+    assert used >= 2, f"rank {r}: the default executor ran all 50 calls on one thread; the test proves nothing"
     note = f"threads={used}"
 elif mode == "pool1":
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
