@@ -269,12 +269,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--average", choices=list(AVERAGES), default="avg",
                         help="an iteration's time from the ranks' own times: "
                              + ", ".join(f"{k} = {v}" for k, v in AVERAGES.items()) + " (default avg, as nccl-tests)")
-    parser.add_argument("--transport", choices=["auto", "tcp", "shm"], default="auto",
+    parser.add_argument("--transport", choices=["auto", "tcp", "shm"], default=None,
                         help="between ranks of one host: shared memory ('auto' and 'shm') or TCP "
-                             "(sets AIOCOMM_TRANSPORT for this run)")
+                             "(sets AIOCOMM_TRANSPORT for this run; default: as AIOCOMM_TRANSPORT says)")
     parser.add_argument("--json", action="store_true", help="one JSON object per size")
     args = parser.parse_args(argv)
-    os.environ["AIOCOMM_TRANSPORT"] = "tcp" if args.transport == "tcp" else "auto"
+    if args.transport is not None:
+        os.environ["AIOCOMM_TRANSPORT"] = "tcp" if args.transport == "tcp" else "auto"
     if args.iters < 1:
         parser.error(f"--iters {args.iters}: at least one timed iteration is needed")
     try:
