@@ -15,10 +15,16 @@ handlers:   8 handler threads answer 120 requests one at a time, a lock held
             around each call; the n-th call of every rank pairs with the
             n-th call of the others, whichever thread makes it.
 overlap:    200 tries, each on a fresh split group: 4 threads per rank call
-            all_sum at once (one rank starts later), so calls overlap on
-            purpose.  Every rank must raise in every try, the overlapping
-            caller with RuntimeError naming both threads; no call may
-            return a wrong sum.
+            all_sum at once, so calls overlap on purpose.  One rank starts
+            its threads only once every other rank has seen an overlap (it
+            is told by a message on the world): until then the others'
+            first calls cannot complete, so their later threads overlap
+            them for sure, however loaded the machine (without it, a loaded
+            machine ran the threads one after another on every rank: calls
+            the program did not order, which pair arbitrarily).  Every rank
+            must raise in every try, the overlapping caller with
+            RuntimeError naming both threads; no call may return a wrong
+            sum.
 dead:       a thread's call times out and the thread ends; another thread
             then uses the group (no claim is left behind).
 """
@@ -167,12 +173,20 @@ elif mode == "overlap":
                 if int(got[0]) != want:
                     wrong.append(f"try {attempt} thread {t}: {int(got[0])} != {want}")
 
-        if r == late:
-            time.sleep(0.03)
+        if r == late:  # once every other rank has seen its threads overlap
+            for k in range(n):
+                if k != r:
+                    aiocomm.recv((1,), np.int64, k, timeout=30)
         threads = [threading.Thread(target=racer, args=(t, g, start, outcome, attempt), name=f"racer-{t}")
                    for t in range(4)]
         for th in threads:
             th.start()
+        if r != late:
+            deadline = time.monotonic() + 30
+            while "runtime" not in outcome and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert "runtime" in outcome, f"try {attempt}: rank {r}: no thread overlapped in 30 s: {outcome}"
+            aiocomm.send(np.array([attempt], np.int64), late)
         for th in threads:
             th.join(60)
         assert not any(th.is_alive() for th in threads), f"try {attempt}: a thread hung"
