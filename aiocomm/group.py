@@ -42,7 +42,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from . import args, collectives, failure_report, portal, rooted, trace
+from . import args, collectives, exchanges, failure_report, portal, trace
 from .backends import SplitResult
 from .backends.ring import RingBackend, split_context
 from .config import WorldSpec
@@ -516,7 +516,7 @@ async def gather(group: Group, x: np.ndarray, root: int, timeout: float) -> np.n
 
 
 async def all_to_all(group: Group, x: np.ndarray, timeout: float) -> np.ndarray:
-    rooted.split_rows(x.shape, group.size(), "all_to_all")  # ValueError before any traffic
+    exchanges.split_rows(x.shape, group.size(), "all_to_all")  # ValueError before any traffic
     if group.size() == 1:
         alone: np.ndarray = x.copy()
         return alone

@@ -1,6 +1,7 @@
-"""Collectives with a root (broadcast, gather) and the personalised
-exchanges (all_to_all, all_gather_v), written only against
-:class:`aiocomm.collectives.Link`, as the ring's reductions are.
+"""Collectives with a root (broadcast, gather), written only against
+:class:`aiocomm.collectives.Link`, as the ring's reductions are (the
+personalised exchanges, all_to_all and all_gather_v, are in
+:mod:`aiocomm.exchanges`).
 
 Theory of operation
 -------------------
@@ -17,8 +18,7 @@ Large broadcasts then move the data down a chain that starts at the root
 (root -> root+1 -> ...), in segments, each forwarded as soon as it lands:
 every link carries the message once, as in a pipelined ring, so the
 broadcast runs at the speed of one link (bandwidth-optimal; a binomial tree
-sends ``log2(size)`` copies from the root).  Large uneven all-gathers run
-the ring all-gather over the agreed row counts.
+sends ``log2(size)`` copies from the root).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from .collectives import (
     _seg_items,
     exchange,
     gathered_shape,
-    ring_all_gather,
     segments,
 )
 
@@ -90,55 +89,3 @@ async def gather(link: Link, x: np.ndarray, root: int) -> np.ndarray | None:
     sends[root] = mine
     await exchange(link, sends, _empties(n))
     return None
-
-
-def split_rows(shape: tuple[int, ...], size: int, what: str) -> int:
-    """Rows per block when axis 0 of ``shape`` is cut into ``size`` blocks (``ValueError`` if it cannot be)."""
-    if not shape:
-        raise ValueError(f"{what} needs an array with at least one dimension, got a 0-d array")
-    if shape[0] % size:
-        raise ValueError(
-            f"{what}: first dimension {shape[0]} of shape {shape} is not divisible by the group size {size}"
-        )
-    return shape[0] // size
-
-
-async def all_to_all(link: Link, x: np.ndarray) -> np.ndarray:
-    """``x`` cut along axis 0 into ``size`` blocks, block ``p`` sent to rank ``p``;
-    the blocks received, concatenated in rank order."""
-    n, r = link.size, link.rank
-    split_rows(x.shape, n, "all_to_all")
-    src = np.ascontiguousarray(x).reshape(-1)
-    out = np.empty(x.shape, x.dtype)
-    flat = out.reshape(-1)
-    m = src.size // n
-    sends = [src[p * m : (p + 1) * m] for p in range(n)]
-    recvs = [flat[p * m : (p + 1) * m] for p in range(n)]
-    recvs[r][:] = sends[r]
-    await exchange(link, sends, recvs)
-    return out
-
-
-async def all_gather_v(link: Link, x: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """The arrays of all ranks concatenated along axis 0, whose lengths may
-    differ; and each rank's length.  A 0-d ``x`` counts as one row."""
-    n, r = link.size, link.rank
-    rows = x.reshape(1, *x.shape) if x.ndim == 0 else x
-    counts = np.empty((n, 1), np.int64)
-    counts[r] = rows.shape[0]
-    await exchange(link, [counts[r]] * n, list(counts))
-    lengths = [int(c) for c in counts[:, 0]]
-    row_items = int(np.prod(rows.shape[1:], dtype=np.int64))
-    out = np.empty((sum(lengths), *rows.shape[1:]), x.dtype)
-    flat = out.reshape(-1)
-    starts = np.concatenate([[0], np.cumsum(lengths)]) * row_items
-    blocks = [(int(starts[p]), int(starts[p + 1])) for p in range(n)]
-    a, b = blocks[r]
-    flat[a:b] = rows.reshape(-1)
-    if out.nbytes <= SMALL_BYTES:
-        mine = flat[a:b]
-        await exchange(link, [mine] * n, [flat[s:e] for s, e in blocks], lane=1)
-    else:
-        await ring_all_gather(link, flat, blocks, 0, lane=1)
-        await link.flush()
-    return out, lengths

@@ -31,6 +31,6 @@ def test_rooted_and_exchanges_async_face():
 
 @MPI_SKIP
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("n,face", [(2, "blocking"), (3, "blocking"), (2, "async")])
+@pytest.mark.parametrize("n,face", [(2, "blocking"), (3, "blocking"), (4, "blocking"), (2, "async")])
 def test_rooted_and_exchanges_over_mpi(n, face):
     ok(mpirun(n, "rooted_matrix.py", face, timeout=170), n, "OK rooted")

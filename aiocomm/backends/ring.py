@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .. import collectives, config, failure_report, rooted, shm
+from .. import collectives, config, exchanges, failure_report, rooted, shm
 from ..errors import CommError
 from ..transport import Mesh, Op, Wait
 from ..wire import Kind, Signature, signature
@@ -474,13 +474,13 @@ class RingBackend:
         return self._collective(group, sig, timeout, rooted.gather, x, root)
 
     def all_to_all(self, group: GroupState, x: np.ndarray, timeout: float) -> Coroutine[Any, Any, np.ndarray]:
-        return self._collective(group, signature("all_to_all", x.dtype, x.shape), timeout, rooted.all_to_all, x)
+        return self._collective(group, signature("all_to_all", x.dtype, x.shape), timeout, exchanges.all_to_all, x)
 
     def all_gather_v(
         self, group: GroupState, x: np.ndarray, timeout: float
     ) -> Coroutine[Any, Any, tuple[np.ndarray, list[int]]]:
         sig = signature("all_gather_v of rows", x.dtype, x.shape[1:])  # (the number of rows may differ)
-        return self._collective(group, sig, timeout, rooted.all_gather_v, x)
+        return self._collective(group, sig, timeout, exchanges.all_gather_v, x)
 
     def barrier(self, group: GroupState, timeout: float) -> Coroutine[Any, Any, None]:
         return self._collective(group, signature("barrier", _BYTE, ()), timeout, collectives.barrier)

@@ -65,6 +65,22 @@ for dtype in DTYPES:
     count += 1
 check(x, data(r, SHAPES[-1], DTYPES[-1]), "input left untouched")
 
+# barrier waits for the last rank: rank k arrives 0.1 s * k late; nobody
+# leaves before the last one arrived (clocks of one host; TCP and shared
+# memory alike)
+if n > 1:
+    import time
+
+    time.sleep(0.1 * r)
+    arrived = time.time()
+    run("barrier")
+    left = time.time()
+    times = run("all_gather", np.array([arrived, left]))
+    last_arrival = times[0::2].max()
+    assert left >= last_arrival, f"rank {r} left the barrier {last_arrival - left:.3f} s before rank " \
+                                 f"{int(times[0::2].argmax())} arrived"
+    count += 1
+
 # 0-d rows in all_gather_v count as one row each
 got, counts = run("all_gather_v", np.float32(r))
 check(got, np.arange(n, dtype=np.float32), "all_gather_v of 0-d arrays")

@@ -31,7 +31,7 @@ import numpy as np
 
 from ... import collectives, wire
 from ...errors import MismatchError
-from ...rooted import split_rows
+from ...exchanges import split_rows
 from .. import GroupState, SplitResult
 from . import results
 from .groups import MpiGroup
