@@ -180,7 +180,7 @@ def test_mpi_at_unusual_moments(scenario, n):
 
 
 @pytest.mark.timeout(120)
-def test_launcher_backend_mpi_blames_the_rank_that_left():
+def test_launcher_backend_mpi_blames_the_rank_that_left(tmp_path):
     """Rank 1 leaves (raise SystemExit(3): no hook sees its status) while the
     others wait for it in a collective: they fail at once, naming it, and
     the launcher blames rank 1 -- not whichever victim mpirun saw first --
@@ -188,14 +188,11 @@ def test_launcher_backend_mpi_blames_the_rank_that_left():
     are gone; their relays wait for that before mpirun sees them fail)."""
     code = ("import aiocomm, numpy as np\nw = aiocomm.init(strict=True)\nif w.rank() == 1:\n    raise SystemExit(3)\n"
             "aiocomm.all_sum(np.ones(2))\n")
-    script = WORKERS / "mpi_leaver.py"
+    script = tmp_path / "mpi_leaver.py"  # (not in the repository: a clean clone stays clean)
     script.write_text(code)
-    try:
-        cmd = [sys.executable, "-m", "launcher", "--backend", "mpi", "-n", "3", str(script)]
-        proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(**MPI_ENV, AIOCOMM_TIMEOUT="60"), capture_output=True,
-                              text=True, timeout=100)
-    finally:
-        os.unlink(script)
+    cmd = [sys.executable, "-m", "launcher", "--backend", "mpi", "-n", "3", str(script)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(**MPI_ENV, AIOCOMM_TIMEOUT="60"), capture_output=True,
+                          text=True, timeout=100)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert ("rank 1 ended its program (exited with code 3) while other ranks still needed it (the cause); "
             "ranks 0, 2 failed because of rank 1") in proc.stderr, proc.stderr

@@ -325,3 +325,18 @@ def test_wrong_token_at_the_coordinator_is_an_authentication_error():
     assert last.startswith("aiocomm.errors.AuthenticationError") and coordinator in last, errs[1][-2000:]
     assert "AIOCOMM_TOKEN" in last and "secret" not in errs[1]
     assert procs[0].returncode != 0
+
+
+@pytest.mark.timeout(120)
+def test_real_mpirun_without_mpi4py_says_mpi4py_is_missing():
+    """The same under a real mpirun (its own variables, its own PMIx): every rank says so."""
+    from .test_mpi import MPIRUN, mpirun
+
+    if MPIRUN is None:
+        pytest.skip("needs Open MPI's mpirun (.ci/run installs it)")
+    proc = mpirun(2, "no_mpi4py.py", "any", timeout=100)
+    out = proc.stdout + proc.stderr
+    assert proc.stdout.count("mpi4py hidden") == 2, out
+    failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 2, out
+    assert all("mpi4py is not installed" in line and "pip install 'aiocomm[mpi]'" in line for line in failed), out
