@@ -69,6 +69,22 @@ def test_launcher_names_the_rank_that_skipped_an_all_sum(tmp_path: Path, face: s
     assert per_rank[0][-1]["args"]["state"] == "timed out" and per_rank[0][-1]["dur"] >= 2.5e6
 
 
+@pytest.mark.timeout(90)
+def test_the_launchers_own_timeout_gives_the_verdict(tmp_path: Path) -> None:
+    """No rank times out (no AIOCOMM_TIMEOUT): the job hangs until the
+    launcher's --timeout, which asks every rank for its record before it
+    stops them and names rank 2 as the one behind (status 124)."""
+    proc = launch(3, "trace_skip.py", "2", "blocking", timeout=80, launcher_args=("--timeout", "6"))
+    detail = f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 124, detail
+    lines = trace_lines(proc.stderr)
+    check_skip_verdict(lines, detail)
+    text = "\n".join(lines)
+    assert "rank 2 is in no aiocomm call: its last was all_sum seq 4" in text and "(SIGUSR1)" in text, detail
+    assert "ranks 0, 1 started 6 collectives, last all_sum seq 5 (started)" in text, detail  # still waiting
+    assert "the job timed out after 6 s" in proc.stderr.splitlines()[-1], detail
+
+
 @MPI_SKIP
 @pytest.mark.timeout(120)
 def test_mpi_backend_records_and_the_launcher_names_the_rank_that_skipped(tmp_path: Path) -> None:
