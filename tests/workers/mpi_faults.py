@@ -93,6 +93,11 @@ elif scenario == "exit":
             print(f"recv heard in {time.monotonic() - start:.3f}s", flush=True)
         else:
             raise AssertionError("a receive from a rank that left did not fail")
+        # Rank 1 fails its all_sum because of rank 2 and leaves meanwhile: the
+        # cause is still rank 2, the first to leave (a loaded CI run named rank 1).
+        time.sleep(1.0)
+    else:
+        time.sleep(0.3)  # rank 2's exit is heard before this all_sum begins (as under load)
     start = time.monotonic()
     try:
         aiocomm.all_sum(np.ones(3))

@@ -111,9 +111,9 @@ class Notices:
         group if a member left without starting it."""
         if not self.gone:
             return None
-        for world_rank in state.members:
-            left = self.gone.get(world_rank)
-            if left is not None and left.get(state.context, (0, 0))[0] < index:
+        members = state.members
+        for world_rank, left in self.gone.items():  # in the order heard: the first to leave is the cause
+            if world_rank in members and left.get(state.context, (0, 0))[0] < index:
                 return PeerLostError(
                     f"rank {self.rank}: rank {world_rank} has exited without starting this collective "
                     f"(the {_ordinal(index)} on its group), so it cannot complete", world_rank)
