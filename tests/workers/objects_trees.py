@@ -30,10 +30,10 @@ def run(name, *args, **kwargs):
 Point = collections.namedtuple("Point", "x y")
 
 
-def thing(k: int) -> dict:
+def thing(k: int, big_len: int = 300_000) -> dict:
     """Rank k's object: arrays of several dtypes (contiguous ones travel out of
     band), a non-contiguous view (in band), nested containers, plain values."""
-    big = np.arange(300_000, dtype=np.float64) * (k + 1)
+    big = np.arange(big_len, dtype=np.float64) * (k + 1)
     return {
         "rank": k,
         "name": f"rank-{k}" * (k + 1),
@@ -75,7 +75,9 @@ if len(sys.argv) > 2 and sys.argv[2] == "huge":
     print(f"OK objects {count}", flush=True)
     sys.exit(0)
 
-for pieces_of in (objects.PIECE_BYTES, 1000):  # the second: every message in many pieces
+# the second pass: every message in many pieces (24 KB arrays in 1000-byte
+# pieces; the 2.4 MB ones would make thousands of calls per message)
+for pieces_of, big_len in ((objects.PIECE_BYTES, 300_000), (1000, 3000)):
     objects.PIECE_BYTES = pieces_of
     # send/recv between every ordered pair, in a fixed order every rank follows
     for src in range(n):
@@ -83,20 +85,20 @@ for pieces_of in (objects.PIECE_BYTES, 1000):  # the second: every message in ma
             if src == dst:
                 continue
             if r == src:
-                run("send_obj", thing(src), dst)
+                run("send_obj", thing(src, big_len), dst)
             elif r == dst:
                 got = run("recv_obj", src)
-                same(thing(src), got, f"recv_obj from {src}")
+                same(thing(src, big_len), got, f"recv_obj from {src}")
                 assert not got["arrays"][2].flags.owndata, "an out-of-band array was copied"
                 count += 1
     for root in range(n):
-        got = run("broadcast_obj", thing(r) if r == root else None, root)
-        same(thing(root), got, f"broadcast_obj from {root}")
+        got = run("broadcast_obj", thing(r, big_len) if r == root else None, root)
+        same(thing(root, big_len), got, f"broadcast_obj from {root}")
         count += 1
-    gathered = run("all_gather_obj", thing(r))
+    gathered = run("all_gather_obj", thing(r, big_len))
     assert len(gathered) == n, len(gathered)
     for k in range(n):
-        same(thing(k), gathered[k], f"all_gather_obj[{k}]")
+        same(thing(k, big_len), gathered[k], f"all_gather_obj[{k}]")
     count += 1
 objects.PIECE_BYTES = 1 << 30
 
