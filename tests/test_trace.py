@@ -165,8 +165,9 @@ def test_buffer_keeps_the_last_n_and_zero_records_nothing(tmp_path: Path) -> Non
 def test_the_record_is_written_when_a_thread_dies_and_at_exit_after_a_failure(tmp_path: Path) -> None:
     """A rank one of whose threads ends with an exception writes its record;
     so does a rank that leaves (any status) after a call failed with an error
-    that is not a CommError (an interrupt); one whose calls all
-    completed and that leaves with sys.exit(3) writes none."""
+    that is not a CommError (an interrupt), and one whose calls all
+    completed and that leaves with sys.exit(3); one that raises
+    SystemExit(3) itself is not seen, and one that exits 0 writes none."""
     code = ("import aiocomm, aiocomm.trace, numpy as np, sys, threading\n"
             "aiocomm.all_sum(np.ones(3))\n"
             "if sys.argv[1] == 'thread':\n"
@@ -180,19 +181,25 @@ def test_the_record_is_written_when_a_thread_dies_and_at_exit_after_a_failure(tm
             "    except KeyboardInterrupt:\n"
             "        pass\n"
             "    aiocomm.all_sum(np.ones(2))\n"
+            "if sys.argv[1] == 'zero':\n"
+            "    sys.exit(0)\n"
+            "if sys.argv[1] == 'raise':\n"
+            "    raise SystemExit(3)\n"
             "sys.exit(3)\n")
     reasons = {}
-    for mode in ("thread", "failed", "clean"):
+    for mode in ("thread", "failed", "clean", "raise", "zero"):
         trace = tmp_path / mode
         proc = subprocess.run([PY, "-c", code, mode], cwd=ROOT, timeout=25, capture_output=True, text=True,
                               env=clean_env(AIOCOMM_TRACE_DIR=str(trace)))
-        assert proc.returncode == 3, proc.stderr
+        assert proc.returncode == (0 if mode == "zero" else 3), proc.stderr
         path = trace / "rank-0.jsonl"
         reasons[mode] = json.loads(path.read_text().splitlines()[0])["reason"] if path.exists() else None
         if mode == "thread":
             assert proc.stdout.strip() == "uncaught ZeroDivisionError in thread 'worker'", proc.stdout
-    assert reasons == {"thread": "uncaught ZeroDivisionError in thread 'worker'",
-                       "failed": "exit after a failed call", "clean": None}, reasons
+    # (the thread's record, read while the rank ran, is written again at its sys.exit(3))
+    assert reasons == {"thread": "sys.exit(3)",
+                       "failed": "exit after a failed call", "clean": "sys.exit(3)", "raise": None,
+                       "zero": None}, reasons
 
 
 # ------------------------------------------------------------------ the verdict alone (synthetic records)

@@ -19,9 +19,9 @@ The record is written, as JSON lines, to ``AIOCOMM_TRACE_DIR/rank-N.jsonl``
 (N the world rank) when a call fails with a :class:`~aiocomm.CommError` (a
 timeout above all), when the process gets ``SIGUSR1`` (while it runs,
 whatever it does), when an exception ends the program or one of its
-threads, and at exit when a call failed or is still in flight (a rank that
-leaves with ``sys.exit(status)`` after its calls completed writes none:
-the launcher names its status).  Nothing is
+threads, and at exit when a call failed or is still in flight, or the
+program called ``sys.exit`` with a failing status (``raise SystemExit(3)``
+is not seen: the launcher names that rank's status).  Nothing is
 written without ``AIOCOMM_TRACE_DIR``; ``aiocomm-launch`` sets it, asks the
 ranks still running for their record on a failure or a timeout, and prints
 the verdict that :mod:`aiocomm.trace.verdict` draws from the records
@@ -308,18 +308,34 @@ def _install() -> None:
         previous_thread_hook(args)
 
     threading.excepthook = thread_excepthook
+    real_exit = sys.exit
+
+    def exit_noting(status: str | int | None = None) -> Any:
+        """``sys.exit``, noting a failing status (``raise SystemExit(3)`` is not seen)."""
+        global _exit_status
+        if status not in (None, 0):
+            _exit_status = status
+        real_exit(status)
+
+    sys.exit = exit_noting
     atexit.register(_at_exit)
+
+
+_exit_status: object = None  # what a sys.exit() with a failing status was given
 
 
 def _at_exit() -> None:
     """At exit, the record of a rank that leaves with a call in flight (in
-    another thread) or after a call failed: its last record may predate
-    what it did since, or there may be none (an error that is not a
-    :class:`~aiocomm.CommError`, such as an overlap of two threads)."""
+    another thread), after a call failed (its last record may predate what
+    it did since, or there may be none: an error that is not a
+    :class:`~aiocomm.CommError`, such as an interrupt), or through
+    ``sys.exit`` with a failing status."""
     for e in list(_ring):
         if e.info is not None and (e.end is None or isinstance(e.end, tuple)):
             write("exit after a failed call" if e.end is not None else "exit with a call in flight")
             return
+    if _exit_status is not None:
+        write(f"sys.exit({_exit_status!r})")
 
 
 _install()
