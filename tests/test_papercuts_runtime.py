@@ -336,7 +336,7 @@ def test_real_mpirun_without_mpi4py_says_mpi4py_is_missing():
         pytest.skip("needs Open MPI's mpirun (.ci/run installs it)")
     proc = mpirun(2, "no_mpi4py.py", "any", timeout=100)
     out = proc.stdout + proc.stderr
+    # (mpirun relays the two ranks' output unsynchronised: their lines may run together)
     assert proc.stdout.count("mpi4py hidden") == 2, out
-    failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
-    assert len(failed) == 2, out
-    assert all("mpi4py is not installed" in line and "pip install 'aiocomm[mpi]'" in line for line in failed), out
+    assert proc.stdout.count("FAILED CommError") == 2, out
+    assert proc.stdout.count("mpi4py is not installed; pip install 'aiocomm[mpi]'") == 2, out
