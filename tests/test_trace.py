@@ -29,8 +29,14 @@ def check_skip_verdict(lines: list[str], detail: str) -> None:
     text = "\n".join(lines)
     assert "rank 2 is behind: ranks 0, 1 are waiting in all_sum seq 5" in text, detail
     assert "of the world group, which rank 2 has not started" in text, detail
-    assert "ranks disagree on the sequence of the world group: ranks 0, 1 started 6 collectives" in text, detail
-    assert "rank 2 started 5 collectives, last all_sum seq 4 (completed)" in text, detail
+    disagree = next((line for line in lines if line.startswith("ranks disagree on the sequence of the world group: ")),
+                    None)
+    assert disagree is not None, detail
+    # ranks 0 and 1 started 6 (listed together, or apart when their last call ended differently: one
+    # timed out, the other failed once it heard), rank 2 started 5
+    assert "ranks 0, 1 started 6 collectives" in disagree or (
+        "rank 0 started 6 collectives" in disagree and "rank 1 started 6 collectives" in disagree), detail
+    assert "rank 2 started 5 collectives, last all_sum seq 4 (completed)" in disagree, detail
     assert not any(line.startswith(("rank 0 is behind", "rank 1 is behind")) for line in lines), detail
 
 
@@ -81,7 +87,6 @@ def test_the_launchers_own_timeout_gives_the_verdict(tmp_path: Path) -> None:
     check_skip_verdict(lines, detail)
     text = "\n".join(lines)
     assert "rank 2 is in no aiocomm call: its last was all_sum seq 4" in text and "(SIGUSR1)" in text, detail
-    assert "ranks 0, 1 started 6 collectives, last all_sum seq 5 (started)" in text, detail  # still waiting
     assert "the job timed out after 6 s" in proc.stderr.splitlines()[-1], detail
 
 
