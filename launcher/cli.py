@@ -19,6 +19,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Sequence
+from typing import Any
 
 from aiocomm.placement import POLICIES, SCHEDULING, batch_scheduled, cpu_sets
 
@@ -303,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if result.exit_status != 0:
             # (the summary stays the last line)
             print_trace_verdict(args.trace_dir, since=result.records_asked_at if result.lost else None,
-                                carried_on=bool(result.lost))
+                                carried_on=bool(result.lost), kept=result.records)
         if result.exit_status != 0 or result.lost:
             with contextlib.suppress(OSError):
                 os.write(2, f"aiocomm-launch: {result.summary()}\n".encode(errors="replace"))
@@ -331,8 +332,13 @@ def trace_directory(extra: dict[str, str]) -> tuple[str, bool]:
     return os.path.join(tempfile.gettempdir(), f"aiocomm-trace-{secrets.token_hex(8)}"), True
 
 
-def print_trace_verdict(trace_dir: str | None, since: float | None = None, carried_on: bool = False) -> None:
+def print_trace_verdict(trace_dir: str | None, since: float | None = None, carried_on: bool = False,
+                        kept: dict[int, Any] | None = None) -> None:
     """The verdict of the ranks' records (aiocomm.trace), on the launcher's stderr, if any rank wrote one.
+
+    ``kept``: the records as read once the ranks had written them, before
+    the launcher stopped the job; they stand for their ranks (a rank that
+    failed because it was being stopped wrote again, of the teardown).
 
     After the job carried on without a rank (``carried_on``), a record a rank
     wrote on its own may tell of that loss, which the job survived, and the
@@ -345,6 +351,8 @@ def print_trace_verdict(trace_dir: str | None, since: float | None = None, carri
     from aiocomm.trace.verdict import read_dir, verdict
 
     records = read_dir(trace_dir)
+    if kept:
+        records.update(kept)
     if since is not None:
         records = {rank: record for rank, record in records.items() if record.written >= since}
     if records:

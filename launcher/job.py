@@ -102,6 +102,9 @@ class JobResult:
     ending_status: int = 0
     timed_out: bool = False
     records_asked_at: float | None = None  # wall time the ranks were asked for their records (SIGUSR1)
+    #: the records as they were once the ranks had written them, before the job was stopped (stopping
+    #: makes ranks fail and write again, of a teardown the verdict is not about); None if none were asked
+    records: dict[int, Any] | None = None
 
     @property
     def verdict(self) -> Verdict:
@@ -422,7 +425,14 @@ async def run_job(
         state["stopping"] = True
         if records and trace_dir is not None:
             result.records_asked_at = time.time()
-            if _ask_for_records(runs, trace_dir, loop, terminate):
+
+            def keep_then_terminate() -> None:
+                from aiocomm.trace.verdict import read_dir
+
+                result.records = read_dir(trace_dir)
+                terminate()
+
+            if _ask_for_records(runs, trace_dir, loop, keep_then_terminate):
                 return
         terminate()
 
