@@ -546,10 +546,11 @@ class RingBackend:
             return await agreement.run()
         except CommError as exc:
             if agreement.excluded_by is not None:  # for good: every later agreement says so too
-                self.excluded = str(exc)
+                self._excluded(str(exc))
             raise
 
     def _excluded(self, why: str) -> None:
+        """This rank was declared failed, for good (the first reason is kept)."""
         if self.excluded is None:
             self.excluded = why
 
