@@ -61,6 +61,20 @@ def test_groups_that_agree_by_reducing_a_hash_over_mpi(script):
     ok(mpirun(3, "mpi_wide.py", script, timeout=170), 3, "OK ")
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("n", [2, 3])
+def test_large_reductions_go_around_the_ring_over_mpi(n):
+    """Reductions from collectives.RING_FROM bytes on go around the ring of
+    ranks, out of place from the caller's array: odd sizes, both faces, NaN,
+    bit-identical on every rank; one given up on (a timeout) while MPI reads
+    the input, which no rank returns a result of; then the matrix's
+    reductions with the threshold shrunk (tests/workers/mpi_ring.py)."""
+    proc = mpirun(n, "mpi_ring.py", timeout=100)
+    ok(proc, n, "OK ring sizes")
+    assert proc.stdout.count("OK ring given up") == 2 * n, proc.stdout + proc.stderr  # (blocking, async)
+    assert proc.stdout.count(" collectives") == n, proc.stdout + proc.stderr  # (the matrix's "OK <count> collectives")
+
+
 def test_large_results_are_made_on_memory_that_earlier_ones_gave_back():
     """An array of results.POOL_FROM bytes or more is made on the memory of
     one nobody holds any more (a view still holds it); the pool keeps at

@@ -116,8 +116,11 @@ elif scenario == "threads":
 
     def work(i):
         try:
-            x = np.full(64 << 10, float(i), np.float32)  # 256 KiB: MPI's blocking collective, in a worker
+            x = np.full(64 << 10, float(i), np.float32)  # 256 KiB: libnbc's ring, in this thread
             check(aiocomm.all_sum(x, group=groups[i], timeout=20), np.full(64 << 10, i * n, np.float32), f"g{i}")
+            # MPI's blocking all-gather, in the group's worker thread
+            check(aiocomm.all_gather(x, group=groups[i], timeout=20), np.full(n << 16, float(i), np.float32),
+                  f"g{i} all_gather")
         except BaseException as exc:
             failures.append((i, exc))
 

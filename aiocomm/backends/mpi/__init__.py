@@ -21,8 +21,10 @@ Invariants:
   enough rides in that agreement, see :mod:`.collectives`); every
   point-to-point message carries its signature in its head.
 * An operation given up on (timeout, cancel, a notice) never reads the
-  caller's arrays again: collectives run in place on their own copy (large
-  ones on memory earlier results gave back, :mod:`.results`), and a
+  caller's arrays again, or no rank keeps what it read: collectives run in
+  place on their own copy (large ones on memory earlier results gave back,
+  :mod:`.results`), except large reductions, which read the caller's array
+  and end with a verdict every rank waits for (:mod:`.collectives`); a
   send either handed MPI a private copy or is withdrawn with a verdict the
   receiver waits for (:mod:`.p2p`).  Nothing a receive took from MPI is
   lost.

@@ -247,9 +247,11 @@ class MpiBackend:
         except StopIteration as stop:
             return stop.value
         except GiveUp as stop:
+            # (broken first: what goes on in the background must see it, see collectives.verdict)
+            failure = self._failed(group, name, stop.error, isinstance(stop.error, CommTimeoutError))
             self._give_up(group, name, steps, step, stop.error)
             handed = True
-            raise self._failed(group, name, stop.error, isinstance(stop.error, CommTimeoutError)) from None
+            raise failure from None
         except BaseException as exc:
             self._raise_failed(group, name, exc)
         finally:
@@ -339,16 +341,17 @@ class MpiBackend:
             return stop.value
         except (asyncio.TimeoutError, GiveUp) as stop:
             exc = stop.error if isinstance(stop, GiveUp) else _timed_out(group, name, timeout)
+            failure = self._failed(group, name, exc, isinstance(exc, CommTimeoutError))  # (first, as above)
             if steps is not None:
                 handed = True
                 await self._give_up_in_poller(group, name, steps, step, waiter, exc)
-            raise self._failed(group, name, exc, isinstance(exc, CommTimeoutError)) from None
+            raise failure from None
         except asyncio.CancelledError:  # the caller gave up (task.cancel, wait_for): as a timeout, unannounced
             exc = CommError(f"rank {self.rank}: a {name} on this group was cancelled")
+            self._failed(group, name, exc, True)
             if steps is not None:
                 handed = True
                 after.append(self._give_up_in_poller(group, name, steps, step, waiter, exc))
-            self._failed(group, name, exc, True)
             raise
         except BaseException as exc:
             self._raise_failed(group, name, exc)

@@ -19,6 +19,16 @@ Every other collective copies its input into the buffer it returns and runs
 copy anyway).  So a collective that timed out, and goes on in the background
 for the other ranks' sake, never reads the caller's array again: the caller
 may change it at once, and the other ranks still get what it held.
+
+Reductions of :data:`RING_FROM` bytes or more are the exception: they go
+around the ring of ranks with nonblocking sends and receives (:func:`_ring`),
+straight from the caller's array into the result -- no copy, no scratch
+memory, and no hand-off to another thread (Open MPI's blocking
+``Allreduce`` cannot be interrupted, so it could only run in a worker
+thread, and its nonblocking one is a binomial tree at 2 ranks or in place,
+about half as fast).  One that was given up on may still read the caller's
+array afterwards, so it ends with a :func:`verdict`: every rank says whether
+it gave up, and if one did, no rank returns the result.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from ... import collectives, wire
-from ...errors import MismatchError
+from ...errors import CommError, MismatchError
 from ...exchanges import split_rows
 from .. import GroupState, SplitResult
 from . import results
@@ -42,6 +52,12 @@ from .reductions import UFUNCS, element_type, reduction
 #: in the group's worker thread: Open MPI's nonblocking ones progress only
 #: inside Test calls and were up to ten times slower for mid-sized buffers here.
 BLOCKING_FROM = 256 << 10
+#: Reductions from this size on go around the ring of ranks (:func:`_ring`),
+#: out of place from the caller's array, with a verdict after.
+RING_FROM = 256 << 10
+#: The tag of the ring's messages on a group's communicator (the group's
+#: point-to-point messages use 1-3, see :mod:`.p2p`).
+RING_TAG = 4
 
 
 def flat_bytes(x: np.ndarray) -> np.ndarray:
@@ -149,12 +165,68 @@ def all_reduce_steps(MPI: Any, group: GroupState, x: np.ndarray, op: str) -> Ste
         for i in range(2, len(rows)):
             ufunc(reduced, rows[i], out=reduced)
         return reduced if x.ndim == 1 else reduced.reshape(x.shape)
-    yield from agree(MPI, state.comm, call, group.rank())
-    out = results.copy_of(x)
-    datatype, mpi_op = reduction(MPI, x.dtype, op)
     comm = state.comm
-    yield _in_place(state, x.nbytes, comm.Allreduce, comm.Iallreduce, MPI, [out, x.size, datatype], op=mpi_op)
+    if x.nbytes < RING_FROM:
+        yield from agree(MPI, comm, call, group.rank())
+        out = results.copy_of(x)
+        datatype, mpi_op = reduction(MPI, x.dtype, op)
+        yield comm.Iallreduce(MPI.IN_PLACE, [out, x.size, datatype], op=mpi_op)
+        return out
+    yield from agree(MPI, comm, call, group.rank())
+    out = results.empty(x.shape, x.dtype)
+    yield from _ring(MPI, comm, x.reshape(-1), out.reshape(-1), UFUNCS[op])
+    yield from verdict(MPI, state, _REDUCTIONS[op])
     return out
+
+
+def _ring(MPI: Any, comm: Any, x: np.ndarray, out: np.ndarray, ufunc: Any) -> Steps[None]:
+    """All-reduce the flat array ``x`` into ``out`` around the ring of ranks:
+    each rank's share (one of ``size`` segments) is reduced on its way
+    around (``size - 1`` rounds), then the reduced shares go around once
+    more.  Each segment is reduced in one order, on one path, so every rank
+    gets the same bits.  It reads ``x`` itself (see :func:`verdict`) and
+    needs no memory beyond ``out``: a segment is received into its place in
+    ``out`` and reduced there with numpy (which lets the GIL go)."""
+    size, me = comm.Get_size(), comm.Get_rank()
+    after, before = (me + 1) % size, (me - 1) % size
+    bounds = [x.size * k // size for k in range(size + 1)]
+    x_bytes, out_bytes = x.view(np.uint8), out.view(np.uint8)
+    item = x.itemsize
+
+    def segment(flat: np.ndarray, k: int) -> np.ndarray:
+        return flat[bounds[k] * item : bounds[k + 1] * item]
+
+    for r in range(size - 1):  # reduce-scatter: segment me - r goes on, me - r - 1 arrives
+        send, recv = (me - r) % size, (me - r - 1) % size
+        sending = comm.Isend([segment(x_bytes if r == 0 else out_bytes, send), MPI.BYTE], after, RING_TAG)
+        receiving = comm.Irecv([segment(out_bytes, recv), MPI.BYTE], before, RING_TAG)
+        yield receiving
+        mine = out[bounds[recv] : bounds[recv + 1]]
+        ufunc(mine, x[bounds[recv] : bounds[recv + 1]], out=mine)
+        yield sending
+    for r in range(size - 1):  # all-gather: the reduced segments go around
+        send, recv = (me + 1 - r) % size, (me - r) % size
+        sending = comm.Isend([segment(out_bytes, send), MPI.BYTE], after, RING_TAG)
+        receiving = comm.Irecv([segment(out_bytes, recv), MPI.BYTE], before, RING_TAG)
+        yield receiving
+        yield sending
+
+
+def verdict(MPI: Any, state: MpiGroup, what: str) -> Steps[None]:
+    """The last step of a collective whose MPI call reads the caller's array:
+    every rank says whether it gave up on it (its group is broken here by
+    then, see ``MpiBackend._give_up``), and if any did, every rank raises
+    instead of returning a result that may have been computed from an array
+    its caller changed since.  A rank that gave up runs this in the
+    background, like the rest of the call."""
+    comm = state.comm
+    size = comm.Get_size()
+    flag = np.array([comm.Get_rank() if state.broken is not None else size], np.int32)
+    yield comm.Iallreduce(MPI.IN_PLACE, flag, op=MPI.MIN)
+    first = int(flag[0])
+    if first < size:
+        raise CommError(f"rank {comm.Get_rank()}: rank {state.members[first]} gave up on this {what} on this "
+                        "group (or its group broke meanwhile), so no rank keeps its result")
 
 
 def all_gather_steps(MPI: Any, group: GroupState, x: np.ndarray) -> Steps[np.ndarray]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-POOL_FROM = 4 << 20
+POOL_FROM = 256 << 10
 POOL_BYTES = 64 << 20
 
 _lock = threading.Lock()  # (nothing under it makes a container object, so no garbage collection runs a __del__)
