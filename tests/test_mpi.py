@@ -62,11 +62,11 @@ def test_groups_that_agree_by_reducing_a_hash_over_mpi(script):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("n", [2, 3, 4])
 def test_large_reductions_go_around_the_ring_over_mpi(n):
-    """Reductions from collectives.RING_FROM bytes on go around the ring of
-    ranks, out of place from the caller's array: odd sizes, both faces, NaN,
-    bit-identical on every rank; one given up on (a timeout) while MPI reads
+    """Reductions from collectives.RING_FROM bytes on go around the ranks
+    (a ring on 3, recursive halving on 2 and 4), out of place from the
+    caller's array: odd sizes, both faces, NaN, bit-identical on every rank; one given up on (a timeout) while MPI reads
     the input, which no rank returns a result of; then the matrix's
     reductions with the threshold shrunk (tests/workers/mpi_ring.py)."""
     proc = mpirun(n, "mpi_ring.py", timeout=100)

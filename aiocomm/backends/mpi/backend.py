@@ -247,7 +247,7 @@ class MpiBackend:
         except StopIteration as stop:
             return stop.value
         except GiveUp as stop:
-            # (broken first: what goes on in the background must see it, see collectives.verdict)
+            # (broken first: what goes on in the background must see it, see collectives._Verdict)
             failure = self._failed(group, name, stop.error, isinstance(stop.error, CommTimeoutError))
             self._give_up(group, name, steps, step, stop.error)
             handed = True

@@ -27,8 +27,8 @@ memory, and no hand-off to another thread (Open MPI's blocking
 ``Allreduce`` cannot be interrupted, so it could only run in a worker
 thread, and its nonblocking one is a binomial tree at 2 ranks or in place,
 about half as fast).  One that was given up on may still read the caller's
-array afterwards, so it ends with a :func:`verdict`: every rank says whether
-it gave up, and if one did, no rank returns the result.
+array afterwards, so its last half carries a :class:`_Verdict`: every rank
+says whether it gave up, and if one did, no rank returns the result.
 """
 
 from __future__ import annotations
@@ -53,11 +53,13 @@ from .reductions import UFUNCS, element_type, reduction
 #: inside Test calls and were up to ten times slower for mid-sized buffers here.
 BLOCKING_FROM = 256 << 10
 #: Reductions from this size on go around the ring of ranks (:func:`_ring`),
-#: out of place from the caller's array, with a verdict after.
+#: out of place from the caller's array, with a verdict on the way (:class:`_Verdict`).
 RING_FROM = 256 << 10
 #: The tag of the ring's messages on a group's communicator (the group's
 #: point-to-point messages use 1-3, see :mod:`.p2p`).
 RING_TAG = 4
+#: The tag of the word each rank adds to those messages (see :class:`_Verdict`).
+VERDICT_TAG = 5
 
 
 def flat_bytes(x: np.ndarray) -> np.ndarray:
@@ -174,19 +176,52 @@ def all_reduce_steps(MPI: Any, group: GroupState, x: np.ndarray, op: str) -> Ste
         return out
     yield from agree(MPI, comm, call, group.rank())
     out = results.empty(x.shape, x.dtype)
-    yield from _ring(MPI, comm, x.reshape(-1), out.reshape(-1), UFUNCS[op])
-    yield from verdict(MPI, state, _REDUCTIONS[op])
+    size = group.size()
+    around = _halving if size & (size - 1) == 0 else _ring
+    first = yield from around(MPI, state, x.reshape(-1), out.reshape(-1), UFUNCS[op])
+    if first < size:
+        raise CommError(f"rank {group.members[group.rank()]}: rank {state.members[first]} gave up on this "
+                        f"{_REDUCTIONS[op]} on this group (or its group broke meanwhile), so no rank keeps its result")
     return out
 
 
-def _ring(MPI: Any, comm: Any, x: np.ndarray, out: np.ndarray, ufunc: Any) -> Steps[None]:
+class _Verdict:
+    """Which ranks gave up on a reduction that reads the caller's array
+    (:func:`_ring`, :func:`_halving`): MPI may read that array after the
+    caller got control back, so no rank may return the result if one did.
+    Each rank says so once it reads its array no more (its group is broken
+    by then, see ``MpiBackend._give_up``), and the word travels with the
+    last half of the reduction: every message there is followed by the
+    lowest group rank the sender knows gave up (the group's size if none),
+    and that half reaches every rank from every rank.  A rank that gave up
+    runs all this in the background, like the rest of the call."""
+
+    __slots__ = ("MPI", "comm", "lowest", "heard")
+
+    def __init__(self, MPI: Any, state: MpiGroup) -> None:
+        self.MPI, self.comm = MPI, state.comm
+        rank, size = state.comm.Get_rank(), state.comm.Get_size()
+        self.lowest = np.array([rank if state.broken is not None else size], np.int32)
+        self.heard = np.empty(1, np.int32)
+
+    def swap(self, to: int, source: int) -> Steps[None]:
+        telling = self.comm.Isend(self.lowest, to, VERDICT_TAG)
+        hearing = self.comm.Irecv(self.heard, source, VERDICT_TAG)
+        yield hearing
+        yield telling
+        self.lowest[0] = min(self.lowest[0], self.heard[0])
+
+
+def _ring(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: Any) -> Steps[int]:
     """All-reduce the flat array ``x`` into ``out`` around the ring of ranks:
     each rank's share (one of ``size`` segments) is reduced on its way
     around (``size - 1`` rounds), then the reduced shares go around once
     more.  Each segment is reduced in one order, on one path, so every rank
-    gets the same bits.  It reads ``x`` itself (see :func:`verdict`) and
+    gets the same bits.  It reads ``x`` itself (see :class:`_Verdict`) and
     needs no memory beyond ``out``: a segment is received into its place in
-    ``out`` and reduced there with numpy (which lets the GIL go)."""
+    ``out`` and reduced there with numpy (which lets the GIL go).  Gives
+    the :class:`_Verdict`: the lowest group rank that gave up, or ``size``."""
+    comm = state.comm
     size, me = comm.Get_size(), comm.Get_rank()
     after, before = (me + 1) % size, (me - 1) % size
     bounds = [x.size * k // size for k in range(size + 1)]
@@ -204,29 +239,64 @@ def _ring(MPI: Any, comm: Any, x: np.ndarray, out: np.ndarray, ufunc: Any) -> St
         mine = out[bounds[recv] : bounds[recv + 1]]
         ufunc(mine, x[bounds[recv] : bounds[recv + 1]], out=mine)
         yield sending
+    verdict = _Verdict(MPI, state)  # (``x`` is read no more)
     for r in range(size - 1):  # all-gather: the reduced segments go around
         send, recv = (me + 1 - r) % size, (me - r) % size
         sending = comm.Isend([segment(out_bytes, send), MPI.BYTE], after, RING_TAG)
         receiving = comm.Irecv([segment(out_bytes, recv), MPI.BYTE], before, RING_TAG)
         yield receiving
         yield sending
+        yield from verdict.swap(after, before)
+    return int(verdict.lowest[0])
 
 
-def verdict(MPI: Any, state: MpiGroup, what: str) -> Steps[None]:
-    """The last step of a collective whose MPI call reads the caller's array:
-    every rank says whether it gave up on it (its group is broken here by
-    then, see ``MpiBackend._give_up``), and if any did, every rank raises
-    instead of returning a result that may have been computed from an array
-    its caller changed since.  A rank that gave up runs this in the
-    background, like the rest of the call."""
+def _halving(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: Any) -> Steps[int]:
+    """:func:`_ring`'s work for a group of a power of two ranks in
+    ``2 log2(size)`` rounds instead of ``2 (size - 1)`` (recursive halving,
+    then doubling): each round a rank swaps half of what it holds with the
+    rank whose number differs in one bit and reduces the half it keeps, then
+    the reduced parts are swapped back the other way.  The same bytes move;
+    fewer rounds matter where ranks share cores.  Each element is reduced on
+    one rank, so every rank gets the same bits.  A part that arrives for a
+    half this rank already reduced waits in the part of ``out`` it gave away
+    the round before (so no memory beyond ``out``)."""
     comm = state.comm
-    size = comm.Get_size()
-    flag = np.array([comm.Get_rank() if state.broken is not None else size], np.int32)
-    yield comm.Iallreduce(MPI.IN_PLACE, flag, op=MPI.MIN)
-    first = int(flag[0])
-    if first < size:
-        raise CommError(f"rank {comm.Get_rank()}: rank {state.members[first]} gave up on this {what} on this "
-                        "group (or its group broke meanwhile), so no rank keeps its result")
+    size, me = comm.Get_size(), comm.Get_rank()
+    item = x.itemsize
+    x_bytes, out_bytes = x.view(np.uint8), out.view(np.uint8)
+    lo, hi = 0, x.size
+    levels: list[tuple[int, int]] = []
+    spare = 0  # where the part given away last round began (free since)
+    mask = size >> 1
+    while mask:
+        partner, mid = me ^ mask, (lo + hi) // 2
+        (keep_lo, keep_hi), (give_lo, give_hi) = ((mid, hi), (lo, mid)) if me & mask else ((lo, mid), (mid, hi))
+        first = not levels
+        source = x_bytes if first else out_bytes
+        sending = comm.Isend([source[give_lo * item : give_hi * item], MPI.BYTE], partner, RING_TAG)
+        at = keep_lo if first else spare
+        receiving = comm.Irecv([out_bytes[at * item : (at + keep_hi - keep_lo) * item], MPI.BYTE], partner, RING_TAG)
+        yield receiving
+        mine = out[keep_lo:keep_hi]
+        ufunc(mine, (x if first else out)[at : at + keep_hi - keep_lo], out=mine)
+        yield sending
+        levels.append((lo, hi))
+        lo, hi, spare = keep_lo, keep_hi, give_lo
+        mask >>= 1
+    verdict = _Verdict(MPI, state)  # (``x`` is read no more)
+    mask = 1
+    while mask < size:  # back up: swap the reduced parts
+        partner = me ^ mask
+        up_lo, up_hi = levels.pop()
+        other_lo, other_hi = (up_lo, lo) if lo > up_lo else (hi, up_hi)
+        sending = comm.Isend([out_bytes[lo * item : hi * item], MPI.BYTE], partner, RING_TAG)
+        receiving = comm.Irecv([out_bytes[other_lo * item : other_hi * item], MPI.BYTE], partner, RING_TAG)
+        yield receiving
+        yield sending
+        yield from verdict.swap(partner, partner)
+        lo, hi = up_lo, up_hi
+        mask <<= 1
+    return int(verdict.lowest[0])
 
 
 def all_gather_steps(MPI: Any, group: GroupState, x: np.ndarray) -> Steps[np.ndarray]:
