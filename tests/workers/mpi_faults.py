@@ -116,7 +116,7 @@ elif scenario == "threads":
 
     def work(i):
         try:
-            x = np.full(64 << 10, float(i), np.float32)  # 256 KiB: libnbc's ring, in this thread
+            x = np.full(64 << 10, float(i), np.float32)  # 256 KiB: aiocomm's halving, in this thread
             check(aiocomm.all_sum(x, group=groups[i], timeout=20), np.full(64 << 10, i * n, np.float32), f"g{i}")
             # MPI's blocking all-gather, in the group's worker thread
             check(aiocomm.all_gather(x, group=groups[i], timeout=20), np.full(n << 16, float(i), np.float32),

@@ -9,17 +9,19 @@ their input: no rank returns a result.  Then every reduction of the matrix
 (tests/workers/collectives_matrix.py) with the threshold shrunk, so every
 dtype and shape that the agreement does not carry takes the ring."""
 
+import _thread
 import asyncio
 import hashlib
 import runpy
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 import aiocomm
-from aiocomm.backends.mpi import collectives, notices
+from aiocomm.backends.mpi import collectives, notices, results
 
 from common import check
 
@@ -54,7 +56,30 @@ for size in (3 << 18, (1 << 20) + 3):
     rows = aiocomm.all_gather(digest).reshape(n, -1)
     assert all(np.array_equal(row, rows[0]) for row in rows), "results differ between ranks"
 collectives._ring, collectives._halving = ring, halving
+
+# Parts split into several messages (collectives.MESSAGE_BYTES, a C int's
+# worth of bytes at most in one MPI message), shrunk here.
+collectives.MESSAGE_BYTES = 4096
+x = np.arange(100_003, dtype=np.float64) + r
+check(aiocomm.all_sum(x), np.arange(100_003, dtype=np.float64) * n + sum(range(n)), "all_sum in many messages")
+collectives.MESSAGE_BYTES = 1 << 30
+
+# Overflow is inf on every rank, as MPI's own sums give it, even where the
+# program asks numpy to raise.
+with np.errstate(all="raise"):
+    huge = np.full(1 << 18, np.finfo(np.float32).max, np.float32)
+    assert np.all(np.isinf(aiocomm.all_sum(huge))), "an overflowing sum is inf"
 print(f"OK ring sizes rank {r}", flush=True)
+
+# Tiny arrays on the ring and by halving (the agreement made to carry
+# nothing), fewer elements than ranks among them.
+carry, ring_from = collectives.GATHER_UP_TO, collectives.RING_FROM
+collectives.GATHER_UP_TO, collectives.RING_FROM = 1, 1
+for count in range(1, 2 * n + 2):
+    x = (np.arange(count) + 1) * 10.0 ** r
+    check(aiocomm.all_sum(x), (np.arange(count) + 1) * sum(10.0 ** k for k in range(n)), f"all_sum of {count}")
+collectives.GATHER_UP_TO, collectives.RING_FROM = carry, ring_from
+print(f"OK ring tiny rank {r}", flush=True)
 
 # Reductions given up on while MPI reads the input: rank 0 times out while
 # the last rank is late to start the ring (the agreement is done), then
@@ -92,6 +117,33 @@ for face in ("blocking", "async"):
     notices.Notices.poll = poll
     collectives._ring, collectives._halving = ring, halving
     print(f"OK ring given up ({face}) rank {r}", flush=True)
+
+# A Ctrl-C while rank 0 waits inside the reduction (the last rank is late):
+# the reduction goes on in the background with its buffers kept, so the
+# memory of its result is not handed to a later array under MPI's writes,
+# and the others raise (the group is broken).
+group = world.split(0)
+big = np.full(1 << 18, float(r + 1), np.float32)
+if r == n - 1:
+    collectives._ring = collectives._halving = late
+try:
+    if r == 0:
+        threading.Timer(0.5, _thread.interrupt_main).start()
+    aiocomm.all_sum(big, group=group, timeout=10)
+except KeyboardInterrupt:
+    assert r == 0
+    later = [results.empty(big.shape, big.dtype) for _ in range(4)]
+    for array in later:
+        array[:] = 0.0
+    time.sleep(2.5)
+    assert all(not array.any() for array in later), "MPI wrote into memory given to later arrays"
+except aiocomm.CommError as exc:
+    assert r != 0 and "rank 0" in str(exc), exc
+else:
+    raise AssertionError(f"rank {r}: an all_sum rank 0 was interrupted in returned")
+notices.Notices.poll = poll
+collectives._ring, collectives._halving = ring, halving
+print(f"OK ring interrupted rank {r}", flush=True)
 
 # The matrix with every reduction the agreement does not carry on the ring.
 collectives.RING_FROM = 1

@@ -17,6 +17,7 @@ a way a later operation could trip over.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn
@@ -252,11 +253,27 @@ class MpiBackend:
             self._give_up(group, name, steps, step, stop.error)
             handed = True
             raise failure from None
-        except BaseException as exc:
+        except BaseException as exc:  # (stopped while MPI may still use its buffers: the background has it)
+            if step is not None and inspect.getgeneratorstate(steps) == inspect.GEN_SUSPENDED:
+                cause = self._interrupted(group, name, exc)
+                self._give_up(group, name, steps, step, cause)
+                handed = True
+            elif collective and not isinstance(exc, Exception):  # a Ctrl-C inside the steps: tell the others
+                self._interrupted(group, name, exc)
             self._raise_failed(group, name, exc)
         finally:
             if collective and not handed:
                 state.current = None
+
+    def _interrupted(self, group: GroupState, name: str, exc: BaseException) -> CommError:
+        """An operation stopped by ``exc`` while it waited for MPI (a Ctrl-C,
+        an MPI error): it goes to the background like one given up on, and
+        (a collective) breaks its group, first (see collectives._Verdict)."""
+        what = _PUBLIC.get(name, f"a {name}")
+        cause = CommError(f"rank {self.rank}: {what} was stopped by {type(exc).__name__} ({exc}) while "
+                          "it waited, which breaks its group on every rank")
+        self._failed(group, name, cause, True)
+        return cause
 
     def _wait(self, step: Any, deadline: float, doomed: Doomed, group: GroupState, name: str, timeout: float) -> None:
         """Until ``step`` completes, testing it (MPI progresses inside Test);
@@ -354,6 +371,10 @@ class MpiBackend:
                 after.append(self._give_up_in_poller(group, name, steps, step, waiter, exc))
             raise
         except BaseException as exc:
+            if steps is not None and step is not None and inspect.getgeneratorstate(steps) == inspect.GEN_SUSPENDED:
+                cause = self._interrupted(group, name, exc)
+                handed = True
+                after.append(self._give_up_in_poller(group, name, steps, step, waiter, cause))
             self._raise_failed(group, name, exc)
         finally:
             if issued and not handed:

@@ -43,14 +43,15 @@ from ... import collectives, wire
 from ...errors import CommError, MismatchError
 from ...exchanges import split_rows
 from .. import GroupState, SplitResult
-from . import results
+from . import progress, results
 from .groups import MpiGroup
 from .progress import Call, Steps, Until, abandon
 from .reductions import UFUNCS, element_type, reduction
 
-#: Buffers from this size on are reduced by MPI's blocking collectives, run
-#: in the group's worker thread: Open MPI's nonblocking ones progress only
-#: inside Test calls and were up to ten times slower for mid-sized buffers here.
+#: Buffers from this size on are gathered, scattered and broadcast by MPI's
+#: blocking collectives, run in the group's worker thread: Open MPI's
+#: nonblocking ones progress only inside Test calls and were up to ten times
+#: slower for mid-sized buffers here.  (Reductions: see :data:`RING_FROM`.)
 BLOCKING_FROM = 256 << 10
 #: Reductions from this size on go around the ring of ranks (:func:`_ring`),
 #: out of place from the caller's array, with a verdict on the way (:class:`_Verdict`).
@@ -177,8 +178,15 @@ def all_reduce_steps(MPI: Any, group: GroupState, x: np.ndarray, op: str) -> Ste
     yield from agree(MPI, comm, call, group.rank())
     out = results.empty(x.shape, x.dtype)
     size = group.size()
-    around = _halving if size & (size - 1) == 0 else _ring
-    first = yield from around(MPI, state, x.reshape(-1), out.reshape(-1), UFUNCS[op])
+    # (halving needs a part to give away at every round: at least size / 2 elements)
+    around = _halving if size & (size - 1) == 0 and x.size >= size else _ring
+    live: list[Any] = []
+    try:
+        first = yield from around(MPI, state, x.reshape(-1), out.reshape(-1), UFUNCS[op], live)
+    except BaseException:  # (raised here, a Ctrl-C say: what MPI still moves keeps its buffers)
+        for request in live:
+            progress.abandon_request(request, x, out)
+        raise
     if first < size:
         raise CommError(f"rank {group.members[group.rank()]}: rank {state.members[first]} gave up on this "
                         f"{_REDUCTIONS[op]} on this group (or its group broke meanwhile), so no rank keeps its result")
@@ -190,7 +198,8 @@ class _Verdict:
     (:func:`_ring`, :func:`_halving`): MPI may read that array after the
     caller got control back, so no rank may return the result if one did.
     Each rank says so once it reads its array no more (its group is broken
-    by then, see ``MpiBackend._give_up``), and the word travels with the
+    by then: ``MpiBackend`` breaks it before it hands a call it gave up on to
+    the background), and the word travels with the
     last half of the reduction: every message there is followed by the
     lowest group rank the sender knows gave up (the group's size if none),
     and that half reaches every rank from every rank.  A rank that gave up
@@ -212,7 +221,7 @@ class _Verdict:
         self.lowest[0] = min(self.lowest[0], self.heard[0])
 
 
-def _ring(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: Any) -> Steps[int]:
+def _ring(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: Any, live: list[Any]) -> Steps[int]:
     """All-reduce the flat array ``x`` into ``out`` around the ring of ranks:
     each rank's share (one of ``size`` segments) is reduced on its way
     around (``size - 1`` rounds), then the reduced shares go around once
@@ -233,24 +242,51 @@ def _ring(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: Any)
 
     for r in range(size - 1):  # reduce-scatter: segment me - r goes on, me - r - 1 arrives
         send, recv = (me - r) % size, (me - r - 1) % size
-        sending = comm.Isend([segment(x_bytes if r == 0 else out_bytes, send), MPI.BYTE], after, RING_TAG)
-        receiving = comm.Irecv([segment(out_bytes, recv), MPI.BYTE], before, RING_TAG)
-        yield receiving
+        sending = _isend(MPI, comm, live, segment(x_bytes if r == 0 else out_bytes, send), after)
+        yield from _all(_irecv(MPI, comm, live, segment(out_bytes, recv), before))
         mine = out[bounds[recv] : bounds[recv + 1]]
-        ufunc(mine, x[bounds[recv] : bounds[recv + 1]], out=mine)
-        yield sending
+        with np.errstate(all="ignore"):  # (as MPI's own reductions: inf or nan, no warning)
+            ufunc(mine, x[bounds[recv] : bounds[recv + 1]], out=mine)
+        yield from _all(sending)
     verdict = _Verdict(MPI, state)  # (``x`` is read no more)
     for r in range(size - 1):  # all-gather: the reduced segments go around
         send, recv = (me + 1 - r) % size, (me - r) % size
-        sending = comm.Isend([segment(out_bytes, send), MPI.BYTE], after, RING_TAG)
-        receiving = comm.Irecv([segment(out_bytes, recv), MPI.BYTE], before, RING_TAG)
-        yield receiving
-        yield sending
+        sending = _isend(MPI, comm, live, segment(out_bytes, send), after)
+        yield from _all(_irecv(MPI, comm, live, segment(out_bytes, recv), before))
+        yield from _all(sending)
         yield from verdict.swap(after, before)
     return int(verdict.lowest[0])
 
 
-def _halving(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: Any) -> Steps[int]:
+#: The most bytes one message of :func:`_ring` or :func:`_halving` carries
+#: (MPI 3 counts are C ints): a larger part goes as several.
+MESSAGE_BYTES = 1 << 30
+
+
+def _isend(MPI: Any, comm: Any, live: list[Any], part: np.ndarray, to: int) -> list[Any]:
+    """Send the bytes ``part`` to ``to`` (requests, also added to ``live``;
+    the receiver splits alike)."""
+    progress.hurry()
+    requests = [comm.Isend([part[at : at + MESSAGE_BYTES], MPI.BYTE], to, RING_TAG)
+                for at in range(0, max(len(part), 1), MESSAGE_BYTES)]
+    live += requests
+    return requests
+
+
+def _irecv(MPI: Any, comm: Any, live: list[Any], part: np.ndarray, source: int) -> list[Any]:
+    """Receive ``part``'s bytes from ``source`` (see :func:`_isend`)."""
+    requests = [comm.Irecv([part[at : at + MESSAGE_BYTES], MPI.BYTE], source, RING_TAG)
+                for at in range(0, max(len(part), 1), MESSAGE_BYTES)]
+    live += requests
+    return requests
+
+
+def _all(requests: list[Any]) -> Steps[None]:
+    yield from requests
+
+
+def _halving(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: Any,
+             live: list[Any]) -> Steps[int]:
     """:func:`_ring`'s work for a group of a power of two ranks in
     ``2 log2(size)`` rounds instead of ``2 (size - 1)`` (recursive halving,
     then doubling): each round a rank swaps half of what it holds with the
@@ -259,7 +295,8 @@ def _halving(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: A
     fewer rounds matter where ranks share cores.  Each element is reduced on
     one rank, so every rank gets the same bits.  A part that arrives for a
     half this rank already reduced waits in the part of ``out`` it gave away
-    the round before (so no memory beyond ``out``)."""
+    the round before (so no memory beyond ``out``; it is large enough once
+    there are at least ``size / 2`` elements)."""
     comm = state.comm
     size, me = comm.Get_size(), comm.Get_rank()
     item = x.itemsize
@@ -273,13 +310,13 @@ def _halving(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: A
         (keep_lo, keep_hi), (give_lo, give_hi) = ((mid, hi), (lo, mid)) if me & mask else ((lo, mid), (mid, hi))
         first = not levels
         source = x_bytes if first else out_bytes
-        sending = comm.Isend([source[give_lo * item : give_hi * item], MPI.BYTE], partner, RING_TAG)
+        sending = _isend(MPI, comm, live, source[give_lo * item : give_hi * item], partner)
         at = keep_lo if first else spare
-        receiving = comm.Irecv([out_bytes[at * item : (at + keep_hi - keep_lo) * item], MPI.BYTE], partner, RING_TAG)
-        yield receiving
+        yield from _all(_irecv(MPI, comm, live, out_bytes[at * item : (at + keep_hi - keep_lo) * item], partner))
         mine = out[keep_lo:keep_hi]
-        ufunc(mine, (x if first else out)[at : at + keep_hi - keep_lo], out=mine)
-        yield sending
+        with np.errstate(all="ignore"):  # (as in _ring)
+            ufunc(mine, (x if first else out)[at : at + keep_hi - keep_lo], out=mine)
+        yield from _all(sending)
         levels.append((lo, hi))
         lo, hi, spare = keep_lo, keep_hi, give_lo
         mask >>= 1
@@ -289,10 +326,9 @@ def _halving(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: A
         partner = me ^ mask
         up_lo, up_hi = levels.pop()
         other_lo, other_hi = (up_lo, lo) if lo > up_lo else (hi, up_hi)
-        sending = comm.Isend([out_bytes[lo * item : hi * item], MPI.BYTE], partner, RING_TAG)
-        receiving = comm.Irecv([out_bytes[other_lo * item : other_hi * item], MPI.BYTE], partner, RING_TAG)
-        yield receiving
-        yield sending
+        sending = _isend(MPI, comm, live, out_bytes[lo * item : hi * item], partner)
+        yield from _all(_irecv(MPI, comm, live, out_bytes[other_lo * item : other_hi * item], partner))
+        yield from _all(sending)
         yield from verdict.swap(partner, partner)
         lo, hi = up_lo, up_hi
         mask <<= 1
