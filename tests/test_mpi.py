@@ -66,12 +66,17 @@ def test_groups_that_agree_by_reducing_a_hash_over_mpi(script):
 def test_large_reductions_go_around_the_ring_over_mpi(n):
     """Reductions from collectives.RING_FROM bytes on go around the ranks
     (a ring on 3, recursive halving on 2 and 4), out of place from the
-    caller's array: odd sizes, both faces, NaN, bit-identical on every rank; one given up on (a timeout) while MPI reads
-    the input, which no rank returns a result of; then the matrix's
-    reductions with the threshold shrunk (tests/workers/mpi_ring.py)."""
+    caller's array: odd sizes, both faces, NaN, bit-identical on every rank,
+    parts in several messages, overflow to inf even where numpy is told to
+    raise, fewer elements than ranks; one given up on (a timeout) while MPI
+    reads the input, which no rank returns a result of; a Ctrl-C inside one
+    (its buffers stay MPI's, the others raise); then the matrix's reductions
+    with the threshold shrunk (tests/workers/mpi_ring.py)."""
     proc = mpirun(n, "mpi_ring.py", timeout=100)
     ok(proc, n, "OK ring sizes")
     assert proc.stdout.count("OK ring given up") == 2 * n, proc.stdout + proc.stderr  # (blocking, async)
+    for part in ("OK ring tiny", "OK ring interrupted"):
+        assert proc.stdout.count(part) == n, proc.stdout + proc.stderr
     assert proc.stdout.count(" collectives") == n, proc.stdout + proc.stderr  # (the matrix's "OK <count> collectives")
 
 
