@@ -1,6 +1,7 @@
 """A fork child of a rank must be refused (RuntimeError or CommError naming
 fork), must be able to exit, and must not disturb its parent's world."""
 
+import asyncio
 import os
 import signal
 import sys
@@ -36,8 +37,19 @@ if r == 1:
 t_fork = time.monotonic()
 pid = os.fork()
 if pid == 0:  # the child
-    for what, call in (("all_sum", lambda: aiocomm.all_sum(np.ones(4, np.int64), timeout=5)),
-                       ("init", lambda: aiocomm.init())):
+    calls = (
+        ("all_sum", lambda: aiocomm.all_sum(np.ones(4, np.int64), timeout=5)),
+        ("init", lambda: aiocomm.init()),
+        ("agree", lambda: world.agree(True, timeout=5)),
+        ("shrink", lambda: world.shrink(timeout=5)),
+        ("split", lambda: world.split(0, timeout=5)),
+        ("barrier", lambda: aiocomm.barrier(timeout=5)),
+        ("send_obj", lambda: aiocomm.send_obj({"a": 1}, 1, timeout=5)),
+        ("broadcast_obj", lambda: aiocomm.broadcast_obj([1, 2], 0, timeout=5)),
+        ("average_gradients", lambda: aiocomm.average_gradients({"w": np.ones(3)})),
+        ("aio.all_sum", lambda: asyncio.run(aiocomm.aio.all_sum(np.ones(4, np.int64), timeout=5))),
+    )
+    for what, call in calls:
         t0 = time.monotonic()
         try:
             call()
