@@ -311,12 +311,15 @@ def test_a_detached_grandchild_neither_holds_the_job_nor_outlives_it():
 
 
 @pytest.mark.timeout(60)
-def test_ranks_die_with_a_killed_launcher():
+@pytest.mark.parametrize("mode", [(), ("--on-failure", "continue")], ids=["stop", "continue"])
+def test_ranks_die_with_a_killed_launcher(mode):
+    """Also when the job would carry on after a rank's death: the launcher's
+    own death is not a rank's."""
     import signal
     import subprocess
 
     from .conftest import ROOT, WORKERS, clean_env
-    proc = subprocess.Popen(_launcher_cmd("-n", "3", str(WORKERS / "launcher_sleep.py")), cwd=ROOT,
+    proc = subprocess.Popen(_launcher_cmd("-n", "3", *mode, str(WORKERS / "launcher_sleep.py")), cwd=ROOT,
                             env=clean_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     pids = []
     while len(pids) < 3:
