@@ -143,6 +143,23 @@ else:
     raise AssertionError(f"rank {r}: an all_sum rank 0 was interrupted in returned")
 notices.Notices.poll = poll
 collectives._ring, collectives._halving = ring, halving
+
+# The same with a reduction small enough to ride in its agreement (the
+# backend's fast path for small calls): the others raise.
+group = world.split(0)
+try:
+    if r == 0:
+        threading.Timer(0.5, _thread.interrupt_main).start()
+    elif r == n - 1:
+        time.sleep(1.5)
+    aiocomm.all_sum(np.ones(2), group=group, timeout=10)
+except KeyboardInterrupt:
+    assert r == 0
+    time.sleep(1.5)
+except aiocomm.CommError as exc:
+    assert r != 0 and "rank 0" in str(exc), exc
+else:
+    raise AssertionError(f"rank {r}: a small all_sum rank 0 was interrupted in returned")
 print(f"OK ring interrupted rank {r}", flush=True)
 
 # The matrix with every reduction the agreement does not carry on the ring.

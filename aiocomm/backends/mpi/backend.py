@@ -29,13 +29,21 @@ from ...errors import CommError, CommTimeoutError, PeerLostError
 from .. import GroupState, SplitResult
 from . import groups, library, notices, progress
 from .collectives import (
+    RECORD,
+    REDUCTION_NAMES,
+    agreed,
     all_gather_steps,
     all_gather_v_steps,
     all_reduce_steps,
     all_to_all_steps,
     barrier_steps,
     broadcast_steps,
+    carried_record,
+    carried_rest,
+    carries,
     gather_steps,
+    identity,
+    reduce_carried,
     split_steps,
     stand_in,
     sum_scatter_steps,
@@ -231,15 +239,64 @@ class MpiBackend:
                     "collectives, or its messages with that rank) has not finished; await it before calling the "
                     "blocking face there"
                 )
+        if name == "all_reduce" and carries(group, args[0]):
+            return self._carried(group, state, *args)
         doomed, index = self._begin(group, name, args)
         if collective:
             self._issue(group, name, index)
         steps = _STEPS[name](self.MPI, group, *args[:-1])
+        return self._drive(name, group, steps, None, doomed, time.monotonic() + timeout, timeout)
+
+    def _carried(self, group: GroupState, state: groups.MpiGroup, x: np.ndarray, op: str, timeout: float) -> Any:
+        """An all-reduce small enough to ride in its agreement (see
+        collectives.carries), the commonest small call: its steps made by
+        hand while its one MPI request completes at once, the step driver
+        (:meth:`_drive`) from that request on if it does not, or if the
+        ranks disagree.  Checks, counts and notices as :meth:`_begin` and
+        :meth:`_issue` make them."""
+        heard = self.notices
+        heard.poll(every=0.001)
+        if heard.gone:  # (a member left: the general path's checks name it)
+            doomed, index = self._begin(group, "all_reduce", (x, op, timeout))
+        else:
+            doomed, index = None, [0]
+        self._issue(group, "all_reduce", index)
         deadline = time.monotonic() + timeout
-        step: Any = None
+        call = identity(REDUCTION_NAMES[op], x.dtype, x.shape)
+        table = bytearray(len(group.members) * RECORD)
+        request: Any = None
+        try:
+            request = state.comm.Iallgather(carried_record(call, x), table)
+            spins = 1023  # (as many tests as _wait makes before its first look at the deadline and notices)
+            while not request.Test() and spins:
+                spins -= 1
+            if spins and agreed(table, call[2]):
+                state.current = None
+                return reduce_carried(table, x, op)
+        except BaseException as exc:
+            if request is not None and state.current is not None:  # (issued, a Ctrl-C say: the background ends it)
+                cause = self._interrupted(group, "all_reduce", exc)
+                steps = carried_rest(self.MPI, state.comm, call, group.rank(), x, op, request, table)
+                self._give_up(group, "all_reduce", steps, next(steps), cause)
+            else:
+                state.current = None
+            self._raise_failed(group, "all_reduce", exc)
+        if doomed is None:
+            doomed = lambda: state.broken or heard.lost_collective(state, index[0])  # noqa: E731
+        steps = carried_rest(self.MPI, state.comm, call, group.rank(), x, op, request, table)
+        return self._drive("all_reduce", group, steps, next(steps), doomed, deadline, timeout)
+
+    def _drive(self, name: str, group: GroupState, steps: Steps[Any], step: Any, doomed: Doomed, deadline: float,
+               timeout: float) -> Any:
+        """Drive ``steps`` (an operation admitted and counted already; from
+        ``step``, taken already, or from its first) to their end in this
+        thread."""
+        collective = name not in _P2P
+        state: groups.MpiGroup = group.handle
         handed = False  # a collective given up on ends in the background
         try:
-            step = next(steps)
+            if step is None:
+                step = next(steps)
             while True:
                 # (the common case first: a request without a status, done at its first test)
                 if type(step) is Call or type(step) is tuple or not step.Test():

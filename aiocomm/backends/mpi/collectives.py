@@ -121,11 +121,23 @@ def agree(MPI: Any, comm: Any, call: Identity, rank: int, x: np.ndarray | None =
         record = empty if x is None else (hashed + x.tobytes()).ljust(RECORD, b"\0")
         table = bytearray(size * RECORD)
         yield comm.Iallgather(record, table)
-        for at in range(0, size * RECORD, RECORD):
-            if table[at : at + 8] != hashed:
-                break
-        else:
+        if agreed(table, hashed):
             return table
+    yield from _disagreed(MPI, comm, what, rank)
+    return None  # (never: it raises)
+
+
+def agreed(table: bytearray, hashed: bytes) -> bool:
+    """Whether every record of an agreement's ``table`` begins with ``hashed``."""
+    for at in range(0, len(table), RECORD):
+        if table[at : at + 8] != hashed:
+            return False
+    return True
+
+
+def _disagreed(MPI: Any, comm: Any, what: str, rank: int) -> Steps[None]:
+    """The ranks' calls differ: gather what each called, raise MismatchError naming them."""
+    size = comm.Get_size()
     text = what.encode()[:255]
     row = np.zeros(256, np.uint8)
     row[0] = len(text)
@@ -154,20 +166,42 @@ def _in_place(state: MpiGroup, nbytes: int, blocking: Callable[..., Any], nonblo
     return nonblocking(MPI.IN_PLACE, buf, **kwargs)
 
 
-_REDUCTIONS = {"sum": "all_sum", "max": "all_max", "min": "all_min"}  # (their public names)
+REDUCTION_NAMES = {"sum": "all_sum", "max": "all_max", "min": "all_min"}  # (their public names)
+
+
+def carried_record(call: Identity, x: np.ndarray) -> bytes:
+    """This rank's record in an agreement that carries ``x``."""
+    return (call[2] + x.tobytes()).ljust(RECORD, b"\0")
+
+
+def reduce_carried(table: bytearray, x: np.ndarray, op: str) -> np.ndarray:
+    """The reduction of the inputs an agreement's records carried, in rank order."""
+    rows, ufunc = inputs(table, x), UFUNCS[op]
+    reduced: np.ndarray = ufunc(rows[0], rows[1])  # (a binary call costs half what ufunc.reduce does)
+    for i in range(2, len(rows)):
+        ufunc(reduced, rows[i], out=reduced)
+    return reduced if x.ndim == 1 else reduced.reshape(x.shape)
+
+
+def carried_rest(MPI: Any, comm: Any, call: Identity, rank: int, x: np.ndarray, op: str, request: Any,
+                 table: bytearray) -> Steps[np.ndarray]:
+    """The steps of a carried reduction (see :func:`all_reduce_steps`) from
+    its agreement's ``request`` on, issued already (the backend's fast path
+    for small calls goes on here when the request is not done at once, or
+    the ranks disagree)."""
+    yield request
+    if not agreed(table, call[2]):
+        yield from _disagreed(MPI, comm, call[0], rank)
+    return reduce_carried(table, x, op)
 
 
 def all_reduce_steps(MPI: Any, group: GroupState, x: np.ndarray, op: str) -> Steps[np.ndarray]:
     state = group.handle
-    call = identity(_REDUCTIONS[op], x.dtype, x.shape)
+    call = identity(REDUCTION_NAMES[op], x.dtype, x.shape)
     if carries(group, x):
         table = yield from agree(MPI, state.comm, call, group.rank(), x)
         assert table is not None
-        rows, ufunc = inputs(table, x), UFUNCS[op]
-        reduced: np.ndarray = ufunc(rows[0], rows[1])  # (a binary call costs half what ufunc.reduce does)
-        for i in range(2, len(rows)):
-            ufunc(reduced, rows[i], out=reduced)
-        return reduced if x.ndim == 1 else reduced.reshape(x.shape)
+        return reduce_carried(table, x, op)
     comm = state.comm
     if x.nbytes < RING_FROM:
         yield from agree(MPI, comm, call, group.rank())
@@ -189,7 +223,8 @@ def all_reduce_steps(MPI: Any, group: GroupState, x: np.ndarray, op: str) -> Ste
         raise
     if first < size:
         raise CommError(f"rank {group.members[group.rank()]}: rank {state.members[first]} gave up on this "
-                        f"{_REDUCTIONS[op]} on this group (or its group broke meanwhile), so no rank keeps its result")
+                        f"{REDUCTION_NAMES[op]} on this group (or its group broke meanwhile), so no rank keeps "
+                        "its result")
     return out
 
 
