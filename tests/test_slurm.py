@@ -278,7 +278,8 @@ SlurmdLogFile={dir}/slurmd.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
-MpiParams=ports=45900-45999
+# (srun's reserved ports, below the kernel's ephemeral ones: no outgoing connection can hold one)
+MpiParams=ports=21900-21999
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides

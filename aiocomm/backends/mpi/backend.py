@@ -244,8 +244,18 @@ class MpiBackend:
         doomed, index = self._begin(group, name, args)
         if collective:
             self._issue(group, name, index)
-        steps = _STEPS[name](self.MPI, group, *args[:-1])
-        return self._drive(name, group, steps, None, doomed, time.monotonic() + timeout, timeout)
+        started = [False]
+        try:
+            steps = _STEPS[name](self.MPI, group, *args[:-1])
+            return self._drive(name, group, steps, None, doomed, time.monotonic() + timeout, timeout, started)
+        except BaseException as exc:
+            if not started[0]:  # (counted, nothing issued: as a Ctrl-C inside the steps, see _drive)
+                if collective:
+                    state.current = None
+                    if not isinstance(exc, Exception):
+                        self._interrupted(group, name, exc)
+                self._raise_failed(group, name, exc)
+            raise  # (_drive dealt with it)
 
     def _carried(self, group: GroupState, state: groups.MpiGroup, x: np.ndarray, op: str, timeout: float) -> Any:
         """An all-reduce small enough to ride in its agreement (see
@@ -261,40 +271,59 @@ class MpiBackend:
         else:
             doomed, index = None, [0]
         self._issue(group, "all_reduce", index)
-        deadline = time.monotonic() + timeout
-        call = identity(REDUCTION_NAMES[op], x.dtype, x.shape)
-        table = bytearray(len(group.members) * RECORD)
         request: Any = None
-        try:
+        steps: Steps[Any] | None = None
+        step: Any = None
+        started = [False]
+        table = bytearray(len(group.members) * RECORD)
+        try:  # (from here on a Ctrl-C must leave the counts and the group as the general path would)
+            deadline = time.monotonic() + timeout
+            call = identity(REDUCTION_NAMES[op], x.dtype, x.shape)
             request = state.comm.Iallgather(carried_record(call, x), table)
+            done = request.Test()
             spins = 1023  # (as many tests as _wait makes before its first look at the deadline and notices)
-            while not request.Test() and spins:
+            while not done and spins:
                 spins -= 1
-            if spins and agreed(table, call[2]):
+                done = request.Test()
+            if done and agreed(table, call[2]):
                 state.current = None
                 return reduce_carried(table, x, op)
+            if doomed is None:
+                doomed = lambda: state.broken or heard.lost_collective(state, index[0])  # noqa: E731
+            steps = carried_rest(self.MPI, state.comm, call, group.rank(), x, op, request, table)
+            step = next(steps)
+            return self._drive("all_reduce", group, steps, step, doomed, deadline, timeout, started)
         except BaseException as exc:
-            if request is not None and state.current is not None:  # (issued, a Ctrl-C say: the background ends it)
+            if started[0]:  # (_drive dealt with it)
+                raise
+            if state.current is None:  # (the reduction itself raised: nothing is left with MPI)
+                pass
+            elif request is not None:  # issued: the background ends it, and the group breaks
                 cause = self._interrupted(group, "all_reduce", exc)
-                steps = carried_rest(self.MPI, state.comm, call, group.rank(), x, op, request, table)
-                self._give_up(group, "all_reduce", steps, next(steps), cause)
-            else:
+                if steps is None or inspect.getgeneratorstate(steps) != inspect.GEN_SUSPENDED:
+                    steps = carried_rest(self.MPI, state.comm, call, group.rank(), x, op, request, table)
+                    step = next(steps)
+                self._give_up(group, "all_reduce", steps, step, cause)
+            else:  # counted, not issued: as a Ctrl-C inside the steps of the general path
                 state.current = None
+                if not isinstance(exc, Exception):
+                    self._interrupted(group, "all_reduce", exc)
+                    # (it may have come as Iallgather returned, the request unseen: MPI may still write here)
+                    progress.keep(table)
             self._raise_failed(group, "all_reduce", exc)
-        if doomed is None:
-            doomed = lambda: state.broken or heard.lost_collective(state, index[0])  # noqa: E731
-        steps = carried_rest(self.MPI, state.comm, call, group.rank(), x, op, request, table)
-        return self._drive("all_reduce", group, steps, next(steps), doomed, deadline, timeout)
 
     def _drive(self, name: str, group: GroupState, steps: Steps[Any], step: Any, doomed: Doomed, deadline: float,
-               timeout: float) -> Any:
+               timeout: float, started: list[bool]) -> Any:
         """Drive ``steps`` (an operation admitted and counted already; from
         ``step``, taken already, or from its first) to their end in this
-        thread."""
-        collective = name not in _P2P
+        thread.  ``started[0]`` is set on entry, before anything that can
+        raise: from then on this method deals with what goes wrong (a Ctrl-C
+        at the call itself, before it, is the caller's to deal with)."""
+        collective = name not in _P2P  # (nothing before the try may call a function: see above)
         state: groups.MpiGroup = group.handle
         handed = False  # a collective given up on ends in the background
         try:
+            started[0] = True
             if step is None:
                 step = next(steps)
             while True:

@@ -312,6 +312,7 @@ _watch: Callable[[], int] = lambda: 0  # noqa: E731
 #: operations given up on whose requests MPI may still use (their buffers are kept alive here)
 _abandoned: list[tuple[Steps[Any], Any, bool]] = []
 _orphans: list[tuple[Steps[Any], Any]] = []
+_kept: list[tuple[Any, ...]] = []
 
 
 def poller() -> Poller:
@@ -350,6 +351,12 @@ def _finishing(steps: Steps[Any], step: Any, then: Callable[[], None]) -> Steps[
         pass
     finally:
         then()
+
+
+def keep(*buffers: Any) -> None:
+    """Keep ``buffers`` for good: MPI may write into them, through a request
+    nobody can see any more (a Ctrl-C came as it was made)."""
+    _kept.append(buffers)
 
 
 def orphan(steps: Steps[Any], step: Any) -> None:
