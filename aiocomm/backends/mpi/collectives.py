@@ -21,8 +21,8 @@ for the other ranks' sake, never reads the caller's array again: the caller
 may change it at once, and the other ranks still get what it held.
 
 Reductions of :data:`RING_FROM` bytes or more are the exception: they go
-around the ring of ranks with nonblocking sends and receives (:func:`_ring`),
-straight from the caller's array into the result -- no copy, no scratch
+around the ranks with nonblocking sends and receives (:func:`_halving` on a
+power of two ranks, else :func:`_ring`), straight from the caller's array into the result -- no copy, no scratch
 memory, and no hand-off to another thread (Open MPI's blocking
 ``Allreduce`` cannot be interrupted, so it could only run in a worker
 thread, and its nonblocking one is a binomial tree at 2 ranks or in place,
@@ -53,7 +53,7 @@ from .reductions import UFUNCS, element_type, reduction
 #: nonblocking ones progress only inside Test calls and were up to ten times
 #: slower for mid-sized buffers here.  (Reductions: see :data:`RING_FROM`.)
 BLOCKING_FROM = 256 << 10
-#: Reductions from this size on go around the ring of ranks (:func:`_ring`),
+#: Reductions from this size on go around the ranks (:func:`_halving`, :func:`_ring`),
 #: out of place from the caller's array, with a verdict on the way (:class:`_Verdict`).
 RING_FROM = 256 << 10
 #: The tag of the ring's messages on a group's communicator (the group's
