@@ -249,11 +249,9 @@ class MpiBackend:
             steps = _STEPS[name](self.MPI, group, *args[:-1])
             return self._drive(name, group, steps, None, doomed, time.monotonic() + timeout, timeout, started)
         except BaseException as exc:
-            if not started[0]:  # (counted, nothing issued: as a Ctrl-C inside the steps, see _drive)
+            if not started[0]:
                 if collective:
-                    state.current = None
-                    if not isinstance(exc, Exception):
-                        self._interrupted(group, name, exc)
+                    self._not_issued(group, name, exc)
                 self._raise_failed(group, name, exc)
             raise  # (_drive dealt with it)
 
@@ -304,11 +302,9 @@ class MpiBackend:
                     steps = carried_rest(self.MPI, state.comm, call, group.rank(), x, op, request, table)
                     step = next(steps)
                 self._give_up(group, "all_reduce", steps, step, cause)
-            else:  # counted, not issued: as a Ctrl-C inside the steps of the general path
-                state.current = None
-                if not isinstance(exc, Exception):
-                    self._interrupted(group, "all_reduce", exc)
-                    # (it may have come as Iallgather returned, the request unseen: MPI may still write here)
+            else:
+                self._not_issued(group, "all_reduce", exc)
+                if not isinstance(exc, Exception):  # (it may have come as Iallgather returned, the request unseen)
                     progress.keep(table)
             self._raise_failed(group, "all_reduce", exc)
 
@@ -350,6 +346,14 @@ class MpiBackend:
         finally:
             if collective and not handed:
                 state.current = None
+
+    def _not_issued(self, group: GroupState, name: str, exc: BaseException) -> None:
+        """A collective counted (see :meth:`_issue`) but stopped by ``exc``
+        before it issued anything: as a Ctrl-C inside its steps (see
+        :meth:`_drive`), it breaks its group and tells the others."""
+        group.handle.current = None
+        if not isinstance(exc, Exception):
+            self._interrupted(group, name, exc)
 
     def _interrupted(self, group: GroupState, name: str, exc: BaseException) -> CommError:
         """An operation stopped by ``exc`` while it waited for MPI (a Ctrl-C,

@@ -103,11 +103,10 @@ def carries(group: GroupState, x: np.ndarray) -> bool:
     return x.nbytes <= INLINE and group.size() <= GATHER_UP_TO
 
 
-def agree(MPI: Any, comm: Any, call: Identity, rank: int, x: np.ndarray | None = None) -> Steps[bytearray | None]:
+def agree(MPI: Any, comm: Any, call: Identity, rank: int) -> Steps[None]:
     """Every rank of ``comm`` made the same ``call`` (its :func:`identity`),
-    or MismatchError naming them.  With ``x`` (see :func:`carries`), the
-    gathered records, one :data:`RECORD` after another by rank (see
-    :func:`inputs`)."""
+    or MismatchError naming them.  (A reduction whose input the records
+    carry agrees in :func:`carried_rest`.)"""
     what, h, hashed, empty = call
     size = comm.Get_size()
     if size > GATHER_UP_TO:
@@ -116,15 +115,13 @@ def agree(MPI: Any, comm: Any, call: Identity, rank: int, x: np.ndarray | None =
         yield comm.Iallreduce(mine, out, op=MPI.MAX)
         top, bottom = out.tolist()
         if top == -bottom:  # max == min: every rank's hash is the same
-            return None
+            return
     else:
-        record = empty if x is None else (hashed + x.tobytes()).ljust(RECORD, b"\0")
         table = bytearray(size * RECORD)
-        yield comm.Iallgather(record, table)
+        yield comm.Iallgather(empty, table)
         if agreed(table, hashed):
-            return table
+            return
     yield from _disagreed(MPI, comm, what, rank)
-    return None  # (never: it raises)
 
 
 def agreed(table: bytearray, hashed: bytes) -> bool:
@@ -197,19 +194,18 @@ def carried_rest(MPI: Any, comm: Any, call: Identity, rank: int, x: np.ndarray, 
 
 def all_reduce_steps(MPI: Any, group: GroupState, x: np.ndarray, op: str) -> Steps[np.ndarray]:
     state = group.handle
+    comm = state.comm
     call = identity(REDUCTION_NAMES[op], x.dtype, x.shape)
     if carries(group, x):
-        table = yield from agree(MPI, state.comm, call, group.rank(), x)
-        assert table is not None
-        return reduce_carried(table, x, op)
-    comm = state.comm
+        table = bytearray(group.size() * RECORD)
+        request = comm.Iallgather(carried_record(call, x), table)
+        return (yield from carried_rest(MPI, comm, call, group.rank(), x, op, request, table))
+    yield from agree(MPI, comm, call, group.rank())
     if x.nbytes < RING_FROM:
-        yield from agree(MPI, comm, call, group.rank())
         out = results.copy_of(x)
         datatype, mpi_op = reduction(MPI, x.dtype, op)
         yield comm.Iallreduce(MPI.IN_PLACE, [out, x.size, datatype], op=mpi_op)
         return out
-    yield from agree(MPI, comm, call, group.rank())
     out = results.empty(x.shape, x.dtype)
     size = group.size()
     # (halving needs a part to give away at every round: at least size / 2 elements)
@@ -240,10 +236,10 @@ class _Verdict:
     and that half reaches every rank from every rank.  A rank that gave up
     runs all this in the background, like the rest of the call."""
 
-    __slots__ = ("MPI", "comm", "lowest", "heard")
+    __slots__ = ("comm", "lowest", "heard")
 
-    def __init__(self, MPI: Any, state: MpiGroup) -> None:
-        self.MPI, self.comm = MPI, state.comm
+    def __init__(self, state: MpiGroup) -> None:
+        self.comm = state.comm
         rank, size = state.comm.Get_rank(), state.comm.Get_size()
         self.lowest = np.array([rank if state.broken is not None else size], np.int32)
         self.heard = np.empty(1, np.int32)
@@ -277,17 +273,17 @@ def _ring(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: Any,
 
     for r in range(size - 1):  # reduce-scatter: segment me - r goes on, me - r - 1 arrives
         send, recv = (me - r) % size, (me - r - 1) % size
-        sending = _isend(MPI, comm, live, segment(x_bytes if r == 0 else out_bytes, send), after)
-        yield from _all(_irecv(MPI, comm, live, segment(out_bytes, recv), before))
+        sending = _post(comm.Isend, MPI, live, segment(x_bytes if r == 0 else out_bytes, send), after)
+        yield from _all(_post(comm.Irecv, MPI, live, segment(out_bytes, recv), before))
         mine = out[bounds[recv] : bounds[recv + 1]]
         with np.errstate(all="ignore"):  # (as MPI's own reductions: inf or nan, no warning)
             ufunc(mine, x[bounds[recv] : bounds[recv + 1]], out=mine)
         yield from _all(sending)
-    verdict = _Verdict(MPI, state)  # (``x`` is read no more)
+    verdict = _Verdict(state)  # (``x`` is read no more)
     for r in range(size - 1):  # all-gather: the reduced segments go around
         send, recv = (me + 1 - r) % size, (me - r) % size
-        sending = _isend(MPI, comm, live, segment(out_bytes, send), after)
-        yield from _all(_irecv(MPI, comm, live, segment(out_bytes, recv), before))
+        sending = _post(comm.Isend, MPI, live, segment(out_bytes, send), after)
+        yield from _all(_post(comm.Irecv, MPI, live, segment(out_bytes, recv), before))
         yield from _all(sending)
         yield from verdict.swap(after, before)
     return int(verdict.lowest[0])
@@ -298,19 +294,13 @@ def _ring(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: Any,
 MESSAGE_BYTES = 1 << 30
 
 
-def _isend(MPI: Any, comm: Any, live: list[Any], part: np.ndarray, to: int) -> list[Any]:
-    """Send the bytes ``part`` to ``to`` (requests, also added to ``live``;
-    the receiver splits alike)."""
+def _post(post: Callable[..., Any], MPI: Any, live: list[Any], part: np.ndarray, peer: int) -> list[Any]:
+    """Send or receive (``post``: the communicator's ``Isend`` or ``Irecv``)
+    the bytes ``part`` to or from ``peer``, in messages of at most
+    :data:`MESSAGE_BYTES` (both sides split alike); the requests, also added
+    to ``live``."""
     progress.hurry()
-    requests = [comm.Isend([part[at : at + MESSAGE_BYTES], MPI.BYTE], to, RING_TAG)
-                for at in range(0, max(len(part), 1), MESSAGE_BYTES)]
-    live += requests
-    return requests
-
-
-def _irecv(MPI: Any, comm: Any, live: list[Any], part: np.ndarray, source: int) -> list[Any]:
-    """Receive ``part``'s bytes from ``source`` (see :func:`_isend`)."""
-    requests = [comm.Irecv([part[at : at + MESSAGE_BYTES], MPI.BYTE], source, RING_TAG)
+    requests = [post([part[at : at + MESSAGE_BYTES], MPI.BYTE], peer, RING_TAG)
                 for at in range(0, max(len(part), 1), MESSAGE_BYTES)]
     live += requests
     return requests
@@ -345,9 +335,9 @@ def _halving(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: A
         (keep_lo, keep_hi), (give_lo, give_hi) = ((mid, hi), (lo, mid)) if me & mask else ((lo, mid), (mid, hi))
         first = not levels
         source = x_bytes if first else out_bytes
-        sending = _isend(MPI, comm, live, source[give_lo * item : give_hi * item], partner)
+        sending = _post(comm.Isend, MPI, live, source[give_lo * item : give_hi * item], partner)
         at = keep_lo if first else spare
-        yield from _all(_irecv(MPI, comm, live, out_bytes[at * item : (at + keep_hi - keep_lo) * item], partner))
+        yield from _all(_post(comm.Irecv, MPI, live, out_bytes[at * item : (at + keep_hi - keep_lo) * item], partner))
         mine = out[keep_lo:keep_hi]
         with np.errstate(all="ignore"):  # (as in _ring)
             ufunc(mine, (x if first else out)[at : at + keep_hi - keep_lo], out=mine)
@@ -355,14 +345,14 @@ def _halving(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: A
         levels.append((lo, hi))
         lo, hi, spare = keep_lo, keep_hi, give_lo
         mask >>= 1
-    verdict = _Verdict(MPI, state)  # (``x`` is read no more)
+    verdict = _Verdict(state)  # (``x`` is read no more)
     mask = 1
     while mask < size:  # back up: swap the reduced parts
         partner = me ^ mask
         up_lo, up_hi = levels.pop()
         other_lo, other_hi = (up_lo, lo) if lo > up_lo else (hi, up_hi)
-        sending = _isend(MPI, comm, live, out_bytes[lo * item : hi * item], partner)
-        yield from _all(_irecv(MPI, comm, live, out_bytes[other_lo * item : other_hi * item], partner))
+        sending = _post(comm.Isend, MPI, live, out_bytes[lo * item : hi * item], partner)
+        yield from _all(_post(comm.Irecv, MPI, live, out_bytes[other_lo * item : other_hi * item], partner))
         yield from _all(sending)
         yield from verdict.swap(partner, partner)
         lo, hi = up_lo, up_hi

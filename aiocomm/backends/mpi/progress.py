@@ -294,25 +294,15 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
 
 
 _poller: Poller | None = None
-#: Until when the progress thread tests without pausing (see :func:`hurry`).
-_hurry_until = 0.0
-#: Seconds :func:`hurry` keeps the progress thread testing.
-HURRY_SECONDS = 0.05
-
-
-def hurry() -> None:
-    """An operation moves a large message now: the progress thread keeps
-    testing without its pauses for the next :data:`HURRY_SECONDS` (MPI moves
-    a large message only while someone tests, piece by piece: a pause
-    between tests is a pause in the transfer).  An operation that stops
-    asking (a late peer) lets it pause again soon after."""
-    global _hurry_until
-    _hurry_until = time.monotonic() + HURRY_SECONDS
 _watch: Callable[[], int] = lambda: 0  # noqa: E731
 #: operations given up on whose requests MPI may still use (their buffers are kept alive here)
 _abandoned: list[tuple[Steps[Any], Any, bool]] = []
 _orphans: list[tuple[Steps[Any], Any]] = []
 _kept: list[tuple[Any, ...]] = []
+#: Until when the progress thread tests without pausing (see :func:`hurry`).
+_hurry_until = 0.0
+#: Seconds :func:`hurry` keeps the progress thread testing.
+HURRY_SECONDS = 0.05
 
 
 def poller() -> Poller:
@@ -351,6 +341,16 @@ def _finishing(steps: Steps[Any], step: Any, then: Callable[[], None]) -> Steps[
         pass
     finally:
         then()
+
+
+def hurry() -> None:
+    """An operation moves a large message now: the progress thread keeps
+    testing without its pauses for the next :data:`HURRY_SECONDS` (MPI moves
+    a large message only while someone tests, piece by piece: a pause
+    between tests is a pause in the transfer).  An operation that stops
+    asking (a late peer) lets it pause again soon after."""
+    global _hurry_until
+    _hurry_until = time.monotonic() + HURRY_SECONDS
 
 
 def keep(*buffers: Any) -> None:
