@@ -35,7 +35,7 @@ class Events:
     def credit(self, src, nbytes):
         self.credited.append((src, nbytes))
 
-    def clear_to_send(self, src, context, rid):
+    def clear_to_send(self, src, context, rid, out):
         self.cleared.append((src, context, rid))
 
     def allocate(self, shape, dtype, src, op, context):

@@ -25,6 +25,7 @@ TRANSPORT = ROOT / "aiocomm" / "transport"
 LAYERS = {
     "waits": 0,  # every wait, its deadline, who can end it
     "contexts": 0,  # groups on the wire, and aborting them
+    "cma": 0,  # writing into another process's memory on this host
     "flow": 1,  # credit and announced messages (waits)
     "matching": 1,  # pairing frames with receives (waits)
     "stream": 2,  # one connection (flow, waits)

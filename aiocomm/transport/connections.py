@@ -97,6 +97,7 @@ class Connections:
         # the mesh (a frame's route is looked up once per connection, not per frame).
         self.route: Callable[[int, Header, bytes], Sink] = owner.route
         self.hold: Callable[[int], bool] = owner.hold
+        self.place = owner.place
         self.release: Callable[[int], None] = owner.release
         self.outgoing: dict[int, PeerStream] = {}
         self.inbound: dict[int, PeerStream] = {}
@@ -132,7 +133,8 @@ class Connections:
             self._servers.append(server)
 
     def _acceptor(self) -> PeerStream:
-        return PeerStream(self, AcceptorHandshake(self.spec.token, self.rank, self.size, self.owner.window))
+        return PeerStream(self, AcceptorHandshake(self.spec.token, self.rank, self.size, self.owner.window,
+                                                    self.place))
 
     def accepted(self, stream: PeerStream) -> None:
         """A connection came in: it has ``HANDSHAKE_TIMEOUT`` to prove itself."""

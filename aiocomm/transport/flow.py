@@ -30,6 +30,7 @@ back on the sender's own connection.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import numpy as np
@@ -50,7 +51,7 @@ class Announcement(Wait):
     asks; it has no deadline and ends only with its peer or its context.
     """
 
-    __slots__ = ("data", "outbox", "rid", "on_end", "revoke")
+    __slots__ = ("data", "outbox", "rid", "on_end", "revoke", "timer")
 
     def __init__(self, waits: WaitSet, peer: int, op: Op, data: np.ndarray, outbox: SendWindow, rid: int) -> None:
         Wait.__init__(self, waits, peer, op, "waiting for a receive to be posted by")
@@ -59,6 +60,7 @@ class Announcement(Wait):
         self.rid = rid
         self.on_end: Callable[[], None] | None = None  # releases a detached copy's bytes
         self.revoke: Callable[[int, int], None] | None = None  # tells the receiver it is withdrawn
+        self.timer: asyncio.TimerHandle | None = None  # the end of its grace (see PeerStream._announce_across)
 
     def resolve(self, value: object = None) -> None:
         self._ended()
@@ -71,6 +73,9 @@ class Announcement(Wait):
         Wait.fail(self, exc)
 
     def _ended(self) -> None:
+        timer, self.timer = self.timer, None
+        if timer is not None:
+            timer.cancel()
         on_end, self.on_end = self.on_end, None
         if on_end is not None:
             on_end()

@@ -66,8 +66,8 @@ class MatchEvents(Protocol):
     def credit(self, src: int, nbytes: int) -> None:
         """``nbytes`` of eager data from ``src`` are no longer buffered here."""
 
-    def clear_to_send(self, src: int, context: int, rid: int) -> None:
-        """A receive is posted for ``src``'s announced message ``rid``."""
+    def clear_to_send(self, src: int, context: int, rid: int, out: np.ndarray) -> None:
+        """A receive is posted for ``src``'s announced message ``rid``; its payload goes into ``out``."""
 
     def allocate(self, shape: tuple[int, ...], dtype: str, src: int, op: Op | None, context: int) -> np.ndarray:
         """A new array (raises a CommError naming the size if memory runs out)."""
@@ -299,26 +299,41 @@ class Matcher:
                 pending.fail(exc)
                 return
         box.cleared[rid] = pending
-        self.events.clear_to_send(src, context, rid)
+        self.events.clear_to_send(src, context, rid, pending.out)
 
-    def payload(self, src: int, rid: int, nbytes: int) -> Sink:
+    def payload(self, src: int, rid: int, nbytes: int, counted: bool = False) -> Sink:
         """An ``RDATA`` frame's header is in: the receive its announcement
-        cleared (one that gave up meanwhile gives the message back when it is in)."""
+        cleared (one that gave up meanwhile gives the message back when it is in).
+        ``counted``: its bytes were taken from the sender's credit."""
         box = self.boxes[src]
         pending = box.cleared.pop(rid, None)
         if pending is None:
-            return self._unsolicited(box, src, rid, nbytes)
+            return self._unsolicited(box, src, rid, nbytes, counted)
         assert pending.out is not None
         if pending.out.nbytes != nbytes:
             raise ProtocolError(f"rank {src} sent {nbytes} bytes for announced message {rid} of {pending.out.nbytes}")
+        if counted:
+            self.events.credit(src, nbytes)  # straight into a receive's memory: nothing buffered
         pending.view = byte_view(pending.out)
         return pending
 
-    def _unsolicited(self, box: Mailbox, src: int, rid: int, nbytes: int) -> Sink:
+    def written(self, src: int, rid: int) -> int:
+        """An ``RDONE``: the payload of announced message ``rid`` is in the
+        memory its receive offered (a receive that gave up meanwhile gives
+        the message back).  Returns its size."""
+        pending = self.boxes[src].cleared.pop(rid, None)
+        if pending is None:  # its context was aborted meanwhile
+            return 0
+        assert pending.out is not None
+        pending.done()
+        return pending.out.nbytes
+
+    def _unsolicited(self, box: Mailbox, src: int, rid: int, nbytes: int, counted: bool) -> Sink:
         """The payload of an announcement no receive has cleared: its sender
-        is closing and sends what it still held.  It becomes an ordinary
-        arrival in the announcement's place (or is dropped if its context
-        was aborted)."""
+        is closing and sends what it still held, or its receive was not
+        posted in time (``counted``: sent as an eager frame would have been).
+        It becomes an ordinary arrival in the announcement's place (or is
+        dropped if its context was aborted)."""
         for key, arrivals in box.arrived.items():
             for i, entry in enumerate(arrivals):
                 if type(entry) is Announced and entry.rid == rid:
@@ -329,11 +344,16 @@ class Matcher:
                     try:
                         data = self.events.allocate((nbytes,), "uint8", src, None, key[1])
                     except Exception:
+                        if counted:
+                            self.events.credit(src, nbytes)
                         return Sink(None)
                     arrival = Arrival(self, src, entry.meta, data, key)
                     arrivals[i] = arrival
-                    self.events.credit(src, -nbytes)  # buffered now, though never credited to the sender
+                    if not counted:
+                        self.events.credit(src, -nbytes)  # buffered now, though never credited to the sender
                     return arrival
+        if counted:
+            self.events.credit(src, nbytes)
         return Sink(None)
 
     # ---- posting

@@ -7,6 +7,7 @@ part                   job
 ``stream``             one connection: asyncio glue, handshake, writes
 ``matching``           pairing frames with posted receives (no sockets)
 ``flow``               the budget for unexpected data: credit, RTS/CTS
+``cma``                large payloads written into a receive's memory on this host
 ``waits``              every wait, its deadline, who can end it; polling
 ``contexts``           groups on the wire, and aborting them
 =====================  ===============================================
@@ -28,15 +29,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from .. import wire
-from ..config import WorldSpec, buffer_budget, poll_seconds
+from ..config import WorldSpec, buffer_budget, poll_seconds, transport
 from ..errors import CommError, OutOfMemoryError, PeerLostError, ProtocolError
 from ..wire import Header, Kind, Signature, Sink
+from . import cma
 from .connections import Connections
 from .contexts import Contexts, abort_error, abort_fields
 from .flow import ReceiveBudget, describe_bytes, window_for
@@ -68,6 +71,8 @@ class Mesh:
         self.waits = WaitSet(self.loop, self.rank, poll_seconds(spec))
         self.contexts = Contexts(self.size)
         self.broken = self.contexts.broken
+        # (host id, pid), for peers on this host to write large payloads into (cma); (0, 0): no
+        self.place = (cma.host_id(), os.getpid()) if transport() != "tcp" and cma.available() is None else (0, 0)
         self.connections = Connections(self)
         self.lost = self.connections.lost
         self.budget = ReceiveBudget(self.window, self.size)
@@ -77,6 +82,12 @@ class Mesh:
         self.bytes_sent = 0  # payload bytes, for the benchmark's wire count
         self.hold_budget = budget  # what this rank may hold of its own sends not yet received
         self.held = 0
+        # Large payloads from peers on this host written straight into the
+        # receive's memory (cma): the receives' arrays offered to a sender
+        # that may still write into them.
+        self.offered: dict[tuple[int, int], np.ndarray] = {}  # (src, announced id) -> the receive's array
+        self._kept: list[np.ndarray] = []  # offered to a sender lost meanwhile (it may still be writing)
+        self.bytes_written_across = 0  # payload bytes peers wrote into this rank's memory
 
     # ---- bring-up and tear-down
 
@@ -190,7 +201,14 @@ class Mesh:
                 return Sink(None)
             return self.matcher.arrive(src, kind, context, tag, meta, payload_len)
         if kind == Kind.RDATA:
-            return self.matcher.payload(src, tag, payload_len)
+            if self.offered:
+                self.offered.pop((src, tag), None)
+            return self.matcher.payload(src, tag, payload_len, flags == wire.RDATA_COUNTED)
+        if kind == Kind.RDONE:
+            if self.offered.pop((src, tag), None) is None:
+                raise ProtocolError(f"rank {src} wrote announced message {tag} into memory this rank never offered")
+            self.bytes_written_across += self.matcher.written(src, tag)
+            return Sink(None)
         if kind == Kind.RTS:
             if flags not in _DATA_KINDS or len(meta) < _RTS_TRAILER.size:
                 raise ProtocolError(f"malformed RTS frame from rank {src}")
@@ -199,6 +217,8 @@ class Mesh:
                 self.matcher.announce(src, flags, context, tag, meta[: -_RTS_TRAILER.size], nbytes, rid)
             return Sink(None)
         if kind == Kind.REVOKE:
+            if self.offered:
+                self.offered.pop((src, tag), None)
             self.matcher.revoke(src, tag)
             return Sink(None)
         if kind == Kind.ABORT:
@@ -215,10 +235,14 @@ class Mesh:
             if stream is not None and not stream.closing:
                 stream.send_frame(_encode_head(Kind.CREDIT, 0, back, _EMPTY, 0))
 
-    def clear_to_send(self, src: int, context: int, rid: int) -> None:
+    def clear_to_send(self, src: int, context: int, rid: int, out: np.ndarray) -> None:
         stream = self.connections.inbound.get(src)
         if stream is not None and not stream.closing:
-            stream.send_frame(_encode_head(Kind.CTS, context, rid, _EMPTY, 0))
+            offer = _EMPTY
+            if self.place[1] and out.nbytes >= cma.CMA_FROM and src not in self.lost:
+                offer = cma.offer(self.place[0], out)
+                self.offered[(src, rid)] = out  # alive until the sender says it will not write into it
+            stream.send_frame(_encode_head(Kind.CTS, context, rid, offer, 0))
 
     def allocate(self, shape: tuple[int, ...], dtype: str, src: int, op: Op | None, context: int) -> np.ndarray:
         try:
@@ -236,6 +260,8 @@ class Mesh:
     # ---- lost peers and aborted contexts
 
     def peer_lost(self, peer: int, err: PeerLostError) -> None:
+        for key in [k for k in self.offered if k[0] == peer]:
+            self._kept.append(self.offered.pop(key))  # (a live process may be halfway through writing it)
         self.waits.fail_peer(peer, err)
         self.matcher.drop_peer(peer)
 

@@ -31,6 +31,7 @@ import numpy as np
 from .. import wire
 from ..errors import CommError, PeerLostError, ProtocolError
 from ..wire import AcceptorHandshake, DialerHandshake, Header, Kind, Signature, Sink
+from . import cma
 from .flow import Announcement, SendWindow
 from .waits import NO_CONTEXT, Op, Wait, WaitSet
 
@@ -51,6 +52,9 @@ class DataOwner(Protocol):
 
     loop: asyncio.AbstractEventLoop
     waits: WaitSet  # where the stream's waits are registered
+    #: (host id, pid) of this rank, for payloads written straight into its
+    #: memory by peers on this host (see :mod:`.cma`); (0, 0): not taken that way
+    place: tuple[int, int]
 
     def route(self, src: int, header: Header, meta: bytes) -> Sink:
         """Where a frame from ``src`` goes, on a connection ``src`` dialled."""
@@ -60,6 +64,7 @@ class DataOwner(Protocol):
 
     def release(self, nbytes: int) -> None:
         """Give back what :meth:`hold` took."""
+
 
 
 class StreamOwner(DataOwner, Protocol):
@@ -105,6 +110,10 @@ class PeerStream(asyncio.BufferedProtocol):
         self._drains: list[Wait] = []
         self.lost_reason: BaseException | None = None
         self.outbox: SendWindow | None = None  # the dialer's credit and announced messages
+        #: The dialer writes large payloads straight into the receiver's
+        #: memory (:mod:`.cma`): the acceptor is on this host and takes them.
+        self.writes_across = False
+        self.peer_place = (0, 0)  # the acceptor's (host id, pid), from its WELCOME
 
     # ---- asyncio.BufferedProtocol
 
@@ -186,6 +195,9 @@ class PeerStream(asyncio.BufferedProtocol):
         if nbytes == 0:
             self.send_frame(_encode_head(kind, context, tag, sig.encoded, 0))
             return None
+        if self.writes_across and nbytes >= cma.CMA_FROM and kind == Kind.P2P and not self.closing \
+                and data.flags.c_contiguous:
+            return self._announce_across(kind, context, tag, sig, data, op, detach)
         if outbox.take_eager(nbytes):
             self.send_frame(_encode_head(kind, context, tag, sig.encoded, nbytes), data)
             return None
@@ -204,9 +216,63 @@ class PeerStream(asyncio.BufferedProtocol):
         self.send_frame(wire.HEADER.pack(wire.MAGIC, wire.VERSION, Kind.RTS, kind, context, tag, 0, len(meta)) + meta)
         return None if held else entry
 
-    def send_payload(self, entry: Announcement) -> None:
-        """The payload of announced message ``entry`` (taken from the outbox), as ``RDATA``."""
+    def _announce_across(self, kind: Kind, context: int, tag: int, sig: Signature, data: np.ndarray, op: Op,
+                         detach: bool) -> Wait:
+        """Announce a large message to a peer on this host, keeping the
+        caller's array: if a receive is posted in time, the receiver's ``CTS``
+        offers its memory and the payload is written there (one copy).  If
+        none is, after a grace as long as the copy itself would take, the
+        message goes on as it would have without this path: eagerly as
+        ``RDATA`` if the receiver's credit allows, else as a held copy
+        (``detach``), else it waits for the receive."""
+        outbox = self.outbox
+        assert outbox is not None and self.peer is not None
+        entry = outbox.announce(self.owner.waits, self.peer, op, data)
+        entry.revoke = self._revoke
+        entry.timer = self.owner.loop.call_later(cma.grace(data.nbytes), self._grace_over, entry, detach)
+        meta = sig.encoded + wire.RTS_TRAILER.pack(entry.rid, data.nbytes)
+        self.send_frame(wire.HEADER.pack(wire.MAGIC, wire.VERSION, Kind.RTS, kind, context, tag, 0, len(meta)) + meta)
+        return entry
+
+    def _grace_over(self, entry: Announcement, detach: bool) -> None:
+        outbox = self.outbox
+        entry.timer = None
+        if outbox is None or outbox.announced.get(entry.rid) is not entry or self.closing:
+            return  # cleared, given up, or the connection is ending (its waits fail)
+        nbytes = entry.data.nbytes
+        if outbox.take_eager(nbytes):
+            del outbox.announced[entry.rid]
+            self.send_frame(wire.HEADER.pack(wire.MAGIC, wire.VERSION, Kind.RDATA, wire.RDATA_COUNTED,
+                                             entry.op.context, entry.rid, nbytes, 0), entry.data)
+            entry.resolve(None)  # (the send then waits for the kernel to take it, as an eager one does)
+            return
+        owner = self.owner
+        if detach and owner.hold(nbytes):
+            op = Op(entry.op.what, entry.op.context, math.inf, math.inf)
+            held = outbox.announced[entry.rid] = Announcement(owner.waits, entry.peer, op, entry.data.copy(), outbox,
+                                                               entry.rid)
+            held.revoke = self._revoke
+            held.on_end = lambda: owner.release(nbytes)
+            entry.resolve(None)
+
+    def send_payload(self, entry: Announcement, offer: bytes = _EMPTY) -> None:
+        """The payload of announced message ``entry`` (taken from the
+        outbox): written into the memory ``offer`` names if it is on this
+        host, then ``RDONE``; else as ``RDATA``."""
         data = entry.data
+        if offer and self.writes_across:
+            host, pid, address, nbytes = cma.OFFER.unpack(offer)
+            if (host, pid) == self.peer_place and nbytes == data.nbytes:  # (only into the peer it dialled)
+                try:
+                    cma.write(pid, address, data)
+                except OSError as exc:  # refused (ptrace rules), or the peer is going: the socket then
+                    self.writes_across = False
+                    log.info("rank %d: writing into rank %d's memory failed (%s): payloads to it go over TCP",
+                             self.owner.rank, self.peer, exc)
+                else:
+                    self.send_frame(_encode_head(Kind.RDONE, entry.op.context, entry.rid, _EMPTY, 0))
+                    entry.resolve(None)
+                    return
         self.send_frame(_encode_head(Kind.RDATA, entry.op.context, entry.rid, _EMPTY, data.nbytes), data)
         entry.resolve(None)
 
@@ -320,6 +386,9 @@ class PeerStream(asyncio.BufferedProtocol):
             self.reader.grow()
             if self.dialer:
                 self.outbox = SendWindow(hs.window)
+                place = self.peer_place = hs.place
+                mine = self.owner.place
+                self.writes_across = mine[1] != 0 and place[1] != 0 and place[0] == mine[0]
                 self.reader.set_route(self._route_back)
             else:
                 self.reader.set_route(functools.partial(self.owner.route, hs.peer))
@@ -336,7 +405,9 @@ class PeerStream(asyncio.BufferedProtocol):
         if kind == Kind.CTS:
             entry = outbox.cleared(header[3])
             if entry is not None:
-                self.send_payload(entry)
+                if meta and len(meta) != cma.OFFER.size:
+                    raise ProtocolError(f"malformed CTS frame from rank {self.peer}")
+                self.send_payload(entry, meta)
         elif kind == Kind.CREDIT:
             outbox.credit += header[3]
         else:

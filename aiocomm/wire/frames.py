@@ -78,6 +78,7 @@ class Kind(enum.IntEnum):
     RDATA = 14  # the payload of an announced frame (tag = its id)
     CREDIT = 15  # buffer budget handed back to a sender (tag = bytes)
     REVOKE = 16  # the sender gave up on an announced frame (tag = its id)
+    RDONE = 17  # the payload of an announced frame is written into the memory its CTS offered (tag = its id)
     ABORT = 20  # a rank gave up on a context; carries the reason
     JOIN = 30  # rendezvous: a rank publishes its address
     ROSTER = 31  # rendezvous: every rank's address
@@ -87,6 +88,9 @@ HANDSHAKE_KINDS = frozenset({Kind.CHALLENGE, Kind.HELLO, Kind.WELCOME, Kind.REJE
 DATA_KINDS = frozenset({Kind.COLL, Kind.P2P})
 PAYLOAD_KINDS = frozenset({Kind.COLL, Kind.P2P, Kind.RDATA})  # the kinds that may carry a payload
 RTS_TRAILER = struct.Struct("<QQ")  # after an RTS frame's signature: message id, byte count
+#: An RDATA frame's flags: its bytes were taken from the sender's credit (it
+#: was sent before any CTS, as an eager frame is), so the receiver hands them back.
+RDATA_COUNTED = 1
 _KINDS = {int(k): k for k in Kind}  # Kind(n) goes through the enum machinery: slow per frame
 
 #: The documented dtypes, by the name used on the wire.  ``bfloat16`` is the

@@ -9,7 +9,7 @@ job's token and agree on who they are::
 
     acceptor -> dialer    CHALLENGE {nonce}
     dialer   -> acceptor  HELLO     {rank, size, to, nonce, mac}
-    acceptor -> dialer    WELCOME   {rank, window, mac}   or REJECT {reason}
+    acceptor -> dialer    WELCOME   {rank, window, host, pid, mac}   or REJECT {reason}
 
 A REJECT is sent for one failure only: a HELLO that got the group's layout
 right (size, ranks) but whose ``mac`` is wrong.  Its reason is the fixed
@@ -23,7 +23,10 @@ without a word.
 ``mac`` is an HMAC-SHA256 keyed by the job token over the other side's nonce
 and the fields, so each side proves it knows the token without sending it.
 ``window`` is how many bytes the acceptor will buffer for this dialer's
-messages that no receive has asked for yet (see :mod:`aiocomm.transport.flow`).
+messages that no receive has asked for yet (see :mod:`aiocomm.transport.flow`);
+``host`` and ``pid`` say where the acceptor runs, for a dialer on the same
+host to write large payloads straight into its memory (0 and 0: it does not
+take them that way; see :mod:`aiocomm.transport.cma`).
 
 :class:`AcceptorHandshake` and :class:`DialerHandshake` take each frame's
 header and raw meta (:meth:`receive`) and return the bytes to write back.  A
@@ -106,23 +109,31 @@ def check_hello(
     return rank, nonce
 
 
-def welcome_fields(token: bytes, peer_nonce: bytes, rank: int, peer: int, window: int = 0) -> dict[str, Any]:
-    return {"rank": rank, "window": window, "mac": _mac(token, b"welcome", peer_nonce, rank, peer, window)}
+def welcome_fields(token: bytes, peer_nonce: bytes, rank: int, peer: int, window: int = 0,
+                   place: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    host, pid = place
+    return {"rank": rank, "window": window, "host": host, "pid": pid,
+            "mac": _mac(token, b"welcome", peer_nonce, rank, peer, window, host, pid)}
 
 
-def check_welcome(meta: Any, token: bytes, my_nonce: bytes, *, my_rank: int, expected: int) -> int:
-    """Validate a WELCOME on the dialing side; returns the acceptor's window."""
-    m = require_map(meta, Kind.WELCOME, ("rank", "window", "mac"))
+def check_welcome(meta: Any, token: bytes, my_nonce: bytes, *, my_rank: int,
+                  expected: int) -> tuple[int, tuple[int, int]]:
+    """Validate a WELCOME on the dialing side; returns the acceptor's window
+    and place (host id, pid)."""
+    m = require_map(meta, Kind.WELCOME, ("rank", "window", "host", "pid", "mac"))
     if m["rank"] != expected:
         raise ProtocolError(f"rank {my_rank} connected to rank {m['rank']!r} but expected rank {expected}")
-    window = m["window"]
+    window, host, pid = m["window"], m["host"], m["pid"]
     if not isinstance(window, int) or window < 0:
         raise ProtocolError(f"rank {expected} sent a malformed window {window!r}")
+    if not isinstance(host, int) or not isinstance(pid, int) or not -(1 << 63) <= host < 1 << 63 \
+            or not 0 <= pid < 1 << 63:
+        raise ProtocolError(f"rank {expected} sent a malformed place {host!r}, {pid!r}")
     if not isinstance(m["mac"], bytes) or not hmac.compare_digest(
-        m["mac"], _mac(token, b"welcome", my_nonce, expected, my_rank, window)
+        m["mac"], _mac(token, b"welcome", my_nonce, expected, my_rank, window, host, pid)
     ):
         raise AuthenticationError(f"rank {expected} failed authentication (AIOCOMM_TOKEN differs: another job?)")
-    return window
+    return window, (host, pid)
 
 
 class Handshake:
@@ -160,9 +171,10 @@ class Handshake:
 class AcceptorHandshake(Handshake):
     """The accepting side: challenge, then check the HELLO and welcome."""
 
-    def __init__(self, token: bytes, rank: int, size: int, window: int) -> None:
+    def __init__(self, token: bytes, rank: int, size: int, window: int, place: tuple[int, int] = (0, 0)) -> None:
         super().__init__(token, rank, size)
         self.window = window
+        self.place = place  # (host id, pid) offered to dialers on this host; (0, 0): none
 
     def start(self) -> bytes:
         return control_frame(Kind.CHALLENGE, {"nonce": self.nonce})
@@ -179,7 +191,8 @@ class AcceptorHandshake(Handshake):
             raise
         self.peer = peer
         self.done = True
-        return control_frame(Kind.WELCOME, welcome_fields(self.token, peer_nonce, self.rank, peer, self.window))
+        return control_frame(Kind.WELCOME, welcome_fields(self.token, peer_nonce, self.rank, peer, self.window,
+                                                                 self.place))
 
 
 class DialerHandshake(Handshake):
@@ -189,6 +202,7 @@ class DialerHandshake(Handshake):
         super().__init__(token, rank, size)
         self.to = to
         self.window = 0  # the acceptor's, once done
+        self.place = (0, 0)  # the acceptor's (host id, pid), once done
         self.challenged = False
 
     def _receive(self, kind: Kind, meta: Any) -> bytes:
@@ -201,7 +215,8 @@ class DialerHandshake(Handshake):
                 Kind.HELLO, hello_fields(self.token, fields["nonce"], self.rank, self.size, self.to, self.nonce)
             )
         if kind == Kind.WELCOME and self.challenged:
-            self.window = check_welcome(meta, self.token, self.nonce, my_rank=self.rank, expected=self.to)
+            self.window, self.place = check_welcome(meta, self.token, self.nonce, my_rank=self.rank,
+                                                    expected=self.to)
             self.peer = self.to
             self.done = True
             return b""

@@ -1,0 +1,143 @@
+"""Large point-to-point payloads between ranks of one host are written into
+the receive's memory (aiocomm/transport/cma.py): the TCP path's promises at
+the same moments, with real processes (tests/workers/cma_moments.py).  The
+runtime suites' large sends go this way too, since their ranks share a host."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from aiocomm import wire
+from aiocomm.transport import cma
+
+from .conftest import WORKERS, assert_ok, launch, spawn_world
+
+
+def _across(stdout: str) -> dict[int, list[int]]:
+    return {int(m.group(1)): [int(v) for v in m.group(2).split()]
+            for m in re.finditer(r"\[rank (\d+)\] .*ACROSS ([\d ]+)", stdout)}
+
+
+@pytest.mark.timeout(120)
+def test_every_pair_in_order_on_both_faces():
+    """Every ordered pair of 3 ranks, sizes around the threshold, five
+    dtypes, three messages in a row, a receive of the wrong shape first, a
+    split group; then the async face with everything in flight at once."""
+    proc = launch(3, "cma_moments.py", "pairs", timeout=110)
+    assert_ok(proc, 3, "OK")
+    across = _across(proc.stdout)
+    assert sum(v[-1] for v in across.values()) > 0, f"no payload was written across\n{proc.stdout}"
+
+
+@pytest.mark.timeout(120)
+def test_transport_tcp_writes_nothing_across():
+    proc = launch(3, "cma_moments.py", "pairs", timeout=110, env={"AIOCOMM_TRANSPORT": "tcp"})
+    assert_ok(proc, 3, "OK")
+    assert all(v == [0, 0] for v in _across(proc.stdout).values()), proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_a_late_receive_and_sends_head_to_head():
+    """A receive posted after the sender's grace, and both ranks sending
+    first (blocking, then async face): the socket's way, intact, no hang."""
+    proc = launch(2, "cma_moments.py", "late", timeout=110)
+    assert_ok(proc, 2, "OK")
+
+
+@pytest.mark.timeout(120)
+def test_a_posted_receive_is_written_across():
+    """With the receive posted first, 64 MiB messages are written straight
+    into it (and the kill_mid worker checks every one of them)."""
+    proc = launch(2, "cma_moments.py", "kill_mid", "none", timeout=110)
+    assert_ok(proc, 2, "DONE")
+    m = re.search(r"\[rank 1\] DONE ACROSS (\d+) after (\d+)", proc.stdout)
+    assert m is not None and "WRONG" not in proc.stdout, proc.stdout
+    assert int(m.group(1)) >= (64 << 20), proc.stdout  # (one late receive may go the socket's way; not all)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("role", ["sender", "receiver"])
+def test_a_rank_killed_while_payloads_are_written(tmp_path, role):
+    """64 MiB messages written across in a loop; one side SIGKILLs itself at
+    a random moment.  The survivor raises PeerLostError naming it within
+    5 s, and no message it received before was torn."""
+    victim = 0 if role == "sender" else 1
+    procs = spawn_world(2, tmp_path, [str(WORKERS / "cma_moments.py"), "kill_mid", role],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        procs[victim].wait(timeout=60)
+        died = time.time()
+        out, err = procs[1 - victim].communicate(timeout=30)
+    finally:
+        for p in procs:
+            p.kill()
+    detail = f"{out}\n{err[-3000:]}"
+    assert procs[victim].returncode == -signal.SIGKILL, detail
+    assert "WRONG" not in out and "DONE" in out, detail
+    m = re.search(r"FAILED (\w+) at ([\d.]+): (.*)", out)
+    assert m is not None and m.group(1) == "PeerLostError", detail
+    assert f"rank {victim}" in m.group(3), detail
+    assert float(m.group(2)) - died < 5.0, "the survivor noticed too late\n" + detail
+    if role == "sender":
+        assert int(re.search(r"ACROSS (\d+)", out).group(1)) > 0, detail  # it was written across
+
+
+@pytest.mark.timeout(90)
+def test_a_receive_that_times_out_before_the_write_loses_nothing(tmp_path):
+    """Rank 1's receive offers its memory and times out while rank 0 is
+    SIGSTOPped; once thawed, rank 0 writes into that memory (kept alive for
+    it) and the message reaches rank 1's next receive intact."""
+    procs = spawn_world(2, tmp_path, [str(WORKERS / "cma_moments.py"), "stopped"],
+                        env={"AIOCOMM_BUFFER_BYTES": "8M"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = procs[0].stdout.readline()
+        assert "STOPPED" in line, line + procs[0].stderr.read()[-2000:]
+        seen = ""
+        while "WAITING" not in seen:
+            line = procs[1].stdout.readline()
+            assert line, seen + procs[1].stderr.read()[-3000:]
+            seen += line
+        assert "TIMEDOUT" in seen, seen
+        procs[0].send_signal(signal.SIGCONT)
+        outs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+    assert procs[0].returncode == 0 and procs[1].returncode == 0, outs
+    m = re.search(r"OK ACROSS (\d+)", outs[1][0])
+    assert m is not None and "SENT" in outs[0][0], outs
+    assert int(m.group(1)) == 32 << 20, outs  # written into the offered memory, not sent over the socket
+
+
+def test_an_offer_names_this_process_and_the_memory():
+    out = np.zeros(1 << 20, np.uint8)
+    host, pid, address, nbytes = cma.OFFER.unpack(cma.offer(cma.host_id(), out))
+    assert (host, address, nbytes) == (cma.host_id(), out.ctypes.data, out.nbytes)
+    import os
+    assert pid == os.getpid()
+    assert wire.Kind.RDONE not in wire.PAYLOAD_KINDS  # RDONE carries no bytes
+
+
+def test_a_write_into_this_process_and_its_errors():
+    """The write itself: into our own memory through our own pid; an address
+    that is not mapped raises EFAULT, a pid that does not exist ESRCH."""
+    import errno
+    import os
+    assert cma.available() is None
+    src = np.arange(3 << 20, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    cma.write(os.getpid(), dst.ctypes.data, src)
+    assert np.array_equal(dst, src)
+    with pytest.raises(OSError) as info:
+        cma.write(os.getpid(), 4096, src[:16])
+    assert info.value.errno == errno.EFAULT
+    with pytest.raises(OSError) as info:
+        cma.write((1 << 22) + 12345, dst.ctypes.data, src[:16])
+    assert info.value.errno == errno.ESRCH
