@@ -148,6 +148,61 @@ def test_announced_message_is_cleared_once_a_receive_is_posted(loop):
     assert events.credited == []  # announced bytes never used the budget
 
 
+def test_a_payload_written_into_the_receive_completes_it_or_goes_to_the_next(loop):
+    """RDONE (the sender wrote into the memory the CTS offered): the receive
+    completes with what is in its memory; one that timed out meanwhile gives
+    the message to the next receive, which gets it intact."""
+    events = Events()
+    matcher, _, _ = make(loop, events)
+    msg = np.arange(16, dtype=np.int32)
+    fut = matcher.post(1, P2P, 0, 0, sig_of(msg), None, op(loop))
+    matcher.announce(1, P2P, 0, 0, sig_of(msg).encoded, msg.nbytes, rid=3)
+    out = matcher.boxes[1].cleared[3].out  # the memory the CTS offered
+    out[:] = msg  # (what the sender's process_vm_writev does)
+    assert matcher.written(1, 3) == msg.nbytes
+    assert fut.result() is out and np.array_equal(fut.result(), msg)
+    # the receive times out after its CTS went out; the write comes after
+    fut = matcher.post(1, P2P, 0, 0, sig_of(msg), None, op(loop, timeout=0.0))
+    matcher.announce(1, P2P, 0, 0, sig_of(msg).encoded, msg.nbytes, rid=4)
+    offered = matcher.boxes[1].cleared[4].out
+    loop.run_until_complete(asyncio.sleep(0.02))
+    assert isinstance(fut.exception(), CommTimeoutError)
+    offered[:] = msg + 1
+    matcher.written(1, 4)
+    again = matcher.post(1, P2P, 0, 0, sig_of(msg), None, op(loop))
+    assert np.array_equal(again.result(), msg + 1)
+    # an RDONE for a receive whose context was aborted meanwhile: nothing to complete
+    matcher.post(1, P2P, 5, 0, sig_of(msg), None, op(loop, context=5))
+    matcher.announce(1, P2P, 5, 0, sig_of(msg).encoded, msg.nbytes, rid=6)
+    matcher.drop_context(5)
+    assert matcher.written(1, 6) == 0
+
+
+def test_a_counted_payload_gives_its_credit_back_whichever_way_it_lands(loop):
+    """RDATA sent after the sender's grace (RDATA_COUNTED) took the
+    receiver's credit: given back at once when it lands in a posted receive,
+    when consumed if it waits as an arrival, at once if it is dropped."""
+    events = Events()
+    matcher, _, _ = make(loop, events)
+    msg = np.arange(8, dtype=np.float32)
+    # no receive yet: it becomes an arrival; credit comes back when a receive takes it
+    matcher.announce(1, P2P, 0, 0, sig_of(msg).encoded, msg.nbytes, rid=1)
+    deliver(matcher.payload(1, 1, msg.nbytes, counted=True), msg.tobytes())
+    assert events.credited == []
+    fut = matcher.post(1, P2P, 0, 0, sig_of(msg), None, op(loop))
+    assert np.array_equal(fut.result(), msg) and events.credited == [(1, msg.nbytes)]
+    # the receive was posted and cleared (its CTS crossed the payload): straight in, credit back at once
+    fut = matcher.post(1, P2P, 0, 0, sig_of(msg), None, op(loop))
+    matcher.announce(1, P2P, 0, 0, sig_of(msg).encoded, msg.nbytes, rid=2)
+    deliver(matcher.payload(1, 2, msg.nbytes, counted=True), (msg * 2).tobytes())
+    assert np.array_equal(fut.result(), msg * 2) and events.credited[-1] == (1, msg.nbytes)
+    # its context was aborted: dropped, credit back
+    matcher.announce(1, P2P, 7, 0, sig_of(msg).encoded, msg.nbytes, rid=3)
+    matcher.drop_context(7)
+    deliver(matcher.payload(1, 3, msg.nbytes, counted=True), msg.tobytes())
+    assert events.credited[-1] == (1, msg.nbytes) and len(events.credited) == 3
+
+
 def test_losing_a_peer_fails_its_receives_even_halfway(loop):
     matcher, waits, lost = make(loop)
     msg = np.zeros(1000, np.uint8)
@@ -242,11 +297,12 @@ def run_handshake(acceptor, dialer):
 
 
 def test_handshake_state_machines_agree_on_identity_and_window():
-    acceptor = wire.AcceptorHandshake(b"tok", rank=2, size=4, window=12345)
+    acceptor = wire.AcceptorHandshake(b"tok", rank=2, size=4, window=12345, place=(-77, 4242))
     dialer = wire.DialerHandshake(b"tok", rank=1, size=4, to=2)
     run_handshake(acceptor, dialer)
     assert acceptor.done and dialer.done
     assert acceptor.peer == 1 and dialer.peer == 2 and dialer.window == 12345
+    assert dialer.place == (-77, 4242)  # where the acceptor runs (for writes into its memory)
 
 
 def test_handshake_with_another_token_fails_and_stays_failed():

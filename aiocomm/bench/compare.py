@@ -58,6 +58,8 @@ def commands(peer: str, ranks: int, op: str, common: list[str]) -> list[str] | s
         return [py, "-m", "aiocomm_launch", "-n", str(ranks), py, "-m", "aiocomm.bench", "--json", *common]
     if op == "broadcast" and peer in ("gloo", "mlx-ring"):
         return f"its benchmark here has no broadcast{' (MLX has none)' if peer == 'mlx-ring' else ''}"
+    if op == "sendrecv" and peer in ("gloo", "mlx-ring"):
+        return "its benchmark here has no sendrecv"
     if peer == "gloo":
         torchrun = _tool("torchrun")
         if torchrun is None or not _peer_modules_available("torch"):
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m aiocomm.bench.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", default="2,4")
     parser.add_argument("--sizes", default="8,1M,64M")
-    parser.add_argument("--op", choices=["all_sum", "all_gather", "broadcast"], default="all_sum")
+    parser.add_argument("--op", choices=["all_sum", "all_gather", "broadcast", "sendrecv"], default="all_sum")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--small-iters", type=int, default=500, help="timed iterations for sizes under 1 MiB")
     parser.add_argument("--average", choices=list(AVERAGES), default="avg",

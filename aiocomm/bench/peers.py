@@ -117,6 +117,22 @@ def mpi(args: argparse.Namespace) -> None:
             times, _ = _measure(bcast, *iterations(args, nbytes))
             ok = bool(np.all(y == 1))
             size = count * 4
+        elif args.op == "sendrecv":  # as aiocomm.bench's blocking face: ranks paired up around the ring
+            x = np.full(count, rank + 1, np.float32)
+            y = np.empty_like(x)  # (an MPI program receives into memory it keeps; aiocomm's recv returns new memory)
+            right, left = (rank + 1) % n, (rank - 1) % n
+
+            def sendrecv() -> None:
+                if rank % 2 == 0:
+                    comm.Send(x, right)
+                    comm.Recv(y, left)
+                else:
+                    comm.Recv(y, left)
+                    comm.Send(x, right)
+
+            times, _ = _measure(sendrecv, *iterations(args, nbytes))
+            ok = bool(np.all(y == left + 1))
+            size = count * 4
         else:
             part = max(1, count // n)
             x = np.full(part, rank + 1, np.float32)
@@ -226,7 +242,7 @@ def duplex(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m aiocomm.bench.peers")
     parser.add_argument("peer", choices=["gloo", "mpi", "mlx", "duplex"])
-    parser.add_argument("--op", choices=["all_sum", "all_gather", "broadcast"], default="all_sum")
+    parser.add_argument("--op", choices=["all_sum", "all_gather", "broadcast", "sendrecv"], default="all_sum")
     parser.add_argument("--sizes", default="64M")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--small-iters", type=int, default=500, help="timed iterations for sizes under 1 MiB")

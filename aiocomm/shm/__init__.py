@@ -8,9 +8,10 @@ collective its members exchange, over TCP, ``(host, pid, segment fd)``;
 when every member is on this host and none was told ``AIOCOMM_TRANSPORT=tcp``,
 the group's reductions and gathers move through shared memory from then on,
 in the calling thread of the blocking face (no hand-off to the event loop)
-or in the group's own thread for the async face.  Messages (send/recv) and
-the other collectives keep to TCP, after the same agreement on what was
-called.  A group over several hosts uses a channel among its ranks on each
+or in the group's own thread for the async face.  The other collectives
+keep to TCP, after the same agreement on what was called; so do messages
+(send/recv), but for large payloads, which the sender writes straight into
+the receive's memory (:mod:`aiocomm.transport.cma`).  A group over several hosts uses a channel among its ranks on each
 host for its first and last level (:mod:`aiocomm.hierarchy`).
 """
 
