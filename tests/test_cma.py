@@ -5,6 +5,9 @@ runtime suites' large sends go this way too, since their ranks share a host."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import os
 import re
 import signal
 import subprocess
@@ -116,28 +119,50 @@ def test_a_receive_that_times_out_before_the_write_loses_nothing(tmp_path):
     assert int(m.group(1)) == 32 << 20, outs  # written into the offered memory, not sent over the socket
 
 
-def test_an_offer_names_this_process_and_the_memory():
+def test_an_offer_names_this_process_the_memory_and_its_mark():
     out = np.zeros(1 << 20, np.uint8)
-    host, pid, address, nbytes = cma.OFFER.unpack(cma.offer(cma.host_id(), out))
-    assert (host, address, nbytes) == (cma.host_id(), out.ctypes.data, out.nbytes)
-    import os
-    assert pid == os.getpid()
+    host, pid, address, nbytes, mark_at, mark = cma.OFFER.unpack(cma.offer(cma.host_id(), out))
+    assert (host, pid, address, nbytes) == (cma.host_id(), os.getpid(), out.ctypes.data, out.nbytes)
+    assert ctypes.string_at(mark_at, 16) == mark and len(set(mark)) > 1
     assert wire.Kind.RDONE not in wire.PAYLOAD_KINDS  # RDONE carries no bytes
 
 
 def test_a_write_into_this_process_and_its_errors():
-    """The write itself: into our own memory through our own pid; an address
-    that is not mapped raises EFAULT, a pid that does not exist ESRCH."""
-    import errno
-    import os
+    """The write itself: into our own memory through our own pid; a wrong
+    mark (another program has the pid now: reused, or exec-ed) gets no
+    write (ESRCH); an address that is not mapped raises EFAULT, a pid that
+    does not exist ESRCH."""
     assert cma.available() is None
+    _, _, _, _, mark_at, mark = cma.OFFER.unpack(cma.offer(cma.host_id(), np.zeros(1, np.uint8)))
     src = np.arange(3 << 20, dtype=np.uint8)
     dst = np.zeros_like(src)
-    cma.write(os.getpid(), dst.ctypes.data, src)
+    cma.write(os.getpid(), dst.ctypes.data, src, mark_at, mark)
     assert np.array_equal(dst, src)
+    dst[:] = 0
     with pytest.raises(OSError) as info:
-        cma.write(os.getpid(), 4096, src[:16])
+        cma.write(os.getpid(), dst.ctypes.data, src, mark_at, bytes(16))
+    assert info.value.errno == errno.ESRCH and not dst.any()
+    with pytest.raises(OSError) as info:
+        cma.write(os.getpid(), dst.ctypes.data, src, 4096, mark)  # (no mark there: another program)
+    assert info.value.errno == errno.ESRCH and not dst.any()
+    with pytest.raises(OSError) as info:
+        cma.write(os.getpid(), 4096, src[:16], mark_at, mark)
     assert info.value.errno == errno.EFAULT
     with pytest.raises(OSError) as info:
-        cma.write((1 << 22) + 12345, dst.ctypes.data, src[:16])
+        cma.write((1 << 22) + 12345, dst.ctypes.data, src[:16], mark_at, mark)
     assert info.value.errno == errno.ESRCH
+
+
+def test_a_forked_child_has_a_mark_of_its_own():
+    """A child of fork has a copy of its parent's memory: its own offers
+    carry a mark of its own (a sender checks the mark against the pid)."""
+    parent = cma.OFFER.unpack(cma.offer(0, np.zeros(1, np.uint8)))[5]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, cma.OFFER.unpack(cma.offer(0, np.zeros(1, np.uint8)))[5])
+        os._exit(0)
+    os.close(w)
+    child = os.read(r, 16)
+    os.waitpid(pid, 0)
+    assert len(child) == 16 and child != parent

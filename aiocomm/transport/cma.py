@@ -5,7 +5,7 @@ Theory of operation
 Between two ranks of one host, the payload of a large point-to-point
 message need not cross a socket (two copies, through the kernel's socket
 buffers).  The receiver's ``CTS`` *offers* the memory of the posted receive
-(:data:`OFFER`: its host id, its pid and the array's address); the sender,
+(:data:`OFFER`: its host id, its pid, the array's address); the sender,
 if it is on the same host (equal :func:`host_id`), writes the
 payload there with one ``process_vm_writev`` (Linux's cross-memory attach:
 one copy, from the sender's array to the receive's) and then sends
@@ -21,7 +21,10 @@ torn message: a receive completes only on ``RDONE``, which the sender sends
 after the write has returned.  The receiver keeps an offered array alive
 until ``RDONE``, ``RDATA`` or ``REVOKE`` says the sender will not write into
 it again (or for good, if the sender was lost meanwhile: it may still be
-writing).
+writing).  The offer also names a random mark of the receiver's process
+image, which the sender reads back first: a pid that now belongs to another
+program (the receiver died and its pid was reused, or it ``exec``-ed) gets
+no write.
 
 Permission: the same as a debugger's (same user; with Yama's
 ``ptrace_scope`` of 1 the ranks are not each other's ancestors, so each rank
@@ -43,10 +46,12 @@ from typing import Any
 
 import numpy as np
 
-#: A CTS's meta when the receiver offers its memory: host id, pid, address, byte count.
-OFFER = struct.Struct("<qQQQ")
+#: A CTS's meta when the receiver offers its memory: host id, pid, address,
+#: byte count, and where this process keeps its mark and the mark itself.
+OFFER = struct.Struct("<qQQQQ16s")
 #: Messages of at least this many bytes may move this way (smaller ones: the socket is as fast).
 CMA_FROM = 1 << 20
+
 
 def grace(nbytes: int) -> float:
     """How long a sender waits for the ``CTS`` of a message of ``nbytes``
@@ -70,10 +75,10 @@ def _lib() -> Any:
     global _libc
     if _libc is None:
         libc = ctypes.CDLL(None, use_errno=True)  # CDLL: the GIL is let go during each call
-        fn = libc.process_vm_writev
-        fn.restype = ctypes.c_ssize_t
-        fn.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.POINTER(_Iovec),
-                       ctypes.c_ulong, ctypes.c_ulong]
+        for fn in (libc.process_vm_writev, libc.process_vm_readv):
+            fn.restype = ctypes.c_ssize_t
+            fn.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.POINTER(_Iovec),
+                           ctypes.c_ulong, ctypes.c_ulong]
         libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
         _libc = libc
     return _libc
@@ -141,34 +146,60 @@ def _allow_peers() -> None:
         _lib().prctl(_PR_SET_PTRACER, _PR_SET_PTRACER_ANY, 0, 0, 0)
 
 
+def _mark() -> np.ndarray:
+    """This process image's mark: 16 random bytes at an address of its own.
+    A sender reads it before it writes (:func:`write`), so the write never
+    lands in another program: one that took over the pid (the receiver died
+    and the pid was reused) or the receiver's own ``exec`` of a new program
+    (its memory is then another's).  A forked child gets a copy, but its
+    own pid."""
+    mark = _state.get("mark")
+    if mark is None or _state.get("pid") != os.getpid():
+        mark = _state["mark"] = np.frombuffer(bytearray(os.urandom(16)), np.uint8)
+        _state["pid"] = os.getpid()
+    return mark
+
+
 def offer(host: int, out: np.ndarray) -> bytes:
     """The meta of a CTS that offers ``out`` (C-contiguous) to the sender.
     (Its pages are not faulted in first: measured, 2 ranks, 64 MiB, the
     writer faulting them is faster than the receiver doing it beforehand,
     21 against 27 ms a round trip.)"""
-    return OFFER.pack(host, os.getpid(), out.ctypes.data, out.nbytes)
+    mark = _mark()
+    return OFFER.pack(host, os.getpid(), out.ctypes.data, out.nbytes, mark.ctypes.data, mark.tobytes())
 
 
-def write(pid: int, address: int, data: np.ndarray) -> None:
-    """Write C-contiguous ``data`` at ``address`` in process ``pid``; raises
-    OSError (EPERM: not allowed; ESRCH: no such process; EFAULT: no such
-    memory there)."""
-    fn = _lib().process_vm_writev
-    base = data.ctypes.data
-    total = data.nbytes
+def _move(fn: Any, pid: int, local: int, remote: int, total: int) -> None:
     done = 0
     while done < total:
-        local = _Iovec(base + done, total - done)
-        remote = _Iovec(address + done, total - done)
-        got = fn(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        here = _Iovec(local + done, total - done)
+        there = _Iovec(remote + done, total - done)
+        got = fn(pid, ctypes.byref(here), 1, ctypes.byref(there), 1, 0)
         if got < 0:
             err = ctypes.get_errno()
             if err == errno.EINTR:
                 continue
             raise OSError(err, os.strerror(err))
         if got == 0:
-            raise OSError(errno.EFAULT, "process_vm_writev wrote nothing")
+            raise OSError(errno.EFAULT, "nothing was moved")
         done += got
+
+
+def write(pid: int, address: int, data: np.ndarray, mark_at: int, mark: bytes) -> None:
+    """Write C-contiguous ``data`` at ``address`` in process ``pid``, if
+    that process still holds ``mark`` at ``mark_at`` (else ESRCH: it is
+    another program now).  Raises OSError: EPERM, not allowed; ESRCH, no
+    such process; EFAULT, no such memory there."""
+    lib = _lib()
+    seen = np.zeros(len(mark), np.uint8)
+    try:
+        _move(lib.process_vm_readv, pid, seen.ctypes.data, mark_at, seen.nbytes)
+    except OSError as exc:
+        if exc.errno != errno.EFAULT:
+            raise
+    if seen.tobytes() != mark:
+        raise OSError(errno.ESRCH, f"process {pid} is no longer the one that offered its memory")
+    _move(lib.process_vm_writev, pid, data.ctypes.data, address, data.nbytes)
 
 
 __all__ = ["CMA_FROM", "OFFER", "available", "grace", "host_id", "offer", "write"]

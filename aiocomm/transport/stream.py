@@ -261,10 +261,10 @@ class PeerStream(asyncio.BufferedProtocol):
         host, then ``RDONE``; else as ``RDATA``."""
         data = entry.data
         if offer and self.writes_across:
-            host, pid, address, nbytes = cma.OFFER.unpack(offer)
+            host, pid, address, nbytes, mark_at, mark = cma.OFFER.unpack(offer)
             if (host, pid) == self.peer_place and nbytes == data.nbytes:  # (only into the peer it dialled)
                 try:
-                    cma.write(pid, address, data)
+                    cma.write(pid, address, data, mark_at, mark)
                 except OSError as exc:  # refused (ptrace rules), or the peer is going: the socket then
                     self.writes_across = False
                     log.info("rank %d: writing into rank %d's memory failed (%s): payloads to it go over TCP",
