@@ -119,6 +119,42 @@ def test_a_receive_that_times_out_before_the_write_loses_nothing(tmp_path):
     assert int(m.group(1)) == 32 << 20, outs  # written into the offered memory, not sent over the socket
 
 
+@pytest.mark.timeout(60)
+def test_a_cancelled_send_is_withdrawn():
+    """An async send cancelled while its announcement waits: its array,
+    changed by the caller afterwards, is never sent (neither written across
+    nor sent over the socket after the grace); the next message comes first."""
+    proc = launch(2, "cma_moments.py", "cancel", timeout=50)
+    detail = f"{proc.stdout}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0 and "[rank 0] CANCELLED" in proc.stdout, detail
+    assert "[rank 1] GOT [2]" in proc.stdout, detail  # ([7]: the changed array was sent)
+
+
+@pytest.mark.timeout(60)
+def test_memory_offered_before_a_shutdown_is_never_reused(tmp_path):
+    """Rank 1's receive offers its memory and times out while rank 0 is
+    frozen; rank 1 shuts aiocomm down and fills new arrays.  Rank 0, thawed,
+    may still write into the offered memory: it must not be theirs."""
+    procs = spawn_world(2, tmp_path, [str(WORKERS / "cma_moments.py"), "shutdown"],
+                        env={"AIOCOMM_BUFFER_BYTES": "8M"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = procs[0].stdout.readline()
+        assert "STOPPED" in line, line + procs[0].stderr.read()[-2000:]
+        seen = ""
+        while "WAITING" not in seen:
+            line = procs[1].stdout.readline()
+            assert line, seen + procs[1].stderr.read()[-3000:]
+            seen += line
+        assert "TIMEDOUT" in seen and "KEPT True" in seen, seen  # (kept for the life of the process)
+        procs[0].send_signal(signal.SIGCONT)
+        outs = [p.communicate(timeout=30) for p in procs]
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+    assert "CHANGED 0" in outs[1][0], outs
+
+
 def test_an_offer_names_this_process_the_memory_and_its_mark():
     out = np.zeros(1 << 20, np.uint8)
     host, pid, address, nbytes, mark_at, mark = cma.OFFER.unpack(cma.offer(cma.host_id(), out))

@@ -178,6 +178,43 @@ def test_a_payload_written_into_the_receive_completes_it_or_goes_to_the_next(loo
     assert matcher.written(1, 6) == 0
 
 
+@pytest.mark.parametrize("how", ["written", "rdata", "rdata-streaming"])
+@pytest.mark.parametrize("second", ["eager", "announced"])
+def test_a_receive_that_failed_while_its_payload_comes_keeps_the_order(loop, how, second):
+    """A's receive is cleared (its CTS went out) and times out before A's
+    payload is in; B, sent after A, is already here.  The next receive must
+    get A, not B: it waits until A's payload is in (written across, or its
+    RDATA, even one that is still streaming when that receive is posted)."""
+    events = Events()
+    matcher, _, _ = make(loop, events)
+    a, b = np.full(8, 1.0, np.float32), np.full(8, 2.0, np.float32)
+    first = matcher.post(1, P2P, 0, 0, sig_of(a), None, op(loop, timeout=0.0))
+    matcher.announce(1, P2P, 0, 0, sig_of(a).encoded, a.nbytes, rid=1)
+    if second == "eager":
+        deliver(matcher.arrive(1, P2P, 0, 0, sig_of(b).encoded, b.nbytes), b.tobytes())
+    else:
+        matcher.announce(1, P2P, 0, 0, sig_of(b).encoded, b.nbytes, rid=2)
+    loop.run_until_complete(asyncio.sleep(0.02))
+    assert isinstance(first.exception(), CommTimeoutError)
+    sink = None
+    if how == "rdata-streaming":  # A's RDATA header is in, its bytes not yet
+        sink = matcher.payload(1, 1, a.nbytes)
+    got = [matcher.post(1, P2P, 0, 0, sig_of(a), None, op(loop)) for _ in range(2)]
+    assert not got[0].done() and not got[1].done()
+    assert [c[2] for c in events.cleared] == [1]  # B is not cleared for a receive while A may come first
+    if how == "written":
+        matcher.boxes[1].cleared[1].out[:] = a
+        matcher.written(1, 1)
+    elif how == "rdata":
+        deliver(matcher.payload(1, 1, a.nbytes), a.tobytes())
+    else:
+        deliver(sink, a.tobytes())
+    if second == "announced":
+        assert [c[2] for c in events.cleared] == [1, 2]
+        deliver(matcher.payload(1, 2, b.nbytes), b.tobytes())
+    assert np.array_equal(got[0].result(), a) and np.array_equal(got[1].result(), b)
+
+
 def test_a_counted_payload_gives_its_credit_back_whichever_way_it_lands(loop):
     """RDATA sent after the sender's grace (RDATA_COUNTED) took the
     receiver's credit: given back at once when it lands in a posted receive,

@@ -494,11 +494,14 @@ class RingBackend:
         if group.context in mesh.broken:
             self._raise_broken(group.context, "send")
         stream = None
+        wait = None
         try:
             stream = await mesh.open(world_dst, op)
             wait = mesh.send(stream, Kind.P2P, group.context, 0, sig, x, op, detach=self.hold_sends)
             await mesh.flush((stream,), op, [wait] if wait is not None else None)
         except BaseException as exc:
+            if wait is not None:  # an announced message keeps the caller's array: withdraw it
+                wait.fail(exc)  # (cancelled, say: its payload must never go later, from memory changed since)
             if stream is not None:
                 stream.give_up_writes(op.what)
             if isinstance(exc, CommError):

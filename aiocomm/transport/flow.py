@@ -67,8 +67,11 @@ class Announcement(Wait):
         Wait.resolve(self, value)
 
     def fail(self, exc: BaseException) -> None:
-        if self.outbox.announced.pop(self.rid, None) is not None and self.revoke is not None:
-            self.revoke(self.op.context, self.rid)  # the receiver must not wait for a payload that will not come
+        announced = self.outbox.announced
+        if announced.get(self.rid) is self:  # (not a held copy that took its place: that one goes on)
+            del announced[self.rid]
+            if self.revoke is not None:
+                self.revoke(self.op.context, self.rid)  # the receiver must not wait for a payload that will not come
         self._ended()
         Wait.fail(self, exc)
 

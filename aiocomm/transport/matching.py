@@ -19,7 +19,11 @@ Invariants:
 * Nothing is lost by a receive that fails: a receive that does not fit the
   oldest message (another shape, dtype or operation) raises
   :class:`MismatchError` and leaves the message queued; a receive that timed
-  out or was failed is skipped by later frames.
+  out or was failed is skipped by later frames.  One that fails after it
+  took a message (its payload still coming) gives it back first in line, and
+  until it is in, nothing of its key is paired, so later messages (already
+  here, as an announced message's payload may come long after them) cannot
+  overtake it.
 * Every receive is a :class:`~aiocomm.transport.waits.Wait` on its source,
   from posting until its last byte is in, so losing the source, aborting the
   context or the deadline ends it, also halfway through its payload.
@@ -82,7 +86,7 @@ class PendingRecv(Wait):
     receive that fails give back what it claimed (see :meth:`done`).
     """
 
-    __slots__ = ("out", "sig", "key", "matcher", "queue")
+    __slots__ = ("out", "sig", "key", "matcher", "queue", "owing")
 
     def __init__(self, waits: WaitSet, src: int, op: Op, sig: Signature, out: np.ndarray | None,
                  key: Key | None = None, matcher: Matcher | None = None) -> None:
@@ -92,6 +96,7 @@ class PendingRecv(Wait):
         self.key = key
         self.matcher = matcher
         self.queue: collections.deque[PendingRecv] | None = None  # the posted queue it waits in
+        self.owing = False  # it took an announced message whose payload is not in yet (Mailbox.owed)
 
     def fail(self, exc: BaseException) -> None:
         queue = self.queue
@@ -108,6 +113,8 @@ class PendingRecv(Wait):
         that failed meanwhile (its deadline passed while the payload was
         coming) gives the message back, first in line for the next receive."""
         self.waits.pending.discard(self)
+        if self.owing and self.matcher is not None:
+            self.matcher.settled(self)
         future = self.future
         if not future.done():
             future.set_result(self.out)
@@ -166,12 +173,17 @@ class Announced:
 class Mailbox:
     """Matching state for frames from one source rank."""
 
-    __slots__ = ("posted", "arrived", "cleared")
+    __slots__ = ("posted", "arrived", "cleared", "owed")
 
     def __init__(self) -> None:
         self.posted: dict[Key, collections.deque[PendingRecv]] = {}
         self.arrived: dict[Key, collections.deque[Arrival | Announced]] = {}
         self.cleared: dict[int, PendingRecv] = {}  # announced id -> the receive its RDATA fills
+        #: Receives that took an announced message whose payload is not in yet
+        #: (from its CTS until its last byte).  While one of them has failed,
+        #: its message will come back first in line, so nothing of its key is
+        #: paired meanwhile (:meth:`Matcher._held_up`).
+        self.owed: list[PendingRecv] = []
 
 
 def take(arrival: Arrival, out: np.ndarray | None, sig: Signature) -> np.ndarray:
@@ -240,7 +252,7 @@ class Matcher:
         box = self.boxes[src]
         key = (kind, context, tag)
         queue = box.posted.get(key)
-        if queue:
+        if queue and not (box.owed and self._held_up(box, key)):
             pending = queue[0]
             if meta == pending.sig.encoded and pending.out is not None and pending.out.nbytes == nbytes \
                     and not pending.future.done():
@@ -281,7 +293,8 @@ class Matcher:
         """An ``RTS``: clear it at once if a receive waits for it, else queue it."""
         box = self.boxes[src]
         key = (kind, context, tag)
-        pending = self._first_fitting(box, key, meta, nbytes, src)
+        held_up = box.owed and self._held_up(box, key)
+        pending = None if held_up else self._first_fitting(box, key, meta, nbytes, src)
         if pending is not None:
             self._clear(box, pending, src, context, rid)
             return
@@ -299,6 +312,8 @@ class Matcher:
                 pending.fail(exc)
                 return
         box.cleared[rid] = pending
+        pending.owing = True
+        box.owed.append(pending)
         self.events.clear_to_send(src, context, rid, pending.out)
 
     def payload(self, src: int, rid: int, nbytes: int, counted: bool = False) -> Sink:
@@ -371,7 +386,7 @@ class Matcher:
         box = self.boxes[src]
         key = (kind, context, tag)
         arrivals = box.arrived.get(key)
-        if arrivals:
+        if arrivals and not (box.owed and self._held_up(box, key)):
             arrival = arrivals[0]
             problem = self._misfit(sig, out, arrival.meta, arrival.nbytes, src)
             if problem is not None:
@@ -406,6 +421,21 @@ class Matcher:
 
     # ---- receives that failed after they claimed a message
 
+    def _held_up(self, box: Mailbox, key: Key) -> bool:
+        """Whether a receive of ``key`` failed while its announced message's
+        payload is still coming: that message will be first in line again,
+        so nothing of ``key`` may be paired before it is in."""
+        return any(p.key == key and p.future.done() for p in box.owed)
+
+    def settled(self, pending: PendingRecv) -> None:
+        """``pending``'s announced message is in (or will never come)."""
+        pending.owing = False
+        owed = self.boxes[pending.peer].owed
+        try:
+            owed.remove(pending)
+        except ValueError:
+            pass
+
     def requeue(self, arrival: Arrival) -> None:
         """A complete message whose receive gave up: first in line again
         (point-to-point only: a collective that fails aborts its context)."""
@@ -417,22 +447,37 @@ class Matcher:
         if arrivals is None:
             arrivals = box.arrived[arrival.key] = collections.deque()
         arrivals.appendleft(arrival)
-        # A receive posted meanwhile would wait behind it: hand it over.
-        queue = box.posted.get(arrival.key)
-        while queue and arrivals:
+        self._pair(box, arrival.src, arrival.key)
+
+    def _pair(self, box: Mailbox, src: int, key: Key) -> None:
+        """Receives posted while messages of their key waited (behind one
+        that was coming back): hand the messages over, in order."""
+        queue = box.posted.get(key)
+        arrivals = box.arrived.get(key)
+        while queue and arrivals and not (box.owed and self._held_up(box, key)):
             pending = queue.popleft()
+            pending.queue = None
             if pending.future.done():
                 continue
-            pending.queue = None
-            if self._misfit(pending.sig, pending.out, arrival.meta, arrival.nbytes, arrival.src) is not None:
-                queue.appendleft(pending)
-                pending.queue = queue
-                break
+            entry = arrivals[0]
+            problem = self._misfit(pending.sig, pending.out, entry.meta, entry.nbytes, src)
+            if problem is not None:  # as a receive posted now would: it fails, the message stays
+                pending.fail(problem)
+                continue
             arrivals.popleft()
-            pending.out = take(arrival, pending.out, pending.sig)
-            self.events.credit(arrival.src, arrival.data.nbytes)
-            pending.matcher = None
-            pending.done()
+            if type(entry) is Announced:
+                self._clear(box, pending, src, key[1], entry.rid)
+            elif entry.complete:  # type: ignore[union-attr]  # (an Arrival)
+                pending.out = take(entry, pending.out, pending.sig)  # type: ignore[arg-type]
+                self.events.credit(src, entry.nbytes)
+                pending.matcher = None
+                pending.done()
+            else:
+                entry.waiter = pending  # type: ignore[union-attr]
+        if queue is not None and not queue:
+            box.posted.pop(key, None)
+        if arrivals is not None and not arrivals:
+            box.arrived.pop(key, None)
 
     def give_back(self, src: int, key: Key | None, meta: bytes, data: np.ndarray) -> None:
         """A receive that failed while its payload came: the payload, now
@@ -451,12 +496,16 @@ class Matcher:
         box = self.boxes[src]
         pending = box.cleared.pop(rid, None)
         if pending is not None:
-            if not pending.future.done() and pending.key is not None:
+            self.settled(pending)
+            if pending.key is None:
+                return
+            if not pending.future.done():
                 queue = box.posted.get(pending.key)
                 if queue is None:
                     queue = box.posted[pending.key] = collections.deque()
                 queue.appendleft(pending)
                 pending.queue = queue
+            self._pair(box, src, pending.key)  # (what waited behind it, if it had failed)
             return
         for key, arrivals in list(box.arrived.items()):
             for arrival in arrivals:
@@ -482,6 +531,7 @@ class Matcher:
                             arrival.orphaned = True  # credited when its last byte is in
             for rid in [r for r, p in box.cleared.items() if p.op.context == context]:
                 del box.cleared[rid]
+            box.owed = [p for p in box.owed if p.op.context != context]
 
     def drop_peer(self, src: int) -> None:
         """``src`` is lost: what it announced or half sent will never come.
@@ -489,6 +539,7 @@ class Matcher:
         box = self.boxes[src]
         box.posted.clear()
         box.cleared.clear()
+        box.owed.clear()
         for key in list(box.arrived):
             kept: collections.deque[Arrival | Announced] = collections.deque(
                 a for a in box.arrived[key] if type(a) is Arrival and a.complete

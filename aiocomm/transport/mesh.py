@@ -52,6 +52,10 @@ log = logging.getLogger("aiocomm")
 _encode_head = wire.encode_frame_head
 _DATA_KINDS = wire.DATA_KINDS
 _RTS_TRAILER = wire.RTS_TRAILER
+#: Arrays offered to senders that may still write into them after this rank
+#: stopped waiting (the sender was lost, or this mesh closed): kept for the
+#: life of the process (a few, at most the receives pending at that moment).
+_KEPT: list[np.ndarray] = []
 _EMPTY = b""
 #: The context of the bring-up barrier (never a group's: those are 0 or odd).
 BRING_UP_CONTEXT = (1 << 64) - 2
@@ -86,7 +90,6 @@ class Mesh:
         # receive's memory (cma): the receives' arrays offered to a sender
         # that may still write into them.
         self.offered: dict[tuple[int, int], np.ndarray] = {}  # (src, announced id) -> the receive's array
-        self._kept: list[np.ndarray] = []  # offered to a sender lost meanwhile (it may still be writing)
         self.bytes_written_across = 0  # payload bytes peers wrote into this rank's memory
 
     # ---- bring-up and tear-down
@@ -120,6 +123,8 @@ class Mesh:
         if self._abort_tasks:  # let the other ranks learn why this one gave up
             await asyncio.wait(list(self._abort_tasks), timeout=2.0)
         self.closed = True
+        _KEPT.extend(self.offered.values())  # a sender may still write into them: never free them
+        self.offered.clear()
         self._send_held()
         self.waits.fail_all(CommError(f"rank {self.rank}: aiocomm was shut down while this operation waited"))
         self.waits.close()
@@ -261,7 +266,7 @@ class Mesh:
 
     def peer_lost(self, peer: int, err: PeerLostError) -> None:
         for key in [k for k in self.offered if k[0] == peer]:
-            self._kept.append(self.offered.pop(key))  # (a live process may be halfway through writing it)
+            _KEPT.append(self.offered.pop(key))  # (a live process may be halfway through writing it)
         self.waits.fail_peer(peer, err)
         self.matcher.drop_peer(peer)
 

@@ -20,6 +20,7 @@ the data on to the mesh): imports in this package point down, never up.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import math
@@ -248,9 +249,13 @@ class PeerStream(asyncio.BufferedProtocol):
             return
         owner = self.owner
         if detach and owner.hold(nbytes):
+            try:
+                copy = entry.data.copy()
+            except MemoryError:
+                owner.release(nbytes)
+                return  # (it waits for its receive, as one over this rank's budget does)
             op = Op(entry.op.what, entry.op.context, math.inf, math.inf)
-            held = outbox.announced[entry.rid] = Announcement(owner.waits, entry.peer, op, entry.data.copy(), outbox,
-                                                               entry.rid)
+            held = outbox.announced[entry.rid] = Announcement(owner.waits, entry.peer, op, copy, outbox, entry.rid)
             held.revoke = self._revoke
             held.on_end = lambda: owner.release(nbytes)
             entry.resolve(None)
@@ -266,8 +271,9 @@ class PeerStream(asyncio.BufferedProtocol):
                 try:
                     cma.write(pid, address, data, mark_at, mark)
                 except OSError as exc:  # refused (ptrace rules), or the peer is going: the socket then
-                    self.writes_across = False
-                    log.info("rank %d: writing into rank %d's memory failed (%s): payloads to it go over TCP",
+                    if exc.errno in (errno.EPERM, errno.ENOSYS):  # (for good: the others are the peer's end)
+                        self.writes_across = False
+                    log.info("rank %d: writing into rank %d's memory failed (%s): this payload goes over TCP",
                              self.owner.rank, self.peer, exc)
                 else:
                     self.send_frame(_encode_head(Kind.RDONE, entry.op.context, entry.rid, _EMPTY, 0))

@@ -17,6 +17,14 @@ kill_mid ROLE:  rank 0 sends 64 MiB messages to rank 1 in a loop, each filled
              (ROLE none: 12 messages, nobody killed).
              The survivor prints ``FAILED <class> at <time>``; every message
              received before is checked (``WRONG`` if one is torn).
+cancel:      rank 0's async send of 4 MiB is cancelled (asyncio.wait_for) while
+             its announcement waits; rank 0 then changes the array and sends
+             a second message.  Rank 1's first receive must get the second
+             message: the cancelled one is withdrawn, never sent from memory
+             changed since.
+shutdown:    like stopped, but after the timeout rank 1 shuts aiocomm down
+             and fills new arrays of its own; the thawed sender must not
+             write into them (the offered array outlives the engine).
 stopped:     rank 0 SIGSTOPs itself once the RTS of a 32 MiB message is out;
              rank 1's receive, posted after that, offers its memory and
              times out; once the test thaws rank 0, it writes the message
@@ -24,6 +32,7 @@ stopped:     rank 0 SIGSTOPs itself once the RTS of a 32 MiB message is out;
 """
 
 import asyncio
+import gc
 import os
 import random
 import signal
@@ -207,3 +216,70 @@ elif mode == "stopped":
         say("OK" if np.array_equal(y, x) else "WRONG", "ACROSS", mesh.bytes_written_across)
     aiocomm.barrier(timeout=60)
     say("DONE")
+elif mode == "cancel":
+    N = 4 * MiB
+
+    async def main() -> str:
+        await aio.barrier()
+        if r == 0:
+            x = np.ones(N, np.uint8)
+            try:
+                await asyncio.wait_for(aio.send(x, 1), 0.0005)
+                outcome = "SENT"
+            except asyncio.TimeoutError:
+                outcome = "CANCELLED"
+            x[:] = 7
+            await asyncio.sleep(0.5)
+            await aio.send(np.full(N, 2, np.uint8), 1)
+            await aio.barrier(timeout=30)
+            return outcome
+        await asyncio.sleep(0.3)
+        got = [int(v) for v in np.unique(await aio.recv((N,), np.uint8, 0, timeout=10))]
+        if got == [1]:  # the first send was not cancelled in time: the second follows
+            got = [int(v) for v in np.unique(await aio.recv((N,), np.uint8, 0, timeout=10))]
+        await aio.barrier(timeout=30)
+        return f"GOT {got}"
+
+    say(asyncio.run(main()))
+elif mode == "shutdown":
+    N = 32 * MiB
+
+    async def main() -> None:
+        world = await aio.init()
+        mesh = world.engine.mesh
+        await aio.barrier()
+        if r == 0:
+            x = np.full(N, 0xAB, np.uint8)
+            task = asyncio.create_task(aio.send(x, 1, timeout=30))
+            while not mesh.connections.outgoing[1].outbox.announced:
+                await asyncio.sleep(0)
+            say("STOPPED")
+            os.kill(os.getpid(), signal.SIGSTOP)
+            try:
+                await task
+            except aiocomm.CommError as exc:
+                say("SEND", type(exc).__name__)
+            return
+        await asyncio.sleep(0.3)
+        try:
+            await aio.recv((N,), np.uint8, 0, timeout=1.0)
+        except aiocomm.CommTimeoutError:
+            say("TIMEDOUT")
+        offered = [a.ctypes.data for a in mesh.offered.values()]
+        await aio.shutdown()
+        del mesh, world
+        for name in ("mesh", "world"):  # (this module's own references, from its start)
+            globals().pop(name, None)
+        gc.collect()
+        from aiocomm.transport import mesh as mesh_module  # (where what a sender may still write into is kept)
+
+        kept = [a.ctypes.data for a in getattr(mesh_module, "_KEPT", [])]
+        say("KEPT", sorted(offered) == sorted(set(kept) & set(offered)) and bool(offered))
+        mine = []  # this program's own data from now on; were the offered memory freed, one would get it
+        while len(mine) < 8 and not any(a.ctypes.data <= at < a.ctypes.data + N for a in mine for at in offered):
+            mine.append(np.zeros(N, np.uint8))
+        say("WAITING")
+        time.sleep(2.0)  # (the test thaws rank 0 meanwhile)
+        say("CHANGED", sum(int(np.count_nonzero(a)) for a in mine))
+
+    asyncio.run(main())
