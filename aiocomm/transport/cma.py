@@ -50,7 +50,7 @@ import numpy as np
 #: byte count, and where this process keeps its mark and the mark itself.
 OFFER = struct.Struct("<qQQQQ16s")
 #: Messages of at least this many bytes may move this way (smaller ones: the socket is as fast).
-CMA_FROM = 1 << 20
+CMA_FROM = 2 << 20
 
 
 def grace(nbytes: int) -> float:

@@ -44,6 +44,7 @@ import numpy as np
 
 import aiocomm
 from aiocomm import aio
+from aiocomm.transport import cma
 
 mode = sys.argv[1]
 world = aiocomm.init()
@@ -65,7 +66,7 @@ def message(src: int, dst: int, i: int, nbytes: int, dtype: str) -> np.ndarray:
     return base.astype(dtype)
 
 
-SIZES = [MiB - 4, MiB, 3 * MiB + 12, 9 * MiB]
+SIZES = [cma.CMA_FROM - 4, cma.CMA_FROM, cma.CMA_FROM + 3 * MiB + 12, 9 * MiB]  # around the threshold
 DTYPES = ["float32", "int8", "float64", "bool", "uint16"]
 
 
