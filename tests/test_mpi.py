@@ -86,7 +86,7 @@ def test_large_results_are_made_on_memory_that_earlier_ones_gave_back():
     most POOL_BYTES; smaller arrays are numpy's own."""
     import numpy as np
 
-    from aiocomm.backends.mpi import results
+    from aiocomm import results
 
     f4 = np.dtype(np.float32)
     n = results.POOL_FROM // 4

@@ -34,7 +34,7 @@ LAYERS = {
     "__init__": 5,  # the package's face
 }
 #: What the transport may import of the rest of aiocomm: the layers beneath it.
-BENEATH = ("aiocomm.errors", "aiocomm.config", "aiocomm.wire")
+BENEATH = ("aiocomm.errors", "aiocomm.config", "aiocomm.wire", "aiocomm.results")
 
 
 def imported_modules(path) -> list[tuple[int, str]]:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import wire
+from .. import results, wire
 from ..config import WorldSpec, buffer_budget, poll_seconds, transport
 from ..errors import CommError, OutOfMemoryError, PeerLostError, ProtocolError
 from ..wire import Header, Kind, Signature, Sink
@@ -251,7 +251,7 @@ class Mesh:
 
     def allocate(self, shape: tuple[int, ...], dtype: str, src: int, op: Op | None, context: int) -> np.ndarray:
         try:
-            return np.empty(shape, wire.dtype_from_name(dtype))
+            return results.empty(shape, wire.dtype_from_name(dtype))  # (large ones: on warm memory, if any)
         except MemoryError as exc:
             nbytes = int(np.prod(shape, dtype=np.int64)) * wire.dtype_from_name(dtype).itemsize
             what = op.what if op is not None else "a message that arrived before its receive"

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 import aiocomm
-from aiocomm.backends.mpi import collectives, notices, results
+from aiocomm import results
+from aiocomm.backends.mpi import collectives, notices
 
 from common import check
 

@@ -39,11 +39,11 @@ from typing import Any
 
 import numpy as np
 
-from ... import collectives, wire
+from ... import collectives, results, wire
 from ...errors import CommError, MismatchError
 from ...exchanges import split_rows
 from .. import GroupState, SplitResult
-from . import progress, results
+from . import progress
 from .groups import MpiGroup
 from .progress import Call, Steps, Until, abandon
 from .reductions import UFUNCS, element_type, reduction

@@ -2,11 +2,14 @@
 
 A fresh array of many megabytes is mapped from the kernel and zeroed page by
 page as it is first written: about 8 ms of a 64 MiB ``all_sum``'s 37 ms on
-the 2-core machine, a cost MPI's own loop never pays (it reuses one output).
-Programs call the same collectives on the same sizes step after step and
-drop each result soon, so the memory of an array made here goes back to a
-pool when the last array on it is gone, and the next array of that size is
-made on it.
+the 2-core machine (MPI backend), a cost MPI's own loop never pays (it
+reuses one output); more when another process writes it (a same-host
+message written into a receive, :mod:`aiocomm.transport.cma`).  Programs
+call the same collectives and receive the same messages on the same sizes
+step after step and drop each result soon, so the memory of an array made
+here goes back to a pool when the last array on it is gone, and the next
+array of that size is made on it.  Used for the MPI backend's results and
+the ring backend's receives.
 
 The pool keeps at most :data:`POOL_BYTES` (the oldest go first), and only
 blocks of :data:`POOL_FROM` bytes or more (smaller ones the C allocator
