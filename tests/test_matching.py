@@ -215,6 +215,50 @@ def test_a_receive_that_failed_while_its_payload_comes_keeps_the_order(loop, how
     assert np.array_equal(got[0].result(), a) and np.array_equal(got[1].result(), b)
 
 
+def test_messages_given_back_by_several_failed_receives_keep_their_order(loop):
+    """Two receives cleared for A then B both time out; the payloads land A
+    then B (as sent), each given back: the next receives get A, then B."""
+    matcher, _, _ = make(loop)
+    a, b = np.full(8, 1.0, np.float32), np.full(8, 2.0, np.float32)
+    first = [matcher.post(1, P2P, 0, 0, sig_of(a), None, op(loop, timeout=0.0)) for _ in range(2)]
+    matcher.announce(1, P2P, 0, 0, sig_of(a).encoded, a.nbytes, rid=1)
+    matcher.announce(1, P2P, 0, 0, sig_of(b).encoded, b.nbytes, rid=2)
+    loop.run_until_complete(asyncio.sleep(0.02))
+    assert all(isinstance(f.exception(), CommTimeoutError) for f in first)
+    deliver(matcher.payload(1, 1, a.nbytes), a.tobytes())
+    deliver(matcher.payload(1, 2, b.nbytes), b.tobytes())
+    got = [matcher.post(1, P2P, 0, 0, sig_of(a), None, op(loop)).result()[0] for _ in range(2)]
+    assert got == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("how", ["eager into the receive", "eager buffered", "announced"])
+def test_a_payload_that_lands_after_its_context_was_aborted_is_dropped_and_credited(loop, how):
+    """A receive that took a frame is failed by an abort of its context while
+    the payload comes: when the payload is in, it is not kept for a context
+    no receive will use again, and the sender's credit comes back (eager:
+    all of it; announced: it never took any)."""
+    events = Events()
+    matcher, waits, _ = make(loop, events)
+    msg = np.arange(4, dtype=np.float32)
+    if how == "eager into the receive":
+        matcher.post(1, P2P, 5, 0, sig_of(msg), None, op(loop, context=5))
+        sink = matcher.arrive(1, P2P, 5, 0, sig_of(msg).encoded, msg.nbytes)
+    elif how == "eager buffered":
+        sink = matcher.arrive(1, P2P, 5, 0, sig_of(msg).encoded, msg.nbytes)
+        matcher.post(1, P2P, 5, 0, sig_of(msg), None, op(loop, context=5))  # it waits for the rest
+    else:
+        matcher.post(1, P2P, 5, 0, sig_of(msg), None, op(loop, context=5))
+        matcher.announce(1, P2P, 5, 0, sig_of(msg).encoded, msg.nbytes, rid=1)
+        sink = matcher.payload(1, 1, msg.nbytes)
+    sink.view[:8] = msg.tobytes()[:8]
+    waits.fail_context(5, CommError("aborted"))  # what the mesh does when a context breaks
+    matcher.drop_context(5)
+    sink.view[8:] = msg.tobytes()[8:]
+    sink.done()
+    assert not matcher.boxes[1].arrived
+    assert sum(n for _, n in events.credited) == (0 if how == "announced" else msg.nbytes)
+
+
 def test_a_counted_payload_gives_its_credit_back_whichever_way_it_lands(loop):
     """RDATA sent after the sender's grace (RDATA_COUNTED) took the
     receiver's credit: given back at once when it lands in a posted receive,

@@ -46,7 +46,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .. import collectives
+from .. import collectives, results
 from ..errors import CommError, CommTimeoutError, MismatchError, PeerLostError
 from .segment import BROKEN, EPOCH, LOST, SIGNATURES, Segment
 
@@ -296,7 +296,7 @@ class Channel:
                 ufunc(total, inputs[k], out=total)
             return total.reshape(x.shape)
         flat = np.ascontiguousarray(x).reshape(-1)
-        out = np.empty(x.shape, dtype)
+        out = results.empty(x.shape, dtype)  # (large ones: on warm memory, if any)
         result = out.reshape(-1)
         per_round = max(1, self.slot_bytes // dtype.itemsize)
         self._start(description, deadline, health, timeout)
@@ -327,7 +327,7 @@ class Channel:
         dtype = x.dtype
         flat = np.ascontiguousarray(x).reshape(-1)
         m = flat.size
-        out = np.empty(collectives.gathered_shape(x.shape, n), dtype)
+        out = results.empty(collectives.gathered_shape(x.shape, n), dtype)
         result = out.reshape(-1)
         small = self._small(x.nbytes)
         if small is not None:
@@ -354,7 +354,7 @@ class Channel:
                   timeout: float) -> np.ndarray:
         r = self.rank
         dtype = x.dtype
-        out = np.array(x, order="C", copy=True) if r == root else np.empty(x.shape, dtype)
+        out = results.copy_of(x) if r == root else results.empty(x.shape, dtype)
         result = out.reshape(-1)
         small = self._small(x.nbytes)
         if small is not None:
@@ -395,7 +395,7 @@ class Channel:
         dtype = x.dtype
         flat = np.ascontiguousarray(x).reshape(-1)
         m = flat.size // n  # items per block (the caller checked divisibility)
-        out = np.empty(collectives.scattered_shape(x.shape, n), dtype)
+        out = results.empty(collectives.scattered_shape(x.shape, n), dtype)
         result = out.reshape(-1)
         ufunc = collectives.REDUCERS[op]
         small = self._small(x.nbytes)

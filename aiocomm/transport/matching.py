@@ -23,7 +23,11 @@ Invariants:
   took a message (its payload still coming) gives it back first in line, and
   until it is in, nothing of its key is paired, so later messages (already
   here, as an announced message's payload may come long after them) cannot
-  overtake it.
+  overtake it; messages are numbered as they come (``Mailbox.seq``), so
+  several given back go back in their order.  What this does not undo: a
+  later receive, still alive, that already took a later message keeps it.
+* A message given back after its context was aborted is dropped, and its
+  credit handed back.
 * Every receive is a :class:`~aiocomm.transport.waits.Wait` on its source,
   from posting until its last byte is in, so losing the source, aborting the
   context or the deadline ends it, also halfway through its payload.
@@ -86,7 +90,7 @@ class PendingRecv(Wait):
     receive that fails give back what it claimed (see :meth:`done`).
     """
 
-    __slots__ = ("out", "sig", "key", "matcher", "queue", "owing")
+    __slots__ = ("out", "sig", "key", "matcher", "queue", "owing", "seq")
 
     def __init__(self, waits: WaitSet, src: int, op: Op, sig: Signature, out: np.ndarray | None,
                  key: Key | None = None, matcher: Matcher | None = None) -> None:
@@ -97,6 +101,7 @@ class PendingRecv(Wait):
         self.matcher = matcher
         self.queue: collections.deque[PendingRecv] | None = None  # the posted queue it waits in
         self.owing = False  # it took an announced message whose payload is not in yet (Mailbox.owed)
+        self.seq = -1  # the place of the message it took, in its source's order (see Mailbox.seq)
 
     def fail(self, exc: BaseException) -> None:
         queue = self.queue
@@ -119,16 +124,17 @@ class PendingRecv(Wait):
         if not future.done():
             future.set_result(self.out)
         elif self.matcher is not None and self.out is not None:
-            self.matcher.give_back(self.peer, self.key, self.sig.encoded, self.out)
+            self.matcher.give_back(self.peer, self.key, self.sig.encoded, self.out, self.seq)
 
 
 class Arrival(Sink):
     """An eager frame that arrived before its receive was posted."""
 
-    __slots__ = ("data", "meta", "complete", "waiter", "matcher", "src", "key", "orphaned")
+    __slots__ = ("data", "meta", "complete", "waiter", "matcher", "src", "key", "orphaned", "seq")
 
-    def __init__(self, matcher: Matcher, src: int, meta: bytes, data: np.ndarray, key: Key) -> None:
+    def __init__(self, matcher: Matcher, src: int, meta: bytes, data: np.ndarray, key: Key, seq: int) -> None:
         self.data = data
+        self.seq = seq  # its place in its source's order
         self.view = memoryview(data)  # type: ignore[arg-type]  # (numpy's stubs: as in byte_view)
         self.meta = meta  # raw signature, checked when its receive is posted
         self.complete = False
@@ -162,18 +168,19 @@ class Arrival(Sink):
 class Announced:
     """A message announced by ``RTS`` whose receive is not posted yet."""
 
-    __slots__ = ("meta", "nbytes", "rid")
+    __slots__ = ("meta", "nbytes", "rid", "seq")
 
-    def __init__(self, meta: bytes, nbytes: int, rid: int) -> None:
+    def __init__(self, meta: bytes, nbytes: int, rid: int, seq: int) -> None:
         self.meta = meta
         self.nbytes = nbytes
         self.rid = rid
+        self.seq = seq
 
 
 class Mailbox:
     """Matching state for frames from one source rank."""
 
-    __slots__ = ("posted", "arrived", "cleared", "owed")
+    __slots__ = ("posted", "arrived", "cleared", "owed", "seq")
 
     def __init__(self) -> None:
         self.posted: dict[Key, collections.deque[PendingRecv]] = {}
@@ -184,6 +191,10 @@ class Mailbox:
         #: its message will come back first in line, so nothing of its key is
         #: paired meanwhile (:meth:`Matcher._held_up`).
         self.owed: list[PendingRecv] = []
+        #: The next message's place: every message of this source is numbered
+        #: as it comes, so one given back by a receive that failed goes back
+        #: exactly where it was, before the ones that came after it.
+        self.seq = 0
 
 
 def take(arrival: Arrival, out: np.ndarray | None, sig: Signature) -> np.ndarray:
@@ -205,6 +216,7 @@ class Matcher:
         self.events = events
         self.lost = lost  # peers known gone (owned by the connections)
         self.boxes = [Mailbox() for _ in range(size)]
+        self.dropped: set[int] = set()  # aborted contexts: a message of theirs given back is dropped
 
     # ---- checks
 
@@ -251,6 +263,8 @@ class Matcher:
         """An eager data frame's header is in: where its payload goes."""
         box = self.boxes[src]
         key = (kind, context, tag)
+        seq = box.seq
+        box.seq = seq + 1
         queue = box.posted.get(key)
         if queue and not (box.owed and self._held_up(box, key)):
             pending = queue[0]
@@ -263,6 +277,7 @@ class Matcher:
                 pending = self._first_fitting(box, key, meta, nbytes, src)  # type: ignore[assignment]
             if pending is not None:
                 pending.queue = None
+                pending.seq = seq
                 out = pending.out
                 if out is None:
                     try:
@@ -282,7 +297,7 @@ class Matcher:
         except Exception:
             self.events.credit(src, nbytes)
             return Sink(None)  # the context is aborted: its receives fail
-        arrival = Arrival(self, src, meta, data, key)
+        arrival = Arrival(self, src, meta, data, key, seq)
         arrivals = box.arrived.get(key)
         if arrivals is None:
             arrivals = box.arrived[key] = collections.deque()
@@ -293,15 +308,18 @@ class Matcher:
         """An ``RTS``: clear it at once if a receive waits for it, else queue it."""
         box = self.boxes[src]
         key = (kind, context, tag)
+        seq = box.seq
+        box.seq = seq + 1
         held_up = box.owed and self._held_up(box, key)
         pending = None if held_up else self._first_fitting(box, key, meta, nbytes, src)
         if pending is not None:
+            pending.seq = seq
             self._clear(box, pending, src, context, rid)
             return
         arrivals = box.arrived.get(key)
         if arrivals is None:
             arrivals = box.arrived[key] = collections.deque()
-        arrivals.append(Announced(meta, nbytes, rid))
+        arrivals.append(Announced(meta, nbytes, rid, seq))
 
     def _clear(self, box: Mailbox, pending: PendingRecv, src: int, context: int, rid: int) -> None:
         pending.queue = None
@@ -362,7 +380,7 @@ class Matcher:
                         if counted:
                             self.events.credit(src, nbytes)
                         return Sink(None)
-                    arrival = Arrival(self, src, entry.meta, data, key)
+                    arrival = Arrival(self, src, entry.meta, data, key, entry.seq)
                     arrivals[i] = arrival
                     if not counted:
                         self.events.credit(src, -nbytes)  # buffered now, though never credited to the sender
@@ -396,6 +414,7 @@ class Matcher:
                 del box.arrived[key]
             if type(arrival) is Announced:
                 pending = PendingRecv(self.waits, src, op, sig, out, key, self)
+                pending.seq = arrival.seq
                 self._clear(box, pending, src, context, arrival.rid)
                 return pending.future
             assert isinstance(arrival, Arrival)
@@ -439,14 +458,17 @@ class Matcher:
     def requeue(self, arrival: Arrival) -> None:
         """A complete message whose receive gave up: first in line again
         (point-to-point only: a collective that fails aborts its context)."""
-        if arrival.key[0] != _P2P:
+        if arrival.key[0] != _P2P or arrival.key[1] in self.dropped:  # (no receive will ever take it)
             self.events.credit(arrival.src, arrival.data.nbytes)
             return
         box = self.boxes[arrival.src]
         arrivals = box.arrived.get(arrival.key)
         if arrivals is None:
             arrivals = box.arrived[arrival.key] = collections.deque()
-        arrivals.appendleft(arrival)
+        at = 0  # back in its place: before the messages that came after it
+        while at < len(arrivals) and arrivals[at].seq < arrival.seq:
+            at += 1
+        arrivals.insert(at, arrival)
         self._pair(box, arrival.src, arrival.key)
 
     def _pair(self, box: Mailbox, src: int, key: Key) -> None:
@@ -465,6 +487,7 @@ class Matcher:
                 pending.fail(problem)
                 continue
             arrivals.popleft()
+            pending.seq = entry.seq
             if type(entry) is Announced:
                 self._clear(box, pending, src, key[1], entry.rid)
             elif entry.complete:  # type: ignore[union-attr]  # (an Arrival)
@@ -479,12 +502,12 @@ class Matcher:
         if arrivals is not None and not arrivals:
             box.arrived.pop(key, None)
 
-    def give_back(self, src: int, key: Key | None, meta: bytes, data: np.ndarray) -> None:
+    def give_back(self, src: int, key: Key | None, meta: bytes, data: np.ndarray, seq: int) -> None:
         """A receive that failed while its payload came: the payload, now
         complete in the receive's memory, goes back as the first message."""
         if key is None:
             return
-        arrival = Arrival(self, src, meta, data.reshape(-1).view(np.uint8), key)
+        arrival = Arrival(self, src, meta, data.reshape(-1).view(np.uint8), key, seq)
         arrival.complete = True
         # Its bytes were credited when it was routed; count them again as buffered.
         self.events.credit(src, -arrival.data.nbytes)
@@ -519,6 +542,7 @@ class Matcher:
 
     def drop_context(self, context: int) -> None:
         """Forget everything of an aborted context (its waits are failed by the WaitSet)."""
+        self.dropped.add(context)
         for src, box in enumerate(self.boxes):
             for key in [k for k in box.posted if k[1] == context]:
                 del box.posted[key]
