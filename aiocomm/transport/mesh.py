@@ -251,7 +251,8 @@ class Mesh:
 
     def allocate(self, shape: tuple[int, ...], dtype: str, src: int, op: Op | None, context: int) -> np.ndarray:
         try:
-            return results.empty(shape, wire.dtype_from_name(dtype))  # (large ones: on warm memory, if any)
+            # (large ones on memory an earlier one gave back: fresh memory costs its page faults)
+            return results.empty(shape, wire.dtype_from_name(dtype), results.MALLOC_REUSES_BELOW)
         except MemoryError as exc:
             nbytes = int(np.prod(shape, dtype=np.int64)) * wire.dtype_from_name(dtype).itemsize
             what = op.what if op is not None else "a message that arrived before its receive"
