@@ -45,6 +45,15 @@ def test_transport_tcp_writes_nothing_across():
     assert all(v == [0, 0] for v in _across(proc.stdout).values()), proc.stdout
 
 
+@pytest.mark.timeout(60)
+def test_calls_from_one_thread_after_another():
+    """The serialized rule: every call from a thread of its own, in turn."""
+    proc = launch(2, "cma_moments.py", "threads", timeout=50)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "[rank 0] GOT [10, 11, 12, 13]" in proc.stdout and "[rank 1] GOT [0, 1, 2, 3]" in proc.stdout, proc.stdout
+    assert " ACROSS 0" not in proc.stdout, proc.stdout  # (each rank had messages written across)
+
+
 @pytest.mark.timeout(120)
 def test_a_late_receive_and_sends_head_to_head():
     """A receive posted after the sender's grace, and both ranks sending
@@ -117,6 +126,31 @@ def test_a_receive_that_times_out_before_the_write_loses_nothing(tmp_path):
     m = re.search(r"OK ACROSS (\d+)", outs[1][0])
     assert m is not None and "SENT" in outs[0][0], outs
     assert int(m.group(1)) == 32 << 20, outs  # written into the offered memory, not sent over the socket
+
+
+@pytest.mark.timeout(60)
+def test_messages_given_back_by_two_failed_receives_keep_their_order(tmp_path):
+    """Two receives take A and B (their memory offered) and both time out
+    while the sender is frozen; thawed, it writes both: the next two
+    receives get A, then B."""
+    procs = spawn_world(2, tmp_path, [str(WORKERS / "cma_moments.py"), "two_stopped"],
+                        env={"AIOCOMM_BUFFER_BYTES": "4M"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = procs[0].stdout.readline()
+        assert "STOPPED" in line, line + procs[0].stderr.read()[-2000:]
+        seen = ""
+        while "WAITING" not in seen:
+            line = procs[1].stdout.readline()
+            assert line, seen + procs[1].stderr.read()[-3000:]
+            seen += line
+        assert "TIMEDOUT 2" in seen, seen
+        procs[0].send_signal(signal.SIGCONT)
+        outs = [p.communicate(timeout=30) for p in procs]
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+    assert f"GOT [1, 2] ACROSS {8 << 20}" in outs[1][0], outs
 
 
 @pytest.mark.timeout(60)

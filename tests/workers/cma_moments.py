@@ -25,6 +25,11 @@ cancel:      rank 0's async send of 4 MiB is cancelled (asyncio.wait_for) while
 shutdown:    like stopped, but after the timeout rank 1 shuts aiocomm down
              and fills new arrays of its own; the thawed sender must not
              write into them (the offered array outlives the engine).
+threads:     the blocking face from a new thread for each call, in turn (the
+             serialized rule): 4 messages of 8 MiB each way, written across.
+two_stopped: as stopped, with two 4 MiB messages A then B and two receives
+             that both time out: once rank 0 is thawed and writes both, the
+             next two receives get A, then B.
 stopped:     rank 0 SIGSTOPs itself once the RTS of a 32 MiB message is out;
              rank 1's receive, posted after that, offers its memory and
              times out; once the test thaws rank 0, it writes the message
@@ -284,3 +289,49 @@ elif mode == "shutdown":
         say("CHANGED", sum(int(np.count_nonzero(a)) for a in mine))
 
     asyncio.run(main())
+elif mode == "two_stopped":
+    # (run with AIOCOMM_BUFFER_BYTES=4M: neither message fits the credit, so
+    # both wait for their CTS and are written into the offered memory)
+    N = 4 * MiB
+
+    async def main() -> None:
+        mesh = world.engine.mesh
+        await aio.barrier()
+        if r == 0:
+            tasks = [asyncio.create_task(aio.send(np.full(N, k, np.uint8), 1, timeout=60)) for k in (1, 2)]
+            while len(mesh.connections.outgoing[1].outbox.announced) < 2:  # both RTS are written
+                await asyncio.sleep(0)
+            say("STOPPED")
+            os.kill(os.getpid(), signal.SIGSTOP)  # (the test thaws it)
+            await asyncio.gather(*tasks)
+            say("SENT")
+        else:
+            await asyncio.sleep(0.3)
+            outcomes = await asyncio.gather(*(aio.recv((N,), np.uint8, 0, timeout=1.0) for _ in range(2)),
+                                            return_exceptions=True)
+            say("TIMEDOUT", sum(isinstance(o, aiocomm.CommTimeoutError) for o in outcomes))
+            say("WAITING")
+            got = [int((await aio.recv((N,), np.uint8, 0, timeout=60))[0]) for _ in range(2)]
+            say("GOT", got, "ACROSS", mesh.bytes_written_across)
+        await aio.barrier(timeout=60)
+
+    asyncio.run(main())
+elif mode == "threads":
+    N = 8 * MiB
+    got: list[int] = []
+    aiocomm.barrier()
+
+    def call(fn) -> None:  # each call from a thread of its own, one at a time
+        t = threading.Thread(target=fn)
+        t.start()
+        t.join()
+
+    for i in range(4):
+        x = np.full(N, 10 * r + i, np.uint8)
+        if r == 0:
+            call(lambda x=x: aiocomm.send(x, 1, timeout=30))
+            call(lambda: got.append(int(aiocomm.recv((N,), np.uint8, 1, timeout=30)[-1])))
+        else:
+            call(lambda: got.append(int(aiocomm.recv((N,), np.uint8, 0, timeout=30)[-1])))
+            call(lambda x=x: aiocomm.send(x, 0, timeout=30))
+    say("GOT", got, "ACROSS", mesh.bytes_written_across)
