@@ -67,7 +67,6 @@ class DataOwner(Protocol):
         """Give back what :meth:`hold` took."""
 
 
-
 class StreamOwner(DataOwner, Protocol):
     """What a stream asks of whoever owns it: what its data needs, and the events of its life."""
 
@@ -409,10 +408,10 @@ class PeerStream(asyncio.BufferedProtocol):
         outbox = self.outbox
         assert outbox is not None
         if kind == Kind.CTS:
+            if meta and len(meta) != cma.OFFER.size:
+                raise ProtocolError(f"malformed CTS frame from rank {self.peer}")
             entry = outbox.cleared(header[3])
             if entry is not None:
-                if meta and len(meta) != cma.OFFER.size:
-                    raise ProtocolError(f"malformed CTS frame from rank {self.peer}")
                 self.send_payload(entry, meta)
         elif kind == Kind.CREDIT:
             outbox.credit += header[3]
