@@ -7,7 +7,8 @@ measurement for torch's gloo (under torchrun), OpenMPI (mpirun + mpi4py),
 MLX's ring backend (mlx.launch) and, for 2 ranks, the physical duplex
 reference; Open MPI twice: over loopback TCP (``openmpi``) and with its own
 choice on one host, shared memory (``openmpi-shm``); a peer that is not
-installed is skipped with a message.  Prints
+installed is skipped with a message (``--op sendrecv``: messages, beside
+Open MPI's ``Send``/``Recv`` only).  Prints
 one table with aiocomm's bus bandwidth as a ratio of each peer's; with
 ``--plot FILE.png`` also draws bus bandwidth and latency against message
 size, one line per library and rank count (matplotlib: ``pip install
