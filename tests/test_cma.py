@@ -100,13 +100,13 @@ def test_a_rank_killed_while_payloads_are_written(tmp_path, role):
         assert int(re.search(r"ACROSS (\d+)", out).group(1)) > 0, detail  # it was written across
 
 
-@pytest.mark.timeout(90)
-def test_a_receive_that_times_out_before_the_write_loses_nothing(tmp_path):
-    """Rank 1's receive offers its memory and times out while rank 0 is
-    SIGSTOPped; once thawed, rank 0 writes into that memory (kept alive for
-    it) and the message reaches rank 1's next receive intact."""
-    procs = spawn_world(2, tmp_path, [str(WORKERS / "cma_moments.py"), "stopped"],
-                        env={"AIOCOMM_BUFFER_BYTES": "8M"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def _thawed(tmp_path, mode: str, budget: str) -> tuple[str, list[tuple[str, str]], list[int]]:
+    """Run a cma_moments mode whose rank 0 SIGSTOPs itself (``STOPPED``)
+    while rank 1's receives time out: once rank 1 says ``WAITING``, thaw
+    rank 0 and let both finish.  Returns what rank 1 printed up to
+    ``WAITING``, each rank's (stdout, stderr), and their exit codes."""
+    procs = spawn_world(2, tmp_path, [str(WORKERS / "cma_moments.py"), mode],
+                        env={"AIOCOMM_BUFFER_BYTES": budget}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         line = procs[0].stdout.readline()
         assert "STOPPED" in line, line + procs[0].stderr.read()[-2000:]
@@ -115,14 +115,23 @@ def test_a_receive_that_times_out_before_the_write_loses_nothing(tmp_path):
             line = procs[1].stdout.readline()
             assert line, seen + procs[1].stderr.read()[-3000:]
             seen += line
-        assert "TIMEDOUT" in seen, seen
         procs[0].send_signal(signal.SIGCONT)
         outs = [p.communicate(timeout=60) for p in procs]
     finally:
         for p in procs:
             p.send_signal(signal.SIGCONT)
             p.kill()
-    assert procs[0].returncode == 0 and procs[1].returncode == 0, outs
+    return seen, outs, [p.returncode for p in procs]
+
+
+@pytest.mark.timeout(90)
+def test_a_receive_that_times_out_before_the_write_loses_nothing(tmp_path):
+    """Rank 1's receive offers its memory and times out while rank 0 is
+    SIGSTOPped; once thawed, rank 0 writes into that memory (kept alive for
+    it) and the message reaches rank 1's next receive intact."""
+    seen, outs, codes = _thawed(tmp_path, "stopped", "8M")
+    assert "TIMEDOUT" in seen, seen
+    assert codes == [0, 0], outs
     m = re.search(r"OK ACROSS (\d+)", outs[1][0])
     assert m is not None and "SENT" in outs[0][0], outs
     assert int(m.group(1)) == 32 << 20, outs  # written into the offered memory, not sent over the socket
@@ -133,23 +142,8 @@ def test_messages_given_back_by_two_failed_receives_keep_their_order(tmp_path):
     """Two receives take A and B (their memory offered) and both time out
     while the sender is frozen; thawed, it writes both: the next two
     receives get A, then B."""
-    procs = spawn_world(2, tmp_path, [str(WORKERS / "cma_moments.py"), "two_stopped"],
-                        env={"AIOCOMM_BUFFER_BYTES": "4M"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        line = procs[0].stdout.readline()
-        assert "STOPPED" in line, line + procs[0].stderr.read()[-2000:]
-        seen = ""
-        while "WAITING" not in seen:
-            line = procs[1].stdout.readline()
-            assert line, seen + procs[1].stderr.read()[-3000:]
-            seen += line
-        assert "TIMEDOUT 2" in seen, seen
-        procs[0].send_signal(signal.SIGCONT)
-        outs = [p.communicate(timeout=30) for p in procs]
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGCONT)
-            p.kill()
+    seen, outs, _ = _thawed(tmp_path, "two_stopped", "4M")
+    assert "TIMEDOUT 2" in seen, seen
     assert f"GOT [1, 2] ACROSS {8 << 20}" in outs[1][0], outs
 
 
@@ -169,23 +163,8 @@ def test_memory_offered_before_a_shutdown_is_never_reused(tmp_path):
     """Rank 1's receive offers its memory and times out while rank 0 is
     frozen; rank 1 shuts aiocomm down and fills new arrays.  Rank 0, thawed,
     may still write into the offered memory: it must not be theirs."""
-    procs = spawn_world(2, tmp_path, [str(WORKERS / "cma_moments.py"), "shutdown"],
-                        env={"AIOCOMM_BUFFER_BYTES": "8M"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        line = procs[0].stdout.readline()
-        assert "STOPPED" in line, line + procs[0].stderr.read()[-2000:]
-        seen = ""
-        while "WAITING" not in seen:
-            line = procs[1].stdout.readline()
-            assert line, seen + procs[1].stderr.read()[-3000:]
-            seen += line
-        assert "TIMEDOUT" in seen and "KEPT True" in seen, seen  # (kept for the life of the process)
-        procs[0].send_signal(signal.SIGCONT)
-        outs = [p.communicate(timeout=30) for p in procs]
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGCONT)
-            p.kill()
+    seen, outs, _ = _thawed(tmp_path, "shutdown", "8M")
+    assert "TIMEDOUT" in seen and "KEPT True" in seen, seen  # (kept for the life of the process)
     assert "CHANGED 0" in outs[1][0], outs
 
 
