@@ -44,6 +44,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
@@ -69,6 +70,15 @@ def message(src: int, dst: int, i: int, nbytes: int, dtype: str) -> np.ndarray:
     if dtype == "bool":
         return (base % 3 == 0)
     return base.astype(dtype)
+
+
+async def freeze_once_announced(mesh: Any, count: int) -> None:
+    """Once ``count`` messages to rank 1 are announced (their RTS written),
+    SIGSTOP this process: before its loop reads any CTS (the test thaws it)."""
+    while len(mesh.connections.outgoing[1].outbox.announced) < count:
+        await asyncio.sleep(0)
+    say("STOPPED")
+    os.kill(os.getpid(), signal.SIGSTOP)
 
 
 SIZES = [cma.CMA_FROM - 4, cma.CMA_FROM, cma.CMA_FROM + 3 * MiB + 12, 9 * MiB]  # around the threshold
@@ -202,10 +212,7 @@ elif mode == "stopped":
     if r == 0:
         async def send() -> None:
             task = asyncio.create_task(aio.send(x, 1, timeout=60))
-            while not mesh.connections.outgoing[1].outbox.announced:  # its RTS is written
-                await asyncio.sleep(0)
-            say("STOPPED")
-            os.kill(os.getpid(), signal.SIGSTOP)  # (before this loop reads the CTS; the test thaws it)
+            await freeze_once_announced(mesh, 1)
             await task
 
         asyncio.run(send())
@@ -257,10 +264,7 @@ elif mode == "shutdown":
         if r == 0:
             x = np.full(N, 0xAB, np.uint8)
             task = asyncio.create_task(aio.send(x, 1, timeout=30))
-            while not mesh.connections.outgoing[1].outbox.announced:
-                await asyncio.sleep(0)
-            say("STOPPED")
-            os.kill(os.getpid(), signal.SIGSTOP)
+            await freeze_once_announced(mesh, 1)
             try:
                 await task
             except aiocomm.CommError as exc:
@@ -299,10 +303,7 @@ elif mode == "two_stopped":
         await aio.barrier()
         if r == 0:
             tasks = [asyncio.create_task(aio.send(np.full(N, k, np.uint8), 1, timeout=60)) for k in (1, 2)]
-            while len(mesh.connections.outgoing[1].outbox.announced) < 2:  # both RTS are written
-                await asyncio.sleep(0)
-            say("STOPPED")
-            os.kill(os.getpid(), signal.SIGSTOP)  # (the test thaws it)
+            await freeze_once_announced(mesh, 2)
             await asyncio.gather(*tasks)
             say("SENT")
         else:
