@@ -8,8 +8,9 @@ message written into a receive, :mod:`aiocomm.transport.cma`).  Programs
 call the same collectives and receive the same messages on the same sizes
 step after step and drop each result soon, so the memory of an array made
 here goes back to a pool when the last array on it is gone, and the next
-array of that size is made on it.  Used for the MPI backend's results and
-the ring backend's receives.
+array of that size is made on it.  Used for the MPI backend's results, and
+on the ring backend for receives and shared-memory results from
+:data:`MALLOC_REUSES_BELOW` on.
 
 The pool keeps at most :data:`POOL_BYTES` (the oldest go first), and only
 blocks of :data:`POOL_FROM` bytes or more (smaller ones the C allocator
