@@ -26,6 +26,7 @@ LAYERS = {
     "waits": 0,  # every wait, its deadline, who can end it
     "contexts": 0,  # groups on the wire, and aborting them
     "cma": 0,  # writing into another process's memory on this host
+    "inbox": 0,  # small messages from peers on this host, through shared memory
     "flow": 1,  # credit and announced messages (waits)
     "matching": 1,  # pairing frames with receives (waits)
     "stream": 2,  # one connection (flow, waits)

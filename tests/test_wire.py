@@ -127,8 +127,8 @@ def test_handshake_macs():
         wire.check_hello(hello, token, nonce, my_rank=2, size=5)
     with pytest.raises(ProtocolError, match="wanted rank 2"):
         wire.check_hello(hello, token, nonce, my_rank=3, size=4)
-    welcome = wire.welcome_fields(token, b"m" * 16, rank=2, peer=1, window=5, place=(-3, 99))
-    assert wire.check_welcome(welcome, token, b"m" * 16, my_rank=1, expected=2) == (5, (-3, 99))
+    welcome = wire.welcome_fields(token, b"m" * 16, rank=2, peer=1, window=5, place=(-3, 99), inbox=(7, 8))
+    assert wire.check_welcome(welcome, token, b"m" * 16, my_rank=1, expected=2) == (5, (-3, 99), (7, 8))
     with pytest.raises(AuthenticationError):
         wire.check_welcome(welcome, b"x", b"m" * 16, my_rank=1, expected=2)
     # the place is proven too: a pid changed on the way would direct writes into another process
@@ -136,4 +136,9 @@ def test_handshake_macs():
         wire.check_welcome({**welcome, "pid": 100}, token, b"m" * 16, my_rank=1, expected=2)
     with pytest.raises(ProtocolError, match="malformed place"):
         wire.check_welcome({**welcome, "pid": -1}, token, b"m" * 16, my_rank=1, expected=2)
+    # and so is the inbox: another descriptor would direct small messages into another file
+    with pytest.raises(AuthenticationError):
+        wire.check_welcome({**welcome, "inbox": 9}, token, b"m" * 16, my_rank=1, expected=2)
+    with pytest.raises(ProtocolError, match="malformed inbox"):
+        wire.check_welcome({**welcome, "bell": "x"}, token, b"m" * 16, my_rank=1, expected=2)
     assert b"secret" not in msgpack.packb(hello)

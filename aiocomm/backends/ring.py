@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import hashlib
 import os
 import threading
@@ -30,7 +31,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .. import collectives, config, exchanges, failure_report, rooted, shm
+from .. import collectives, config, exchanges, failure_report, portal, rooted, shm
 from ..errors import CommError
 from ..transport import Mesh, Op, Wait
 from ..wire import Kind, Signature, signature
@@ -41,6 +42,9 @@ _COLL = Kind.COLL
 #: Seconds a failed collective waits for its unsent frames to leave before
 #: it closes their connections instead (see RingBackend._settle_writes).
 SETTLE_SECONDS = 1.0
+#: Seconds a blocking ``recv`` spins for a small message from a peer on this
+#: host (in this rank's inbox) before it waits on the loop instead.
+SPIN_SECONDS = 0.0005
 _BYTE = np.dtype(np.uint8)
 T = TypeVar("T")
 _OP_NAMES = {"sum": "all_sum", "max": "all_max", "min": "all_min"}
@@ -346,7 +350,13 @@ class RingBackend:
 
     def in_caller(self, group: GroupState, name: str) -> Callable[..., Any] | None:
         """The blocking face's way to run engine operation ``name`` in the
-        caller's thread (a group decided for shared memory), or None."""
+        caller's thread (a group decided for shared memory; a message that
+        may go through a peer's inbox), or None."""
+        if self.mesh.inbox is not None:
+            if name == "send":
+                return functools.partial(self._send_here, group)
+            if name == "recv":
+                return functools.partial(self._recv_here, group)
         state = group.handle
         if state is None:
             return None
@@ -507,6 +517,31 @@ class RingBackend:
             if isinstance(exc, CommError):
                 failure_report.record(self.rank, exc)
             raise
+
+    def _send_here(self, group: GroupState, x: np.ndarray, dst: int, timeout: float) -> None:
+        """A blocking ``send``: through the peer's inbox from this thread if
+        it can go that way now (see :meth:`Mesh.send_small`), else on the loop."""
+        mesh = self.mesh
+        if not mesh.send_small(group.members[dst], group.context, signature("send", x.dtype, x.shape), x):
+            portal.run(mesh.loop, self.send(group, x, dst, timeout), "send")
+
+    def _recv_here(self, group: GroupState, shape: tuple[int, ...], dtype: np.dtype, src: int,
+                   timeout: float) -> np.ndarray:
+        """A blocking ``recv``: taken out of this rank's inbox in this thread
+        if it comes that way within :data:`SPIN_SECONDS` (see
+        :meth:`Mesh.take_small`), else on the loop."""
+        mesh = self.mesh
+        start = time.monotonic()
+        try:
+            got = mesh.take_small(group.members[src], group.context, signature("send", dtype, shape), shape, dtype,
+                                  start + min(SPIN_SECONDS, timeout))
+        except CommError as exc:
+            failure_report.record(self.rank, exc)
+            raise
+        if got is not None:
+            return got
+        left = max(timeout - (time.monotonic() - start), 0.0)
+        return portal.run(mesh.loop, self.recv(group, shape, dtype, src, left), "recv")
 
     async def recv(
         self, group: GroupState, shape: tuple[int, ...], dtype: np.dtype, src: int, timeout: float

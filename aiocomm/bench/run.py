@@ -203,6 +203,7 @@ async def bench(args: argparse.Namespace) -> None:
             ok &= case.check(await case.run(blocking))  # the output is freed at once
         sent0 = mesh.bytes_sent if mesh is not None else 0
         across0 = mesh.bytes_written_across if mesh is not None else 0
+        inbox0 = mesh.through_inbox if mesh is not None else 0
         times = np.empty(iters)
         for i in range(iters):
             result = None  # free the last output first: RSS should show one op's memory
@@ -230,8 +231,10 @@ async def bench(args: argparse.Namespace) -> None:
             "requested_bytes": nbytes,
             "dtype": dtype.name,
             "face": args.face,
-            # (messages: 'shm' when peers wrote payloads straight into this rank's memory, transport/cma.py)
-            "transport": (("shm" if mesh is not None and mesh.bytes_written_across > across0 else "tcp")
+            # (messages: 'shm' when peers wrote payloads straight into this rank's memory, transport/cma.py,
+            # or they came through its inbox, transport/inbox.py)
+            "transport": (("shm" if mesh is not None and (mesh.bytes_written_across > across0
+                                                          or mesh.through_inbox > inbox0) else "tcp")
                           if args.op == "sendrecv" and _transport(world) in ("shm", "tcp") else _transport(world)),
             "average": args.average,
             "median_us": med * 1e6,

@@ -98,6 +98,7 @@ class Connections:
         self.route: Callable[[int, Header, bytes], Sink] = owner.route
         self.hold: Callable[[int], bool] = owner.hold
         self.place = owner.place
+        self.inbox_fds = owner.inbox_fds
         self.release: Callable[[int], None] = owner.release
         self.outgoing: dict[int, PeerStream] = {}
         self.inbound: dict[int, PeerStream] = {}
@@ -134,7 +135,7 @@ class Connections:
 
     def _acceptor(self) -> PeerStream:
         return PeerStream(self, AcceptorHandshake(self.spec.token, self.rank, self.size, self.owner.window,
-                                                    self.place))
+                                                    self.place, self.inbox_fds))
 
     def accepted(self, stream: PeerStream) -> None:
         """A connection came in: it has ``HANDSHAKE_TIMEOUT`` to prove itself."""

@@ -31,6 +31,7 @@ back on the sender's own connection.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -85,22 +86,31 @@ class Announcement(Wait):
 
 
 class SendWindow:
-    """The sender's side of one connection: credit left and announced messages."""
+    """The sender's side of one connection: credit left and announced messages.
+    Credit is also taken by small messages sent through shared memory from
+    the caller's thread (:mod:`.inbox`): it changes under a lock."""
 
-    __slots__ = ("credit", "eager_max", "announced", "_next_id")
+    __slots__ = ("credit", "eager_max", "announced", "_next_id", "_lock")
 
     def __init__(self, window: int) -> None:
         self.credit = window
         self.eager_max = window // 2
         self.announced: dict[int, Announcement] = {}
         self._next_id = 0
+        self._lock = threading.Lock()
 
     def take_eager(self, nbytes: int) -> bool:
         """Whether ``nbytes`` may go eagerly now (and take them from the credit)."""
-        if nbytes <= self.eager_max and nbytes <= self.credit:
-            self.credit -= nbytes
-            return True
-        return False
+        with self._lock:
+            if nbytes <= self.eager_max and nbytes <= self.credit:
+                self.credit -= nbytes
+                return True
+            return False
+
+    def give(self, nbytes: int) -> None:
+        """Credit back (the receiver's ``CREDIT``, or a take that was not used)."""
+        with self._lock:
+            self.credit += nbytes
 
     def announce(self, waits: WaitSet, peer: int, op: Op, data: np.ndarray) -> Announcement:
         rid = self._next_id
@@ -118,23 +128,26 @@ class SendWindow:
 
 
 class ReceiveBudget:
-    """The receiver's side: eager bytes owed back to each sender."""
+    """The receiver's side: eager bytes owed back to each sender (from the
+    loop, or from a caller's thread that took a message out of the inbox)."""
 
-    __slots__ = ("window", "threshold", "owed")
+    __slots__ = ("window", "threshold", "owed", "_lock")
 
     def __init__(self, window: int, size: int) -> None:
         self.window = window
         self.threshold = max(window // 4, 1)
         self.owed = [0] * size
+        self._lock = threading.Lock()
 
     def consumed(self, src: int, nbytes: int) -> int:
         """Note ``nbytes`` freed; returns how much credit to send back now (0: not yet)."""
-        owed = self.owed[src] + nbytes
-        if owed >= self.threshold:
-            self.owed[src] = 0
-            return owed
-        self.owed[src] = owed
-        return 0
+        with self._lock:
+            owed = self.owed[src] + nbytes
+            if owed >= self.threshold:
+                self.owed[src] = 0
+                return owed
+            self.owed[src] = owed
+            return 0
 
 
 def describe_bytes(n: int) -> str:

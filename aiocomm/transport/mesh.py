@@ -8,6 +8,7 @@ part                   job
 ``matching``           pairing frames with posted receives (no sockets)
 ``flow``               the budget for unexpected data: credit, RTS/CTS
 ``cma``                large payloads written into a receive's memory on this host
+``inbox``              small messages from peers on this host, through shared memory
 ``waits``              every wait, its deadline, who can end it; polling
 ``contexts``           groups on the wire, and aborting them
 =====================  ===============================================
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -39,11 +41,11 @@ from .. import results, wire
 from ..config import WorldSpec, buffer_budget, poll_seconds, transport
 from ..errors import CommError, OutOfMemoryError, PeerLostError, ProtocolError
 from ..wire import Header, Kind, Signature, Sink
-from . import cma
+from . import cma, inbox
 from .connections import Connections
 from .contexts import Contexts, abort_error, abort_fields
 from .flow import ReceiveBudget, describe_bytes, window_for
-from .matching import Matcher
+from .matching import Matcher, byte_view
 from .stream import PeerStream
 from .waits import Op, Wait, WaitSet
 
@@ -52,6 +54,9 @@ log = logging.getLogger("aiocomm")
 _encode_head = wire.encode_frame_head
 _DATA_KINDS = wire.DATA_KINDS
 _RTS_TRAILER = wire.RTS_TRAILER
+_HEADER_SIZE = wire.HEADER_SIZE
+_P2P = int(Kind.P2P)
+_SMALL = inbox.SMALL
 #: Arrays offered to senders that may still write into them after this rank
 #: stopped waiting (the sender was lost, or this mesh closed): kept for the
 #: life of the process (a few, at most the receives pending at that moment).
@@ -77,6 +82,18 @@ class Mesh:
         self.broken = self.contexts.broken
         # (host id, pid), for peers on this host to write large payloads into (cma); (0, 0): no
         self.place = (cma.host_id(), os.getpid()) if transport() != "tcp" and cma.available() is None else (0, 0)
+        # Small messages from peers on this host come through shared memory (inbox).
+        self.inbox: inbox.Inbox | None = None
+        if self.place[1] and self.size > 1 and inbox.available() is None:
+            try:
+                self.inbox = inbox.Inbox(self.size)
+            except OSError as exc:
+                log.info("rank %d: no inbox for small messages from this host (%s): they come over TCP",
+                         self.rank, exc)
+        self.inbox_fds = (self.inbox.fd, self.inbox.bell) if self.inbox is not None else (-1, -1)
+        #: Bytes of the frames routed from each peer's connection (see inbox: a record's mark)
+        self.routed = [0] * self.size
+        self._waiting: set[int] = set()  # peers whose ring the loop waits on (a receive is posted)
         self.connections = Connections(self)
         self.lost = self.connections.lost
         self.budget = ReceiveBudget(self.window, self.size)
@@ -96,6 +113,8 @@ class Mesh:
 
     async def start(self, connect_timeout: float) -> None:
         """Listen, form the ring, and make sure every rank is up."""
+        if self.inbox is not None:
+            self.loop.add_reader(self.inbox.bell, self._rung)
         await self.connections.listen()
         if self.size == 1:
             return
@@ -129,6 +148,9 @@ class Mesh:
         self.waits.fail_all(CommError(f"rank {self.rank}: aiocomm was shut down while this operation waited"))
         self.waits.close()
         await self.connections.close()
+        if self.inbox is not None:
+            self.loop.remove_reader(self.inbox.bell)
+            self.inbox.close()
         await asyncio.sleep(0)
 
     def _send_held(self) -> None:
@@ -143,8 +165,13 @@ class Mesh:
                 if entry.on_end is not None:  # a detached (held) send
                     stream.send_payload(outbox.cleared(rid) or entry)
 
+    @property
+    def through_inbox(self) -> int:
+        """Messages that came to this rank through its inbox (shared memory) so far."""
+        return self.inbox.taken() if self.inbox is not None else 0
+
     def fds(self) -> list[int]:
-        return self.connections.fds()
+        return self.connections.fds() + (self.inbox.fds() if self.inbox is not None else [])
 
     # ---- the engine's calls
 
@@ -194,12 +221,32 @@ class Mesh:
         """Post a receive from ``src``; the future gives the filled array."""
         if context in self.broken:
             raise self.broken[context]
+        if kind == _P2P and self.inbox is not None:
+            # (wait on the peer's ring from now on, then take what is there: in this order, see inbox)
+            ring = self.inbox.ring(src)
+            if src not in self._waiting:
+                self._waiting.add(src)
+                ring.waiting(True)
+            self._drain(src, ring, self.routed[src])
         return self.matcher.post(src, kind, context, tag, sig, out, op)
 
     # ---- arriving frames (called by the acceptor side of each stream)
 
     def route(self, src: int, header: Header, meta: bytes) -> Sink:
-        kind, flags, context, tag, payload_len, _ = header
+        kind, flags, context, tag, payload_len, meta_len = header
+        at = self.routed[src]
+        end = self.routed[src] = at + _HEADER_SIZE + meta_len + payload_len
+        if self.inbox is not None:
+            ring = self.inbox.ring(src)
+            if not ring.empty():
+                self._drain(src, ring, at)  # the small messages sent before this frame go first
+                sink = self._route(src, kind, flags, context, tag, payload_len, meta)
+                self._drain(src, ring, end)  # and those waiting for it after it
+                return sink
+        return self._route(src, kind, flags, context, tag, payload_len, meta)
+
+    def _route(self, src: int, kind: int, flags: int, context: int, tag: int, payload_len: int,
+               meta: bytes) -> Sink:
         if kind in _DATA_KINDS:
             if context in self.broken:
                 self.credit(src, payload_len)
@@ -229,7 +276,113 @@ class Mesh:
         if kind == Kind.ABORT:
             self._abort_received(src, context, wire.decode_meta(meta))
             return Sink(None)
-        raise ProtocolError(f"unexpected {kind.name} frame from rank {src} after the handshake")
+        raise ProtocolError(f"unexpected {Kind(kind).name} frame from rank {src} after the handshake")
+
+    # ---- small messages through the inbox (see inbox)
+
+    def _drain(self, src: int, ring: inbox.Ring, upto: int) -> None:
+        """Route the records of ``src``'s ring whose marks are at most
+        ``upto`` bytes of its connection, as frames from the socket are."""
+        with ring.lock:
+            while True:
+                record = ring.peek()
+                if record is None:
+                    return
+                mark, context, meta, at, nbytes, after = record
+                if mark > upto:
+                    return
+                if context in self.broken:
+                    ring.advance(after)
+                    self.credit(src, nbytes)
+                    continue
+                sink = self.matcher.arrive(src, _P2P, context, 0, meta, nbytes)
+                view = sink.view
+                if view is not None and nbytes:
+                    view[:] = ring.payload(at, nbytes)
+                ring.advance(after)
+                sink.done()
+
+    def _rung(self) -> None:
+        """The bell: a peer wrote into a ring this loop waits on."""
+        assert self.inbox is not None
+        self.inbox.quiet()
+        for src in list(self._waiting):
+            ring = self.inbox.ring(src)
+            if not self.matcher.boxes[src].posted:  # (nothing waits for it here now)
+                self._waiting.discard(src)
+                ring.waiting(False)
+            self._drain(src, ring, self.routed[src])
+
+    def send_small(self, dst: int, context: int, sig: Signature, data: np.ndarray) -> bool:
+        """Send a message of at most ``inbox.SMALL`` bytes through ``dst``'s
+        inbox, from any thread, if it can go that way now (an open connection
+        to a peer on this host with room in its ring and credit).  Whether it
+        went; if not, nothing happened."""
+        stream = self.connections.outgoing.get(dst)
+        if stream is None:
+            return False
+        outlet = stream.outlet
+        nbytes = data.nbytes
+        if outlet is None or nbytes > _SMALL or context in self.broken or not data.flags.c_contiguous:
+            return False
+        outbox = stream.outbox
+        assert outbox is not None
+        payload = byte_view(data)
+        with outlet.lock:
+            if stream.closing or not outbox.take_eager(nbytes):
+                return False
+            if not outlet.put(stream.bytes_out, context, sig.encoded, payload):
+                outbox.give(nbytes)
+                return False
+            outlet.ring_if_waiting()
+        self.bytes_sent += nbytes
+        return True
+
+    def take_small(self, src: int, context: int, sig: Signature, shape: tuple[int, ...], dtype: np.dtype,
+                   until: float) -> np.ndarray | None:
+        """A message from ``src`` of ``context`` taken straight out of its
+        ring, from any thread (spinning until the monotonic time ``until``),
+        if it is next in order and nothing here waits before it; else None
+        (nothing was taken: the loop's way then).  A message of another
+        signature raises ``MismatchError`` and stays."""
+        box = self.matcher.boxes[src]
+        key = (_P2P, context, 0)
+        assert self.inbox is not None
+        ring = self.inbox.ring(src)
+        if not ring.used():
+            return None  # (a peer on another host, or one that never sent this way: no spinning for it)
+        routed = self.routed
+        while True:
+            if box.posted.get(key) or box.arrived.get(key) or box.owed or context in self.broken:
+                return None  # (the loop's matching has something before it)
+            if not ring.empty():
+                with ring.lock:
+                    record = ring.peek()
+                    if record is None:
+                        continue
+                    mark, got, meta, at, nbytes, after = record
+                    if got != context or mark > routed[src] or box.arrived.get(key) or box.posted.get(key):
+                        return None
+                    if meta != sig.encoded:
+                        wire.check_signature(sig, meta, me=self.rank, peer=src)  # MismatchError: it stays
+                    out = np.empty(shape, dtype)
+                    if out.nbytes != nbytes:
+                        raise ProtocolError(f"rank {src} sent {nbytes} bytes for {sig.describe()}")
+                    if nbytes:
+                        byte_view(out)[:] = ring.payload(at, nbytes)
+                    ring.advance(after)
+                back = self.budget.consumed(src, nbytes)
+                if back:
+                    self.loop.call_soon_threadsafe(self._credit_back, src, back)
+                return out
+            if src in self.lost or time.monotonic() >= until:
+                return None
+            os.sched_yield()  # (lets the GIL go: this rank's loop may need it)
+
+    def _credit_back(self, src: int, nbytes: int) -> None:
+        stream = self.connections.inbound.get(src)
+        if stream is not None and not stream.closing:
+            stream.send_frame(_encode_head(Kind.CREDIT, 0, nbytes, _EMPTY, 0))
 
     # ---- what matching asks of the transport (matching.MatchEvents)
 
@@ -268,6 +421,8 @@ class Mesh:
     def peer_lost(self, peer: int, err: PeerLostError) -> None:
         for key in [k for k in self.offered if k[0] == peer]:
             _KEPT.append(self.offered.pop(key))  # (a live process may be halfway through writing it)
+        if self.inbox is not None:  # what it sent before it went is delivered, as from its socket
+            self._drain(peer, self.inbox.ring(peer), self.routed[peer])
         self.waits.fail_peer(peer, err)
         self.matcher.drop_peer(peer)
 

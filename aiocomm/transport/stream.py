@@ -34,6 +34,7 @@ from ..errors import CommError, PeerLostError, ProtocolError
 from ..wire import AcceptorHandshake, DialerHandshake, Header, Kind, Signature, Sink
 from . import cma
 from .flow import Announcement, SendWindow
+from .inbox import Outlet
 from .waits import NO_CONTEXT, Op, Wait, WaitSet
 
 log = logging.getLogger("aiocomm")
@@ -56,6 +57,9 @@ class DataOwner(Protocol):
     #: (host id, pid) of this rank, for payloads written straight into its
     #: memory by peers on this host (see :mod:`.cma`); (0, 0): not taken that way
     place: tuple[int, int]
+    #: this rank's inbox and bell descriptors, for small messages from peers
+    #: on this host (see :mod:`.inbox`); (-1, -1): none
+    inbox_fds: tuple[int, int]
 
     def route(self, src: int, header: Header, meta: bytes) -> Sink:
         """Where a frame from ``src`` goes, on a connection ``src`` dialled."""
@@ -114,6 +118,12 @@ class PeerStream(asyncio.BufferedProtocol):
         #: memory (:mod:`.cma`): the acceptor is on this host and takes them.
         self.writes_across = False
         self.peer_place = (0, 0)  # the acceptor's (host id, pid), from its WELCOME
+        #: The dialer's ring in the acceptor's inbox (:mod:`.inbox`): small
+        #: messages to a peer on this host, written from any thread.
+        self.outlet: Outlet | None = None
+        #: Bytes of the frames queued on this connection since its handshake
+        #: (a ring record's place among them: see :mod:`.inbox`).
+        self.bytes_out = 0
 
     # ---- asyncio.BufferedProtocol
 
@@ -141,6 +151,10 @@ class PeerStream(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = self.closing = True
+        outlet, self.outlet = self.outlet, None
+        if outlet is not None:
+            with outlet.lock:  # (a sender in another thread holds it while it rings the bell)
+                outlet.close()
         if not self.ended.done():
             self.ended.set_result(None)
         error = self.lost_error(self.lost_reason or exc)
@@ -178,8 +192,10 @@ class PeerStream(asyncio.BufferedProtocol):
         if self.closing:
             raise self.lost_error(self.lost_reason)
         if payload is None:
+            self.bytes_out += len(head)  # (counted before it is queued: a ring record's mark is never short)
             self.transport.write(head)  # type: ignore[union-attr]
         else:
+            self.bytes_out += len(head) + payload.nbytes
             self.transport.writelines((head, payload))  # type: ignore[union-attr]  # one writev; the array itself, no copy
 
     def send_data(self, kind: Kind, context: int, tag: int, sig: Signature, data: np.ndarray, op: Op,
@@ -394,6 +410,12 @@ class PeerStream(asyncio.BufferedProtocol):
                 place = self.peer_place = hs.place
                 mine = self.owner.place
                 self.writes_across = mine[1] != 0 and place[1] != 0 and place[0] == mine[0]
+                if self.writes_across and hs.inbox[0] >= 0:
+                    try:
+                        self.outlet = Outlet(place[1], hs.inbox[0], hs.inbox[1], self.owner.rank)
+                    except OSError as exc:
+                        log.info("rank %d: no shared-memory ring to rank %d (%s): its small messages go over TCP",
+                                 self.owner.rank, hs.peer, exc)
                 self.reader.set_route(self._route_back)
             else:
                 self.reader.set_route(functools.partial(self.owner.route, hs.peer))
@@ -414,7 +436,7 @@ class PeerStream(asyncio.BufferedProtocol):
             if entry is not None:
                 self.send_payload(entry, meta)
         elif kind == Kind.CREDIT:
-            outbox.credit += header[3]
+            outbox.give(header[3])
         else:
             raise ProtocolError(f"unexpected {kind.name} frame from rank {self.peer} on a connection it accepted")
         return Sink(None)

@@ -9,7 +9,7 @@ job's token and agree on who they are::
 
     acceptor -> dialer    CHALLENGE {nonce}
     dialer   -> acceptor  HELLO     {rank, size, to, nonce, mac}
-    acceptor -> dialer    WELCOME   {rank, window, host, pid, mac}   or REJECT {reason}
+    acceptor -> dialer    WELCOME   {rank, window, host, pid, inbox, bell, mac}   or REJECT {reason}
 
 A REJECT is sent for one failure only: a HELLO that got the group's layout
 right (size, ranks) but whose ``mac`` is wrong.  Its reason is the fixed
@@ -26,7 +26,9 @@ and the fields, so each side proves it knows the token without sending it.
 messages that no receive has asked for yet (see :mod:`aiocomm.transport.flow`);
 ``host`` and ``pid`` say where the acceptor runs, for a dialer on the same
 host to write large payloads straight into its memory (0 and 0: it does not
-take them that way; see :mod:`aiocomm.transport.cma`).
+take them that way; see :mod:`aiocomm.transport.cma`); ``inbox`` and ``bell``
+are the acceptor's descriptors of its inbox for small messages from a dialer
+on the same host (-1 and -1: none; see :mod:`aiocomm.transport.inbox`).
 
 :class:`AcceptorHandshake` and :class:`DialerHandshake` take each frame's
 header and raw meta (:meth:`receive`) and return the bytes to write back.  A
@@ -110,17 +112,18 @@ def check_hello(
 
 
 def welcome_fields(token: bytes, peer_nonce: bytes, rank: int, peer: int, window: int = 0,
-                   place: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+                   place: tuple[int, int] = (0, 0), inbox: tuple[int, int] = (-1, -1)) -> dict[str, Any]:
     host, pid = place
-    return {"rank": rank, "window": window, "host": host, "pid": pid,
-            "mac": _mac(token, b"welcome", peer_nonce, rank, peer, window, host, pid)}
+    fd, bell = inbox
+    return {"rank": rank, "window": window, "host": host, "pid": pid, "inbox": fd, "bell": bell,
+            "mac": _mac(token, b"welcome", peer_nonce, rank, peer, window, host, pid, fd, bell)}
 
 
 def check_welcome(meta: Any, token: bytes, my_nonce: bytes, *, my_rank: int,
-                  expected: int) -> tuple[int, tuple[int, int]]:
-    """Validate a WELCOME on the dialing side; returns the acceptor's window
-    and place (host id, pid)."""
-    m = require_map(meta, Kind.WELCOME, ("rank", "window", "host", "pid", "mac"))
+                  expected: int) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """Validate a WELCOME on the dialing side; returns the acceptor's window,
+    place (host id, pid) and inbox (descriptors of its inbox and bell)."""
+    m = require_map(meta, Kind.WELCOME, ("rank", "window", "host", "pid", "inbox", "bell", "mac"))
     if m["rank"] != expected:
         raise ProtocolError(f"rank {my_rank} connected to rank {m['rank']!r} but expected rank {expected}")
     window, host, pid = m["window"], m["host"], m["pid"]
@@ -129,11 +132,14 @@ def check_welcome(meta: Any, token: bytes, my_nonce: bytes, *, my_rank: int,
     if not isinstance(host, int) or not isinstance(pid, int) or not -(1 << 63) <= host < 1 << 63 \
             or not 0 <= pid < 1 << 63:
         raise ProtocolError(f"rank {expected} sent a malformed place {host!r}, {pid!r}")
+    fd, bell = m["inbox"], m["bell"]
+    if not isinstance(fd, int) or not isinstance(bell, int) or not -1 <= fd < 1 << 31 or not -1 <= bell < 1 << 31:
+        raise ProtocolError(f"rank {expected} sent a malformed inbox {fd!r}, {bell!r}")
     if not isinstance(m["mac"], bytes) or not hmac.compare_digest(
-        m["mac"], _mac(token, b"welcome", my_nonce, expected, my_rank, window, host, pid)
+        m["mac"], _mac(token, b"welcome", my_nonce, expected, my_rank, window, host, pid, fd, bell)
     ):
         raise AuthenticationError(f"rank {expected} failed authentication (AIOCOMM_TOKEN differs: another job?)")
-    return window, (host, pid)
+    return window, (host, pid), (fd, bell)
 
 
 class Handshake:
@@ -171,10 +177,12 @@ class Handshake:
 class AcceptorHandshake(Handshake):
     """The accepting side: challenge, then check the HELLO and welcome."""
 
-    def __init__(self, token: bytes, rank: int, size: int, window: int, place: tuple[int, int] = (0, 0)) -> None:
+    def __init__(self, token: bytes, rank: int, size: int, window: int, place: tuple[int, int] = (0, 0),
+                 inbox: tuple[int, int] = (-1, -1)) -> None:
         super().__init__(token, rank, size)
         self.window = window
         self.place = place  # (host id, pid) offered to dialers on this host; (0, 0): none
+        self.inbox = inbox  # (inbox, bell) descriptors offered to dialers on this host; (-1, -1): none
 
     def start(self) -> bytes:
         return control_frame(Kind.CHALLENGE, {"nonce": self.nonce})
@@ -192,7 +200,7 @@ class AcceptorHandshake(Handshake):
         self.peer = peer
         self.done = True
         return control_frame(Kind.WELCOME, welcome_fields(self.token, peer_nonce, self.rank, peer, self.window,
-                                                                 self.place))
+                                                                 self.place, self.inbox))
 
 
 class DialerHandshake(Handshake):
@@ -203,6 +211,7 @@ class DialerHandshake(Handshake):
         self.to = to
         self.window = 0  # the acceptor's, once done
         self.place = (0, 0)  # the acceptor's (host id, pid), once done
+        self.inbox = (-1, -1)  # the acceptor's inbox and bell descriptors, once done
         self.challenged = False
 
     def _receive(self, kind: Kind, meta: Any) -> bytes:
@@ -215,7 +224,7 @@ class DialerHandshake(Handshake):
                 Kind.HELLO, hello_fields(self.token, fields["nonce"], self.rank, self.size, self.to, self.nonce)
             )
         if kind == Kind.WELCOME and self.challenged:
-            self.window, self.place = check_welcome(meta, self.token, self.nonce, my_rank=self.rank,
+            self.window, self.place, self.inbox = check_welcome(meta, self.token, self.nonce, my_rank=self.rank,
                                                     expected=self.to)
             self.peer = self.to
             self.done = True

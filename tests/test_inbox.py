@@ -1,0 +1,197 @@
+"""Small point-to-point messages between ranks of one host go through the
+receiver's inbox (aiocomm/transport/inbox.py: shared memory, no socket, and
+on the blocking face no hand-off to the loop): the TCP path's promises at
+the same moments, with real processes (tests/workers/inbox_moments.py).
+The runtime, fault and thread suites' small messages go this way too,
+since their ranks share a host."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from aiocomm.transport import inbox
+
+from .conftest import WORKERS, assert_ok, launch, spawn_world
+
+
+def _inbox_counts(stdout: str) -> dict[int, int]:
+    return {int(m.group(1)): int(m.group(2)) for m in re.finditer(r"\[rank (\d+)\] .*INBOX (\d+)", stdout)}
+
+
+@pytest.mark.timeout(120)
+def test_every_pair_in_order_across_every_way_a_message_goes():
+    """Every ordered pair of 3 ranks: scalars, empty arrays, inbox-sized,
+    just-too-large, mid and large messages (inbox, TCP, written across)
+    interleaved, seven dtypes, in order; a mismatched receive leaves its
+    message; a split group's messages and the world's in another order;
+    blocking sends taken by async receives."""
+    proc = launch(3, "inbox_moments.py", "pairs", timeout=110)
+    assert_ok(proc, 3, "OK")
+    counts = _inbox_counts(proc.stdout)
+    assert len(counts) == 3 and all(c > 0 for c in counts.values()), proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_transport_tcp_uses_no_inbox():
+    proc = launch(3, "inbox_moments.py", "pairs", timeout=110, env={"AIOCOMM_TRANSPORT": "tcp"})
+    assert_ok(proc, 3, "OK")
+    assert set(_inbox_counts(proc.stdout).values()) == {0}, proc.stdout
+
+
+@pytest.mark.timeout(90)
+def test_the_budget_bounds_what_waits_for_a_receive():
+    """600 messages of 16 KiB sent before any receive, with a budget of
+    2 MiB: the ring fills, the rest take TCP's credit and held copies, and
+    all arrive in order, intact."""
+    proc = launch(2, "inbox_moments.py", "budget", timeout=80, env={"AIOCOMM_BUFFER_BYTES": "2M"})
+    detail = proc.stdout + proc.stderr[-3000:]
+    assert proc.returncode == 0 and "[rank 0] SENT 600" in proc.stdout, detail
+    m = re.search(r"\[rank 1\] OK INBOX (\d+)", proc.stdout)
+    assert m is not None and 0 < int(m.group(1)) < 600, detail  # (some through the inbox; not all: it filled)
+
+
+@pytest.mark.timeout(60)
+def test_calls_from_one_thread_after_another():
+    proc = launch(2, "inbox_moments.py", "threads", timeout=50)
+    detail = proc.stdout + proc.stderr[-3000:]
+    assert proc.returncode == 0, detail
+    assert "[rank 0] GOT [11, 13, 15]" in proc.stdout and "[rank 1] GOT [0, 2, 4]" in proc.stdout, detail
+    assert all(c > 0 for c in _inbox_counts(proc.stdout).values()), detail
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("role", ["sender", "receiver"])
+def test_a_rank_killed_while_small_messages_flow(tmp_path, role):
+    """Small messages in a loop; one side SIGKILLs itself at a random
+    moment.  The survivor raises PeerLostError naming it within 5 s, and
+    every message it received before was whole and in order."""
+    victim = 0 if role == "sender" else 1
+    procs = spawn_world(2, tmp_path, [str(WORKERS / "inbox_moments.py"), "kill", role],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        procs[victim].wait(timeout=60)
+        died = time.time()
+        out, err = procs[1 - victim].communicate(timeout=30)
+    finally:
+        for p in procs:
+            p.kill()
+    detail = f"{out}\n{err[-3000:]}"
+    assert procs[victim].returncode == -signal.SIGKILL, detail
+    assert "WRONG" not in out, detail
+    m = re.search(r"FAILED (\w+) at ([\d.]+) after (\d+) INBOX (\d+) \| (.*)", out)
+    assert m is not None and m.group(1) == "PeerLostError", detail
+    assert f"rank {victim}" in m.group(5), detail
+    assert float(m.group(2)) - died < 5.0, "the survivor noticed too late\n" + detail
+    if role == "sender":
+        assert int(m.group(4)) > 0, detail  # (they came through the inbox)
+
+
+@pytest.mark.timeout(60)
+def test_a_receive_from_a_frozen_rank_times_out_and_loses_nothing(tmp_path):
+    """Rank 0 is SIGSTOPped between messages: rank 1's receive times out
+    (no hang in the spin); thawed, rank 0's next messages reach rank 1's
+    next receives, in order."""
+    procs = spawn_world(2, tmp_path, [str(WORKERS / "inbox_moments.py"), "stopped"],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = procs[0].stdout.readline()
+        assert "STOPPED" in line, line + procs[0].stderr.read()[-2000:]
+        seen = ""
+        while "WAITING" not in seen:
+            line = procs[1].stdout.readline()
+            assert line, seen + procs[1].stderr.read()[-3000:]
+            seen += line
+        procs[0].send_signal(signal.SIGCONT)
+        outs = [p.communicate(timeout=40) for p in procs]
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+    m = re.search(r"TIMEDOUT ([\d.]+)", seen)
+    assert m is not None and float(m.group(1)) < 3.0, seen
+    assert "OK GOT [0, 1, 2]" in outs[1][0], outs
+    assert "SENT" in outs[0][0], outs
+
+
+# ---- the ring itself, in one process (its own inbox, through its own pid)
+
+
+def _pair(rank: int = 1) -> tuple[inbox.Inbox, inbox.Outlet]:
+    box = inbox.Inbox(3)
+    return box, inbox.Outlet(os.getpid(), box.fd, box.bell, rank)
+
+
+def test_records_wrap_around_the_ring_whole_and_in_order():
+    box, outlet = _pair()
+    ring = box.ring(1)
+    rng = np.random.default_rng(5)
+    sent = taken = 0
+    expected: dict[int, tuple[bytes, bytes]] = {}
+    for _ in range(3000):  # (many times around: every offset meets the ring's end)
+        if rng.random() < 0.55:
+            payload = rng.integers(0, 256, int(rng.integers(0, 9000)), dtype=np.uint8)
+            meta = bytes([sent % 251]) * int(rng.integers(1, 40))
+            if outlet.put(sent, sent * 3, meta, memoryview(payload)):
+                expected[sent] = (meta, payload.tobytes())
+                sent += 1
+        else:
+            record = ring.peek()
+            if record is None:
+                assert taken == sent
+                continue
+            mark, context, meta, at, nbytes, after = record
+            assert (mark, context) == (taken, taken * 3)
+            assert (meta, ring.payload(at, nbytes).tobytes()) == expected.pop(taken)
+            ring.advance(after)
+            taken += 1
+    assert sent > 1000 and ring.taken == taken
+    box.close()
+    outlet.close()
+
+
+def test_a_full_ring_refuses_and_takes_again_once_read():
+    box, outlet = _pair(2)
+    ring = box.ring(2)
+    chunk = memoryview(np.zeros(inbox.SMALL, np.uint8))
+    count = 0
+    while outlet.put(count, 0, b"m", chunk):
+        count += 1
+    assert count == inbox.RING_BYTES // inbox.record_bytes(1, inbox.SMALL)
+    record = ring.peek()
+    assert record is not None and record[0] == 0
+    ring.advance(record[5])
+    assert outlet.put(count, 0, b"m", chunk)  # (room again)
+    box.close()
+    outlet.close()
+
+
+def test_the_bell_rings_only_for_a_waiting_loop():
+    box, outlet = _pair()
+    ring = box.ring(1)
+    outlet.put(0, 0, b"", memoryview(b""))
+    outlet.ring_if_waiting()
+    with pytest.raises(BlockingIOError):
+        os.eventfd_read(box.bell)
+    ring.waiting(True)
+    outlet.ring_if_waiting()
+    assert os.eventfd_read(box.bell) == 1
+    box.close()
+    outlet.close()
+
+
+def test_an_outlet_opens_only_an_inbox_and_a_bell():
+    box = inbox.Inbox(2)
+    with pytest.raises(OSError, match="not an aiocomm inbox"):
+        inbox.Outlet(os.getpid(), box.bell, box.bell, 1)  # (the bell where the inbox should be)
+    with pytest.raises(OSError, match="no region for rank 5"):
+        inbox.Outlet(os.getpid(), box.fd, box.bell, 5)
+    with pytest.raises(OSError, match="not an eventfd"):
+        inbox.Outlet(os.getpid(), box.fd, box.fd, 1)
+    box.close()

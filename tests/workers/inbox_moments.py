@@ -1,0 +1,204 @@
+"""Small point-to-point messages through the receiver's inbox (shared
+memory, same host) at unusual moments (argv: mode [args]).  Every line a
+test reads starts with a word in capitals; ``INBOX <n>`` is how many
+messages came to this rank through its inbox.
+
+pairs:    every ordered pair of 3 ranks, the blocking face: a run of messages
+          of every size class in one order (a scalar, an empty array, small
+          ones through the inbox, one just over the inbox's limit and a mid
+          one over TCP, a large one written across), several dtypes; a
+          receive of the wrong shape first (MismatchError, the message
+          stays); messages of a split group and of the world interleaved and
+          received in another order; then blocking sends received on the
+          async face.
+budget:   rank 0 sends 600 messages of 16 KiB (far more than its ring and
+          than AIOCOMM_BUFFER_BYTES) before rank 1 receives any; rank 1 then
+          receives them all, in order, intact.
+kill ROLE:  rank 0 sends small messages to rank 1 in a loop (each filled with
+          its number); the rank named by ROLE SIGKILLs itself at a random
+          moment.  The survivor prints ``FAILED <class> at <seconds>``;
+          every message received before is checked (``WRONG`` if torn or out
+          of order).
+stopped:  rank 0 SIGSTOPs itself before it sends (``STOPPED``); rank 1's
+          blocking receive times out (``TIMEDOUT``, then ``WAITING``); the
+          test thaws rank 0, which sends two messages; rank 1's next two
+          receives get them, in order.
+threads:  the blocking face from a new thread for each call, in turn (the
+          serialized rule): messages both ways.
+"""
+
+import asyncio
+import os
+import random
+import signal
+import sys
+import threading
+import time
+
+import ml_dtypes
+import numpy as np
+
+import aiocomm
+from aiocomm import aio
+from aiocomm.transport import inbox
+
+mode = sys.argv[1]
+world = aiocomm.init()
+r, n = world.rank(), world.size()
+mesh = world.engine.mesh
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def say(*parts: object) -> None:
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (" ".join(map(str, parts)) + "\n").encode())
+
+
+DTYPES = ["float32", "int64", "uint8", "float16", "complex64", "bool", "bfloat16"]
+#: (shape, or a byte count) of each message of a pair's run, in order
+RUN = [(), (0,), 8, 4 * KiB, inbox.SMALL, inbox.SMALL + 8, 300 * KiB, 3 * MiB, 16, 1 * KiB, 2]
+
+
+def message(src: int, dst: int, i: int, size: object, dtype: str) -> np.ndarray:
+    dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    if isinstance(size, tuple):
+        count = int(np.prod(size, dtype=np.int64))
+        shape = size
+    else:
+        count = max(1, int(size) // dt.itemsize)
+        shape = (count,)
+    base = (np.arange(count, dtype=np.int64) * 7 + src * 50 + dst * 10 + i) % 120
+    if dtype == "bool":
+        return (base % 3 == 0).reshape(shape)
+    return base.astype(dt).reshape(shape)
+
+
+def run_of(src: int, dst: int) -> list[tuple[int, object, str]]:
+    return [(i, size, DTYPES[(src + dst + i) % len(DTYPES)]) for i, size in enumerate(RUN)]
+
+
+if mode == "pairs":
+    bad: list[str] = []
+    for step in range(1, n):
+        dst, src = (r + step) % n, (r - step) % n
+
+        def send_all(dst: int = dst) -> None:
+            for i, size, dtype in run_of(r, dst):
+                aiocomm.send(message(r, dst, i, size, dtype), dst)
+
+        def recv_all(src: int = src) -> None:
+            for i, size, dtype in run_of(src, r):
+                want = message(src, r, i, size, dtype)
+                if i == 2:
+                    try:
+                        aiocomm.recv((want.size + 1,), want.dtype, src, timeout=30)
+                        bad.append(f"a receive of the wrong shape from {src} took a message")
+                    except aiocomm.MismatchError:
+                        pass
+                got = aiocomm.recv_like(want, src, timeout=30)
+                if got.dtype != want.dtype or got.shape != want.shape or not np.array_equal(got, want):
+                    bad.append(f"message {i} from rank {src} ({dtype}, {size}) differs")
+
+        if r % 2 == 0:  # (even ranks send first: large messages may wait for their receive)
+            send_all()
+            recv_all()
+        else:
+            recv_all()
+            send_all()
+    aiocomm.barrier()
+    # a split group's messages and the world's, interleaved, received in another order
+    sub = world.split(0, key=r)
+    right, left = (r + 1) % n, (r - 1) % n
+    for k in range(3):
+        aiocomm.send(np.full(3, 100 + k, np.int32), right)
+        aiocomm.send(np.full(3, 200 + k, np.int32), right, group=sub)
+    got_sub = [int(aiocomm.recv((3,), np.int32, left, group=sub)[0]) for _ in range(3)]
+    got_world = [int(aiocomm.recv((3,), np.int32, left)[0]) for _ in range(3)]
+    if got_sub != [200, 201, 202] or got_world != [100, 101, 102]:
+        bad.append(f"interleaved groups: {got_sub} {got_world}")
+    aiocomm.barrier()
+
+    # blocking sends, received on the async face (the loop takes them out of the inbox)
+    if r == 0:
+        for k in range(20):
+            aiocomm.send(np.full(5, k, np.int16), 1)
+    elif r == 1:
+        async def take() -> list[int]:
+            return [int((await aio.recv((5,), np.int16, 0, timeout=30))[0]) for _ in range(20)]
+
+        got = asyncio.run(take())
+        if got != list(range(20)):
+            bad.append(f"async receives got {got}")
+    aiocomm.barrier()
+    say("BAD" if bad else "OK", "; ".join(bad), "INBOX", mesh.through_inbox)
+elif mode == "budget":
+    COUNT, SIZE = 600, 16 * KiB
+    if r == 0:
+        for i in range(COUNT):
+            aiocomm.send(np.full(SIZE // 4, i, np.int32), 1, timeout=60)
+        say("SENT", COUNT)
+    else:
+        time.sleep(1.0)
+        wrong = [i for i in range(COUNT) if not np.all(aiocomm.recv((SIZE // 4,), np.int32, 0, timeout=60) == i)]
+        say("OK" if not wrong else f"WRONG {wrong[:5]}", "INBOX", mesh.through_inbox)
+    aiocomm.barrier()
+elif mode == "kill":
+    role = sys.argv[2]
+    victim = {"sender": 0, "receiver": 1}[role]
+    aiocomm.barrier()
+    if r == victim:
+        delay = 0.2 + random.random() * 0.4
+        threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+    say("READY")
+    x = np.empty(1 << 10, np.int64)
+    i = 0
+    while True:
+        try:
+            if r == 0:
+                x.fill(i)
+                aiocomm.send(x, 1, timeout=60)
+            else:
+                y = aiocomm.recv((1 << 10,), np.int64, 0, timeout=60)
+                if not (y[0] == i and np.all(y == i)):
+                    say(f"WRONG message {i}: {y[0]}")
+        except aiocomm.CommError as exc:
+            say("FAILED", type(exc).__name__, "at", f"{time.time():.3f}", "after", i, "INBOX",
+                mesh.through_inbox, "|", str(exc)[:200])
+            break
+        i += 1
+    aiocomm.shutdown()
+    os._exit(0)
+elif mode == "stopped":
+    if r == 0:
+        aiocomm.send(np.array([0], np.int64), 1)  # (the connection is up, and the inbox in use)
+        say("STOPPED")
+        os.kill(os.getpid(), signal.SIGSTOP)
+        aiocomm.send(np.array([1], np.int64), 1)
+        aiocomm.send(np.array([2], np.int64), 1)
+        say("SENT")
+    else:
+        first = int(aiocomm.recv((1,), np.int64, 0, timeout=30)[0])
+        t0 = time.monotonic()
+        try:
+            aiocomm.recv((1,), np.int64, 0, timeout=0.5)
+            say("BAD a receive from a frozen rank returned")
+        except aiocomm.CommTimeoutError:
+            say("TIMEDOUT", f"{time.monotonic() - t0:.2f}")
+        say("WAITING")
+        got = [first] + [int(aiocomm.recv((1,), np.int64, 0, timeout=30)[0]) for _ in range(2)]
+        say("OK" if got == [0, 1, 2] else "BAD", "GOT", got, "INBOX", mesh.through_inbox)
+elif mode == "threads":
+    got: list[int] = []
+    for k in range(6):
+        def call(k: int = k) -> None:
+            if (k + r) % 2 == 0:
+                aiocomm.send(np.array([10 * r + k]), 1 - r)
+            else:
+                got.append(int(aiocomm.recv((1,), np.int64, 1 - r, timeout=30)[0]))
+
+        t = threading.Thread(target=call)
+        t.start()
+        t.join()
+    say("GOT", got, "INBOX", mesh.through_inbox)
+else:
+    raise SystemExit(f"unknown mode {mode}")
