@@ -281,8 +281,8 @@ def test_fork_child_is_refused_and_parent_world_keeps_working(tmp_path):
         detail = dump(ranks)
     assert not hung, f"ranks {hung} hung" + detail
     assert not ranks[0].lines("^CHILD-HUNG"), "the fork child hung (did not exit within 10 s)" + detail
-    for what in ("all_sum", "init", "agree", "shrink", "split", "barrier", "send_obj", "broadcast_obj",
-                 "average_gradients", "aio.all_sum"):
+    for what in ("all_sum", "init", "agree", "shrink", "split", "barrier", "send_obj", "send", "recv",
+                 "broadcast_obj", "average_gradients", "aio.all_sum"):
         lines = ranks[0].lines(rf"^CHILD {re.escape(what)} ")
         assert lines, f"the child never finished its {what} attempt" + detail
         m = re.search(r"RAISED (\w+) ok_type=(\w+) fork=(\w+) after ([\d.]+)s", lines[0])

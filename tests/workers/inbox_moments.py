@@ -10,7 +10,7 @@ pairs:    every ordered pair of 3 ranks, the blocking face: a run of messages
           receive of the wrong shape first (MismatchError, the message
           stays); messages of a split group and of the world interleaved and
           received in another order; then blocking sends received on the
-          async face.
+          async face, and async sends on the blocking face.
 budget:   rank 0 sends 600 messages of 16 KiB (far more than its ring and
           than AIOCOMM_BUFFER_BYTES) before rank 1 receives any; rank 1 then
           receives them all, in order, intact.
@@ -129,6 +129,17 @@ if mode == "pairs":
         got = asyncio.run(take())
         if got != list(range(20)):
             bad.append(f"async receives got {got}")
+    aiocomm.barrier()
+    # async sends (all in flight at once), received on the blocking face
+    if r == 1:
+        async def give() -> None:
+            await asyncio.gather(*(aio.send(np.full(4, k, np.uint8), 0) for k in range(20)))
+
+        asyncio.run(give())
+    elif r == 0:
+        got = [int(aiocomm.recv((4,), np.uint8, 1, timeout=30)[0]) for _ in range(20)]
+        if got != list(range(20)):
+            bad.append(f"blocking receives of async sends got {got}")
     aiocomm.barrier()
     say("BAD" if bad else "OK", "; ".join(bad), "INBOX", mesh.through_inbox)
 elif mode == "budget":

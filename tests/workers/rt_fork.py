@@ -20,8 +20,15 @@ r = world.rank()
 def step(i: int) -> None:
     y = aiocomm.all_sum(np.full(4, i + r, np.int64), timeout=30)
     want = 2 * i + 1
-    if not np.array_equal(y, np.full(4, want)):
-        say(f"WRONG step {i}: {y.tolist()} != {want}")
+    # and a small message each way (between ranks of one host: through the inbox, see transport/inbox.py)
+    if r == 0:
+        aiocomm.send(np.full(3, 10 * i, np.int32), 1, timeout=30)
+        got = aiocomm.recv((3,), np.int32, 1, timeout=30)
+    else:
+        got = aiocomm.recv((3,), np.int32, 0, timeout=30)
+        aiocomm.send(np.full(3, 10 * i, np.int32), 0, timeout=30)
+    if not np.array_equal(y, np.full(4, want)) or not np.array_equal(got, np.full(3, 10 * i)):
+        say(f"WRONG step {i}: {y.tolist()} != {want} or {got.tolist()}")
     else:
         say(f"STEP {i} ok")
 
@@ -45,6 +52,8 @@ if pid == 0:  # the child
         ("split", lambda: world.split(0, timeout=5)),
         ("barrier", lambda: aiocomm.barrier(timeout=5)),
         ("send_obj", lambda: aiocomm.send_obj({"a": 1}, 1, timeout=5)),
+        ("send", lambda: aiocomm.send(np.full(3, -1, np.int32), 1, timeout=5)),
+        ("recv", lambda: aiocomm.recv((3,), np.int32, 1, timeout=5)),
         ("broadcast_obj", lambda: aiocomm.broadcast_obj([1, 2], 0, timeout=5)),
         ("average_gradients", lambda: aiocomm.average_gradients({"w": np.ones(3)})),
         ("aio.all_sum", lambda: asyncio.run(aiocomm.aio.all_sum(np.ones(4, np.int64), timeout=5))),
