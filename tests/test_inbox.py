@@ -120,6 +120,35 @@ def test_a_receive_from_a_frozen_rank_times_out_and_loses_nothing(tmp_path):
     assert "SENT" in outs[0][0], outs
 
 
+@pytest.mark.timeout(60)
+def test_a_small_message_waits_for_a_tcp_message_given_back_halfway():
+    """A receive times out halfway through a TCP message's payload; the
+    small message sent after it through the inbox must not overtake it:
+    the next receive gets the TCP message, then the small one."""
+    proc = launch(2, "inbox_moments.py", "midpayload", timeout=50)
+    detail = proc.stdout + proc.stderr[-3000:]
+    assert proc.returncode == 0 and "[rank 1] OK" in proc.stdout, detail
+    assert "EARLY" not in proc.stdout, detail  # (the moment was reached)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("face", ["blocking", "async"])
+def test_a_rank_declared_lost_delivers_nothing_more(tmp_path, face):
+    """Rank 1, frozen, is declared failed by rank 0's agreement; thawed, it
+    sends a small message.  Rank 0's receive from it raises PeerLostError,
+    as over TCP: its inbox ring is sealed when it is lost."""
+    procs = spawn_world(2, tmp_path, [str(WORKERS / "inbox_moments.py"), "excluded", face],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        outs = [p.communicate(timeout=50) for p in procs]
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+    detail = f"{outs[0][0]}\n{outs[0][1][-3000:]}"
+    assert "RAISED PeerLostError LOST [1]" in outs[0][0], detail
+
+
 # ---- the ring itself, in one process (its own inbox, through its own pid)
 
 

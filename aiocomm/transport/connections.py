@@ -96,6 +96,7 @@ class Connections:
         # What a stream asks of its owner beyond its own life goes straight to
         # the mesh (a frame's route is looked up once per connection, not per frame).
         self.route: Callable[[int, Header, bytes], Sink] = owner.route
+        self.frames_read: Callable[[int, bool], None] = owner.frames_read
         self.hold: Callable[[int], bool] = owner.hold
         self.place = owner.place
         self.inbox_fds = owner.inbox_fds

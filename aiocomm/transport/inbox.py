@@ -71,6 +71,7 @@ _WRAP = RING_BYTES - 1
 _SKIP = 0xFFFFFFFF  # a record's meta size that says: go on at the ring's start
 _NAME = "aiocomm-inbox"
 _SYS_PIDFD_GETFD = 438
+_PUNCH_HOLE, _KEEP_SIZE = 0x02, 0x01  # fallocate's FALLOC_FL_PUNCH_HOLE, FALLOC_FL_KEEP_SIZE
 _libc: Any = None
 
 
@@ -91,6 +92,7 @@ def _lib() -> Any:
         libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                               ctypes.c_long]
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
         _libc = libc
     return _libc
 
@@ -132,13 +134,14 @@ class Ring:
     """The receiver's view of one sender's ring (its lock: one reader at a
     time, the loop or a caller spinning for a message)."""
 
-    __slots__ = ("control", "data", "lock", "taken")
+    __slots__ = ("control", "data", "lock", "taken", "dead")
 
     def __init__(self, control: memoryview, data: memoryview) -> None:
         self.control = control  # int64 words
         self.data = data  # RING_BYTES
         self.lock = threading.Lock()
         self.taken = 0  # messages taken out of it (under the lock)
+        self.dead = False  # its sender was lost: nothing more is taken out of it (set under the lock)
 
     def used(self) -> bool:
         """Whether its sender ever wrote into it."""
@@ -222,7 +225,18 @@ class Inbox:
         return [fd for fd in (self.fd, self.bell) if fd >= 0]
 
     def close(self) -> None:
-        """Close the descriptors (the mapping stays: see :meth:`__init__`)."""
+        """Give the rings' memory back and close the descriptors.  The
+        mapping stays (see :meth:`__init__`); its pages read as zeros, empty
+        rings, from then on."""
+        if self.fd >= 0:
+            rings = list(self._rings.values())
+            for ring in rings:  # (no reader is halfway through a record meanwhile)
+                ring.lock.acquire()
+            try:
+                _lib().fallocate(self.fd, _PUNCH_HOLE | _KEEP_SIZE, 0, self.size * REGION)
+            finally:
+                for ring in rings:
+                    ring.lock.release()
         for fd in self.fds():
             os.close(fd)
         self.fd = self.bell = -1

@@ -62,6 +62,8 @@ _SMALL = inbox.SMALL
 #: life of the process (a few, at most the receives pending at that moment).
 _KEPT: list[np.ndarray] = []
 _EMPTY = b""
+#: Seconds between the loop's looks at the rings it waits on (see Mesh._wait_on).
+POLL_RINGS = 0.01
 #: The context of the bring-up barrier (never a group's: those are 0 or odd).
 BRING_UP_CONTEXT = (1 << 64) - 2
 
@@ -91,9 +93,12 @@ class Mesh:
                 log.info("rank %d: no inbox for small messages from this host (%s): they come over TCP",
                          self.rank, exc)
         self.inbox_fds = (self.inbox.fd, self.inbox.bell) if self.inbox is not None else (-1, -1)
-        #: Bytes of the frames routed from each peer's connection (see inbox: a record's mark)
+        #: Bytes of the complete frames routed from each peer's connection (see
+        #: inbox: a record's mark), and of those routed, complete or not
         self.routed = [0] * self.size
+        self._started = [0] * self.size
         self._waiting: set[int] = set()  # peers whose ring the loop waits on (a receive is posted)
+        self._polling: asyncio.TimerHandle | None = None  # looks at those rings now and then
         self.connections = Connections(self)
         self.lost = self.connections.lost
         self.budget = ReceiveBudget(self.window, self.size)
@@ -150,6 +155,9 @@ class Mesh:
         await self.connections.close()
         if self.inbox is not None:
             self.loop.remove_reader(self.inbox.bell)
+            if self._polling is not None:
+                self._polling.cancel()
+                self._polling = None
             self.inbox.close()
         await asyncio.sleep(0)
 
@@ -225,8 +233,7 @@ class Mesh:
             # (wait on the peer's ring from now on, then take what is there: in this order, see inbox)
             ring = self.inbox.ring(src)
             if src not in self._waiting:
-                self._waiting.add(src)
-                ring.waiting(True)
+                self._wait_on(src, ring)
             self._drain(src, ring, self.routed[src])
         return self.matcher.post(src, kind, context, tag, sig, out, op)
 
@@ -234,16 +241,26 @@ class Mesh:
 
     def route(self, src: int, header: Header, meta: bytes) -> Sink:
         kind, flags, context, tag, payload_len, meta_len = header
-        at = self.routed[src]
-        end = self.routed[src] = at + _HEADER_SIZE + meta_len + payload_len
+        at = self._started[src]  # (every frame before this one is complete: this many bytes)
+        self._started[src] = at + _HEADER_SIZE + meta_len + payload_len
+        self.routed[src] = at
         if self.inbox is not None:
             ring = self.inbox.ring(src)
             if not ring.empty():
                 self._drain(src, ring, at)  # the small messages sent before this frame go first
-                sink = self._route(src, kind, flags, context, tag, payload_len, meta)
-                self._drain(src, ring, end)  # and those waiting for it after it
-                return sink
         return self._route(src, kind, flags, context, tag, payload_len, meta)
+
+    def frames_read(self, src: int, between_frames: bool) -> None:
+        """After each read from ``src``: the small messages that waited for
+        the frames now complete (a record marked after a frame is taken only
+        once that frame's last byte is in: a receive that failed meanwhile
+        gives it back first in line, as over TCP alone)."""
+        if between_frames:
+            self.routed[src] = self._started[src]
+        if self.inbox is not None:
+            ring = self.inbox.ring(src)
+            if not ring.empty():
+                self._drain(src, ring, self.routed[src])
 
     def _route(self, src: int, kind: int, flags: int, context: int, tag: int, payload_len: int,
                meta: bytes) -> Sink:
@@ -284,7 +301,7 @@ class Mesh:
         """Route the records of ``src``'s ring whose marks are at most
         ``upto`` bytes of its connection, as frames from the socket are."""
         with ring.lock:
-            while True:
+            while not ring.dead:
                 record = ring.peek()
                 if record is None:
                     return
@@ -302,10 +319,27 @@ class Mesh:
                 ring.advance(after)
                 sink.done()
 
-    def _rung(self) -> None:
+    def _wait_on(self, src: int, ring: inbox.Ring) -> None:
+        """Wait on ``src``'s ring (a receive from it is posted here): the
+        sender rings the bell for it, and the loop looks at it every
+        :data:`POLL_RINGS` seconds too (a sender stopped between its write
+        and its bell must not leave a complete message unseen)."""
+        self._waiting.add(src)
+        ring.waiting(True)
+        if self._polling is None:
+            self._polling = self.loop.call_later(POLL_RINGS, self._poll_rings)
+
+    def _poll_rings(self) -> None:
+        self._polling = None
+        self._rung(bell=False)
+        if self._waiting and not self.closed:
+            self._polling = self.loop.call_later(POLL_RINGS, self._poll_rings)
+
+    def _rung(self, bell: bool = True) -> None:
         """The bell: a peer wrote into a ring this loop waits on."""
         assert self.inbox is not None
-        self.inbox.quiet()
+        if bell:
+            self.inbox.quiet()
         for src in list(self._waiting):
             ring = self.inbox.ring(src)
             if not self.matcher.boxes[src].posted:  # (nothing waits for it here now)
@@ -331,7 +365,12 @@ class Mesh:
         with outlet.lock:
             if stream.closing or not outbox.take_eager(nbytes):
                 return False
-            if not outlet.put(stream.bytes_out, context, sig.encoded, payload):
+            try:
+                put = outlet.put(stream.bytes_out, context, sig.encoded, payload)
+            except BaseException:  # (a signal handler's exception, say: the credit must not be lost)
+                outbox.give(nbytes)
+                raise
+            if not put:
                 outbox.give(nbytes)
                 return False
             outlet.ring_if_waiting()
@@ -357,6 +396,8 @@ class Mesh:
                 return None  # (the loop's matching has something before it)
             if not ring.empty():
                 with ring.lock:
+                    if ring.dead:
+                        return None  # (its sender was lost: the loop's way says so)
                     record = ring.peek()
                     if record is None:
                         continue
@@ -422,7 +463,11 @@ class Mesh:
         for key in [k for k in self.offered if k[0] == peer]:
             _KEPT.append(self.offered.pop(key))  # (a live process may be halfway through writing it)
         if self.inbox is not None:  # what it sent before it went is delivered, as from its socket
-            self._drain(peer, self.inbox.ring(peer), self.routed[peer])
+            ring = self.inbox.ring(peer)
+            self._drain(peer, ring, self.routed[peer])
+            with ring.lock:  # and nothing it writes after (a peer cut off may still live)
+                ring.dead = True
+            self._waiting.discard(peer)
         self.waits.fail_peer(peer, err)
         self.matcher.drop_peer(peer)
 

@@ -64,6 +64,10 @@ class DataOwner(Protocol):
     def route(self, src: int, header: Header, meta: bytes) -> Sink:
         """Where a frame from ``src`` goes, on a connection ``src`` dialled."""
 
+    def frames_read(self, src: int, between_frames: bool) -> None:
+        """A read of the connection ``src`` dialled was routed (and whether
+        every frame routed so far on it is complete)."""
+
     def hold(self, nbytes: int) -> bool:
         """Take ``nbytes`` of this rank's budget for a copy of an announced send, if it fits."""
 
@@ -124,6 +128,9 @@ class PeerStream(asyncio.BufferedProtocol):
         #: Bytes of the frames queued on this connection since its handshake
         #: (a ring record's place among them: see :mod:`.inbox`).
         self.bytes_out = 0
+        #: An acceptor's owner hears of every read once its frames are routed
+        #: (set once the handshake is done; see DataOwner.frames_read).
+        self._after_read: Any = None
 
     # ---- asyncio.BufferedProtocol
 
@@ -145,6 +152,9 @@ class PeerStream(asyncio.BufferedProtocol):
             self.reader.buffer_updated(nbytes)  # completed frames call their sink's done()
         except ProtocolError as exc:
             self._protocol_error(exc)
+            return
+        if self._after_read is not None:
+            self._after_read(self.reader.between_frames)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -419,6 +429,7 @@ class PeerStream(asyncio.BufferedProtocol):
                 self.reader.set_route(self._route_back)
             else:
                 self.reader.set_route(functools.partial(self.owner.route, hs.peer))
+                self._after_read = functools.partial(self.owner.frames_read, hs.peer)
             self.owner.handshake_done(self)
             if not self.opened.done():
                 self.opened.set_result(None)

@@ -404,6 +404,12 @@ class FrameReader:
         self.error: ProtocolError | None = None
 
     @property
+    def between_frames(self) -> bool:
+        """True when no routed frame's payload is still coming (every frame
+        routed so far is complete)."""
+        return self._header is None
+
+    @property
     def idle(self) -> bool:
         """True between frames with nothing staged (a clean place to stop)."""
         return self._header is None and self._lo == self._hi

@@ -25,6 +25,15 @@ stopped:  rank 0 SIGSTOPs itself before it sends (``STOPPED``); rank 1's
           receives get them, in order.
 threads:  the blocking face from a new thread for each call, in turn (the
           serialized rule): messages both ways.
+midpayload: rank 0 sends F (2 MiB less a little: TCP, eager) then R (8
+          bytes: the inbox); rank 1 reads its socket slowly, so that its
+          first receive of F times out halfway through F's payload.  Its next
+          receive of F must get F (given back first in line, as over TCP),
+          then R.
+excluded FACE: rank 1 freezes itself; rank 0's agreement declares it failed
+          (its connections close for good); thawed, rank 1 sends a small
+          message.  Rank 0's receive from it (blocking or async FACE) must
+          raise PeerLostError, as over TCP, not return that message.
 """
 
 import asyncio
@@ -34,6 +43,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -43,6 +53,26 @@ from aiocomm import aio
 from aiocomm.transport import inbox
 
 mode = sys.argv[1]
+if mode == "midpayload":  # every rank reads its sockets slowly, 16 KiB at a time, while a payload comes
+    from aiocomm.transport import stream as stream_module
+    from aiocomm.wire import frames
+
+    get_buffer = frames.FrameReader.get_buffer
+
+    def slow_get_buffer(self: Any, sizehint: int = -1) -> memoryview:
+        view = get_buffer(self, sizehint)
+        return view[: 16 << 10] if self._sink is not None else view
+
+    buffer_updated = stream_module.PeerStream.buffer_updated
+
+    def slow_buffer_updated(self: Any, nbytes: int) -> None:
+        if self.reader._sink is not None:
+            time.sleep(0.001)
+        buffer_updated(self, nbytes)
+
+    # (before any connection: uvloop looks these up once per connection)
+    frames.FrameReader.get_buffer = slow_get_buffer  # type: ignore[method-assign]
+    stream_module.PeerStream.buffer_updated = slow_buffer_updated  # type: ignore[method-assign]
 world = aiocomm.init()
 r, n = world.rank(), world.size()
 mesh = world.engine.mesh
@@ -177,7 +207,6 @@ elif mode == "kill":
                 mesh.through_inbox, "|", str(exc)[:200])
             break
         i += 1
-    aiocomm.shutdown()
     os._exit(0)
 elif mode == "stopped":
     if r == 0:
@@ -211,5 +240,58 @@ elif mode == "threads":
         t.start()
         t.join()
     say("GOT", got, "INBOX", mesh.through_inbox)
+elif mode == "midpayload":
+    FN = (2 << 20) // 8 - 64
+    aiocomm.barrier()
+    if r == 0:
+        aiocomm.send(np.full(FN, 7, np.int64), 1)
+        aiocomm.send(np.array([1000], np.int64), 1)
+    else:
+        try:
+            aiocomm.recv((FN,), np.int64, 0, timeout=0.05)
+            say("EARLY the first receive did not time out")
+            os._exit(0)
+        except aiocomm.CommTimeoutError:
+            pass
+        try:
+            f = aiocomm.recv((FN,), np.int64, 0, timeout=30)
+            small = aiocomm.recv((1,), np.int64, 0, timeout=30)
+            say("OK" if np.all(f == 7) and small[0] == 1000 else "BAD contents", "INBOX", mesh.through_inbox)
+        except aiocomm.MismatchError as exc:
+            say("BAD overtaken:", str(exc)[:200])
+    aiocomm.barrier()
+elif mode == "excluded":
+    face = sys.argv[2]
+    pids = aiocomm.all_gather(np.array([os.getpid()]))
+    aiocomm.send(np.array([1]), 1 - r)
+    aiocomm.recv((1,), np.int64, 1 - r)
+    aiocomm.barrier()
+    if r == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+        try:
+            aiocomm.send(np.array([42], np.int64), 0, timeout=3)
+        except aiocomm.CommError:
+            pass
+        time.sleep(1.5)
+        os._exit(0)
+    time.sleep(0.3)
+    try:
+        world.agree(True, timeout=1.0)
+    except aiocomm.CommError:
+        pass
+    deadline = time.monotonic() + 10
+    while 1 not in mesh.lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(int(pids[1]), signal.SIGCONT)
+    time.sleep(0.5)
+    try:
+        if face == "async":
+            got = asyncio.run(aio.recv((1,), np.int64, 1, timeout=3))
+        else:
+            got = aiocomm.recv((1,), np.int64, 1, timeout=3)
+        say("BAD a lost rank's message was delivered:", got.tolist())
+    except aiocomm.CommError as exc:
+        say("RAISED", type(exc).__name__, "LOST", sorted(mesh.lost))
+    os._exit(0)
 else:
     raise SystemExit(f"unknown mode {mode}")
