@@ -215,6 +215,33 @@ def test_the_bell_rings_only_for_a_waiting_loop():
     outlet.close()
 
 
+def test_an_inbox_that_cannot_be_made_raises_oserror_and_leaves_no_descriptor(monkeypatch):
+    """(The mesh then sends small messages over TCP: it takes OSError for that.)"""
+    made = []
+    memfd_create = os.memfd_create
+
+    def counted(*args, **kwargs):
+        made.append(memfd_create(*args, **kwargs))
+        return made[-1]
+
+    def refuse(fd, size):
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(os, "memfd_create", counted)
+    monkeypatch.setattr(os, "ftruncate", refuse)
+    with pytest.raises(OSError, match="too large"):
+        inbox.Inbox(4)
+    with pytest.raises(OSError):
+        os.fstat(made[0])  # (closed)
+
+
+@pytest.mark.timeout(60)
+def test_ranks_whose_inbox_cannot_be_made_use_tcp():
+    proc = launch(2, "inbox_moments.py", "noinbox", timeout=50)
+    assert_ok(proc, 2, "OK")
+    assert set(_inbox_counts(proc.stdout).values()) == {0}, proc.stdout
+
+
 def test_an_outlet_opens_only_an_inbox_and_a_bell():
     box = inbox.Inbox(2)
     with pytest.raises(OSError, match="not an aiocomm inbox"):

@@ -191,6 +191,7 @@ class Inbox:
         self.size = size
         self.fd = os.memfd_create(_NAME, os.MFD_CLOEXEC)
         self.bell = -1
+        self._rings: dict[int, Ring] = {}
         try:
             os.ftruncate(self.fd, size * REGION)  # (sparse: a region's pages exist once its sender writes)
             # (never unmapped: a caller's thread may still look at a ring as the engine shuts down)
@@ -199,7 +200,6 @@ class Inbox:
         except BaseException:
             self.close()
             raise
-        self._rings: dict[int, Ring] = {}
 
     def ring(self, src: int) -> Ring:
         """Sender ``src``'s ring."""
@@ -228,7 +228,7 @@ class Inbox:
         """Give the rings' memory back and close the descriptors.  The
         mapping stays (see :meth:`__init__`); its pages read as zeros, empty
         rings, from then on."""
-        if self.fd >= 0:
+        if self.fd >= 0 and self.bell >= 0:  # (mapped: see __init__)
             rings = list(self._rings.values())
             for ring in rings:  # (no reader is halfway through a record meanwhile)
                 ring.lock.acquire()

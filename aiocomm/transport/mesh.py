@@ -301,23 +301,27 @@ class Mesh:
         """Route the records of ``src``'s ring whose marks are at most
         ``upto`` bytes of its connection, as frames from the socket are."""
         with ring.lock:
-            while not ring.dead:
-                record = ring.peek()
-                if record is None:
-                    return
-                mark, context, meta, at, nbytes, after = record
-                if mark > upto:
-                    return
-                if context in self.broken:
-                    ring.advance(after)
-                    self.credit(src, nbytes)
-                    continue
-                sink = self.matcher.arrive(src, _P2P, context, 0, meta, nbytes)
-                view = sink.view
-                if view is not None and nbytes:
-                    view[:] = ring.payload(at, nbytes)
+            self._drain_locked(src, ring, upto)
+
+    def _drain_locked(self, src: int, ring: inbox.Ring, upto: int) -> None:
+        """:meth:`_drain`, its ring's lock held."""
+        while not ring.dead:
+            record = ring.peek()
+            if record is None:
+                return
+            mark, context, meta, at, nbytes, after = record
+            if mark > upto:
+                return
+            if context in self.broken:
                 ring.advance(after)
-                sink.done()
+                self.credit(src, nbytes)
+                continue
+            sink = self.matcher.arrive(src, _P2P, context, 0, meta, nbytes)
+            view = sink.view
+            if view is not None and nbytes:
+                view[:] = ring.payload(at, nbytes)
+            ring.advance(after)
+            sink.done()
 
     def _wait_on(self, src: int, ring: inbox.Ring) -> None:
         """Wait on ``src``'s ring (a receive from it is posted here): the
@@ -342,7 +346,7 @@ class Mesh:
             self.inbox.quiet()
         for src in list(self._waiting):
             ring = self.inbox.ring(src)
-            if not self.matcher.boxes[src].posted:  # (nothing waits for it here now)
+            if not any(self.matcher.boxes[src].posted.values()):  # (nothing waits for it here now)
                 self._waiting.discard(src)
                 ring.waiting(False)
             self._drain(src, ring, self.routed[src])
@@ -396,8 +400,8 @@ class Mesh:
                 return None  # (the loop's matching has something before it)
             if not ring.empty():
                 with ring.lock:
-                    if ring.dead:
-                        return None  # (its sender was lost: the loop's way says so)
+                    if ring.dead or src in self.lost or self.closed:
+                        return None  # (its sender was lost, or the engine shut down: the loop's way says so)
                     record = ring.peek()
                     if record is None:
                         continue
@@ -414,7 +418,10 @@ class Mesh:
                     ring.advance(after)
                 back = self.budget.consumed(src, nbytes)
                 if back:
-                    self.loop.call_soon_threadsafe(self._credit_back, src, back)
+                    try:
+                        self.loop.call_soon_threadsafe(self._credit_back, src, back)
+                    except RuntimeError:  # (the loop is closed: no one to give credit to)
+                        pass
                 return out
             if src in self.lost or time.monotonic() >= until:
                 return None
@@ -464,8 +471,8 @@ class Mesh:
             _KEPT.append(self.offered.pop(key))  # (a live process may be halfway through writing it)
         if self.inbox is not None:  # what it sent before it went is delivered, as from its socket
             ring = self.inbox.ring(peer)
-            self._drain(peer, ring, self.routed[peer])
-            with ring.lock:  # and nothing it writes after (a peer cut off may still live)
+            with ring.lock:  # (one hold: no caller takes what it writes after, a peer cut off may still live)
+                self._drain_locked(peer, ring, self.routed[peer])
                 ring.dead = True
             self._waiting.discard(peer)
         self.waits.fail_peer(peer, err)

@@ -30,6 +30,8 @@ midpayload: rank 0 sends F (2 MiB less a little: TCP, eager) then R (8
           first receive of F times out halfway through F's payload.  Its next
           receive of F must get F (given back first in line, as over TCP),
           then R.
+noinbox:  no file may grow past 64 KiB, so no inbox can be made: the ranks
+          exchange small messages over TCP.
 excluded FACE: rank 1 freezes itself; rank 0's agreement declares it failed
           (its connections close for good); thawed, rank 1 sends a small
           message.  Rank 0's receive from it (blocking or async FACE) must
@@ -73,6 +75,11 @@ if mode == "midpayload":  # every rank reads its sockets slowly, 16 KiB at a tim
     # (before any connection: uvloop looks these up once per connection)
     frames.FrameReader.get_buffer = slow_get_buffer  # type: ignore[method-assign]
     stream_module.PeerStream.buffer_updated = slow_buffer_updated  # type: ignore[method-assign]
+if mode == "noinbox":  # no file may grow past 64 KiB: the inbox cannot be made
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
 world = aiocomm.init()
 r, n = world.rank(), world.size()
 mesh = world.engine.mesh
@@ -293,5 +300,9 @@ elif mode == "excluded":
     except aiocomm.CommError as exc:
         say("RAISED", type(exc).__name__, "LOST", sorted(mesh.lost))
     os._exit(0)
+elif mode == "noinbox":
+    aiocomm.send(np.arange(3) + r, 1 - r)
+    got = aiocomm.recv((3,), np.int64, 1 - r, timeout=30)
+    say("OK" if np.array_equal(got, np.arange(3) + 1 - r) else "BAD", "INBOX", mesh.through_inbox)
 else:
     raise SystemExit(f"unknown mode {mode}")
