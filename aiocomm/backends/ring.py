@@ -533,17 +533,16 @@ class RingBackend:
         if it comes that way within :data:`SPIN_SECONDS` (see
         :meth:`Mesh.take_small`), else on the loop."""
         mesh = self.mesh
-        start = time.monotonic()
         try:
             got = mesh.take_small(group.members[src], group.context, signature("send", dtype, shape), shape, dtype,
-                                  start + min(SPIN_SECONDS, timeout))
+                                  time.monotonic() + min(SPIN_SECONDS, timeout))
         except CommError as exc:
             failure_report.record(self.rank, exc)
             raise
         if got is not None:
             return got
-        left = max(timeout - (time.monotonic() - start), 0.0)
-        return portal.run(mesh.loop, self.recv(group, shape, dtype, src, left), "recv")
+        # (the whole timeout again: an error names the timeout the caller gave; the spin was at most 0.5 ms)
+        return portal.run(mesh.loop, self.recv(group, shape, dtype, src, timeout), "recv")
 
     async def recv(
         self, group: GroupState, shape: tuple[int, ...], dtype: np.dtype, src: int, timeout: float
