@@ -241,29 +241,13 @@ class Mesh:
 
     def route(self, src: int, header: Header, meta: bytes) -> Sink:
         kind, flags, context, tag, payload_len, meta_len = header
-        at = self._started[src]  # (every frame before this one is complete: this many bytes)
-        self._started[src] = at + _HEADER_SIZE + meta_len + payload_len
-        self.routed[src] = at
         if self.inbox is not None:
+            at = self._started[src]  # (every frame before this one is complete: this many bytes)
+            self._started[src] = at + _HEADER_SIZE + meta_len + payload_len
+            self.routed[src] = at
             ring = self.inbox.ring(src)
             if not ring.empty():
                 self._drain(src, ring, at)  # the small messages sent before this frame go first
-        return self._route(src, kind, flags, context, tag, payload_len, meta)
-
-    def frames_read(self, src: int, between_frames: bool) -> None:
-        """After each read from ``src``: the small messages that waited for
-        the frames now complete (a record marked after a frame is taken only
-        once that frame's last byte is in: a receive that failed meanwhile
-        gives it back first in line, as over TCP alone)."""
-        if between_frames:
-            self.routed[src] = self._started[src]
-        if self.inbox is not None:
-            ring = self.inbox.ring(src)
-            if not ring.empty():
-                self._drain(src, ring, self.routed[src])
-
-    def _route(self, src: int, kind: int, flags: int, context: int, tag: int, payload_len: int,
-               meta: bytes) -> Sink:
         if kind in _DATA_KINDS:
             if context in self.broken:
                 self.credit(src, payload_len)
@@ -294,6 +278,18 @@ class Mesh:
             self._abort_received(src, context, wire.decode_meta(meta))
             return Sink(None)
         raise ProtocolError(f"unexpected {Kind(kind).name} frame from rank {src} after the handshake")
+
+    def frames_read(self, src: int, between_frames: bool) -> None:
+        """After each read from ``src``: the small messages that waited for
+        the frames now complete (a record marked after a frame is taken only
+        once that frame's last byte is in: a receive that failed meanwhile
+        gives it back first in line, as over TCP alone)."""
+        if between_frames:
+            self.routed[src] = self._started[src]
+        if self.inbox is not None:
+            ring = self.inbox.ring(src)
+            if not ring.empty():
+                self._drain(src, ring, self.routed[src])
 
     # ---- small messages through the inbox (see inbox)
 

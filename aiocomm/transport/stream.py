@@ -429,7 +429,8 @@ class PeerStream(asyncio.BufferedProtocol):
                 self.reader.set_route(self._route_back)
             else:
                 self.reader.set_route(functools.partial(self.owner.route, hs.peer))
-                self._after_read = functools.partial(self.owner.frames_read, hs.peer)
+                if self.owner.inbox_fds[0] >= 0:  # (only the inbox's order needs to hear of reads)
+                    self._after_read = functools.partial(self.owner.frames_read, hs.peer)
             self.owner.handshake_done(self)
             if not self.opened.done():
                 self.opened.set_result(None)
