@@ -87,8 +87,8 @@ class Announcement(Wait):
 
 class SendWindow:
     """The sender's side of one connection: credit left and announced messages.
-    Credit is also taken by small messages sent through shared memory from
-    the caller's thread (:mod:`.inbox`): it changes under a lock."""
+    Where small messages also go through shared memory from the caller's
+    thread (:mod:`.inbox`), credit changes under a lock (:meth:`share`)."""
 
     __slots__ = ("credit", "eager_max", "announced", "_next_id", "_lock")
 
@@ -97,19 +97,34 @@ class SendWindow:
         self.eager_max = window // 2
         self.announced: dict[int, Announcement] = {}
         self._next_id = 0
+        self._lock: threading.Lock | None = None
+
+    def share(self) -> None:
+        """Credit will be taken from other threads too: take it under a lock
+        from now on (before any other thread may)."""
         self._lock = threading.Lock()
 
     def take_eager(self, nbytes: int) -> bool:
         """Whether ``nbytes`` may go eagerly now (and take them from the credit)."""
-        with self._lock:
-            if nbytes <= self.eager_max and nbytes <= self.credit:
-                self.credit -= nbytes
-                return True
-            return False
+        lock = self._lock
+        if lock is not None:
+            with lock:
+                return self._take(nbytes)
+        return self._take(nbytes)
+
+    def _take(self, nbytes: int) -> bool:
+        if nbytes <= self.eager_max and nbytes <= self.credit:
+            self.credit -= nbytes
+            return True
+        return False
 
     def give(self, nbytes: int) -> None:
         """Credit back (the receiver's ``CREDIT``, or a take that was not used)."""
-        with self._lock:
+        lock = self._lock
+        if lock is not None:
+            with lock:
+                self.credit += nbytes
+        else:
             self.credit += nbytes
 
     def announce(self, waits: WaitSet, peer: int, op: Op, data: np.ndarray) -> Announcement:
@@ -129,25 +144,32 @@ class SendWindow:
 
 class ReceiveBudget:
     """The receiver's side: eager bytes owed back to each sender (from the
-    loop, or from a caller's thread that took a message out of the inbox)."""
+    loop; with ``shared``, also from a caller's thread that took a message
+    out of the inbox: under a lock then)."""
 
     __slots__ = ("window", "threshold", "owed", "_lock")
 
-    def __init__(self, window: int, size: int) -> None:
+    def __init__(self, window: int, size: int, shared: bool = False) -> None:
         self.window = window
         self.threshold = max(window // 4, 1)
         self.owed = [0] * size
-        self._lock = threading.Lock()
+        self._lock = threading.Lock() if shared else None
 
     def consumed(self, src: int, nbytes: int) -> int:
         """Note ``nbytes`` freed; returns how much credit to send back now (0: not yet)."""
-        with self._lock:
-            owed = self.owed[src] + nbytes
-            if owed >= self.threshold:
-                self.owed[src] = 0
-                return owed
-            self.owed[src] = owed
-            return 0
+        lock = self._lock
+        if lock is not None:
+            with lock:
+                return self._consumed(src, nbytes)
+        return self._consumed(src, nbytes)
+
+    def _consumed(self, src: int, nbytes: int) -> int:
+        owed = self.owed[src] + nbytes
+        if owed >= self.threshold:
+            self.owed[src] = 0
+            return owed
+        self.owed[src] = owed
+        return 0
 
 
 def describe_bytes(n: int) -> str:

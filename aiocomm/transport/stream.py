@@ -423,6 +423,7 @@ class PeerStream(asyncio.BufferedProtocol):
                 if self.writes_across and hs.inbox[0] >= 0:
                     try:
                         self.outlet = Outlet(place[1], hs.inbox[0], hs.inbox[1], self.owner.rank)
+                        self.outbox.share()  # (before any caller's thread can see the outlet)
                     except OSError as exc:
                         log.info("rank %d: no shared-memory ring to rank %d (%s): its small messages go over TCP",
                                  self.owner.rank, hs.peer, exc)
