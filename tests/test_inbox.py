@@ -120,6 +120,24 @@ def test_a_receive_from_a_frozen_rank_times_out_and_loses_nothing(tmp_path):
     assert "SENT" in outs[0][0], outs
 
 
+@pytest.mark.timeout(90)
+def test_sends_to_a_frozen_rank_time_out(tmp_path):
+    """Rank 1 is SIGSTOPped; rank 0 keeps sending 4 KiB messages with
+    timeout=2: once the ring, the credit and the socket are full, a send
+    raises CommTimeoutError instead of hanging."""
+    procs = spawn_world(2, tmp_path, [str(WORKERS / "inbox_moments.py"), "frozen_receiver"],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = procs[0].communicate(timeout=80)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+    m = re.search(r"SENDFAILED (\w+) after (\d+) in ([\d.]+)s", out)
+    assert m is not None and m.group(1) == "CommTimeoutError", out + err[-3000:]
+    assert int(m.group(2)) > 0, out  # (some went before the buffers filled)
+
+
 @pytest.mark.timeout(60)
 def test_a_small_message_waits_for_a_tcp_message_given_back_halfway():
     """A receive times out halfway through a TCP message's payload; the

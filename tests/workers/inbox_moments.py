@@ -30,6 +30,10 @@ midpayload: rank 0 sends F (2 MiB less a little: TCP, eager) then R (8
           first receive of F times out halfway through F's payload.  Its next
           receive of F must get F (given back first in line, as over TCP),
           then R.
+frozen_receiver: rank 1 SIGSTOPs itself; rank 0 sends 4 KiB messages with
+          timeout=2 until one fails: it must fail with CommTimeoutError
+          (``SENDFAILED``), not hang, once the ring, the credit and the socket
+          are full.
 noinbox:  no file may grow past 64 KiB, so no inbox can be made: the ranks
           exchange small messages over TCP.
 excluded FACE: rank 1 freezes itself; rank 0's agreement declares it failed
@@ -299,6 +303,27 @@ elif mode == "excluded":
         say("BAD a lost rank's message was delivered:", got.tolist())
     except aiocomm.CommError as exc:
         say("RAISED", type(exc).__name__, "LOST", sorted(mesh.lost))
+    os._exit(0)
+elif mode == "frozen_receiver":
+    aiocomm.send(np.zeros(1), 1 - r)  # (the rings are in use both ways)
+    aiocomm.recv((1,), np.float64, 1 - r, timeout=30)
+    aiocomm.barrier()
+    if r == 1:
+        say("STOPPED")
+        os.kill(os.getpid(), signal.SIGSTOP)
+        time.sleep(5)
+        os._exit(0)
+    time.sleep(0.3)
+    x = np.zeros(1 << 10, np.float32)
+    t0 = time.monotonic()
+    sent = 0
+    try:
+        while time.monotonic() - t0 < 60:
+            aiocomm.send(x, 1, timeout=2)
+            sent += 1
+        say("BAD sent for a minute to a frozen rank")
+    except aiocomm.CommError as exc:
+        say("SENDFAILED", type(exc).__name__, "after", sent, f"in {time.monotonic() - t0:.1f}s")
     os._exit(0)
 elif mode == "noinbox":
     aiocomm.send(np.arange(3) + r, 1 - r)
