@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,30 @@ def spawn_world(n: int, tmp_path: Path, argv: list[str], env: dict[str, str] | N
     for s in socks:
         s.close()
     return procs
+
+
+def thawed(tmp_path: Path, argv: list[str], env: dict[str, str] | None = None,
+           timeout: float = 60) -> tuple[str, list[tuple[str, str]], list[int]]:
+    """Run 2 ranks of ``argv`` whose rank 0 SIGSTOPs itself (it prints
+    ``STOPPED``) while rank 1 waits on it: once rank 1 prints ``WAITING``,
+    thaw rank 0 and let both finish.  Returns what rank 1 printed up to
+    ``WAITING``, each rank's (stdout, stderr), and their exit codes."""
+    procs = spawn_world(2, tmp_path, argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = procs[0].stdout.readline()
+        assert "STOPPED" in line, line + procs[0].stderr.read()[-2000:]
+        seen = ""
+        while "WAITING" not in seen:
+            line = procs[1].stdout.readline()
+            assert line, seen + procs[1].stderr.read()[-3000:]
+            seen += line
+        procs[0].send_signal(signal.SIGCONT)
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+    return seen, outs, [p.returncode for p in procs]
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 from aiocomm import wire
 from aiocomm.transport import cma
 
-from .conftest import WORKERS, assert_ok, launch, spawn_world
+from .conftest import WORKERS, assert_ok, launch, spawn_world, thawed
 
 
 def _across(stdout: str) -> dict[int, list[int]]:
@@ -101,27 +101,8 @@ def test_a_rank_killed_while_payloads_are_written(tmp_path, role):
 
 
 def _thawed(tmp_path, mode: str, budget: str) -> tuple[str, list[tuple[str, str]], list[int]]:
-    """Run a cma_moments mode whose rank 0 SIGSTOPs itself (``STOPPED``)
-    while rank 1's receives time out: once rank 1 says ``WAITING``, thaw
-    rank 0 and let both finish.  Returns what rank 1 printed up to
-    ``WAITING``, each rank's (stdout, stderr), and their exit codes."""
-    procs = spawn_world(2, tmp_path, [str(WORKERS / "cma_moments.py"), mode],
-                        env={"AIOCOMM_BUFFER_BYTES": budget}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        line = procs[0].stdout.readline()
-        assert "STOPPED" in line, line + procs[0].stderr.read()[-2000:]
-        seen = ""
-        while "WAITING" not in seen:
-            line = procs[1].stdout.readline()
-            assert line, seen + procs[1].stderr.read()[-3000:]
-            seen += line
-        procs[0].send_signal(signal.SIGCONT)
-        outs = [p.communicate(timeout=60) for p in procs]
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGCONT)
-            p.kill()
-    return seen, outs, [p.returncode for p in procs]
+    """A cma_moments mode whose rank 0 SIGSTOPs itself while rank 1's receives time out (see conftest.thawed)."""
+    return thawed(tmp_path, [str(WORKERS / "cma_moments.py"), mode], env={"AIOCOMM_BUFFER_BYTES": budget})
 
 
 @pytest.mark.timeout(90)

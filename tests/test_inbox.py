@@ -18,7 +18,7 @@ import pytest
 
 from aiocomm.transport import inbox
 
-from .conftest import WORKERS, assert_ok, launch, spawn_world
+from .conftest import WORKERS, assert_ok, launch, spawn_world, thawed
 
 
 def _inbox_counts(stdout: str) -> dict[int, int]:
@@ -98,22 +98,7 @@ def test_a_receive_from_a_frozen_rank_times_out_and_loses_nothing(tmp_path):
     """Rank 0 is SIGSTOPped between messages: rank 1's receive times out
     (no hang in the spin); thawed, rank 0's next messages reach rank 1's
     next receives, in order."""
-    procs = spawn_world(2, tmp_path, [str(WORKERS / "inbox_moments.py"), "stopped"],
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        line = procs[0].stdout.readline()
-        assert "STOPPED" in line, line + procs[0].stderr.read()[-2000:]
-        seen = ""
-        while "WAITING" not in seen:
-            line = procs[1].stdout.readline()
-            assert line, seen + procs[1].stderr.read()[-3000:]
-            seen += line
-        procs[0].send_signal(signal.SIGCONT)
-        outs = [p.communicate(timeout=40) for p in procs]
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGCONT)
-            p.kill()
+    seen, outs, _ = thawed(tmp_path, [str(WORKERS / "inbox_moments.py"), "stopped"], timeout=40)
     m = re.search(r"TIMEDOUT ([\d.]+)", seen)
     assert m is not None and float(m.group(1)) < 3.0, seen
     assert "OK GOT [0, 1, 2]" in outs[1][0], outs
