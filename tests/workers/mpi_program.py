@@ -47,6 +47,28 @@ elif r == 1:
     check(aiocomm.recv((4,), np.float32, 0), np.arange(4, dtype=np.float32), "kept after mismatches")
     check(aiocomm.recv_like(np.zeros(4, np.float32), 0), np.arange(10, 14, dtype=np.float32), "next message")
 
+# small reductions ride in their agreement, and the blocking face makes each
+# call shape's buffers once: again and again, on new values, every earlier
+# result must stay what it was (none is a view of the reused buffers)
+kept = []
+for round_ in range(3):
+    for dtype, shape in (("float32", (2,)), ("int8", (2, 3)), ("float64", ()), ("float64", (7,)),
+                         ("uint16", (0,)), ("complex64", (3,))):
+        for op, fn, ufunc in (("sum", aiocomm.all_sum, np.add), ("max", aiocomm.all_max, np.maximum),
+                              ("min", aiocomm.all_min, np.minimum)):
+            if op != "sum" and np.dtype(dtype).kind == "c":
+                continue
+            inputs = [((np.arange(int(np.prod(shape))) + q * 5 + round_ * 3) % 11).astype(dtype).reshape(shape)
+                      for q in range(n)]
+            want = inputs[0]
+            for q in range(1, n):
+                want = ufunc(want, inputs[q])
+            got = fn(inputs[r])
+            check(got, want, f"small {op} of {dtype}{shape}, round {round_}")
+            kept.append((got, got.copy(), f"{op} of {dtype}{shape}, round {round_}"))
+for got, was, what in kept:
+    check(got, was, f"{what}, after the later rounds")
+
 # split: reversed order inside each color, collectives on subgroup and world
 sub = world.split(r % 2, key=n - r)
 members = [q for q in range(n) if q % 2 == r % 2]

@@ -29,21 +29,18 @@ from ...errors import CommError, CommTimeoutError, PeerLostError
 from .. import GroupState, SplitResult
 from . import groups, library, notices, progress
 from .collectives import (
-    RECORD,
     REDUCTION_NAMES,
-    agreed,
+    Carried,
     all_gather_steps,
     all_gather_v_steps,
     all_reduce_steps,
     all_to_all_steps,
     barrier_steps,
     broadcast_steps,
-    carried_record,
     carried_rest,
     carries,
     gather_steps,
     identity,
-    reduce_carried,
     split_steps,
     stand_in,
     sum_scatter_steps,
@@ -164,10 +161,11 @@ class MpiBackend:
         refuse it if its group broke meanwhile (a stand-in takes its place)."""
         state: groups.MpiGroup = group.handle
         with state.lock:
-            self._refuse(group, name)
-            state.entered += 1
-            index[0] = state.entered
-            state.known = max(state.known, state.entered)
+            if state.broken is not None:
+                self._refuse(group, name)
+            index[0] = state.entered = entered = state.entered + 1
+            if state.known < entered:
+                state.known = entered
             state.current = name
 
     def _failed(self, group: GroupState, name: str, exc: BaseException, here: bool = False) -> BaseException:
@@ -273,24 +271,31 @@ class MpiBackend:
         steps: Steps[Any] | None = None
         step: Any = None
         started = [False]
-        table = bytearray(len(group.members) * RECORD)
+        key = (op, x.dtype, x.shape)
+        carried = state.carried.pop(key, None)  # (back in only once its call ended normally)
         try:  # (from here on a Ctrl-C must leave the counts and the group as the general path would)
             deadline = time.monotonic() + timeout
-            call = identity(REDUCTION_NAMES[op], x.dtype, x.shape)
-            request = state.comm.Iallgather(carried_record(call, x), table)
+            if carried is None:
+                carried = Carried(identity(REDUCTION_NAMES[op], x.dtype, x.shape), x, op, len(group.members))
+            request = carried.start(state.comm, x)
             done = request.Test()
             spins = 1023  # (as many tests as _wait makes before its first look at the deadline and notices)
             while not done and spins:
                 spins -= 1
                 done = request.Test()
-            if done and agreed(table, call[2]):
+            if done and carried.agreed():
                 state.current = None
-                return reduce_carried(table, x, op)
-            if doomed is None:
-                doomed = lambda: state.broken or heard.lost_collective(state, index[0])  # noqa: E731
-            steps = carried_rest(self.MPI, state.comm, call, group.rank(), x, op, request, table)
-            step = next(steps)
-            return self._drive("all_reduce", group, steps, step, doomed, deadline, timeout, started)
+                reduced = carried.reduce()
+            else:
+                if doomed is None:
+                    doomed = lambda: state.broken or heard.lost_collective(state, index[0])  # noqa: E731
+                steps = carried_rest(self.MPI, state.comm, carried, group.rank(), request)
+                step = next(steps)
+                reduced = self._drive("all_reduce", group, steps, step, doomed, deadline, timeout, started)
+            if len(state.carried) >= 64:  # (a program that reduces many shapes keeps the last few)
+                state.carried.clear()
+            state.carried[key] = carried
+            return reduced
         except BaseException as exc:
             if started[0]:  # (_drive dealt with it)
                 raise
@@ -299,13 +304,14 @@ class MpiBackend:
             elif request is not None:  # issued: the background ends it, and the group breaks
                 cause = self._interrupted(group, "all_reduce", exc)
                 if steps is None or inspect.getgeneratorstate(steps) != inspect.GEN_SUSPENDED:
-                    steps = carried_rest(self.MPI, state.comm, call, group.rank(), x, op, request, table)
+                    assert carried is not None
+                    steps = carried_rest(self.MPI, state.comm, carried, group.rank(), request)
                     step = next(steps)
                 self._give_up(group, "all_reduce", steps, step, cause)
             else:
                 self._not_issued(group, "all_reduce", exc)
-                if not isinstance(exc, Exception):  # (it may have come as Iallgather returned, the request unseen)
-                    progress.keep(table)
+                if not isinstance(exc, Exception) and carried is not None:
+                    progress.keep(carried.record, carried.table)  # (it may have come as Iallgather returned)
             self._raise_failed(group, "all_reduce", exc)
 
     def _drive(self, name: str, group: GroupState, steps: Steps[Any], step: Any, doomed: Doomed, deadline: float,

@@ -146,13 +146,6 @@ def _disagreed(MPI: Any, comm: Any, what: str, rank: int) -> Steps[None]:
     raise MismatchError(f"rank {rank} called {what}, but not every rank did the same ({others})")
 
 
-def inputs(table: bytearray, x: np.ndarray) -> np.ndarray:
-    """Every rank's input, carried by the agreement's records (bytes
-    ``8 : 8 + x.nbytes`` of each), as rows of ``x.size`` elements."""
-    rows: np.ndarray = np.ndarray((len(table) // RECORD, x.size), x.dtype, table, 8, (RECORD, x.itemsize))
-    return rows
-
-
 def _in_place(state: MpiGroup, nbytes: int, blocking: Callable[..., Any], nonblocking: Callable[..., Any],
               MPI: Any, buf: list[Any], **kwargs: Any) -> Any:
     """The step of a collective on ``buf`` in place, moving ``nbytes``: MPI's
@@ -166,30 +159,55 @@ def _in_place(state: MpiGroup, nbytes: int, blocking: Callable[..., Any], nonblo
 REDUCTION_NAMES = {"sum": "all_sum", "max": "all_max", "min": "all_min"}  # (their public names)
 
 
-def carried_record(call: Identity, x: np.ndarray) -> bytes:
-    """This rank's record in an agreement that carries ``x``."""
-    return (call[2] + x.tobytes()).ljust(RECORD, b"\0")
+class Carried:
+    """A reduction whose input its agreement's records carry (see
+    :func:`carries`), for one operation, dtype and shape on one group: its
+    record, its table of every rank's record, and views of the inputs in
+    that table, made once.  The blocking face keeps one per call shape in
+    :attr:`~.groups.MpiGroup.carried` and uses it again while its calls end
+    normally (an 8-byte ``all_sum`` then allocates nothing but its result);
+    one whose request may still be in MPI's hands is never used again."""
+
+    __slots__ = ("call", "record", "table", "_rows", "_hashes", "_expected", "_ufunc", "_scalar")
+
+    def __init__(self, call: Identity, x: np.ndarray, op: str, size: int) -> None:
+        self.call = call
+        self.record = bytearray(call[3])  # the hash, then room for the input
+        self.table = bytearray(size * RECORD)
+        shape, strides = (x.shape, x.strides) if x.ndim else ((1,), (x.itemsize,))
+        self._rows = [np.ndarray(shape, x.dtype, self.table, at + 8, strides) for at in range(0, size * RECORD, RECORD)]
+        self._hashes = memoryview(self.table).cast("q")[:: RECORD // 8]  # each record's first word
+        self._expected = memoryview(call[2]).cast("q").tolist() * size
+        self._ufunc = UFUNCS[op]
+        self._scalar = not x.ndim
+
+    def start(self, comm: Any, x: np.ndarray) -> Any:
+        """Issue the agreement, carrying ``x``: its request."""
+        self.record[8 : 8 + x.nbytes] = x.tobytes()
+        return comm.Iallgather(self.record, self.table)
+
+    def agreed(self) -> bool:
+        """Whether every rank made this call (once the request is done)."""
+        return self._hashes.tolist() == self._expected
+
+    def reduce(self) -> np.ndarray:
+        """The reduction of the carried inputs, in rank order (a new array)."""
+        rows, ufunc = self._rows, self._ufunc
+        reduced: np.ndarray = ufunc(rows[0], rows[1])  # (a binary call costs half what ufunc.reduce does)
+        for i in range(2, len(rows)):
+            ufunc(reduced, rows[i], out=reduced)
+        return reduced.reshape(()) if self._scalar else reduced
 
 
-def reduce_carried(table: bytearray, x: np.ndarray, op: str) -> np.ndarray:
-    """The reduction of the inputs an agreement's records carried, in rank order."""
-    rows, ufunc = inputs(table, x), UFUNCS[op]
-    reduced: np.ndarray = ufunc(rows[0], rows[1])  # (a binary call costs half what ufunc.reduce does)
-    for i in range(2, len(rows)):
-        ufunc(reduced, rows[i], out=reduced)
-    return reduced if x.ndim == 1 else reduced.reshape(x.shape)
-
-
-def carried_rest(MPI: Any, comm: Any, call: Identity, rank: int, x: np.ndarray, op: str, request: Any,
-                 table: bytearray) -> Steps[np.ndarray]:
+def carried_rest(MPI: Any, comm: Any, carried: Carried, rank: int, request: Any) -> Steps[np.ndarray]:
     """The steps of a carried reduction (see :func:`all_reduce_steps`) from
     its agreement's ``request`` on, issued already (the backend's fast path
     for small calls goes on here when the request is not done at once, or
     the ranks disagree)."""
     yield request
-    if not agreed(table, call[2]):
-        yield from _disagreed(MPI, comm, call[0], rank)
-    return reduce_carried(table, x, op)
+    if not carried.agreed():
+        yield from _disagreed(MPI, comm, carried.call[0], rank)
+    return carried.reduce()
 
 
 def all_reduce_steps(MPI: Any, group: GroupState, x: np.ndarray, op: str) -> Steps[np.ndarray]:
@@ -197,9 +215,8 @@ def all_reduce_steps(MPI: Any, group: GroupState, x: np.ndarray, op: str) -> Ste
     comm = state.comm
     call = identity(REDUCTION_NAMES[op], x.dtype, x.shape)
     if carries(group, x):
-        table = bytearray(group.size() * RECORD)
-        request = comm.Iallgather(carried_record(call, x), table)
-        return (yield from carried_rest(MPI, comm, call, group.rank(), x, op, request, table))
+        carried = Carried(call, x, op, group.size())
+        return (yield from carried_rest(MPI, comm, carried, group.rank(), carried.start(comm, x)))
     yield from agree(MPI, comm, call, group.rank())
     if x.nbytes < RING_FROM:
         out = results.copy_of(x)

@@ -13,6 +13,7 @@ from ...errors import CommError
 from .progress import Worker
 
 if TYPE_CHECKING:
+    from .collectives import Carried
     from .p2p import Inbox
 
 
@@ -20,7 +21,7 @@ class MpiGroup:
     """A group's communicator and what this rank has done on it."""
 
     __slots__ = ("comm", "context", "members", "broken", "queues", "inboxes", "heads_sent", "entered",
-                 "known", "told", "current", "draining", "lock", "_worker")
+                 "known", "told", "current", "draining", "lock", "carried", "_worker")
 
     def __init__(self, comm: Any, context: int, members: tuple[int, ...]) -> None:
         self.comm = comm
@@ -39,6 +40,8 @@ class MpiGroup:
         self.current: Any = None  # the collective being issued or run here, if any
         self.draining = False  # stand-ins are being issued (see collectives.stand_in)
         self.lock = threading.Lock()  # between issuing a collective and hearing that the group broke
+        # (op, dtype, shape) -> the Carried of the blocking face's next such call
+        self.carried: dict[tuple[str, Any, tuple[int, ...]], Carried] = {}
         self._worker: Worker | None = None
         by_context[context] = self
 
