@@ -247,11 +247,12 @@ class _Verdict:
     caller got control back, so no rank may return the result if one did.
     Each rank says so once it reads its array no more (its group is broken
     by then: ``MpiBackend`` breaks it before it hands a call it gave up on to
-    the background), and the word travels with the
-    last half of the reduction: every message there is followed by the
-    lowest group rank the sender knows gave up (the group's size if none),
-    and that half reaches every rank from every rank.  A rank that gave up
-    runs all this in the background, like the rest of the call."""
+    the background), and the word travels with the last half of the
+    reduction: beside every message there goes the lowest group rank the
+    sender knew gave up when it sent it (the group's size if none), posted
+    with the message so that both are on their way at once, and that half
+    reaches every rank from every rank.  A rank that gave up runs all this
+    in the background, like the rest of the call."""
 
     __slots__ = ("comm", "lowest", "heard")
 
@@ -261,11 +262,13 @@ class _Verdict:
         self.lowest = np.array([rank if state.broken is not None else size], np.int32)
         self.heard = np.empty(1, np.int32)
 
-    def swap(self, to: int, source: int) -> Steps[None]:
-        telling = self.comm.Isend(self.lowest, to, VERDICT_TAG)
-        hearing = self.comm.Irecv(self.heard, source, VERDICT_TAG)
-        yield hearing
-        yield telling
+    def post(self, to: int, source: int) -> list[Any]:
+        """Send the word to ``to`` and receive ``source``'s: the requests,
+        to be waited for before :meth:`merge` (``lowest`` is being sent)."""
+        return [self.comm.Irecv(self.heard, source, VERDICT_TAG), self.comm.Isend(self.lowest, to, VERDICT_TAG)]
+
+    def merge(self) -> None:
+        """Take in the word heard."""
         self.lowest[0] = min(self.lowest[0], self.heard[0])
 
 
@@ -297,12 +300,14 @@ def _ring(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: Any,
             ufunc(mine, x[bounds[recv] : bounds[recv + 1]], out=mine)
         yield from _all(sending)
     verdict = _Verdict(state)  # (``x`` is read no more)
-    for r in range(size - 1):  # all-gather: the reduced segments go around
+    for r in range(size - 1):  # all-gather: the reduced segments go around, each beside the verdict so far
         send, recv = (me + 1 - r) % size, (me - r) % size
         sending = _post(comm.Isend, MPI, live, segment(out_bytes, send), after)
+        word = verdict.post(after, before)
         yield from _all(_post(comm.Irecv, MPI, live, segment(out_bytes, recv), before))
         yield from _all(sending)
-        yield from verdict.swap(after, before)
+        yield from _all(word)
+        verdict.merge()
     return int(verdict.lowest[0])
 
 
@@ -369,9 +374,11 @@ def _halving(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: A
         up_lo, up_hi = levels.pop()
         other_lo, other_hi = (up_lo, lo) if lo > up_lo else (hi, up_hi)
         sending = _post(comm.Isend, MPI, live, out_bytes[lo * item : hi * item], partner)
+        word = verdict.post(partner, partner)
         yield from _all(_post(comm.Irecv, MPI, live, out_bytes[other_lo * item : other_hi * item], partner))
         yield from _all(sending)
-        yield from verdict.swap(partner, partner)
+        yield from _all(word)
+        verdict.merge()
         lo, hi = up_lo, up_hi
         mask <<= 1
     return int(verdict.lowest[0])
