@@ -430,7 +430,7 @@ def call_blocking(
     with claim(group, stream), trace.call(group, stream, what, args):
         engine = group._engine
         backend = engine.backend
-        if backend is not None and group.size() > 1:
+        if backend is not None and len(group.members) > 1:
             if backend.direct:
                 return backend.call_blocking(op.__name__, group, *args)  # type: ignore[attr-defined,no-any-return]
             here = backend.in_caller(group, op.__name__)
