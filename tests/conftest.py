@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,21 @@ def thawed(tmp_path: Path, argv: list[str], env: dict[str, str] | None = None,
             p.send_signal(signal.SIGCONT)
             p.kill()
     return seen, outs, [p.returncode for p in procs]
+
+
+def killed(tmp_path: Path, argv: list[str], victim: int, timeout: float = 60) -> tuple[str, str, float, int]:
+    """Run 2 ranks of ``argv`` of which rank ``victim`` SIGKILLs itself:
+    once it is gone, wait for the other.  Returns the survivor's stdout and
+    stderr, the time the victim was seen gone, and the victim's exit code."""
+    procs = spawn_world(2, tmp_path, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        procs[victim].wait(timeout=timeout)
+        died = time.time()
+        out, err = procs[1 - victim].communicate(timeout=30)
+    finally:
+        for p in procs:
+            p.kill()
+    return out, err, died, procs[victim].returncode
 
 
 @pytest.fixture

@@ -10,8 +10,6 @@ import errno
 import os
 import re
 import signal
-import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ import pytest
 from aiocomm import wire
 from aiocomm.transport import cma
 
-from .conftest import WORKERS, assert_ok, launch, spawn_world, thawed
+from .conftest import WORKERS, assert_ok, killed, launch, thawed
 
 
 def _across(stdout: str) -> dict[int, list[int]]:
@@ -80,17 +78,9 @@ def test_a_rank_killed_while_payloads_are_written(tmp_path, role):
     a random moment.  The survivor raises PeerLostError naming it within
     5 s, and no message it received before was torn."""
     victim = 0 if role == "sender" else 1
-    procs = spawn_world(2, tmp_path, [str(WORKERS / "cma_moments.py"), "kill_mid", role],
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        procs[victim].wait(timeout=60)
-        died = time.time()
-        out, err = procs[1 - victim].communicate(timeout=30)
-    finally:
-        for p in procs:
-            p.kill()
+    out, err, died, code = killed(tmp_path, [str(WORKERS / "cma_moments.py"), "kill_mid", role], victim)
     detail = f"{out}\n{err[-3000:]}"
-    assert procs[victim].returncode == -signal.SIGKILL, detail
+    assert code == -signal.SIGKILL, detail
     assert "WRONG" not in out and "DONE" in out, detail
     m = re.search(r"FAILED (\w+) at ([\d.]+): (.*)", out)
     assert m is not None and m.group(1) == "PeerLostError", detail

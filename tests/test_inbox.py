@@ -11,14 +11,13 @@ import os
 import re
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
 
 from aiocomm.transport import inbox
 
-from .conftest import WORKERS, assert_ok, launch, spawn_world, thawed
+from .conftest import WORKERS, assert_ok, killed, launch, spawn_world, thawed
 
 
 def _inbox_counts(stdout: str) -> dict[int, int]:
@@ -73,17 +72,9 @@ def test_a_rank_killed_while_small_messages_flow(tmp_path, role):
     moment.  The survivor raises PeerLostError naming it within 5 s, and
     every message it received before was whole and in order."""
     victim = 0 if role == "sender" else 1
-    procs = spawn_world(2, tmp_path, [str(WORKERS / "inbox_moments.py"), "kill", role],
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        procs[victim].wait(timeout=60)
-        died = time.time()
-        out, err = procs[1 - victim].communicate(timeout=30)
-    finally:
-        for p in procs:
-            p.kill()
+    out, err, died, code = killed(tmp_path, [str(WORKERS / "inbox_moments.py"), "kill", role], victim)
     detail = f"{out}\n{err[-3000:]}"
-    assert procs[victim].returncode == -signal.SIGKILL, detail
+    assert code == -signal.SIGKILL, detail
     assert "WRONG" not in out, detail
     m = re.search(r"FAILED (\w+) at ([\d.]+) after (\d+) INBOX (\d+) \| (.*)", out)
     assert m is not None and m.group(1) == "PeerLostError", detail

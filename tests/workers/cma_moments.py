@@ -52,6 +52,8 @@ import aiocomm
 from aiocomm import aio
 from aiocomm.transport import cma
 
+from common import recv_checked
+
 mode = sys.argv[1]
 world = aiocomm.init()
 r, n = world.rank(), world.size()
@@ -110,16 +112,8 @@ if mode == "pairs":
 
         def recv_all(theirs: list = theirs) -> None:
             for s, _, i, dtype, nbytes in theirs:
-                want = message(s, r, i, nbytes, dtype)
-                if i == 0:
-                    try:
-                        aiocomm.recv((want.size + 1,), want.dtype, s, timeout=30)
-                        bad.append(f"a receive of the wrong shape from {s} took a message")
-                    except aiocomm.MismatchError:
-                        pass
-                got = aiocomm.recv_like(want, s, timeout=30)
-                if got.dtype != want.dtype or not np.array_equal(got, want):
-                    bad.append(f"message {i} from rank {s} ({dtype}, {nbytes} bytes) differs")
+                recv_checked(message(s, r, i, nbytes, dtype), s, f"message {i} from rank {s} ({dtype}, {nbytes} bytes)",
+                             bad, probe=i == 0)
 
         if r % 2 == 0:
             send_all()

@@ -36,3 +36,20 @@ def check(got: np.ndarray, want: np.ndarray, what: str) -> None:
     assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
     assert np.array_equal(got, want), f"{what}: values differ\n got {got.ravel()[:20]}\nwant {want.ravel()[:20]}"
+
+
+def recv_checked(want: np.ndarray, src: int, what: str, bad: list[str], probe: bool = False) -> None:
+    """Receive the message ``want`` from ``src`` (blocking face) and note in
+    ``bad`` if it differs.  With ``probe``, first a receive of the wrong
+    shape, which must raise MismatchError and leave the message in place."""
+    import aiocomm
+
+    if probe:
+        try:
+            aiocomm.recv((want.size + 1,), want.dtype, src, timeout=30)
+            bad.append(f"a receive of the wrong shape from {src} took a message")
+        except aiocomm.MismatchError:
+            pass
+    got = aiocomm.recv_like(want, src, timeout=30)
+    if got.dtype != want.dtype or got.shape != want.shape or not np.array_equal(got, want):
+        bad.append(f"{what} differs")

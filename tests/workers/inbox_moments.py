@@ -58,6 +58,8 @@ import aiocomm
 from aiocomm import aio
 from aiocomm.transport import inbox
 
+from common import recv_checked
+
 mode = sys.argv[1]
 if mode == "midpayload":  # every rank reads its sockets slowly, 16 KiB at a time, while a payload comes
     from aiocomm.transport import stream as stream_module
@@ -129,16 +131,8 @@ if mode == "pairs":
 
         def recv_all(src: int = src) -> None:
             for i, size, dtype in run_of(src, r):
-                want = message(src, r, i, size, dtype)
-                if i == 2:
-                    try:
-                        aiocomm.recv((want.size + 1,), want.dtype, src, timeout=30)
-                        bad.append(f"a receive of the wrong shape from {src} took a message")
-                    except aiocomm.MismatchError:
-                        pass
-                got = aiocomm.recv_like(want, src, timeout=30)
-                if got.dtype != want.dtype or got.shape != want.shape or not np.array_equal(got, want):
-                    bad.append(f"message {i} from rank {src} ({dtype}, {size}) differs")
+                recv_checked(message(src, r, i, size, dtype), src, f"message {i} from rank {src} ({dtype}, {size})",
+                             bad, probe=i == 2)
 
         if r % 2 == 0:  # (even ranks send first: large messages may wait for their receive)
             send_all()
