@@ -75,13 +75,9 @@ _PUNCH_HOLE, _KEEP_SIZE = 0x02, 0x01  # fallocate's FALLOC_FL_PUNCH_HOLE, FALLOC
 _libc: Any = None
 
 
-def _align(n: int) -> int:
-    return (n + 7) & ~7
-
-
 def record_bytes(meta: int, payload: int) -> int:
-    """A record's size in its ring."""
-    return _align(RECORD.size + meta + payload)
+    """A record's size in its ring: header, meta and payload, 8-aligned."""
+    return (_HEAD_BYTES + meta + payload + 7) & ~7
 
 
 def _lib() -> Any:
@@ -169,7 +165,7 @@ class Ring:
                 continue
             start = at + _HEAD_BYTES
             return (mark, context, self.data[start : start + meta_len].tobytes(), start + meta_len, nbytes,
-                    head + ((_HEAD_BYTES + meta_len + nbytes + 7) & ~7))
+                    head + record_bytes(meta_len, nbytes))
         return None
 
     def payload(self, at: int, nbytes: int) -> memoryview:
@@ -280,7 +276,7 @@ class Outlet:
         the message's bytes).  Whether it was written."""
         nbytes = len(payload)
         head_end = _HEAD_BYTES + len(meta)
-        need = (head_end + nbytes + 7) & ~7
+        need = record_bytes(len(meta), nbytes)
         control, data = self.control, self.data
         tail = control[TAIL]
         at = tail & _WRAP
