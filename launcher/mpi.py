@@ -74,7 +74,7 @@ def note(**fields):
                 f.write(json.dumps(dict(rank=int(rank), **fields)) + "\n")
         except OSError:
             pass
-note(started=True)
+note(started=True, pid=os.getpid())
 proc = subprocess.Popen(sys.argv[2:], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 stopped = []
 trace = os.environ.get("AIOCOMM_TRACE_DIR")
@@ -236,10 +236,10 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
         copier.start()
     received: list[int] = []
     carry_on = getattr(args, "on_failure", "stop") == "continue" and reports is not None
+    size = args.n * max(len(hosts), 1)
     watcher = None
     if carry_on:
         assert reports is not None
-        size = args.n * max(len(hosts), 1)
         watcher = _LossWatcher(reports, size, hosts[0].ssh if hosts else "this host", proc.pid)
 
     def forward(sig: int, _frame: object) -> None:
@@ -251,9 +251,12 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
 
     before = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        code = proc.wait(timeout=args.timeout)
+        code = _wait(proc, args.timeout, reports, size)
         if received:
             return 128 + received[0]
+        if code is None:  # it hung once its ranks had ended: their notes give the status (reports is set)
+            assert reports is not None
+            code = 1 if not carry_on and decide(read_outcomes(reports, size)).cause is not None else 0
     except subprocess.TimeoutExpired:
         asked = None
         if "AIOCOMM_TRACE_DIR" in extra:  # mpirun passes SIGUSR1 to the ranks: they write their record
@@ -283,7 +286,7 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
             watcher.stop()
     if carry_on:  # mpirun --enable-recovery exits 0 however the ranks ended: their notes tell
         assert reports is not None and watcher is not None
-        outcomes = read_outcomes(reports, args.n * max(len(hosts), 1))
+        outcomes = read_outcomes(reports, size)
         if any(outcome.started for outcome in outcomes.values()):
             for rank in watcher.carry_on.lost:
                 outcomes[rank].lost = True
@@ -299,7 +302,7 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
     status = code if code > 0 else 128 - code
     _print_verdict(extra)
     if reports is not None:
-        outcomes = read_outcomes(reports, args.n * max(len(hosts), 1))
+        outcomes = read_outcomes(reports, size)
         if not any(outcome.started for outcome in outcomes.values()):
             print(f"aiocomm-launch: mpirun failed before any rank started (status {status}): "
                   f"{mpirun_reason(bytes(head))}", file=sys.stderr)
@@ -311,6 +314,70 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
     print(f"aiocomm-launch: mpirun exited with status {status} (a rank failed; mpirun's report is above)",
           file=sys.stderr)
     return status
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout: float | None, reports: str | None, size: int) -> int | None:
+    """mpirun's status (``TimeoutExpired`` after ``timeout`` seconds); None if
+    it had not exited :data:`HUNG_AFTER` seconds after every rank's relay
+    ended, and the launcher killed it (a job on this host: the relays' notes
+    name their pids).  Open MPI 4.1.4's mpirun now and then deadlocks in its
+    own finalize (``PMIx_server_finalize``) once its ranks are gone, SIGTERM
+    ignored; without this the launcher would wait for it for good."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    ended_at: float | None = None
+    while True:
+        wait = 0.25
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(proc.args, timeout or 0)
+            wait = min(wait, left)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return proc.wait(timeout=wait)
+        if reports is None:
+            continue
+        if not _relays_ended(reports, size):
+            ended_at = None
+        elif ended_at is None:
+            ended_at = time.monotonic()
+        elif time.monotonic() - ended_at >= HUNG_AFTER:
+            print(f"aiocomm-launch: mpirun did not exit {HUNG_AFTER:g} s after every rank had ended (Open MPI's "
+                  "mpirun can hang in its own finalize); the launcher killed it, and the ranks' own ends give "
+                  "the job's status", file=sys.stderr, flush=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
+
+
+#: Seconds mpirun gets to exit after every rank's relay has ended.
+HUNG_AFTER = 5.0
+
+
+def _relays_ended(path: str, size: int) -> bool:
+    """Whether each of the ``size`` ranks' relays has ended (its process gone,
+    or a zombie its parent, mpirun, does not reap), from their start notes."""
+    pids: dict[int, int] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    note = json.loads(line)
+                    if note.get("started") and "pid" in note:
+                        pids[int(note["rank"])] = int(note["pid"])
+    except OSError:
+        return False
+    if len(pids) < size:
+        return False
+    for pid in pids.values():
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone
+        if stat[stat.rfind(b")") + 2 :][:1] not in (b"Z", b"X"):
+            return False
+    return True
 
 
 def _print_verdict(extra: dict[str, str], since: float | None = None, carried_on: bool = False) -> None:
