@@ -54,9 +54,9 @@ import threading
 from typing import Any
 
 #: Payload bytes of the largest message that goes through an inbox.
-SMALL = 64 << 10
+SMALL = 256 << 10
 #: Bytes of each sender's ring (a power of two, a multiple of the page).
-RING_BYTES = 256 << 10
+RING_BYTES = 1 << 20
 _PAGE = 4096
 #: Bytes of each sender's region of an inbox: its control page, then its ring.
 REGION = _PAGE + RING_BYTES
