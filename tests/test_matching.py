@@ -311,6 +311,30 @@ def test_complete_messages_of_a_lost_peer_stay_receivable(loop):
         matcher.post(1, P2P, 0, 0, sig_of(msg), None, op(loop))
 
 
+@pytest.mark.parametrize("hole", ["announced", "half-sent"])
+def test_a_lost_peer_delivers_nothing_past_a_message_that_never_came_whole(loop, hole):
+    """Messages 1 and 3 arrived whole, message 2 was only announced (an RTS
+    whose payload never came) or only half sent, when the peer died: message
+    1 is delivered, then PeerLostError -- never message 3 in message 2's
+    place (found by tests/workers/inbox_moments.py "kill": a 256 KiB message
+    announced, an 8 KiB one after it through the ring, the sender killed)."""
+    matcher, waits, lost = make(loop)
+    msgs = [np.full(4, i, np.int32) for i in range(1, 4)]
+    sig = sig_of(msgs[0])
+    deliver(matcher.arrive(1, P2P, 0, 0, sig.encoded, 16), msgs[0].tobytes())
+    if hole == "announced":
+        matcher.announce(1, P2P, 0, 0, sig.encoded, 16, rid=7)
+    else:
+        matcher.arrive(1, P2P, 0, 0, sig.encoded, 16).view[:8] = bytes(8)
+    deliver(matcher.arrive(1, P2P, 0, 0, sig.encoded, 16), msgs[2].tobytes())
+    lost[1] = PeerLostError("rank 1 is gone", 1)
+    waits.fail_peer(1, lost[1])
+    matcher.drop_peer(1)
+    assert np.array_equal(matcher.post(1, P2P, 0, 0, sig, None, op(loop)).result(), msgs[0])
+    with pytest.raises(PeerLostError):
+        matcher.post(1, P2P, 0, 0, sig, None, op(loop))
+
+
 def test_aborting_a_context_fails_only_its_waits(loop):
     matcher, waits, _ = make(loop)
     msg = np.zeros(2, np.float32)

@@ -559,15 +559,21 @@ class Matcher:
 
     def drop_peer(self, src: int) -> None:
         """``src`` is lost: what it announced or half sent will never come.
-        (Complete messages stay receivable; the waits are failed by the WaitSet.)"""
+        Complete messages stay receivable up to the first that will never
+        come whole, and none after it: a receive must not take a later
+        message in its place (one announced, then a smaller one sent eagerly
+        or through the inbox, and the sender killed: its receive fails with
+        PeerLostError instead).  The waits are failed by the WaitSet."""
         box = self.boxes[src]
         box.posted.clear()
         box.cleared.clear()
         box.owed.clear()
         for key in list(box.arrived):
-            kept: collections.deque[Arrival | Announced] = collections.deque(
-                a for a in box.arrived[key] if type(a) is Arrival and a.complete
-            )
+            kept: collections.deque[Arrival | Announced] = collections.deque()
+            for a in box.arrived[key]:
+                if type(a) is not Arrival or not a.complete:
+                    break
+                kept.append(a)
             if kept:
                 box.arrived[key] = kept
             else:

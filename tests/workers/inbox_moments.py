@@ -196,15 +196,18 @@ elif mode == "kill":
         delay = 0.2 + random.random() * 0.4
         threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
     say("READY")
-    x = np.empty(1 << 10, np.int64)
+    # (8 KiB and the inbox's largest, in turn: the kill may land halfway through copying a large record)
+    shapes = [(1 << 10,), (inbox.SMALL // 8,)]
+    xs = [np.empty(shape, np.int64) for shape in shapes]
     i = 0
     while True:
         try:
             if r == 0:
+                x = xs[i % 2]
                 x.fill(i)
                 aiocomm.send(x, 1, timeout=60)
             else:
-                y = aiocomm.recv((1 << 10,), np.int64, 0, timeout=60)
+                y = aiocomm.recv(shapes[i % 2], np.int64, 0, timeout=60)
                 if not (y[0] == i and np.all(y == i)):
                     say(f"WRONG message {i}: {y[0]}")
         except aiocomm.CommError as exc:
