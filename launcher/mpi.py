@@ -74,7 +74,13 @@ def note(**fields):
                 f.write(json.dumps(dict(rank=int(rank), **fields)) + "\n")
         except OSError:
             pass
-note(started=True, pid=os.getpid())
+def where():
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() + " " + os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+note(started=True, pid=os.getpid(), where=where())
 proc = subprocess.Popen(sys.argv[2:], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 stopped = []
 trace = os.environ.get("AIOCOMM_TRACE_DIR")
@@ -325,6 +331,7 @@ def _wait(proc: subprocess.Popen[bytes], timeout: float | None, reports: str | N
     ignored; without this the launcher would wait for it for good."""
     deadline = None if timeout is None else time.monotonic() + timeout
     ended_at: float | None = None
+    last: tuple[int, bool] = (-1, False)
     while True:
         wait = 0.25
         if deadline is not None:
@@ -338,8 +345,10 @@ def _wait(proc: subprocess.Popen[bytes], timeout: float | None, reports: str | N
             continue
         if not _relays_ended(reports, size):
             ended_at = None
-        elif ended_at is None:
-            ended_at = time.monotonic()
+            continue
+        activity = _activity(proc.pid)
+        if ended_at is None or activity != last or activity[1]:  # (still writing the ranks' output: not hung)
+            ended_at, last = time.monotonic(), activity
         elif time.monotonic() - ended_at >= HUNG_AFTER:
             print(f"aiocomm-launch: mpirun did not exit {HUNG_AFTER:g} s after every rank had ended (Open MPI's "
                   "mpirun can hang in its own finalize); the launcher killed it, and the ranks' own ends give "
@@ -350,13 +359,42 @@ def _wait(proc: subprocess.Popen[bytes], timeout: float | None, reports: str | N
             return None
 
 
-#: Seconds mpirun gets to exit after every rank's relay has ended.
+#: Seconds mpirun gets to exit after every rank's relay has ended, while it
+#: writes nothing and waits to write nothing.
 HUNG_AFTER = 5.0
+
+
+def _where() -> str:
+    """This host's boot and pid namespace, as a relay notes its own (their pids are comparable if equal)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() + " " + os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _activity(pid: int) -> tuple[int, bool]:
+    """Bytes process ``pid`` has written so far, and whether one of its
+    threads waits to write (a reader of the job's output that is slow or
+    paused): a mpirun that still passes the ranks' output on is not hung."""
+    written, writing = -1, False
+    with contextlib.suppress(OSError, ValueError):
+        with open(f"/proc/{pid}/io") as f:
+            written = next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/wchan") as f:
+                wchan = f.read()
+            if "write" in wchan or wchan == "wait_woken":
+                writing = True
+    return written, writing
 
 
 def _relays_ended(path: str, size: int) -> bool:
     """Whether each of the ``size`` ranks' relays has ended (its process gone,
-    or a zombie its parent, mpirun, does not reap), from their start notes."""
+    or a zombie its parent, mpirun, does not reap), from their start notes
+    (all written on this host, in this pid namespace)."""
+    here = _where()
     pids: dict[int, int] = {}
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -364,6 +402,8 @@ def _relays_ended(path: str, size: int) -> bool:
                 with contextlib.suppress(ValueError, KeyError, TypeError):
                     note = json.loads(line)
                     if note.get("started") and "pid" in note:
+                        if not here or note.get("where") != here:
+                            return False  # (a relay on another host, or in another pid namespace: not ours to look at)
                         pids[int(note["rank"])] = int(note["pid"])
     except OSError:
         return False

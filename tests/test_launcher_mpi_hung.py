@@ -77,3 +77,23 @@ def test_a_rank_failed_and_mpirun_hangs(on_failure, status, last):
     assert HUNG in proc.stderr, detail
     assert proc.stderr.strip().splitlines()[-1].startswith(last), detail
     assert took < 30, detail
+
+
+def test_relays_are_judged_ended_only_from_notes_written_here(tmp_path):
+    """A relay that noted another boot or pid namespace (a rank placed on
+    another host through --mpirun-args, notes on a shared directory) is
+    never taken for ended because its pid is not in this host's /proc."""
+    from launcher import mpi
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(gone.stdout)
+    notes = tmp_path / "failures.jsonl"
+    here = mpi._where()
+    notes.write_text("".join(f'{{"rank": {r}, "started": true, "pid": {pid}, "where": "{here}"}}\n' for r in (0, 1)))
+    assert mpi._relays_ended(str(notes), 2)
+    assert not mpi._relays_ended(str(notes), 3)  # (rank 2 never noted its start)
+    with open(notes, "a") as f:
+        f.write(f'{{"rank": 2, "started": true, "pid": {pid}, "where": "another host"}}\n')
+    assert not mpi._relays_ended(str(notes), 3)
+    notes.write_text(f'{{"rank": 0, "started": true, "pid": {os.getpid()}, "where": "{here}"}}\n')
+    assert not mpi._relays_ended(str(notes), 1)  # (this process runs)

@@ -335,6 +335,26 @@ def test_a_lost_peer_delivers_nothing_past_a_message_that_never_came_whole(loop,
         matcher.post(1, P2P, 0, 0, sig, None, op(loop))
 
 
+def test_a_lost_peer_delivers_nothing_past_a_message_whose_receive_timed_out_before_its_payload(loop):
+    """A's receive is cleared (its CTS went out) and times out before A's
+    payload is in; B, sent after A, arrived whole; then the peer dies.  A
+    will never come, so the next receive raises PeerLostError rather than
+    take B in A's place (found by review: the first fix of drop_peer looked
+    only at the messages waiting for a receive)."""
+    matcher, waits, lost = make(loop)
+    a, b = np.full(8, 1.0, np.float32), np.full(8, 2.0, np.float32)
+    first = matcher.post(1, P2P, 0, 0, sig_of(a), None, op(loop, timeout=0.0))
+    matcher.announce(1, P2P, 0, 0, sig_of(a).encoded, a.nbytes, rid=1)
+    deliver(matcher.arrive(1, P2P, 0, 0, sig_of(b).encoded, b.nbytes), b.tobytes())
+    loop.run_until_complete(asyncio.sleep(0.02))
+    assert isinstance(first.exception(), CommTimeoutError)
+    lost[1] = PeerLostError("rank 1 is gone", 1)
+    waits.fail_peer(1, lost[1])
+    matcher.drop_peer(1)
+    with pytest.raises(PeerLostError):
+        matcher.post(1, P2P, 0, 0, sig_of(a), None, op(loop))
+
+
 def test_aborting_a_context_fails_only_its_waits(loop):
     matcher, waits, _ = make(loop)
     msg = np.zeros(2, np.float32)

@@ -563,15 +563,22 @@ class Matcher:
         come whole, and none after it: a receive must not take a later
         message in its place (one announced, then a smaller one sent eagerly
         or through the inbox, and the sender killed: its receive fails with
-        PeerLostError instead).  The waits are failed by the WaitSet."""
+        PeerLostError instead).  A message a receive took whose payload
+        never came (``owed``: that receive timed out, or fails now) is such
+        a hole too.  The waits are failed by the WaitSet."""
         box = self.boxes[src]
+        holes: dict[Key, int] = {}  # per key, the first message taken by a receive whose payload never came
+        for pending in box.owed:
+            if pending.key is not None:
+                holes[pending.key] = min(holes.get(pending.key, pending.seq), pending.seq)
         box.posted.clear()
         box.cleared.clear()
         box.owed.clear()
         for key in list(box.arrived):
+            hole = holes.get(key)
             kept: collections.deque[Arrival | Announced] = collections.deque()
             for a in box.arrived[key]:
-                if type(a) is not Arrival or not a.complete:
+                if type(a) is not Arrival or not a.complete or (hole is not None and a.seq > hole):
                     break
                 kept.append(a)
             if kept:
