@@ -383,6 +383,7 @@ def _activity(pid: int) -> tuple[int, bool]:
             written = next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
     with contextlib.suppress(OSError):
         for task in os.listdir(f"/proc/{pid}/task"):
+            wchan = ""  # (a thread that ended meanwhile)
             with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/wchan") as f:
                 wchan = f.read()
             if "write" in wchan or wchan == "wait_woken":
