@@ -332,6 +332,7 @@ def _wait(proc: subprocess.Popen[bytes], timeout: float | None, reports: str | N
     deadline = None if timeout is None else time.monotonic() + timeout
     ended_at: float | None = None
     last: tuple[int, bool] = (-1, False)
+    pids: list[int] | None = None  # every relay's, once all noted their start
     while True:
         wait = 0.25
         if deadline is not None:
@@ -343,7 +344,9 @@ def _wait(proc: subprocess.Popen[bytes], timeout: float | None, reports: str | N
             return proc.wait(timeout=wait)
         if reports is None:
             continue
-        if not _relays_ended(reports, size):
+        if pids is None:
+            pids = _relay_pids(reports, size)
+        if pids is None or not _ended(pids):
             ended_at = None
             continue
         activity = _activity(proc.pid)
@@ -391,10 +394,11 @@ def _activity(pid: int) -> tuple[int, bool]:
     return written, writing
 
 
-def _relays_ended(path: str, size: int) -> bool:
-    """Whether each of the ``size`` ranks' relays has ended (its process gone,
-    or a zombie its parent, mpirun, does not reap), from their start notes
-    (all written on this host, in this pid namespace)."""
+def _relay_pids(path: str, size: int) -> list[int] | None:
+    """The pids of the ``size`` ranks' relays, from their start notes; None
+    until each has noted its start, or if one noted it on another host or in
+    another pid namespace (a rank placed elsewhere through ``--mpirun-args``,
+    notes on a shared directory: its pid means nothing here)."""
     here = _where()
     pids: dict[int, int] = {}
     try:
@@ -404,13 +408,17 @@ def _relays_ended(path: str, size: int) -> bool:
                     note = json.loads(line)
                     if note.get("started") and "pid" in note:
                         if not here or note.get("where") != here:
-                            return False  # (a relay on another host, or in another pid namespace: not ours to look at)
+                            return None
                         pids[int(note["rank"])] = int(note["pid"])
     except OSError:
-        return False
-    if len(pids) < size:
-        return False
-    for pid in pids.values():
+        return None
+    return list(pids.values()) if len(pids) >= size else None
+
+
+def _ended(pids: list[int]) -> bool:
+    """Whether each of these processes has ended (gone, or a zombie its
+    parent, mpirun, does not reap)."""
+    for pid in pids:
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 stat = f.read()

@@ -23,26 +23,24 @@ import pytest
 
 from .conftest import ROOT, WORKERS, clean_env
 
-STUCK = str(WORKERS / "stuck_mpirun.py")
+STUCK = WORKERS / "stuck_mpirun.py"
 HUNG = "aiocomm-launch: mpirun did not exit"
 
 
-def _launch(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
-    cmd = [sys.executable, "-m", "launcher", "--backend", "mpi", "--mpirun", STUCK, "-n", "3", *args]
+def _launch(mpirun: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    cmd = [sys.executable, "-m", "launcher", "--backend", "mpi", "--mpirun", str(mpirun), "-n", "3", *args]
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60)
     return proc, time.monotonic() - started
 
 
-
-@pytest.fixture(autouse=True)
-def _executable_stand_in(tmp_path, monkeypatch):
-    """The launcher runs ``--mpirun`` as a program: a script with a shebang of this Python."""
+@pytest.fixture
+def stuck(tmp_path):
+    """The stand-in as a program (the launcher runs ``--mpirun`` so): the script with a shebang of this Python."""
     script = tmp_path / "mpirun"
-    script.write_text(f"#!{sys.executable}\n" + open(STUCK).read())
+    script.write_text(f"#!{sys.executable}\n" + STUCK.read_text())
     script.chmod(0o755)
-    monkeypatch.setattr(sys.modules[__name__], "STUCK", str(script))
-    yield
+    yield script
     for proc in Path("/proc").iterdir():  # a stand-in the launcher left behind (it must not)
         try:
             if str(script).encode() in (proc / "cmdline").read_bytes():
@@ -52,8 +50,8 @@ def _executable_stand_in(tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(90)
-def test_every_rank_exited_0_and_mpirun_hangs():
-    proc, took = _launch(sys.executable, str(WORKERS / "exit_as_told.py"))
+def test_every_rank_exited_0_and_mpirun_hangs(stuck):
+    proc, took = _launch(stuck, sys.executable, str(WORKERS / "exit_as_told.py"))
     detail = proc.stdout + proc.stderr
     assert proc.returncode == 0, detail
     for rank in range(3):
@@ -67,11 +65,11 @@ def test_every_rank_exited_0_and_mpirun_hangs():
     ("stop", 3, "aiocomm-launch: rank 1 exited with code 3"),
     ("continue", 0, "aiocomm-launch: the job carried on without rank 1 (exited with code 3); ranks 0, 2 exited 0"),
 ])
-def test_a_rank_failed_and_mpirun_hangs(on_failure, status, last):
+def test_a_rank_failed_and_mpirun_hangs(stuck, on_failure, status, last):
     """Rank 1 fails a second before the others exit 0: the status and the
     launcher's last word are what they are when mpirun exits (with
     ``continue`` the job carried on without rank 1)."""
-    proc, took = _launch("--on-failure", on_failure, sys.executable, str(WORKERS / "exit_as_told.py"), "1=3")
+    proc, took = _launch(stuck, "--on-failure", on_failure, sys.executable, str(WORKERS / "exit_as_told.py"), "1=3")
     detail = proc.stdout + proc.stderr
     assert proc.returncode == status, detail
     assert HUNG in proc.stderr, detail
@@ -85,15 +83,19 @@ def test_relays_are_judged_ended_only_from_notes_written_here(tmp_path):
     never taken for ended because its pid is not in this host's /proc."""
     from launcher import mpi
 
+    def relays_ended(path: str, size: int) -> bool:  # (what the launcher's wait asks)
+        pids = mpi._relay_pids(path, size)
+        return pids is not None and mpi._ended(pids)
+
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(gone.stdout)
     notes = tmp_path / "failures.jsonl"
     here = mpi._where()
     notes.write_text("".join(f'{{"rank": {r}, "started": true, "pid": {pid}, "where": "{here}"}}\n' for r in (0, 1)))
-    assert mpi._relays_ended(str(notes), 2)
-    assert not mpi._relays_ended(str(notes), 3)  # (rank 2 never noted its start)
+    assert relays_ended(str(notes), 2)
+    assert not relays_ended(str(notes), 3)  # (rank 2 never noted its start)
     with open(notes, "a") as f:
         f.write(f'{{"rank": 2, "started": true, "pid": {pid}, "where": "another host"}}\n')
-    assert not mpi._relays_ended(str(notes), 3)
+    assert not relays_ended(str(notes), 3)
     notes.write_text(f'{{"rank": 0, "started": true, "pid": {os.getpid()}, "where": "{here}"}}\n')
-    assert not mpi._relays_ended(str(notes), 1)  # (this process runs)
+    assert not relays_ended(str(notes), 1)  # (this process runs)
