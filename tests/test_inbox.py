@@ -97,11 +97,13 @@ def test_a_receive_from_a_frozen_rank_times_out_and_loses_nothing(tmp_path):
 
 
 @pytest.mark.timeout(90)
-def test_sends_to_a_frozen_rank_time_out(tmp_path):
-    """Rank 1 is SIGSTOPped; rank 0 keeps sending 4 KiB messages with
-    timeout=2: once the ring, the credit and the socket are full, a send
-    raises CommTimeoutError instead of hanging."""
-    procs = spawn_world(2, tmp_path, [str(WORKERS / "inbox_moments.py"), "frozen_receiver"],
+@pytest.mark.parametrize("size", ["4K", "parts"])
+def test_sends_to_a_frozen_rank_time_out(tmp_path, size):
+    """Rank 1 is SIGSTOPped; rank 0 keeps sending 4 KiB messages (or 1 MiB,
+    in parts) with timeout=2: once the ring, the credit and the socket are
+    full (or a part finds no room), a send raises CommTimeoutError instead
+    of hanging."""
+    procs = spawn_world(2, tmp_path, [str(WORKERS / "inbox_moments.py"), "frozen_receiver", size],
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = procs[0].communicate(timeout=80)
@@ -111,7 +113,45 @@ def test_sends_to_a_frozen_rank_time_out(tmp_path):
             p.kill()
     m = re.search(r"SENDFAILED (\w+) after (\d+) in ([\d.]+)s", out)
     assert m is not None and m.group(1) == "CommTimeoutError", out + err[-3000:]
-    assert int(m.group(2)) > 0, out  # (some went before the buffers filled)
+    if size == "4K":
+        assert int(m.group(2)) > 0, out  # (some went before the buffers filled)
+    else:  # (the first part fits; the second waits for room until the send's deadline)
+        assert int(m.group(2)) == 0 and 2.0 <= float(m.group(3)) < 4.0, out
+
+
+@pytest.mark.timeout(60)
+def test_a_receive_from_a_rank_frozen_halfway_through_a_message_in_parts(tmp_path):
+    """Rank 0 is SIGSTOPped after the first part of a 1 MiB message: rank
+    1's receive times out; thawed, rank 0 finishes it, and rank 1's next
+    receive gets it whole, then the message sent after it."""
+    seen, outs, _ = thawed(tmp_path, [str(WORKERS / "inbox_moments.py"), "stopped_parts"], timeout=40)
+    m = re.search(r"TIMEDOUT ([\d.]+)", seen)
+    assert m is not None and float(m.group(1)) < 3.0, seen
+    assert "OK GOT [0, True, 1]" in outs[1][0], outs
+    assert "SENT" in outs[0][0], outs
+
+
+@pytest.mark.timeout(60)
+def test_messages_sent_after_one_in_parts_do_not_overtake_it():
+    """The receiving thread takes a message's first part, then is held up;
+    the rest of it, a message through the inbox and one over TCP come
+    meanwhile.  The next receives get the three in the order sent."""
+    proc = launch(2, "inbox_moments.py", "overtaking_parts", timeout=50)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "[rank 1] OK GOT [3, 4, 5]" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_killed_halfway_through_a_message_in_parts(tmp_path):
+    """Rank 0 SIGKILLs itself after the first part of a 1 MiB message:
+    rank 1's receive raises PeerLostError naming it within 5 s; no half
+    message is delivered."""
+    out, err, died, code = killed(tmp_path, [str(WORKERS / "inbox_moments.py"), "killed_parts"], 0)
+    detail = f"{out}\n{err[-3000:]}"
+    assert code == -signal.SIGKILL, detail
+    m = re.search(r"FAILED (\w+) at ([\d.]+) after 0 INBOX (\d+) \| (.*)", out)
+    assert m is not None and m.group(1) == "PeerLostError" and "rank 0" in m.group(4), detail
+    assert float(m.group(2)) - died < 5.0, "the survivor noticed too late\n" + detail
 
 
 @pytest.mark.timeout(60)
@@ -152,29 +192,65 @@ def _pair(rank: int = 1) -> tuple[inbox.Inbox, inbox.Outlet]:
 
 
 def test_records_wrap_around_the_ring_whole_and_in_order():
+    """Whole messages and messages in parts (a first part with the message's
+    size, then parts that carry only bytes), many times around the ring."""
     box, outlet = _pair()
     ring = box.ring(1)
     rng = np.random.default_rng(5)
     sent = taken = 0
     expected: dict[int, tuple[bytes, bytes]] = {}
-    for _ in range(3000):  # (many times around: every offset meets the ring's end)
+    more: list[memoryview] = []  # the parts of the message in parts being written, still to write
+    got = bytearray()  # the parts of the message in parts being read, so far
+    total = 0
+    for _ in range(6000):  # (many times around: every offset meets the ring's end)
         if rng.random() < 0.55:
-            payload = rng.integers(0, 256, int(rng.integers(0, 9000)), dtype=np.uint8)
+            if more:
+                if outlet.put_more(sent * 3, more[0]):
+                    more.pop(0)
+                    sent += not more
+                continue
+            parts = int(rng.integers(1, 4))
+            payload = rng.integers(0, 256, int(rng.integers(0 if parts == 1 else parts, 9000)), dtype=np.uint8)
             meta = bytes([sent % 251]) * int(rng.integers(1, 40))
-            if outlet.put(sent, sent * 3, meta, memoryview(payload)):
+            cut = [memoryview(payload)[k * len(payload) // parts : (k + 1) * len(payload) // parts]
+                   for k in range(parts)]
+            if outlet.put(sent, sent * 3, meta, cut[0], len(payload) if parts > 1 else -1):
                 expected[sent] = (meta, payload.tobytes())
-                sent += 1
+                more = cut[1:]
+                sent += not more
         else:
             record = ring.peek()
             if record is None:
                 assert taken == sent
                 continue
-            mark, context, meta, at, nbytes, after = record
-            assert (mark, context) == (taken, taken * 3)
-            assert (meta, ring.payload(at, nbytes).tobytes()) == expected.pop(taken)
+            mark, context, meta, at, nbytes, after, size = record
+            assert context == taken * 3
+            if size == -1:  # (a later part)
+                assert got, "a later part without its first"
+                got += ring.payload(at, nbytes)
+            else:
+                assert not got and mark == taken
+                total, got = size, bytearray(ring.payload(at, nbytes))
+                first_meta = meta
+            if len(got) < total:
+                ring.advance(after, False)
+                continue
+            assert (first_meta, bytes(got)) == expected.pop(taken)
+            got = bytearray()
             ring.advance(after)
             taken += 1
     assert sent > 1000 and ring.taken == taken
+    box.close()
+    outlet.close()
+
+
+def test_a_stalled_sender_is_heard_once():
+    box, outlet = _pair(2)
+    assert box.stalled() == []
+    outlet.stall()
+    assert os.eventfd_read(box.bell) == 1
+    assert box.stalled() == [2]
+    assert box.stalled() == []  # (the word is cleared by the look)
     box.close()
     outlet.close()
 
@@ -191,6 +267,7 @@ def test_a_full_ring_refuses_and_takes_again_once_read():
     assert record is not None and record[0] == 0
     ring.advance(record[5])
     assert outlet.put(count, 0, b"m", chunk)  # (room again)
+    assert not outlet.put_more(0, chunk)  # (a part takes room as a record does)
     box.close()
     outlet.close()
 

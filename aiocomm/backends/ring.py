@@ -522,9 +522,11 @@ class RingBackend:
 
     def _send_here(self, group: GroupState, x: np.ndarray, dst: int, timeout: float) -> None:
         """A blocking ``send``: through the peer's inbox from this thread if
-        it can go that way now (see :meth:`Mesh.send_small`), else on the loop."""
+        it can go that way now (see :meth:`Mesh.send_small`: also a message
+        in parts, up to ``cma.CMA_FROM``), else on the loop."""
         mesh = self.mesh
-        if not mesh.send_small(group.members[dst], group.context, signature("send", x.dtype, x.shape), x):
+        if not mesh.send_small(group.members[dst], group.context, signature("send", x.dtype, x.shape), x,
+                               time.monotonic() + timeout, timeout):
             portal.run(mesh.loop, self.send(group, x, dst, timeout), "send")
 
     def _recv_here(self, group: GroupState, shape: tuple[int, ...], dtype: np.dtype, src: int,

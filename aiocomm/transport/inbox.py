@@ -30,6 +30,23 @@ from the socket is routed, the records written before it (marks up to its
 first byte) are taken first.  So messages between two ranks keep the order
 they were sent in, whichever way each one went.
 
+Messages larger than :data:`SMALL` and smaller than ``cma.CMA_FROM`` go
+the same way from a blocking sender's thread, in *parts* of at most
+:data:`SMALL` bytes, so that the receiver copies one part out while the
+sender copies the next in.  The first part's record carries the signature
+and the message's whole size; the others (``_MORE``) carry only their
+bytes, and no other record comes between them (the sender holds its
+outlet's lock throughout).  The sender takes credit for the whole message
+before its first part, so the receiver's loop may take the parts into a
+buffer of its own when no receive is there for them: a sender that finds no
+room for a part sets ``STALLED`` and rings the bell, and the loop then
+drains that ring whether or not a receive waits for it.  A receiver knows a
+message only once its last part is in (a part-taken message whose sender is
+lost is one that never came whole: see ``Matcher.drop_peer``); a sender that
+cannot finish one (its deadline passed while the receiver took nothing, or
+it was interrupted) closes the connection rather than leave half a message
+behind, as the TCP path does with a frame it could not finish.
+
 Ring: ``TAIL`` (written only by the sender) and ``HEAD`` (only by the
 receiver) are byte counts that only grow.  A record is written whole, then
 ``TAIL`` is published; x86's store order makes the record visible before the
@@ -60,8 +77,9 @@ RING_BYTES = 1 << 20
 _PAGE = 4096
 #: Bytes of each sender's region of an inbox: its control page, then its ring.
 REGION = _PAGE + RING_BYTES
-#: Control words (int64 indices, a cache line apart).
-TAIL, HEAD, WAITING = 0, 8, 16
+#: Control words (int64 indices, a cache line apart).  ``STALLED``: set by
+#: the sender when a part of a message found no room, cleared by the receiver.
+TAIL, HEAD, WAITING, STALLED = 0, 8, 16, 24
 #: A record's header: mark, context, meta bytes, payload bytes.
 RECORD = struct.Struct("<qQII")
 _pack = RECORD.pack
@@ -69,6 +87,9 @@ _unpack_from = RECORD.unpack_from
 _HEAD_BYTES = RECORD.size
 _WRAP = RING_BYTES - 1
 _SKIP = 0xFFFFFFFF  # a record's meta size that says: go on at the ring's start
+_MORE = 0xFFFFFFFE  # a record's meta size that says: the next part of the message begun before
+_FIRST = 1 << 30  # in a record's meta size: the first part; the message's size follows its meta
+_TOTAL = struct.Struct("<q")
 _NAME = "aiocomm-inbox"
 _SYS_PIDFD_GETFD = 438
 _PUNCH_HOLE, _KEEP_SIZE = 0x02, 0x01  # fallocate's FALLOC_FL_PUNCH_HOLE, FALLOC_FL_KEEP_SIZE
@@ -130,7 +151,7 @@ class Ring:
     """The receiver's view of one sender's ring (its lock: one reader at a
     time, the loop or a caller spinning for a message)."""
 
-    __slots__ = ("control", "data", "lock", "taken", "dead")
+    __slots__ = ("control", "data", "lock", "taken", "dead", "partial")
 
     def __init__(self, control: memoryview, data: memoryview) -> None:
         self.control = control  # int64 words
@@ -138,6 +159,9 @@ class Ring:
         self.lock = threading.Lock()
         self.taken = 0  # messages taken out of it (under the lock)
         self.dead = False  # its sender was lost: nothing more is taken out of it (set under the lock)
+        #: A message taken part by part, not whole yet (under the lock): who
+        #: takes the rest (the mesh's to set; None: no message is halfway)
+        self.partial: Any = None
 
     def used(self) -> bool:
         """Whether its sender ever wrote into it."""
@@ -147,9 +171,11 @@ class Ring:
         control = self.control
         return control[HEAD] == control[TAIL]
 
-    def peek(self) -> tuple[int, int, bytes, int, int, int] | None:
+    def peek(self) -> tuple[int, int, bytes, int, int, int, int] | None:
         """The oldest record: ``(mark, context, meta, payload offset, payload
-        bytes, where the next record begins)``, or None.  Call with the lock."""
+        bytes, where the next record begins, the message's bytes)``, or None
+        (the message's bytes: the payload's, for a whole message; more, for
+        its first part; -1 for a later part).  Call with the lock."""
         control = self.control
         head = control[HEAD]
         while head != control[TAIL]:
@@ -159,22 +185,31 @@ class Ring:
                 control[HEAD] = head
                 continue
             mark, context, meta_len, nbytes = _unpack_from(self.data, at)
+            start = at + _HEAD_BYTES
+            if meta_len < _FIRST:
+                return (mark, context, self.data[start : start + meta_len].tobytes(), start + meta_len, nbytes,
+                        head + record_bytes(meta_len, nbytes), nbytes)
             if meta_len == _SKIP:
                 head += RING_BYTES - at
                 control[HEAD] = head
                 continue
-            start = at + _HEAD_BYTES
-            return (mark, context, self.data[start : start + meta_len].tobytes(), start + meta_len, nbytes,
-                    head + record_bytes(meta_len, nbytes))
+            if meta_len == _MORE:
+                return mark, context, b"", start, nbytes, head + record_bytes(0, nbytes), -1
+            meta_len -= _FIRST
+            (total,) = _TOTAL.unpack_from(self.data, start + meta_len)
+            return (mark, context, self.data[start : start + meta_len].tobytes(), start + meta_len + 8, nbytes,
+                    head + record_bytes(meta_len + 8, nbytes), total)
         return None
 
     def payload(self, at: int, nbytes: int) -> memoryview:
         return self.data[at : at + nbytes]
 
-    def advance(self, head: int) -> None:
-        """The record before ``head`` is taken: its room goes back to the sender."""
+    def advance(self, head: int, whole: bool = True) -> None:
+        """The record before ``head`` is taken: its room goes back to the
+        sender (``whole``: it ended a message)."""
         self.control[HEAD] = head
-        self.taken += 1
+        if whole:
+            self.taken += 1
 
     def waiting(self, flag: bool) -> None:
         self.control[WAITING] = int(flag)
@@ -192,6 +227,7 @@ class Inbox:
             os.ftruncate(self.fd, size * REGION)  # (sparse: a region's pages exist once its sender writes)
             # (never unmapped: a caller's thread may still look at a ring as the engine shuts down)
             _, self._view = _map(self.fd, size * REGION, 0)
+            self._words = self._view.cast("q")
             self.bell = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         except BaseException:
             self.close()
@@ -205,6 +241,14 @@ class Inbox:
             ring = self._rings.setdefault(src, Ring(self._view[base : base + _PAGE].cast("q"),
                                                     self._view[base + _PAGE : base + REGION]))
         return ring
+
+    def stalled(self) -> list[int]:
+        """The senders that wait for room in their ring (their word cleared)."""
+        words, step = self._words, REGION // 8
+        found = [src for src in range(self.size) if words[src * step + STALLED]]
+        for src in found:
+            words[src * step + STALLED] = 0
+        return found
 
     def taken(self) -> int:
         """Messages taken out of this inbox so far."""
@@ -242,7 +286,7 @@ class Outlet:
     """The sender's side of its ring in a peer's inbox (its lock: one writer
     at a time, whichever thread sends)."""
 
-    __slots__ = ("control", "data", "bell", "lock", "_address", "_fence")
+    __slots__ = ("control", "data", "bell", "lock", "torn", "_address", "_fence")
 
     def __init__(self, pid: int, inbox_fd: int, bell_fd: int, rank: int) -> None:
         """Map region ``rank`` of the inbox of process ``pid`` (descriptors
@@ -269,14 +313,28 @@ class Outlet:
         self.control = view[:_PAGE].cast("q")
         self.data = view[_PAGE:]
         self.lock = threading.Lock()
+        self.torn = False  # a message stopped halfway: nothing more goes this way (set with the lock)
         self._fence = threading.Lock()
 
-    def put(self, mark: int, context: int, meta: bytes, payload: memoryview) -> bool:
+    def put(self, mark: int, context: int, meta: bytes, payload: memoryview, total: int = -1) -> bool:
         """Write one record, if there is room (call with the lock; ``payload``:
-        the message's bytes).  Whether it was written."""
+        the message's bytes; ``total``: the first part of a message of that
+        many bytes).  Whether it was written."""
         nbytes = len(payload)
-        head_end = _HEAD_BYTES + len(meta)
-        need = record_bytes(len(meta), nbytes)
+        if total < 0:
+            head = _pack(mark, context, len(meta), nbytes) + meta
+        else:
+            head = _pack(mark, context, len(meta) | _FIRST, nbytes) + meta + _TOTAL.pack(total)
+        return self._write(head, payload)
+
+    def put_more(self, context: int, payload: memoryview) -> bool:
+        """Write the next part of the message begun by :meth:`put`, if there is room."""
+        return self._write(_pack(0, context, _MORE, len(payload)), payload)
+
+    def _write(self, head: bytes, payload: memoryview) -> bool:
+        nbytes = len(payload)
+        head_end = len(head)
+        need = (head_end + nbytes + 7) & ~7
         control, data = self.control, self.data
         tail = control[TAIL]
         at = tail & _WRAP
@@ -290,7 +348,7 @@ class Outlet:
             at = 0
         elif tail + need - control[HEAD] > RING_BYTES:
             return False
-        data[at : at + head_end] = _pack(mark, context, len(meta), nbytes) + meta
+        data[at : at + head_end] = head
         if nbytes:
             data[at + head_end : at + head_end + nbytes] = payload
         control[TAIL] = tail + need  # (published after the record: x86 keeps stores in order)
@@ -305,6 +363,16 @@ class Outlet:
                 os.eventfd_write(self.bell, 1)
             except OSError:  # (closed: the connection is ending)
                 pass
+
+    def stall(self) -> None:
+        """No room for the next part: ask the receiver's loop to take what is there."""
+        self.control[STALLED] = 1
+        with self._fence:  # (the word is out before the bell)
+            pass
+        try:
+            os.eventfd_write(self.bell, 1)
+        except OSError:
+            pass
 
     def close(self) -> None:
         """Close the bell and unmap the ring (call with the lock, once no

@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import results, wire
 from ..config import WorldSpec, buffer_budget, poll_seconds, transport
-from ..errors import CommError, OutOfMemoryError, PeerLostError, ProtocolError
+from ..errors import CommError, CommTimeoutError, OutOfMemoryError, PeerLostError, ProtocolError
 from ..wire import Header, Kind, Signature, Sink
 from . import cma, inbox
 from .connections import Connections
@@ -56,6 +56,7 @@ _DATA_KINDS = wire.DATA_KINDS
 _RTS_TRAILER = wire.RTS_TRAILER
 _HEADER_SIZE = wire.HEADER_SIZE
 _P2P = int(Kind.P2P)
+_RTS = int(Kind.RTS)
 _SMALL = inbox.SMALL
 #: Arrays offered to senders that may still write into them after this rank
 #: stopped waiting (the sender was lost, or this mesh closed): kept for the
@@ -64,6 +65,44 @@ _KEPT: list[np.ndarray] = []
 _EMPTY = b""
 #: Seconds between the loop's looks at the rings it waits on (see Mesh._wait_on).
 POLL_RINGS = 0.01
+#: Seconds a caller taking a message part by part waits for its next part
+#: before it hands the rest to the loop (its sender was held up).
+PART_PATIENCE = 0.001
+#: Seconds a sender waits for room for its next part before it rings the
+#: receiver's bell (its loop then takes what is there), and before it sleeps
+#: between looks.
+STALL_RING, STALL_SLEEP = 0.0001, 0.002
+
+
+class _Taking:
+    """A message the loop takes out of a ring part by part (``Ring.partial``):
+    where its bytes go, how many are in, how many it has."""
+
+    __slots__ = ("sink", "view", "off", "total")
+
+    def __init__(self, sink: Sink, view: memoryview | None, off: int, total: int) -> None:
+        self.sink = sink
+        self.view = view
+        self.off = off
+        self.total = total
+
+
+class _Caller:
+    """A message a caller's thread takes part by part (``Ring.partial``): its
+    first ``off`` bytes are in ``got`` (both changed only with the ring's
+    lock).  The loop takes it over (:meth:`Mesh._adopt`) once the caller
+    leaves it (``handed``), or at once when the order of what comes after
+    it requires (a frame from the socket sent after it; its sender lost)."""
+
+    __slots__ = ("context", "meta", "got", "off", "total", "handed")
+
+    def __init__(self, context: int, meta: bytes, got: memoryview, off: int) -> None:
+        self.context = context
+        self.meta = meta
+        self.got = got
+        self.off = off
+        self.total = len(got)
+        self.handed = False
 #: The context of the bring-up barrier (never a group's: those are 0 or odd).
 BRING_UP_CONTEXT = (1 << 64) - 2
 
@@ -246,8 +285,10 @@ class Mesh:
             self._started[src] = at + _HEADER_SIZE + meta_len + payload_len
             self.routed[src] = at
             ring = self.inbox.ring(src)
-            if not ring.empty():
-                self._drain(src, ring, at)  # the small messages sent before this frame go first
+            if not ring.empty() or ring.partial is not None:
+                # (the small messages sent before this frame go first; a message
+                # a caller takes part by part too, if this frame may be of its key)
+                self._drain(src, ring, at, kind == _P2P or kind == _RTS)
         if kind in _DATA_KINDS:
             if context in self.broken:
                 self.credit(src, payload_len)
@@ -288,36 +329,82 @@ class Mesh:
             self.routed[src] = self._started[src]
         if self.inbox is not None:
             ring = self.inbox.ring(src)
-            if not ring.empty():
+            if not ring.empty() or ring.partial is not None:
                 self._drain(src, ring, self.routed[src])
 
     # ---- small messages through the inbox (see inbox)
 
-    def _drain(self, src: int, ring: inbox.Ring, upto: int) -> None:
+    def _drain(self, src: int, ring: inbox.Ring, upto: int, steal: bool = False) -> None:
         """Route the records of ``src``'s ring whose marks are at most
         ``upto`` bytes of its connection, as frames from the socket are."""
         with ring.lock:
-            self._drain_locked(src, ring, upto)
+            self._drain_locked(src, ring, upto, steal)
 
-    def _drain_locked(self, src: int, ring: inbox.Ring, upto: int) -> None:
-        """:meth:`_drain`, its ring's lock held."""
+    def _drain_locked(self, src: int, ring: inbox.Ring, upto: int, steal: bool = False) -> None:
+        """:meth:`_drain`, its ring's lock held.  ``steal``: take over a
+        message a caller's thread is taking part by part (else nothing
+        after it is taken meanwhile)."""
         while not ring.dead:
+            partial = ring.partial
+            if partial is not None and type(partial) is _Caller:
+                if not (steal or partial.handed):
+                    return
+                partial = self._adopt(src, ring, partial)
             record = ring.peek()
             if record is None:
                 return
-            mark, context, meta, at, nbytes, after = record
+            mark, context, meta, at, nbytes, after, total = record
+            if partial is not None:  # the next part of the message the loop is taking
+                if total != -1:
+                    raise ProtocolError(f"rank {src} began a message in this rank's inbox before its last was whole")
+                view, off = partial.view, partial.off
+                if view is not None and nbytes:
+                    view[off : off + nbytes] = ring.payload(at, nbytes)
+                off += nbytes
+                if off < partial.total:
+                    partial.off = off
+                    ring.advance(after, False)
+                    continue
+                ring.partial = None
+                ring.advance(after)
+                partial.sink.done()
+                continue
             if mark > upto:
                 return
+            if total < 0:
+                raise ProtocolError(f"rank {src} wrote part of a message into this rank's inbox without its start")
             if context in self.broken:
-                ring.advance(after)
-                self.credit(src, nbytes)
-                continue
-            sink = self.matcher.arrive(src, _P2P, context, 0, meta, nbytes)
+                sink = Sink(None)
+                self.credit(src, total)
+            else:
+                sink = self.matcher.arrive(src, _P2P, context, 0, meta, total)
             view = sink.view
             if view is not None and nbytes:
-                view[:] = ring.payload(at, nbytes)
-            ring.advance(after)
-            sink.done()
+                view[:nbytes] = ring.payload(at, nbytes)
+            if total == nbytes:
+                ring.advance(after)
+                sink.done()
+            else:  # the first part of a larger message
+                ring.partial = _Taking(sink, view, nbytes, total)
+                ring.advance(after, False)
+
+    def _adopt(self, src: int, ring: inbox.Ring, handed: _Caller) -> _Taking:
+        """The loop takes over a message a caller's thread began to take (its
+        parts so far go where the message goes, as if the loop had taken them)."""
+        if handed.context in self.broken:
+            sink = Sink(None)
+            self.credit(src, handed.total)
+        else:
+            sink = self.matcher.arrive(src, _P2P, handed.context, 0, handed.meta, handed.total)
+        view = sink.view
+        if view is not None and handed.off:
+            view[: handed.off] = handed.got[: handed.off]
+        taking = ring.partial = _Taking(sink, view, handed.off, handed.total)
+        return taking
+
+    def _drain_soon(self, src: int) -> None:
+        assert self.inbox is not None
+        self._drain(src, self.inbox.ring(src), self.routed[src])
 
     def _wait_on(self, src: int, ring: inbox.Ring) -> None:
         """Wait on ``src``'s ring (a receive from it is posted here): the
@@ -340,30 +427,41 @@ class Mesh:
         assert self.inbox is not None
         if bell:
             self.inbox.quiet()
+            for src in self.inbox.stalled():  # (a sender waits for room for a part: take what is there)
+                self._drain(src, self.inbox.ring(src), self.routed[src])
         for src in list(self._waiting):
             ring = self.inbox.ring(src)
-            if not any(self.matcher.boxes[src].posted.values()):  # (nothing waits for it here now)
+            # (nothing waits for it here now, and no message is halfway through it)
+            if ring.partial is None and not any(self.matcher.boxes[src].posted.values()):
                 self._waiting.discard(src)
                 ring.waiting(False)
             self._drain(src, ring, self.routed[src])
 
-    def send_small(self, dst: int, context: int, sig: Signature, data: np.ndarray) -> bool:
+    def send_small(self, dst: int, context: int, sig: Signature, data: np.ndarray, until: float | None = None,
+                   timeout: float = 0.0) -> bool:
         """Send a message of at most ``inbox.SMALL`` bytes through ``dst``'s
         inbox, from any thread, if it can go that way now (an open connection
         to a peer on this host with room in its ring and credit).  Whether it
-        went; if not, nothing happened."""
+        went; if not, nothing happened.  With ``until`` (a blocking caller's
+        deadline, monotonic, after ``timeout`` seconds), a message smaller
+        than ``cma.CMA_FROM`` goes that way too, part by part (see
+        :meth:`_send_parts`)."""
         stream = self.connections.outgoing.get(dst)
         if stream is None:
             return False
         outlet = stream.outlet
         nbytes = data.nbytes
-        if outlet is None or nbytes > _SMALL or context in self.broken or not data.flags.c_contiguous:
+        if outlet is None or context in self.broken or not data.flags.c_contiguous:
             return False
+        if nbytes > _SMALL:
+            if until is None or nbytes >= cma.CMA_FROM:
+                return False
+            return self._send_parts(stream, outlet, dst, context, sig, data, until, timeout)
         outbox = stream.outbox
         assert outbox is not None
         payload = byte_view(data)
         with outlet.lock:
-            if stream.closing or not outbox.take_eager(nbytes):
+            if stream.closing or outlet.torn or not outbox.take_eager(nbytes):
                 return False
             try:
                 put = outlet.put(stream.bytes_out, context, sig.encoded, payload)
@@ -377,13 +475,96 @@ class Mesh:
         self.bytes_sent += nbytes
         return True
 
+    def _send_parts(self, stream: PeerStream, outlet: inbox.Outlet, dst: int, context: int, sig: Signature,
+                    data: np.ndarray, until: float, timeout: float) -> bool:
+        """:meth:`send_small` of a message larger than ``inbox.SMALL``: in
+        parts, the first only if there is room for it now (else nothing
+        happened: the socket's way), the others as the receiver makes room.
+        Once the first is in, the message is finished or the connection is
+        closed (the receiver never takes half a message)."""
+        outbox = stream.outbox
+        assert outbox is not None
+        payload = byte_view(data)
+        nbytes = len(payload)
+        with outlet.lock:
+            if stream.closing or outlet.torn or not outbox.take_eager(nbytes):
+                return False
+            try:
+                put = outlet.put(stream.bytes_out, context, sig.encoded, payload[:_SMALL], nbytes)
+            except BaseException:
+                outbox.give(nbytes)
+                raise
+            if not put:
+                outbox.give(nbytes)
+                return False
+            outlet.ring_if_waiting()
+            try:
+                self._put_rest(stream, outlet, dst, context, payload, until, timeout, sig)
+            except BaseException as exc:
+                outlet.torn = True  # (nothing more goes this way; the loop closes the connection)
+                reason = CommError(
+                    f"rank {self.rank}: a send of {sig.describe()} to rank {dst} stopped halfway through shared "
+                    f"memory ({type(exc).__name__}); the connection to rank {dst} was closed so that it never "
+                    "receives a torn message")
+                try:
+                    self.loop.call_soon_threadsafe(self._tear, stream, reason)
+                except RuntimeError:  # (the loop is closed: so is the connection)
+                    pass
+                raise
+        self.bytes_sent += nbytes
+        return True
+
+    def _put_rest(self, stream: PeerStream, outlet: inbox.Outlet, dst: int, context: int, payload: memoryview,
+                  until: float, timeout: float, sig: Signature) -> None:
+        """Write the parts of ``payload`` after its first, waiting for room as
+        the receiver takes them: spinning, then with its bell rung, then
+        sleeping between looks; until ``until`` (CommTimeoutError)."""
+        total = len(payload)
+        off = _SMALL
+        clock = time.monotonic
+        since = clock()
+        rung = False
+        while off < total:
+            end = min(off + _SMALL, total)
+            if outlet.put_more(context, payload[off:end]):
+                off = end
+                outlet.ring_if_waiting()
+                since = clock()
+                rung = False
+                continue
+            if stream.closing or dst in self.lost or self.closed:
+                raise self.lost.get(dst) or PeerLostError(
+                    f"rank {self.rank}: the connection to rank {dst} closed during a send of {sig.describe()}", dst)
+            now = clock()
+            if now >= until:
+                raise CommTimeoutError(
+                    f"rank {self.rank} timed out after {timeout:g}s sending {sig.describe()} to rank {dst}: it took "
+                    "nothing more out of shared memory meanwhile; pass a larger timeout= or set AIOCOMM_TIMEOUT "
+                    "(seconds)", (dst,))
+            if now - since < STALL_RING:
+                os.sched_yield()
+                continue
+            if not rung:
+                outlet.stall()  # (its loop takes the parts there into a buffer, if no receive does)
+                rung = True
+            if now - since < STALL_SLEEP:
+                os.sched_yield()
+            else:
+                time.sleep(0.0002)
+
+    def _tear(self, stream: PeerStream, reason: CommError) -> None:
+        if not stream.closing:
+            stream.abort(reason)
+
     def take_small(self, src: int, context: int, sig: Signature, shape: tuple[int, ...], dtype: np.dtype,
                    until: float) -> np.ndarray | None:
         """A message from ``src`` of ``context`` taken straight out of its
         ring, from any thread (spinning until the monotonic time ``until``),
         if it is next in order and nothing here waits before it; else None
         (nothing was taken: the loop's way then).  A message of another
-        signature raises ``MismatchError`` and stays."""
+        signature raises ``MismatchError`` and stays.  A message in parts is
+        taken as its parts come; if they stop coming, the loop takes the rest
+        (None: the loop's way then gives the whole message)."""
         box = self.matcher.boxes[src]
         key = (_P2P, context, 0)
         assert self.inbox is not None
@@ -396,23 +577,30 @@ class Mesh:
                 return None  # (the loop's matching has something before it)
             if not ring.empty():
                 with ring.lock:
-                    if ring.dead or src in self.lost or self.closed:
-                        return None  # (its sender was lost, or the engine shut down: the loop's way says so)
+                    if ring.dead or src in self.lost or self.closed or ring.partial is not None:
+                        return None  # (its sender was lost, the engine shut down, or the loop takes a message)
                     record = ring.peek()
                     if record is None:
                         continue
-                    mark, got, meta, at, nbytes, after = record
-                    if got != context or mark > routed[src] or box.arrived.get(key) or box.posted.get(key):
+                    mark, got, meta, at, nbytes, after, total = record
+                    if got != context or mark > routed[src] or total < 0 or box.arrived.get(key) \
+                            or box.posted.get(key):
                         return None
                     if meta != sig.encoded:
                         wire.check_signature(sig, meta, me=self.rank, peer=src)  # MismatchError: it stays
                     out = np.empty(shape, dtype)
-                    if out.nbytes != nbytes:
-                        raise ProtocolError(f"rank {src} sent {nbytes} bytes for {sig.describe()}")
+                    if out.nbytes != total:
+                        raise ProtocolError(f"rank {src} sent {total} bytes for {sig.describe()}")
                     if nbytes:
-                        byte_view(out)[:] = ring.payload(at, nbytes)
-                    ring.advance(after)
-                back = self.budget.consumed(src, nbytes)
+                        byte_view(out)[:nbytes] = ring.payload(at, nbytes)
+                    if nbytes == total:
+                        ring.advance(after)
+                    else:
+                        taking = ring.partial = _Caller(context, meta, byte_view(out), nbytes)
+                        ring.advance(after, False)
+                if nbytes != total and not self._take_parts(src, ring, taking):
+                    return None
+                back = self.budget.consumed(src, total)
                 if back:
                     try:
                         self.loop.call_soon_threadsafe(self._credit_back, src, back)
@@ -422,6 +610,62 @@ class Mesh:
             if src in self.lost or time.monotonic() >= until:
                 return None
             os.sched_yield()  # (lets the GIL go: this rank's loop may need it)
+
+    def _take_parts(self, src: int, ring: inbox.Ring, taking: _Caller) -> bool:
+        """:meth:`take_small`'s message in parts, its first part in: the
+        rest, as it comes (True), or left to the loop, which gives the whole
+        message to the receive posted next (False: its sender paused
+        :data:`PART_PATIENCE` seconds or was lost, this thread was
+        interrupted, or the loop took it over)."""
+        view, total = taking.got, taking.total
+        clock = time.monotonic
+        since = clock()
+        whole = False
+        try:
+            while True:
+                if not ring.empty():
+                    with ring.lock:
+                        if ring.partial is not taking:
+                            return False  # (the loop took it over)
+                        record = ring.peek() if not ring.dead else None
+                        if record is not None:
+                            _, _, _, at, nbytes, after, more = record
+                            if more != -1:
+                                raise ProtocolError(
+                                    f"rank {src} began a message in this rank's inbox before its last was whole")
+                            off = taking.off
+                            view[off : off + nbytes] = ring.payload(at, nbytes)
+                            taking.off = off = off + nbytes
+                            if off >= total:
+                                ring.partial = None
+                                ring.advance(after)
+                                whole = True
+                                return True
+                            ring.advance(after, False)
+                            since = clock()
+                            continue
+                if ring.dead or src in self.lost or self.closed or ring.partial is not taking \
+                        or clock() - since > PART_PATIENCE:
+                    return False
+                os.sched_yield()
+        finally:
+            if not whole:
+                self._hand_over(src, ring, taking)
+
+    def _hand_over(self, src: int, ring: inbox.Ring, taking: _Caller) -> None:
+        """A caller's thread leaves the rest of a message in parts to the loop
+        (or to nobody: its sender was lost, and the loop's way says so)."""
+        with ring.lock:
+            if ring.partial is not taking:
+                return  # (the loop took it over already)
+            if ring.dead:
+                ring.partial = None
+                return
+            taking.handed = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain_soon, src)
+        except RuntimeError:  # (the loop is closed: nobody receives it)
+            pass
 
     def _credit_back(self, src: int, nbytes: int) -> None:
         stream = self.connections.inbound.get(src)
@@ -468,7 +712,7 @@ class Mesh:
         if self.inbox is not None:  # what it sent before it went is delivered, as from its socket
             ring = self.inbox.ring(peer)
             with ring.lock:  # (one hold: no caller takes what it writes after, a peer cut off may still live)
-                self._drain_locked(peer, ring, self.routed[peer])
+                self._drain_locked(peer, ring, self.routed[peer], True)
                 ring.dead = True
             self._waiting.discard(peer)
         self.waits.fail_peer(peer, err)

@@ -6,7 +6,7 @@ messages came to this rank through its inbox.
 pairs:    every ordered pair of 3 ranks, the blocking face: a run of messages
           of every size class in one order (a scalar, an empty array, small
           ones through the inbox, one just over the inbox's limit and a mid
-          one over TCP, a large one written across), several dtypes; a
+          one through it in parts, a large one written across), several dtypes; a
           receive of the wrong shape first (MismatchError, the message
           stays); messages of a split group and of the world interleaved and
           received in another order; then blocking sends received on the
@@ -14,26 +14,37 @@ pairs:    every ordered pair of 3 ranks, the blocking face: a run of messages
 budget:   rank 0 sends 600 messages of 16 KiB (far more than its ring and
           than AIOCOMM_BUFFER_BYTES) before rank 1 receives any; rank 1 then
           receives them all, in order, intact.
-kill ROLE:  rank 0 sends small messages to rank 1 in a loop (each filled with
-          its number); the rank named by ROLE SIGKILLs itself at a random
-          moment.  The survivor prints ``FAILED <class> at <seconds>``;
+kill ROLE:  rank 0 sends messages to rank 1 in a loop (each filled with its
+          number; 8 KiB, the inbox's largest record and 1 MiB in parts, in
+          turn); the rank named by ROLE SIGKILLs itself at a random moment.  The survivor prints ``FAILED <class> at <seconds>``;
           every message received before is checked (``WRONG`` if torn or out
           of order).
 stopped:  rank 0 SIGSTOPs itself before it sends (``STOPPED``); rank 1's
           blocking receive times out (``TIMEDOUT``, then ``WAITING``); the
           test thaws rank 0, which sends two messages; rank 1's next two
           receives get them, in order.
+stopped_parts: rank 0 SIGSTOPs itself after the first part of a 1 MiB
+          message (``STOPPED``); rank 1's receive of it times out
+          (``TIMEDOUT``, ``WAITING``); thawed, rank 0 finishes it and sends
+          another; rank 1's next receives get both, whole and in order.
+overtaking_parts: rank 0 sends a message in 3 parts, then 8 KiB through
+          the inbox, then 300 KiB from the async face (TCP), while rank 1's
+          thread that took the first part sleeps: the loop takes the message
+          over, and rank 1's receives get the three in order (``OK``).
+killed_parts: rank 0 SIGKILLs itself after the first part of a 1 MiB
+          message; rank 1's receive of it raises ``FAILED <class>``.
 threads:  the blocking face from a new thread for each call, in turn (the
           serialized rule): messages both ways.
-midpayload: rank 0 sends F (2 MiB less a little: TCP, eager) then R (8
+midpayload: rank 0 sends F (2 MiB less a little, from the async face: TCP,
+          eager) then R (8
           bytes: the inbox); rank 1 reads its socket slowly, so that its
           first receive of F times out halfway through F's payload.  Its next
           receive of F must get F (given back first in line, as over TCP),
           then R.
-frozen_receiver: rank 1 SIGSTOPs itself; rank 0 sends 4 KiB messages with
-          timeout=2 until one fails: it must fail with CommTimeoutError
-          (``SENDFAILED``), not hang, once the ring, the credit and the socket
-          are full.
+frozen_receiver [parts]: rank 1 SIGSTOPs itself; rank 0 sends 4 KiB
+          messages (``parts``: 1 MiB, in parts) with timeout=2 until one
+          fails: it must fail with CommTimeoutError (``SENDFAILED``), not
+          hang, once the ring, the credit and the socket are full.
 noinbox:  no file may grow past 64 KiB, so no inbox can be made: the ranks
           exchange small messages over TCP.
 excluded FACE: rank 1 freezes itself; rank 0's agreement declares it failed
@@ -197,17 +208,17 @@ elif mode == "kill":
         threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
     say("READY")
     # (8 KiB and the inbox's largest, in turn: the kill may land halfway through copying a large record)
-    shapes = [(1 << 10,), (inbox.SMALL // 8,)]
+    shapes = [(1 << 10,), (inbox.SMALL // 8,), ((1 << 20) // 8 + 5,)]
     xs = [np.empty(shape, np.int64) for shape in shapes]
     i = 0
     while True:
         try:
             if r == 0:
-                x = xs[i % 2]
+                x = xs[i % 3]
                 x.fill(i)
                 aiocomm.send(x, 1, timeout=60)
             else:
-                y = aiocomm.recv(shapes[i % 2], np.int64, 0, timeout=60)
+                y = aiocomm.recv(shapes[i % 3], np.int64, 0, timeout=60)
                 if not (y[0] == i and np.all(y == i)):
                     say(f"WRONG message {i}: {y[0]}")
         except aiocomm.CommError as exc:
@@ -235,6 +246,78 @@ elif mode == "stopped":
         say("WAITING")
         got = [first] + [int(aiocomm.recv((1,), np.int64, 0, timeout=30)[0]) for _ in range(2)]
         say("OK" if got == [0, 1, 2] else "BAD", "GOT", got, "INBOX", mesh.through_inbox)
+elif mode in ("stopped_parts", "killed_parts"):
+    PN = (1 << 20) // 8
+    if r == 0:
+        aiocomm.send(np.array([0], np.int64), 1)  # (the connection is up, and the inbox in use)
+        put_more = inbox.Outlet.put_more
+
+        def stop_once(self: Any, context: int, payload: memoryview) -> bool:
+            inbox.Outlet.put_more = put_more  # type: ignore[method-assign]
+            if mode == "killed_parts":
+                os.kill(os.getpid(), signal.SIGKILL)
+            say("STOPPED")
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return put_more(self, context, payload)
+
+        inbox.Outlet.put_more = stop_once  # type: ignore[method-assign]
+        aiocomm.send(np.full(PN, 5, np.int64), 1)
+        aiocomm.send(np.array([1], np.int64), 1)
+        say("SENT")
+    else:
+        first = int(aiocomm.recv((1,), np.int64, 0, timeout=30)[0])
+        if mode == "killed_parts":
+            try:
+                aiocomm.recv((PN,), np.int64, 0, timeout=30)
+                say("BAD a receive from a rank killed halfway returned")
+            except aiocomm.CommError as exc:
+                say("FAILED", type(exc).__name__, "at", f"{time.time():.3f}", "after", first, "INBOX",
+                    mesh.through_inbox, "|", str(exc)[:200])
+            os._exit(0)
+        t0 = time.monotonic()
+        try:
+            aiocomm.recv((PN,), np.int64, 0, timeout=0.5)
+            say("BAD a receive from a frozen rank returned")
+        except aiocomm.CommTimeoutError:
+            say("TIMEDOUT", f"{time.monotonic() - t0:.2f}")
+        say("WAITING")
+        big = aiocomm.recv((PN,), np.int64, 0, timeout=30)
+        last = int(aiocomm.recv((1,), np.int64, 0, timeout=30)[0])
+        whole = bool(np.all(big == 5))
+        say("OK" if whole and (first, last) == (0, 1) else "BAD", "GOT", [first, whole, last], "INBOX",
+            mesh.through_inbox)
+elif mode == "overtaking_parts":
+    ON = (2 * inbox.SMALL + 8) // 8
+    if r == 0:  # (the ring in use: a receiving thread spins only for a ring in use)
+        aiocomm.send(np.zeros(1), 1)
+    else:
+        aiocomm.recv((1,), np.float64, 0, timeout=30)
+    aiocomm.barrier()
+    if r == 0:
+        time.sleep(0.2)  # (rank 1 spins for the message meanwhile)
+        aiocomm.send(np.full(ON, 3, np.int64), 1)
+        aiocomm.send(np.full(1 << 10, 4, np.int64), 1)
+        asyncio.run(aio.send(np.full(300 * KiB // 8, 5, np.int64), 1))  # (the async face: over TCP)
+    else:
+        from aiocomm.backends import ring as ring_backend
+        from aiocomm.transport import mesh as mesh_module
+
+        ring_backend.SPIN_SECONDS = 5.0  # (the receiving thread spins until the first part comes)
+
+        take_parts = mesh_module.Mesh._take_parts
+
+        def sleepy(self: Any, *args: Any) -> bool:
+            time.sleep(0.5)  # (the other two come meanwhile)
+            return take_parts(self, *args)  # type: ignore[no-any-return]
+
+        mesh_module.Mesh._take_parts = sleepy  # type: ignore[method-assign]
+        try:
+            got = [int(aiocomm.recv(shape, np.int64, 0, timeout=30)[0])
+                   for shape in ((ON,), (1 << 10,), (300 * KiB // 8,))]
+            say("OK" if got == [3, 4, 5] else "BAD", "GOT", got, "INBOX", mesh.through_inbox)
+        except aiocomm.CommError as exc:
+            say("BAD", type(exc).__name__, str(exc)[:300])
+    aiocomm.barrier()
 elif mode == "threads":
     got: list[int] = []
     for k in range(6):
@@ -252,7 +335,7 @@ elif mode == "midpayload":
     FN = (2 << 20) // 8 - 64
     aiocomm.barrier()
     if r == 0:
-        aiocomm.send(np.full(FN, 7, np.int64), 1)
+        asyncio.run(aio.send(np.full(FN, 7, np.int64), 1))  # (the async face: not through the inbox)
         aiocomm.send(np.array([1000], np.int64), 1)
     else:
         try:
@@ -311,7 +394,7 @@ elif mode == "frozen_receiver":
         time.sleep(5)
         os._exit(0)
     time.sleep(0.3)
-    x = np.zeros(1 << 10, np.float32)
+    x = np.zeros((1 << 18) if sys.argv[2:] == ["parts"] else (1 << 10), np.float32)
     t0 = time.monotonic()
     sent = 0
     try:
