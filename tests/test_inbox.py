@@ -120,11 +120,14 @@ def test_sends_to_a_frozen_rank_time_out(tmp_path, size):
 
 
 @pytest.mark.timeout(60)
-def test_a_receive_from_a_rank_frozen_halfway_through_a_message_in_parts(tmp_path):
+@pytest.mark.parametrize("face", ["blocking", "async"])
+def test_a_receive_from_a_rank_frozen_halfway_through_a_message_in_parts(tmp_path, face):
     """Rank 0 is SIGSTOPped after the first part of a 1 MiB message: rank
-    1's receive times out; thawed, rank 0 finishes it, and rank 1's next
-    receive gets it whole, then the message sent after it."""
-    seen, outs, _ = thawed(tmp_path, [str(WORKERS / "inbox_moments.py"), "stopped_parts"], timeout=40)
+    1's receive times out (a blocking one, whose thread hands the message to
+    the loop; an async one, which the loop fills); thawed, rank 0 finishes
+    it, and rank 1's next receive gets it whole, then the message sent after
+    it."""
+    seen, outs, _ = thawed(tmp_path, [str(WORKERS / "inbox_moments.py"), "stopped_parts", face], timeout=40)
     m = re.search(r"TIMEDOUT ([\d.]+)", seen)
     assert m is not None and float(m.group(1)) < 3.0, seen
     assert "OK GOT [0, True, 1]" in outs[1][0], outs
@@ -139,6 +142,31 @@ def test_messages_sent_after_one_in_parts_do_not_overtake_it():
     proc = launch(2, "inbox_moments.py", "overtaking_parts", timeout=50)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "[rank 1] OK GOT [3, 4, 5]" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("who", ["advance-1", "advance-2", "advance-5", "payload-1", "payload-3", "payload-5"])
+def test_a_receiving_thread_interrupted_halfway_through_a_message_in_parts(who):
+    """KeyboardInterrupt in the receiving thread at each kind of moment of
+    taking a message of 5 parts (before a part is copied, or after, before
+    the ring's head passes it; the first, a middle and the last part): the
+    next receive gets the whole message, then the one sent after it."""
+    proc = launch(2, "inbox_moments.py", "interrupted", who, timeout=50)
+    detail = proc.stdout + proc.stderr[-3000:]
+    assert proc.returncode == 0 and "[rank 1] OK AFTER 7" in proc.stdout, detail
+
+
+@pytest.mark.timeout(60)
+def test_a_sender_interrupted_halfway_through_a_message_in_parts_closes_its_connection():
+    """KeyboardInterrupt in the sending thread right after the first part
+    of a message of 5 parts: its connection closes, and the receive raises
+    PeerLostError instead of getting half a message."""
+    proc = launch(2, "inbox_moments.py", "interrupted", "sender", timeout=50,
+                  launcher_args=("--on-failure", "continue"))
+    detail = proc.stdout + proc.stderr[-3000:]
+    assert "[rank 0] INTERRUPTED" in proc.stdout, detail
+    m = re.search(r"\[rank 1\] RAISED PeerLostError after ([\d.]+)s", proc.stdout)
+    assert m is not None and float(m.group(1)) < 4.0, detail  # (rank 0 lives on for 6 s)
 
 
 @pytest.mark.timeout(60)
@@ -199,22 +227,22 @@ def test_records_wrap_around_the_ring_whole_and_in_order():
     rng = np.random.default_rng(5)
     sent = taken = 0
     expected: dict[int, tuple[bytes, bytes]] = {}
-    more: list[memoryview] = []  # the parts of the message in parts being written, still to write
+    more: list[tuple[int, memoryview]] = []  # the parts of the message being written, still to write
     got = bytearray()  # the parts of the message in parts being read, so far
     total = 0
     for _ in range(6000):  # (many times around: every offset meets the ring's end)
         if rng.random() < 0.55:
             if more:
-                if outlet.put_more(sent * 3, more[0]):
+                if outlet.put_more(more[0][0], sent * 3, more[0][1]):
                     more.pop(0)
                     sent += not more
                 continue
             parts = int(rng.integers(1, 4))
             payload = rng.integers(0, 256, int(rng.integers(0 if parts == 1 else parts, 9000)), dtype=np.uint8)
             meta = bytes([sent % 251]) * int(rng.integers(1, 40))
-            cut = [memoryview(payload)[k * len(payload) // parts : (k + 1) * len(payload) // parts]
-                   for k in range(parts)]
-            if outlet.put(sent, sent * 3, meta, cut[0], len(payload) if parts > 1 else -1):
+            ends = [k * len(payload) // parts for k in range(parts + 1)]
+            cut = [(ends[k], memoryview(payload)[ends[k] : ends[k + 1]]) for k in range(parts)]
+            if outlet.put(sent, sent * 3, meta, cut[0][1], len(payload) if parts > 1 else -1):
                 expected[sent] = (meta, payload.tobytes())
                 more = cut[1:]
                 sent += not more
@@ -225,8 +253,8 @@ def test_records_wrap_around_the_ring_whole_and_in_order():
                 continue
             mark, context, meta, at, nbytes, after, size = record
             assert context == taken * 3
-            if size == -1:  # (a later part)
-                assert got, "a later part without its first"
+            if size == -1:  # (a later part, which says where it goes)
+                assert got and mark == len(got), "a later part without its first, or out of its place"
                 got += ring.payload(at, nbytes)
             else:
                 assert not got and mark == taken
@@ -267,7 +295,7 @@ def test_a_full_ring_refuses_and_takes_again_once_read():
     assert record is not None and record[0] == 0
     ring.advance(record[5])
     assert outlet.put(count, 0, b"m", chunk)  # (room again)
-    assert not outlet.put_more(0, chunk)  # (a part takes room as a record does)
+    assert not outlet.put_more(0, 0, chunk)  # (a part takes room as a record does)
     box.close()
     outlet.close()
 

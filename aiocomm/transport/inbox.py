@@ -35,14 +35,14 @@ the same way from a blocking sender's thread, in *parts* of at most
 :data:`SMALL` bytes, so that the receiver copies one part out while the
 sender copies the next in.  The first part's record carries the signature
 and the message's whole size; the others (``_MORE``) carry only their
-bytes, and no other record comes between them (the sender holds its
-outlet's lock throughout).  The sender takes credit for the whole message
+bytes and where in the message they go, and no other record comes between
+them (the sender holds its outlet's lock throughout).  The sender takes credit for the whole message
 before its first part, so the receiver's loop may take the parts into a
 buffer of its own when no receive is there for them: a sender that finds no
 room for a part sets ``STALLED`` and rings the bell, and the loop then
-drains that ring whether or not a receive waits for it.  A receiver knows a
-message only once its last part is in (a part-taken message whose sender is
-lost is one that never came whole: see ``Matcher.drop_peer``); a sender that
+drains that ring whether or not a receive waits for it.  A receive of such a
+message completes only once its last part is in (a part-taken message whose
+sender is lost is one that never came whole); a sender that
 cannot finish one (its deadline passed while the receiver took nothing, or
 it was interrupted) closes the connection rather than leave half a message
 behind, as the TCP path does with a frame it could not finish.
@@ -69,6 +69,8 @@ import platform
 import struct
 import threading
 from typing import Any
+
+import numpy as np
 
 #: Payload bytes of the largest message that goes through an inbox.
 SMALL = 256 << 10
@@ -175,7 +177,8 @@ class Ring:
         """The oldest record: ``(mark, context, meta, payload offset, payload
         bytes, where the next record begins, the message's bytes)``, or None
         (the message's bytes: the payload's, for a whole message; more, for
-        its first part; -1 for a later part).  Call with the lock."""
+        its first part; -1 for a later part, whose mark is where in the
+        message its bytes go).  Call with the lock."""
         control = self.control
         head = control[HEAD]
         while head != control[TAIL]:
@@ -227,7 +230,8 @@ class Inbox:
             os.ftruncate(self.fd, size * REGION)  # (sparse: a region's pages exist once its sender writes)
             # (never unmapped: a caller's thread may still look at a ring as the engine shuts down)
             _, self._view = _map(self.fd, size * REGION, 0)
-            self._words = self._view.cast("q")
+            # (each sender's STALLED word, one per region)
+            self._stalled = np.frombuffer(self._view, np.int64)[STALLED :: REGION // 8]
             self.bell = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         except BaseException:
             self.close()
@@ -244,11 +248,12 @@ class Inbox:
 
     def stalled(self) -> list[int]:
         """The senders that wait for room in their ring (their word cleared)."""
-        words, step = self._words, REGION // 8
-        found = [src for src in range(self.size) if words[src * step + STALLED]]
-        for src in found:
-            words[src * step + STALLED] = 0
-        return found
+        words = self._stalled
+        found = np.flatnonzero(words)
+        if not len(found):
+            return []
+        words[found] = 0
+        return found.tolist()  # type: ignore[no-any-return]
 
     def taken(self) -> int:
         """Messages taken out of this inbox so far."""
@@ -327,9 +332,10 @@ class Outlet:
             head = _pack(mark, context, len(meta) | _FIRST, nbytes) + meta + _TOTAL.pack(total)
         return self._write(head, payload)
 
-    def put_more(self, context: int, payload: memoryview) -> bool:
-        """Write the next part of the message begun by :meth:`put`, if there is room."""
-        return self._write(_pack(0, context, _MORE, len(payload)), payload)
+    def put_more(self, where: int, context: int, payload: memoryview) -> bool:
+        """Write the next part of the message begun by :meth:`put` (its bytes
+        from ``where`` on), if there is room."""
+        return self._write(_pack(where, context, _MORE, len(payload)), payload)
 
     def _write(self, head: bytes, payload: memoryview) -> bool:
         nbytes = len(payload)

@@ -76,33 +76,43 @@ STALL_RING, STALL_SLEEP = 0.0001, 0.002
 
 class _Taking:
     """A message the loop takes out of a ring part by part (``Ring.partial``):
-    where its bytes go, how many are in, how many it has."""
+    where its bytes go, and its size.  ``start``: where its first record
+    begins in the ring, if a caller's thread may have left it there."""
 
-    __slots__ = ("sink", "view", "off", "total")
+    __slots__ = ("sink", "view", "total", "start")
 
-    def __init__(self, sink: Sink, view: memoryview | None, off: int, total: int) -> None:
+    def __init__(self, sink: Sink, view: memoryview | None, total: int, start: int = -1) -> None:
         self.sink = sink
         self.view = view
-        self.off = off
         self.total = total
+        self.start = start
 
 
 class _Caller:
-    """A message a caller's thread takes part by part (``Ring.partial``): its
-    first ``off`` bytes are in ``got`` (both changed only with the ring's
-    lock).  The loop takes it over (:meth:`Mesh._adopt`) once the caller
-    leaves it (``handed``), or at once when the order of what comes after
-    it requires (a frame from the socket sent after it; its sender lost)."""
+    """A message a caller's thread takes part by part (``Ring.partial``).
 
-    __slots__ = ("context", "meta", "got", "off", "total", "handed")
+    Every part is in ``got`` before the ring's head passes it (a part says
+    where in the message it goes, so taking one twice is harmless), and
+    ``last_in`` is set before the head passes the last one; so whenever the
+    caller stops (an exception at any point included), the loop can take
+    the message over (:meth:`Mesh._adopt`): ``got`` as it is, then what is
+    left in the ring from ``start`` (where the first record begins) on.  It
+    does so once the caller leaves it (``handed``), or at once when the
+    order of what comes after it requires (a frame from the socket sent
+    after it; its sender lost)."""
 
-    def __init__(self, context: int, meta: bytes, got: memoryview, off: int) -> None:
+    __slots__ = ("context", "meta", "got", "total", "start", "handed", "last_in")
+
+    def __init__(self, context: int, meta: bytes, got: memoryview, start: int) -> None:
         self.context = context
         self.meta = meta
         self.got = got
-        self.off = off
         self.total = len(got)
+        self.start = start
         self.handed = False
+        self.last_in = False
+
+
 #: The context of the bring-up barrier (never a group's: those are 0 or odd).
 BRING_UP_CONTEXT = (1 << 64) - 2
 
@@ -344,6 +354,7 @@ class Mesh:
         """:meth:`_drain`, its ring's lock held.  ``steal``: take over a
         message a caller's thread is taking part by part (else nothing
         after it is taken meanwhile)."""
+        control = ring.control
         while not ring.dead:
             partial = ring.partial
             if partial is not None and type(partial) is _Caller:
@@ -355,14 +366,16 @@ class Mesh:
                 return
             mark, context, meta, at, nbytes, after, total = record
             if partial is not None:  # the next part of the message the loop is taking
-                if total != -1:
+                if total == -1:
+                    where = mark  # (a later part says where it goes)
+                elif control[inbox.HEAD] == partial.start:
+                    where = 0  # (its first part, which a caller's thread left in the ring)
+                else:
                     raise ProtocolError(f"rank {src} began a message in this rank's inbox before its last was whole")
-                view, off = partial.view, partial.off
+                view = partial.view
                 if view is not None and nbytes:
-                    view[off : off + nbytes] = ring.payload(at, nbytes)
-                off += nbytes
-                if off < partial.total:
-                    partial.off = off
+                    view[where : where + nbytes] = ring.payload(at, nbytes)
+                if where + nbytes < partial.total:
                     ring.advance(after, False)
                     continue
                 ring.partial = None
@@ -385,22 +398,31 @@ class Mesh:
                 ring.advance(after)
                 sink.done()
             else:  # the first part of a larger message
-                ring.partial = _Taking(sink, view, nbytes, total)
+                ring.partial = _Taking(sink, view, total)
                 ring.advance(after, False)
 
-    def _adopt(self, src: int, ring: inbox.Ring, handed: _Caller) -> _Taking:
-        """The loop takes over a message a caller's thread began to take (its
-        parts so far go where the message goes, as if the loop had taken them)."""
+    def _adopt(self, src: int, ring: inbox.Ring, handed: _Caller) -> _Taking | None:
+        """The loop takes over a message a caller's thread began to take (see
+        :class:`_Caller`): where the message goes now, or None (it was whole:
+        it went)."""
         if handed.context in self.broken:
             sink = Sink(None)
             self.credit(src, handed.total)
         else:
             sink = self.matcher.arrive(src, _P2P, handed.context, 0, handed.meta, handed.total)
         view = sink.view
-        if view is not None and handed.off:
-            view[: handed.off] = handed.got[: handed.off]
-        taking = ring.partial = _Taking(sink, view, handed.off, handed.total)
-        return taking
+        if view is not None:
+            view[:] = handed.got  # (the parts not in yet are written over as they come)
+        if not handed.last_in:
+            taking = ring.partial = _Taking(sink, view, handed.total, handed.start)
+            return taking
+        record = ring.peek()
+        if record is not None and record[6] == -1:  # (its last part, still in the ring)
+            ring.advance(record[5], False)
+        ring.partial = None
+        ring.taken += 1
+        sink.done()
+        return None
 
     def _drain_soon(self, src: int) -> None:
         assert self.inbox is not None
@@ -460,7 +482,11 @@ class Mesh:
         outbox = stream.outbox
         assert outbox is not None
         payload = byte_view(data)
-        with outlet.lock:
+        lock = outlet.lock
+        # (the loop never waits for the lock: a caller's thread may hold it while a message in parts waits for room)
+        if not lock.acquire(until is not None):
+            return False
+        try:
             if stream.closing or outlet.torn or not outbox.take_eager(nbytes):
                 return False
             try:
@@ -472,6 +498,8 @@ class Mesh:
                 outbox.give(nbytes)
                 return False
             outlet.ring_if_waiting()
+        finally:
+            lock.release()
         self.bytes_sent += nbytes
         return True
 
@@ -497,8 +525,8 @@ class Mesh:
             if not put:
                 outbox.give(nbytes)
                 return False
-            outlet.ring_if_waiting()
-            try:
+            try:  # (from here on the message is finished or the connection closed)
+                outlet.ring_if_waiting()
                 self._put_rest(stream, outlet, dst, context, payload, until, timeout, sig)
             except BaseException as exc:
                 outlet.torn = True  # (nothing more goes this way; the loop closes the connection)
@@ -526,7 +554,7 @@ class Mesh:
         rung = False
         while off < total:
             end = min(off + _SMALL, total)
-            if outlet.put_more(context, payload[off:end]):
+            if outlet.put_more(off, context, payload[off:end]):
                 off = end
                 outlet.ring_if_waiting()
                 since = clock()
@@ -538,9 +566,9 @@ class Mesh:
             now = clock()
             if now >= until:
                 raise CommTimeoutError(
-                    f"rank {self.rank} timed out after {timeout:g}s sending {sig.describe()} to rank {dst}: it took "
-                    "nothing more out of shared memory meanwhile; pass a larger timeout= or set AIOCOMM_TIMEOUT "
-                    "(seconds)", (dst,))
+                    f"rank {self.rank} timed out after {timeout:g}s sending {sig.describe()} to rank {dst}: it did "
+                    "not make room in shared memory for the rest of it in time; pass a larger timeout= or set "
+                    "AIOCOMM_TIMEOUT (seconds)", (dst,))
             if now - since < STALL_RING:
                 os.sched_yield()
                 continue
@@ -576,30 +604,35 @@ class Mesh:
             if box.posted.get(key) or box.arrived.get(key) or box.owed or context in self.broken:
                 return None  # (the loop's matching has something before it)
             if not ring.empty():
-                with ring.lock:
-                    if ring.dead or src in self.lost or self.closed or ring.partial is not None:
-                        return None  # (its sender was lost, the engine shut down, or the loop takes a message)
-                    record = ring.peek()
-                    if record is None:
-                        continue
-                    mark, got, meta, at, nbytes, after, total = record
-                    if got != context or mark > routed[src] or total < 0 or box.arrived.get(key) \
-                            or box.posted.get(key):
+                taking: _Caller | None = None
+                try:
+                    with ring.lock:
+                        if ring.dead or src in self.lost or self.closed or ring.partial is not None:
+                            return None  # (its sender was lost, the engine shut down, or the loop takes a message)
+                        record = ring.peek()
+                        if record is None:
+                            continue
+                        mark, got, meta, at, nbytes, after, total = record
+                        if got != context or mark > routed[src] or total < 0 or box.arrived.get(key) \
+                                or box.posted.get(key):
+                            return None
+                        if meta != sig.encoded:
+                            wire.check_signature(sig, meta, me=self.rank, peer=src)  # MismatchError: it stays
+                        out = np.empty(shape, dtype)
+                        if out.nbytes != total:
+                            raise ProtocolError(f"rank {src} sent {total} bytes for {sig.describe()}")
+                        if nbytes == total:
+                            if nbytes:
+                                byte_view(out)[:] = ring.payload(at, nbytes)
+                            ring.advance(after)
+                        else:  # (the first part of a larger message: all of it as it comes, see _Caller)
+                            taking = _Caller(context, meta, byte_view(out), ring.control[inbox.HEAD])
+                            ring.partial = taking
+                    if taking is not None and not self._take_parts(src, ring, taking):
                         return None
-                    if meta != sig.encoded:
-                        wire.check_signature(sig, meta, me=self.rank, peer=src)  # MismatchError: it stays
-                    out = np.empty(shape, dtype)
-                    if out.nbytes != total:
-                        raise ProtocolError(f"rank {src} sent {total} bytes for {sig.describe()}")
-                    if nbytes:
-                        byte_view(out)[:nbytes] = ring.payload(at, nbytes)
-                    if nbytes == total:
-                        ring.advance(after)
-                    else:
-                        taking = ring.partial = _Caller(context, meta, byte_view(out), nbytes)
-                        ring.advance(after, False)
-                if nbytes != total and not self._take_parts(src, ring, taking):
-                    return None
+                finally:
+                    if taking is not None:  # (nothing, if it is whole; else the loop takes it: see _Caller)
+                        self._hand_over(src, ring, taking)
                 back = self.budget.consumed(src, total)
                 if back:
                     try:
@@ -612,52 +645,50 @@ class Mesh:
             os.sched_yield()  # (lets the GIL go: this rank's loop may need it)
 
     def _take_parts(self, src: int, ring: inbox.Ring, taking: _Caller) -> bool:
-        """:meth:`take_small`'s message in parts, its first part in: the
-        rest, as it comes (True), or left to the loop, which gives the whole
-        message to the receive posted next (False: its sender paused
-        :data:`PART_PATIENCE` seconds or was lost, this thread was
-        interrupted, or the loop took it over)."""
-        view, total = taking.got, taking.total
+        """:meth:`take_small`'s message in parts (its first record still in
+        the ring): all of it, as it comes (True), or not (False: its sender
+        paused :data:`PART_PATIENCE` seconds or was lost, or the loop took the
+        message over; an exception: this thread was interrupted).  Unless it
+        is whole, the caller hands it to the loop (:meth:`_hand_over`), which
+        gives the whole message to the receive posted next."""
+        got, total, start = taking.got, taking.total, taking.start
+        control = ring.control
         clock = time.monotonic
         since = clock()
-        whole = False
-        try:
-            while True:
-                if not ring.empty():
-                    with ring.lock:
-                        if ring.partial is not taking:
-                            return False  # (the loop took it over)
-                        record = ring.peek() if not ring.dead else None
-                        if record is not None:
-                            _, _, _, at, nbytes, after, more = record
-                            if more != -1:
+        while True:
+            if not ring.empty():
+                with ring.lock:
+                    if ring.partial is not taking:
+                        return False  # (the loop took it over)
+                    record = ring.peek() if not ring.dead else None
+                    if record is not None:
+                        where, _, _, at, nbytes, after, more = record
+                        if more != -1:
+                            if control[inbox.HEAD] != start:
                                 raise ProtocolError(
                                     f"rank {src} began a message in this rank's inbox before its last was whole")
-                            off = taking.off
-                            view[off : off + nbytes] = ring.payload(at, nbytes)
-                            taking.off = off = off + nbytes
-                            if off >= total:
-                                ring.partial = None
-                                ring.advance(after)
-                                whole = True
-                                return True
+                            where = 0
+                        got[where : where + nbytes] = ring.payload(at, nbytes)
+                        if where + nbytes < total:
                             ring.advance(after, False)
                             since = clock()
                             continue
-                if ring.dead or src in self.lost or self.closed or ring.partial is not taking \
-                        or clock() - since > PART_PATIENCE:
-                    return False
-                os.sched_yield()
-        finally:
-            if not whole:
-                self._hand_over(src, ring, taking)
+                        taking.last_in = True  # (before the head passes it: see _Caller)
+                        ring.advance(after)
+                        ring.partial = None
+                        return True
+            if ring.dead or src in self.lost or self.closed or ring.partial is not taking \
+                    or clock() - since > PART_PATIENCE:
+                return False
+            os.sched_yield()
 
     def _hand_over(self, src: int, ring: inbox.Ring, taking: _Caller) -> None:
-        """A caller's thread leaves the rest of a message in parts to the loop
-        (or to nobody: its sender was lost, and the loop's way says so)."""
+        """A caller's thread leaves a message in parts to the loop (or to
+        nobody: its sender was lost, and the loop's way says so); nothing,
+        if the message is whole or the loop took it over already."""
         with ring.lock:
             if ring.partial is not taking:
-                return  # (the loop took it over already)
+                return
             if ring.dead:
                 ring.partial = None
                 return

@@ -23,10 +23,18 @@ stopped:  rank 0 SIGSTOPs itself before it sends (``STOPPED``); rank 1's
           blocking receive times out (``TIMEDOUT``, then ``WAITING``); the
           test thaws rank 0, which sends two messages; rank 1's next two
           receives get them, in order.
-stopped_parts: rank 0 SIGSTOPs itself after the first part of a 1 MiB
-          message (``STOPPED``); rank 1's receive of it times out
+stopped_parts [FACE]: rank 0 SIGSTOPs itself after the first part of a 1
+          MiB message (``STOPPED``); rank 1's receive of it (blocking, or
+          async: the loop takes the part into the posted receive) times out
           (``TIMEDOUT``, ``WAITING``); thawed, rank 0 finishes it and sends
           another; rank 1's next receives get both, whole and in order.
+interrupted WHO: KeyboardInterrupt (as a SIGINT would raise it) in the
+          middle of a message of 5 parts: ``sender`` (right after its first
+          part); ``advance-N``/``payload-N``: in rank 1's thread, at its N-th
+          call of ``Ring.advance``/``Ring.payload`` while it takes the parts.
+          The sender's connection must close (rank 1: ``RAISED
+          PeerLostError``); rank 1's next receive gets the whole message,
+          then the one after it (``OK``).
 overtaking_parts: rank 0 sends a message in 3 parts, then 8 KiB through
           the inbox, then 300 KiB from the async face (TCP), while rank 1's
           thread that took the first part sleeps: the loop takes the message
@@ -252,13 +260,13 @@ elif mode in ("stopped_parts", "killed_parts"):
         aiocomm.send(np.array([0], np.int64), 1)  # (the connection is up, and the inbox in use)
         put_more = inbox.Outlet.put_more
 
-        def stop_once(self: Any, context: int, payload: memoryview) -> bool:
+        def stop_once(self: Any, *args: Any) -> bool:
             inbox.Outlet.put_more = put_more  # type: ignore[method-assign]
             if mode == "killed_parts":
                 os.kill(os.getpid(), signal.SIGKILL)
             say("STOPPED")
             os.kill(os.getpid(), signal.SIGSTOP)
-            return put_more(self, context, payload)
+            return put_more(self, *args)  # type: ignore[no-any-return]
 
         inbox.Outlet.put_more = stop_once  # type: ignore[method-assign]
         aiocomm.send(np.full(PN, 5, np.int64), 1)
@@ -276,7 +284,10 @@ elif mode in ("stopped_parts", "killed_parts"):
             os._exit(0)
         t0 = time.monotonic()
         try:
-            aiocomm.recv((PN,), np.int64, 0, timeout=0.5)
+            if sys.argv[2:] == ["async"]:
+                asyncio.run(aio.recv((PN,), np.int64, 0, timeout=0.5))
+            else:
+                aiocomm.recv((PN,), np.int64, 0, timeout=0.5)
             say("BAD a receive from a frozen rank returned")
         except aiocomm.CommTimeoutError:
             say("TIMEDOUT", f"{time.monotonic() - t0:.2f}")
@@ -286,6 +297,73 @@ elif mode in ("stopped_parts", "killed_parts"):
         whole = bool(np.all(big == 5))
         say("OK" if whole and (first, last) == (0, 1) else "BAD", "GOT", [first, whole, last], "INBOX",
             mesh.through_inbox)
+elif mode == "interrupted":
+    who = sys.argv[2]
+    IN = ((1 << 20) + 40) // 8  # (5 parts: 4 of 256 KiB and 40 bytes)
+    big = np.arange(IN, dtype=np.int64) * 3 + 1
+    if r == 0:  # (the ring in use: a receiving thread spins only for a ring in use)
+        aiocomm.send(np.zeros(1), 1)
+    else:
+        aiocomm.recv((1,), np.float64, 0, timeout=30)
+    aiocomm.barrier()
+    if r == 0:
+        if who == "sender":
+            ring_if_waiting = inbox.Outlet.ring_if_waiting
+
+            def interrupted(self: Any) -> None:
+                inbox.Outlet.ring_if_waiting = ring_if_waiting  # type: ignore[method-assign]
+                raise KeyboardInterrupt
+
+            inbox.Outlet.ring_if_waiting = interrupted  # type: ignore[method-assign]
+            try:
+                aiocomm.send(big, 1)
+                say("BAD the send was not interrupted")
+            except KeyboardInterrupt:
+                say("INTERRUPTED")
+            time.sleep(6.0)  # (alive: rank 1 must hear of the closed connection, not of this rank's end)
+            os._exit(0)
+        time.sleep(0.2)  # (rank 1 spins for the message meanwhile)
+        aiocomm.send(big, 1)
+        aiocomm.send(np.array([7], np.int64), 1)
+    else:
+        from aiocomm.backends import ring as ring_backend
+
+        ring_backend.SPIN_SECONDS = 5.0  # (the receiving thread spins until the first part comes)
+        if who == "sender":
+            t0 = time.monotonic()
+            try:
+                got = aiocomm.recv((IN,), np.int64, 0, timeout=30)
+                say("BAD a receive got", "the message" if np.array_equal(got, big) else "a torn message")
+            except aiocomm.CommError as exc:
+                say("RAISED", type(exc).__name__, f"after {time.monotonic() - t0:.1f}s", str(exc)[:200])
+            os._exit(0)
+        name, count = who.split("-")
+        original = getattr(inbox.Ring, name)
+        calls = [0]
+
+        def counted(self: Any, *args: Any) -> Any:
+            if threading.current_thread() is threading.main_thread():
+                calls[0] += 1
+                if calls[0] == int(count):
+                    setattr(inbox.Ring, name, original)
+                    raise KeyboardInterrupt
+            return original(self, *args)
+
+        setattr(inbox.Ring, name, counted)
+        try:
+            aiocomm.recv((IN,), np.int64, 0, timeout=30)
+            say("BAD the receive was not interrupted", calls)
+        except KeyboardInterrupt:
+            pass
+        setattr(inbox.Ring, name, original)
+        try:
+            got = aiocomm.recv((IN,), np.int64, 0, timeout=30)
+            after = int(aiocomm.recv((1,), np.int64, 0, timeout=30)[0])
+            say("OK" if np.array_equal(got, big) and after == 7 else "BAD", "AFTER", after, "INBOX",
+                mesh.through_inbox)
+        except aiocomm.CommError as exc:
+            say("BAD", type(exc).__name__, str(exc)[:300])
+    aiocomm.barrier()
 elif mode == "overtaking_parts":
     ON = (2 * inbox.SMALL + 8) // 8
     if r == 0:  # (the ring in use: a receiving thread spins only for a ring in use)
