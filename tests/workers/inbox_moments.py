@@ -16,9 +16,9 @@ budget:   rank 0 sends 600 messages of 16 KiB (far more than its ring and
           receives them all, in order, intact.
 kill ROLE:  rank 0 sends messages to rank 1 in a loop (each filled with its
           number; 8 KiB, the inbox's largest record and 1 MiB in parts, in
-          turn); the rank named by ROLE SIGKILLs itself at a random moment.  The survivor prints ``FAILED <class> at <seconds>``;
-          every message received before is checked (``WRONG`` if torn or out
-          of order).
+          turn); the rank named by ROLE SIGKILLs itself at a random moment.
+          The survivor prints ``FAILED <class> at <seconds>``; every message
+          received before is checked (``WRONG`` if torn or out of order).
 stopped:  rank 0 SIGSTOPs itself before it sends (``STOPPED``); rank 1's
           blocking receive times out (``TIMEDOUT``, then ``WAITING``); the
           test thaws rank 0, which sends two messages; rank 1's next two
