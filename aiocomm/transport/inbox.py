@@ -92,6 +92,7 @@ _SKIP = 0xFFFFFFFF  # a record's meta size that says: go on at the ring's start
 _MORE = 0xFFFFFFFE  # a record's meta size that says: the next part of the message begun before
 _FIRST = 1 << 30  # in a record's meta size: the first part; the message's size follows its meta
 _TOTAL = struct.Struct("<q")
+_STALL_BELL = 1 << 32  # what a stalled sender adds to the bell (a plain ring adds 1): look at the STALLED words
 _NAME = "aiocomm-inbox"
 _SYS_PIDFD_GETFD = 438
 _PUNCH_HOLE, _KEEP_SIZE = 0x02, 0x01  # fallocate's FALLOC_FL_PUNCH_HOLE, FALLOC_FL_KEEP_SIZE
@@ -259,12 +260,13 @@ class Inbox:
         """Messages taken out of this inbox so far."""
         return sum(ring.taken for ring in list(self._rings.values()))
 
-    def quiet(self) -> None:
-        """Read the bell (its ring was heard)."""
+    def quiet(self) -> bool:
+        """Read the bell (its ring was heard): whether a sender that waits
+        for room rang it (see :meth:`stalled`)."""
         try:
-            os.eventfd_read(self.bell)
+            return os.eventfd_read(self.bell) >= _STALL_BELL
         except BlockingIOError:
-            pass
+            return False
 
     def fds(self) -> list[int]:
         return [fd for fd in (self.fd, self.bell) if fd >= 0]
@@ -376,7 +378,7 @@ class Outlet:
         with self._fence:  # (the word is out before the bell)
             pass
         try:
-            os.eventfd_write(self.bell, 1)
+            os.eventfd_write(self.bell, _STALL_BELL)
         except OSError:
             pass
 

@@ -8,7 +8,7 @@ part                   job
 ``matching``           pairing frames with posted receives (no sockets)
 ``flow``               the budget for unexpected data: credit, RTS/CTS
 ``cma``                large payloads written into a receive's memory on this host
-``inbox``              small messages from peers on this host, through shared memory
+``inbox``              messages below 2 MiB from peers on this host, through shared memory
 ``waits``              every wait, its deadline, who can end it; polling
 ``contexts``           groups on the wire, and aborting them
 =====================  ===============================================
@@ -448,9 +448,9 @@ class Mesh:
         """The bell: a peer wrote into a ring this loop waits on."""
         assert self.inbox is not None
         if bell:
-            self.inbox.quiet()
-            for src in self.inbox.stalled():  # (a sender waits for room for a part: take what is there)
-                self._drain(src, self.inbox.ring(src), self.routed[src])
+            if self.inbox.quiet():  # (a sender waits for room for a part: take what is there)
+                for src in self.inbox.stalled():
+                    self._drain(src, self.inbox.ring(src), self.routed[src])
         for src in list(self._waiting):
             ring = self.inbox.ring(src)
             # (nothing waits for it here now, and no message is halfway through it)
