@@ -145,12 +145,14 @@ def test_messages_sent_after_one_in_parts_do_not_overtake_it():
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("who", ["advance-1", "advance-2", "advance-5", "payload-1", "payload-3", "payload-5"])
+@pytest.mark.parametrize("who", ["payload-1", "advance-2", "advance-5"])
 def test_a_receiving_thread_interrupted_halfway_through_a_message_in_parts(who):
     """KeyboardInterrupt in the receiving thread at each kind of moment of
-    taking a message of 5 parts (before a part is copied, or after, before
-    the ring's head passes it; the first, a middle and the last part): the
-    next receive gets the whole message, then the one sent after it."""
+    taking a message of 5 parts (before its first part is copied; after a
+    middle one is copied, before the ring's head passes it; the same for
+    the last part): the next receive gets the whole message, then the one
+    sent after it.  (Before the loop could take over at any point, the
+    last two delivered a wrong message or stuck the ring.)"""
     proc = launch(2, "inbox_moments.py", "interrupted", who, timeout=50)
     detail = proc.stdout + proc.stderr[-3000:]
     assert proc.returncode == 0 and "[rank 1] OK AFTER 7" in proc.stdout, detail
@@ -166,7 +168,7 @@ def test_a_sender_interrupted_halfway_through_a_message_in_parts_closes_its_conn
     detail = proc.stdout + proc.stderr[-3000:]
     assert "[rank 0] INTERRUPTED" in proc.stdout, detail
     m = re.search(r"\[rank 1\] RAISED PeerLostError after ([\d.]+)s", proc.stdout)
-    assert m is not None and float(m.group(1)) < 4.0, detail  # (rank 0 lives on for 6 s)
+    assert m is not None and float(m.group(1)) < 2.5, detail  # (rank 0 lives on for 4 s)
 
 
 @pytest.mark.timeout(60)

@@ -320,7 +320,7 @@ elif mode == "interrupted":
                 say("BAD the send was not interrupted")
             except KeyboardInterrupt:
                 say("INTERRUPTED")
-            time.sleep(6.0)  # (alive: rank 1 must hear of the closed connection, not of this rank's end)
+            time.sleep(4.0)  # (alive: rank 1 must hear of the closed connection, not of this rank's end)
             os._exit(0)
         time.sleep(0.2)  # (rank 1 spins for the message meanwhile)
         aiocomm.send(big, 1)
