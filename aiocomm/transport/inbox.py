@@ -36,16 +36,17 @@ the same way from a blocking sender's thread, in *parts* of at most
 sender copies the next in.  The first part's record carries the signature
 and the message's whole size; the others (``_MORE``) carry only their
 bytes and where in the message they go, and no other record comes between
-them (the sender holds its outlet's lock throughout).  The sender takes credit for the whole message
-before its first part, so the receiver's loop may take the parts into a
-buffer of its own when no receive is there for them: a sender that finds no
-room for a part sets ``STALLED`` and rings the bell, and the loop then
-drains that ring whether or not a receive waits for it.  A receive of such a
-message completes only once its last part is in (a part-taken message whose
-sender is lost is one that never came whole); a sender that
-cannot finish one (its deadline passed while the receiver took nothing, or
-it was interrupted) closes the connection rather than leave half a message
-behind, as the TCP path does with a frame it could not finish.
+them (the sender holds its outlet's lock throughout).  The sender takes
+credit for the whole message before its first part, so the receiver's loop
+may take the parts into a buffer of its own when no receive is there for
+them: a sender that finds no room for a part sets ``STALLED`` and rings the
+bell with ``_STALL_BELL``, and the loop then drains that ring whether or
+not a receive waits for it.  A receive of such a message completes only
+once its last part is in (a part-taken message whose sender is lost is one
+that never came whole); a sender that cannot finish one (its deadline
+passed before the receiver made room, or it was interrupted) closes the
+connection rather than leave half a message behind, as the TCP path does
+with a frame it could not finish.
 
 Ring: ``TAIL`` (written only by the sender) and ``HEAD`` (only by the
 receiver) are byte counts that only grow.  A record is written whole, then
