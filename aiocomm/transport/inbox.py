@@ -175,6 +175,11 @@ class Ring:
         control = self.control
         return control[HEAD] == control[TAIL]
 
+    def pending(self) -> bool:
+        """Whether there is anything to take: a record, or the rest of a message halfway out."""
+        control = self.control
+        return control[HEAD] != control[TAIL] or self.partial is not None
+
     def peek(self) -> tuple[int, int, bytes, int, int, int, int] | None:
         """The oldest record: ``(mark, context, meta, payload offset, payload
         bytes, where the next record begins, the message's bytes)``, or None

@@ -113,6 +113,17 @@ class _Caller:
         self.last_in = False
 
 
+def _part_at(src: int, ring: inbox.Ring, start: int, mark: int, total: int) -> int:
+    """Where in the message being taken part by part (its first record
+    beginning at ``start`` in ``ring``) the record just peeked goes (its
+    ``mark`` and ``total`` as ``Ring.peek`` gave them)."""
+    if total == -1:
+        return mark  # (a later part says where it goes)
+    if ring.control[inbox.HEAD] == start:
+        return 0  # (its first part, which a caller's thread left in the ring)
+    raise ProtocolError(f"rank {src} began a message in this rank's inbox before its last was whole")
+
+
 #: The context of the bring-up barrier (never a group's: those are 0 or odd).
 BRING_UP_CONTEXT = (1 << 64) - 2
 
@@ -295,7 +306,7 @@ class Mesh:
             self._started[src] = at + _HEADER_SIZE + meta_len + payload_len
             self.routed[src] = at
             ring = self.inbox.ring(src)
-            if not ring.empty() or ring.partial is not None:
+            if ring.pending():
                 # (the small messages sent before this frame go first; a message
                 # a caller takes part by part too, if this frame may be of its key)
                 self._drain(src, ring, at, kind == _P2P or kind == _RTS)
@@ -339,7 +350,7 @@ class Mesh:
             self.routed[src] = self._started[src]
         if self.inbox is not None:
             ring = self.inbox.ring(src)
-            if not ring.empty() or ring.partial is not None:
+            if ring.pending():
                 self._drain(src, ring, self.routed[src])
 
     # ---- small messages through the inbox (see inbox)
@@ -354,7 +365,6 @@ class Mesh:
         """:meth:`_drain`, its ring's lock held.  ``steal``: take over a
         message a caller's thread is taking part by part (else nothing
         after it is taken meanwhile)."""
-        control = ring.control
         while not ring.dead:
             partial = ring.partial
             if partial is not None and type(partial) is _Caller:
@@ -366,12 +376,7 @@ class Mesh:
                 return
             mark, context, meta, at, nbytes, after, total = record
             if partial is not None:  # the next part of the message the loop is taking
-                if total == -1:
-                    where = mark  # (a later part says where it goes)
-                elif control[inbox.HEAD] == partial.start:
-                    where = 0  # (its first part, which a caller's thread left in the ring)
-                else:
-                    raise ProtocolError(f"rank {src} began a message in this rank's inbox before its last was whole")
+                where = _part_at(src, ring, partial.start, mark, total)
                 view = partial.view
                 if view is not None and nbytes:
                     view[where : where + nbytes] = ring.payload(at, nbytes)
@@ -652,7 +657,6 @@ class Mesh:
         is whole, the caller hands it to the loop (:meth:`_hand_over`), which
         gives the whole message to the receive posted next."""
         got, total, start = taking.got, taking.total, taking.start
-        control = ring.control
         clock = time.monotonic
         since = clock()
         while True:
@@ -662,12 +666,8 @@ class Mesh:
                         return False  # (the loop took it over)
                     record = ring.peek() if not ring.dead else None
                     if record is not None:
-                        where, _, _, at, nbytes, after, more = record
-                        if more != -1:
-                            if control[inbox.HEAD] != start:
-                                raise ProtocolError(
-                                    f"rank {src} began a message in this rank's inbox before its last was whole")
-                            where = 0
+                        mark, _, _, at, nbytes, after, more = record
+                        where = _part_at(src, ring, start, mark, more)
                         got[where : where + nbytes] = ring.payload(at, nbytes)
                         if where + nbytes < total:
                             ring.advance(after, False)

@@ -139,6 +139,23 @@ def run_of(src: int, dst: int) -> list[tuple[int, object, str]]:
     return [(i, size, DTYPES[(src + dst + i) % len(DTYPES)]) for i, size in enumerate(RUN)]
 
 
+def ring_in_use() -> None:
+    """Put rank 0's ring in rank 1's inbox in use (a receiving thread spins
+    only for a ring in use), then meet."""
+    if r == 0:
+        aiocomm.send(np.zeros(1), 1)
+    else:
+        aiocomm.recv((1,), np.float64, 0, timeout=30)
+    aiocomm.barrier()
+
+
+def spin_long() -> None:
+    """This rank's blocking receives spin until their message's first part comes."""
+    from aiocomm.backends import ring as ring_backend
+
+    ring_backend.SPIN_SECONDS = 5.0
+
+
 if mode == "pairs":
     bad: list[str] = []
     for step in range(1, n):
@@ -301,11 +318,7 @@ elif mode == "interrupted":
     who = sys.argv[2]
     IN = ((1 << 20) + 40) // 8  # (5 parts: 4 of 256 KiB and 40 bytes)
     big = np.arange(IN, dtype=np.int64) * 3 + 1
-    if r == 0:  # (the ring in use: a receiving thread spins only for a ring in use)
-        aiocomm.send(np.zeros(1), 1)
-    else:
-        aiocomm.recv((1,), np.float64, 0, timeout=30)
-    aiocomm.barrier()
+    ring_in_use()
     if r == 0:
         if who == "sender":
             ring_if_waiting = inbox.Outlet.ring_if_waiting
@@ -326,9 +339,7 @@ elif mode == "interrupted":
         aiocomm.send(big, 1)
         aiocomm.send(np.array([7], np.int64), 1)
     else:
-        from aiocomm.backends import ring as ring_backend
-
-        ring_backend.SPIN_SECONDS = 5.0  # (the receiving thread spins until the first part comes)
+        spin_long()
         if who == "sender":
             t0 = time.monotonic()
             try:
@@ -366,22 +377,16 @@ elif mode == "interrupted":
     aiocomm.barrier()
 elif mode == "overtaking_parts":
     ON = (2 * inbox.SMALL + 8) // 8
-    if r == 0:  # (the ring in use: a receiving thread spins only for a ring in use)
-        aiocomm.send(np.zeros(1), 1)
-    else:
-        aiocomm.recv((1,), np.float64, 0, timeout=30)
-    aiocomm.barrier()
+    ring_in_use()
     if r == 0:
         time.sleep(0.2)  # (rank 1 spins for the message meanwhile)
         aiocomm.send(np.full(ON, 3, np.int64), 1)
         aiocomm.send(np.full(1 << 10, 4, np.int64), 1)
         asyncio.run(aio.send(np.full(300 * KiB // 8, 5, np.int64), 1))  # (the async face: over TCP)
     else:
-        from aiocomm.backends import ring as ring_backend
         from aiocomm.transport import mesh as mesh_module
 
-        ring_backend.SPIN_SECONDS = 5.0  # (the receiving thread spins until the first part comes)
-
+        spin_long()
         take_parts = mesh_module.Mesh._take_parts
 
         def sleepy(self: Any, *args: Any) -> bool:
