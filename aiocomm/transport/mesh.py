@@ -484,29 +484,41 @@ class Mesh:
             if until is None or nbytes >= cma.CMA_FROM:
                 return False
             return self._send_parts(stream, outlet, dst, context, sig, data, until, timeout)
-        outbox = stream.outbox
-        assert outbox is not None
         payload = byte_view(data)
         lock = outlet.lock
         # (the loop never waits for the lock: a caller's thread may hold it while a message in parts waits for room)
         if not lock.acquire(until is not None):
             return False
         try:
-            if stream.closing or outlet.torn or not outbox.take_eager(nbytes):
-                return False
-            try:
-                put = outlet.put(stream.bytes_out, context, sig.encoded, payload)
-            except BaseException:  # (a signal handler's exception, say: the credit must not be lost)
-                outbox.give(nbytes)
-                raise
-            if not put:
-                outbox.give(nbytes)
+            if not self._put_first(stream, outlet, context, sig, payload, -1):
                 return False
             outlet.ring_if_waiting()
         finally:
             lock.release()
         self.bytes_sent += nbytes
         return True
+
+    @staticmethod
+    def _put_first(stream: PeerStream, outlet: inbox.Outlet, context: int, sig: Signature, payload: memoryview,
+                   total: int) -> bool:
+        """Take credit for a message and write its record (``total`` < 0) or
+        its first part (of ``total`` bytes) into ``outlet``, if the
+        connection is open and there is credit and room; with the outlet's
+        lock.  Whether it was written (if not, the credit is back)."""
+        outbox = stream.outbox
+        assert outbox is not None
+        nbytes = len(payload) if total < 0 else total
+        if stream.closing or outlet.torn or not outbox.take_eager(nbytes):
+            return False
+        try:
+            put = outlet.put(stream.bytes_out, context, sig.encoded, payload if total < 0 else payload[:_SMALL],
+                             total)
+        except BaseException:  # (a signal handler's exception, say: the credit must not be lost)
+            outbox.give(nbytes)
+            raise
+        if not put:
+            outbox.give(nbytes)
+        return put
 
     def _send_parts(self, stream: PeerStream, outlet: inbox.Outlet, dst: int, context: int, sig: Signature,
                     data: np.ndarray, until: float, timeout: float) -> bool:
@@ -515,20 +527,10 @@ class Mesh:
         happened: the socket's way), the others as the receiver makes room.
         Once the first is in, the message is finished or the connection is
         closed (the receiver never takes half a message)."""
-        outbox = stream.outbox
-        assert outbox is not None
         payload = byte_view(data)
         nbytes = len(payload)
         with outlet.lock:
-            if stream.closing or outlet.torn or not outbox.take_eager(nbytes):
-                return False
-            try:
-                put = outlet.put(stream.bytes_out, context, sig.encoded, payload[:_SMALL], nbytes)
-            except BaseException:
-                outbox.give(nbytes)
-                raise
-            if not put:
-                outbox.give(nbytes)
+            if not self._put_first(stream, outlet, context, sig, payload, nbytes):
                 return False
             try:  # (from here on the message is finished or the connection closed)
                 outlet.ring_if_waiting()
