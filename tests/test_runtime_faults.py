@@ -173,6 +173,32 @@ def names_rank(message: str, rank: int) -> bool:
 
 
 @pytest.mark.timeout(60)
+def test_a_member_lost_while_the_others_wait_on_one_another_fails_the_collective(tmp_path):
+    """Ranks 0, 2 and 4 of six start an all_gather (around their ring; on the
+    default transport its shared-memory set-up goes around it first); rank
+    2 has taken rank 0's data (its connection is open) but dies without
+    calling it.  Rank 4 never
+    talked to rank 2 and waits on data only rank 2 would pass on; rank 0
+    waits on rank 4.  Rank 0 sees its connection to rank 2 close: a member
+    of the group is lost, so the collective fails there, and the group's
+    ABORT reaches rank 4 -- both raise PeerLostError naming rank 2 within
+    seconds, not at the 30 s timeout.  The odd half is not touched.  (With
+    AIOCOMM_TRANSPORT=tcp the split itself connects ranks 2 and 4; the rule
+    is tested without sockets in test_transport_layers.py.)"""
+    with world(tmp_path, 6, "rt_first_contact.py", "member-gather", "2") as ranks:
+        hung = finish(ranks, (0, 1, 3, 4, 5), 25)
+        detail = dump(ranks)
+    assert not hung, f"ranks {hung} still waiting 25 s after rank 2 died" + detail
+    for r in (1, 3, 5):
+        assert ranks[r].lines("^RESULT"), f"rank {r}'s half lost nobody" + detail
+    for r in (0, 4):
+        info = ranks[r].info()
+        assert info is not None and info["type"] == "PeerLostError", f"rank {r}" + detail
+        assert names_rank(info["message"], 2) and info["culprit"] == 2, f"rank {r}" + detail
+        assert info["elapsed"] < 6, f"rank {r} took {info['elapsed']}s (rank 2 died after 1 s)" + detail
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("how", ["kill", "stop"])
 def test_first_contact_with_dead_or_frozen_peer_in_all_sum(tmp_path, how):
     """Rank 3 dies (or freezes) after a ring-neighbour sync; in the 4-rank

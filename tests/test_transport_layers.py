@@ -164,3 +164,28 @@ def test_a_drain_at_shutdown_ends_with_its_connection_or_its_callers_timeout(loo
     assert isinstance(done.exception(), PeerLostError)
     assert not owner.waits.pending and owner.lost == [stream]
     assert stream.drained_future() is None  # closed: nothing left to wait for
+
+
+def test_a_lost_member_fails_its_groups_collectives_and_nothing_else(loop):
+    """A collective's waits end when any member of its group is lost, even a
+    wait on another member (which may never hear of the loss itself); a
+    collective that waits after the loss fails at once; a receive of the
+    same group from another peer, and a collective of a group without the
+    lost rank, go on.  (A real receive, matching.PendingRecv, must be whole
+    before it fails: the later one fails on the loop's next turn.)"""
+    from aiocomm.transport.waits import Op, Wait
+
+    waits = WaitSet(loop, rank=0, poll_s=0.0)
+    collective = Op("all_sum", 7, 30.0, loop.time() + 30.0, (0, 2, 4))
+    on_four = Wait(waits, 4, collective, "waiting for data from")
+    p2p = Wait(waits, 4, Op("recv", 7, 30.0, loop.time() + 30.0), "waiting for data from")
+    others = Wait(waits, 4, Op("all_sum", 9, 30.0, loop.time() + 30.0, (0, 4)), "waiting for data from")
+    lost = PeerLostError("rank 0 lost rank 2 (closed by the peer)", 2)
+    waits.lost[2] = lost
+    waits.fail_peer(2, lost)
+    assert on_four.future.exception() is lost
+    assert not p2p.future.done() and not others.future.done() and waits.pending == {p2p, others}
+    later = Wait(waits, 0, collective, "waiting for data from")
+    loop.run_until_complete(asyncio.sleep(0))
+    assert later.future.exception() is lost and later not in waits.pending
+    waits.fail_all(CommError("shut down"))

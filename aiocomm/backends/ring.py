@@ -65,7 +65,8 @@ class MeshLink:
         group.seq = seq + 1
         self.tag_base = seq << 8
         self.sig = sig
-        self.op = Op(sig, group.context, timeout, mesh.loop.time() + timeout)  # (described only if it fails)
+        # (described only if it fails; a lost member fails it: see waits.WaitSet.fail_peer)
+        self.op = Op(sig, group.context, timeout, mesh.loop.time() + timeout, group.members)
         # The group's connections, kept across calls: opening costs a lookup
         # per peer per call otherwise.
         self.streams = group.streams

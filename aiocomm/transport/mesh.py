@@ -160,7 +160,7 @@ class Mesh:
         self._waiting: set[int] = set()  # peers whose ring the loop waits on (a receive is posted)
         self._polling: asyncio.TimerHandle | None = None  # looks at those rings now and then
         self.connections = Connections(self)
-        self.lost = self.connections.lost
+        self.lost = self.waits.lost = self.connections.lost
         self.budget = ReceiveBudget(self.window, self.size, shared=self.inbox is not None)
         self.matcher = Matcher(self.rank, self.size, self.waits, self, self.lost)
         self._abort_tasks: set[asyncio.Task[None]] = set()

@@ -10,7 +10,11 @@ peer, a peer reading what was written, a peer posting the receive for an
 announced message.  So for any wait there is one place that creates it (the
 code that starts waiting) and three that can end it early, all here:
 
-* :meth:`WaitSet.fail_peer` when the peer is lost,
+* :meth:`WaitSet.fail_peer` when the peer is lost -- or, for a collective,
+  any member of its group (its ``op.members``): the collective cannot end
+  on every rank, and a member waiting on the lost rank may never hear of
+  the loss itself (it may never have talked to it), so this rank fails and
+  aborts the group, which tells it,
 * :meth:`WaitSet.fail_context` when the context is aborted (here or by an
   ABORT from another rank),
 * the deadline timer, which fails waits whose operation ran out of time with
@@ -44,16 +48,18 @@ class Op:
 
     ``what`` may be given as the call's :class:`~aiocomm.wire.Signature`, or
     a function that says it: it is put in words only when a message needs it
-    (most calls never fail)."""
+    (most calls never fail).  ``members``: a collective's group (world
+    ranks), the loss of any of which fails its waits; None for the rest."""
 
-    __slots__ = ("_what", "context", "timeout", "deadline")
+    __slots__ = ("_what", "context", "timeout", "deadline", "members")
 
     def __init__(self, what: str | Signature | Callable[[], str], context: int, timeout: float,
-                 deadline: float) -> None:
+                 deadline: float, members: tuple[int, ...] | None = None) -> None:
         self._what = what
         self.context = context
         self.timeout = timeout
         self.deadline = deadline
+        self.members = members
 
     @property
     def what(self) -> str:
@@ -123,9 +129,16 @@ class WaitSet:
         self._poll_until = 0.0
         self._polling = False
         self.closed = False
+        self.lost: dict[int, Any] = {}  # the mesh's lost peers (world rank -> PeerLostError)
 
     def add(self, wait: Wait) -> None:
         self.pending.add(wait)
+        members = wait.op.members
+        if members is not None and self.lost:  # a collective started, or going on, after a member was lost
+            for member in members:
+                if member in self.lost:  # (soon: the wait is not whole yet, a subclass may still be setting up)
+                    self.loop.call_soon(wait.fail, self.lost[member])
+                    break
         deadline = wait.op.deadline
         if self.poll_s:
             self._poll_until = time.monotonic() + self.poll_s
@@ -145,8 +158,9 @@ class WaitSet:
             wait.fail(exc)
 
     def fail_peer(self, peer: int, exc: BaseException) -> None:
-        """``peer`` is lost: every wait on it fails with ``exc``."""
-        self.fail_where(lambda w: w.peer == peer, exc)
+        """``peer`` is lost: every wait on it, and every wait of a collective
+        of a group it belongs to, fails with ``exc``."""
+        self.fail_where(lambda w: w.peer == peer or (w.op.members is not None and peer in w.op.members), exc)
 
     def fail_context(self, context: int, exc: CommError) -> None:
         """``context`` is aborted: every wait of its operations fails with ``exc``."""

@@ -6,6 +6,10 @@ argv: mode victim
       4 ranks recursive doubling pairs ranks 1 and 3, which never talked).
   exit-send / kill-send: the victim exits cleanly / SIGKILLs itself after the
       sync; on "go" rank 0 sends to the victim until that raises.
+  member-gather: the world splits by rank parity; the victim, a member of its
+      half, calls nothing more and SIGKILLs itself 1 s later, after the
+      others of its half have sent to it and wait for one another (some of
+      them never talked to the victim); the other half all_sums on its own.
 """
 
 import os
@@ -24,6 +28,20 @@ world = aiocomm.init()
 r = world.rank()
 ring_sync(world)
 say("SYNCED")
+
+if mode == "member-gather":
+    half = world.split(r % 2)
+    if r == victim:
+        time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+    t0 = time.monotonic()
+    try:
+        y = aiocomm.all_gather(np.ones(4, np.float32), group=half, timeout=30)  # (a ring, on TCP too)
+        say(f"RESULT {y.tolist()}")
+    except Exception as exc:
+        report(exc, t0)
+    say("DONE")
+    sys.exit(0)
 
 if r == victim:
     if mode.startswith("kill"):
