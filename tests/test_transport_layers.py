@@ -166,26 +166,27 @@ def test_a_drain_at_shutdown_ends_with_its_connection_or_its_callers_timeout(loo
     assert stream.drained_future() is None  # closed: nothing left to wait for
 
 
-def test_a_lost_member_fails_its_groups_collectives_and_nothing_else(loop):
-    """A collective's waits end when any member of its group is lost, even a
-    wait on another member (which may never hear of the loss itself); a
-    collective that waits after the loss fails at once; a receive of the
-    same group from another peer, and a collective of a group without the
-    lost rank, go on.  (A real receive, matching.PendingRecv, must be whole
-    before it fails: the later one fails on the loop's next turn.)"""
+def test_a_member_told_of_a_lost_peer_fails_its_collective_waits_on_it_and_nothing_else(loop):
+    """A rank that loses a peer names the groups of its waiting collectives
+    that the peer is in (it tells their members).  A member so told fails its
+    collective waits on that peer in that group, even with no connection to
+    it, and any made later; a wait on another member, a receive of the same
+    group, and a collective of another group go on."""
     from aiocomm.transport.waits import Op, Wait
 
     waits = WaitSet(loop, rank=0, poll_s=0.0)
     collective = Op("all_sum", 7, 30.0, loop.time() + 30.0, (0, 2, 4))
+    other_group = Op("all_sum", 9, 30.0, loop.time() + 30.0, (0, 2))
+    on_two = Wait(waits, 2, collective, "waiting for data from")
     on_four = Wait(waits, 4, collective, "waiting for data from")
-    p2p = Wait(waits, 4, Op("recv", 7, 30.0, loop.time() + 30.0), "waiting for data from")
-    others = Wait(waits, 4, Op("all_sum", 9, 30.0, loop.time() + 30.0, (0, 4)), "waiting for data from")
-    lost = PeerLostError("rank 0 lost rank 2 (closed by the peer)", 2)
-    waits.lost[2] = lost
-    waits.fail_peer(2, lost)
-    assert on_four.future.exception() is lost
-    assert not p2p.future.done() and not others.future.done() and waits.pending == {p2p, others}
-    later = Wait(waits, 0, collective, "waiting for data from")
+    p2p = Wait(waits, 2, Op("recv", 7, 30.0, loop.time() + 30.0), "waiting for data from")
+    elsewhere = Wait(waits, 2, other_group, "waiting for data from")
+    assert waits.collectives_with(2) == {7: (0, 2, 4), 9: (0, 2)} and waits.collectives_with(3) == {}
+    lost = PeerLostError("rank 0 waited in a collective on rank 2, which rank 4 lost: closed by the peer", 2)
+    waits.heard_lost(7, 2, lost)
+    assert on_two.future.exception() is lost
+    assert waits.pending == {on_four, p2p, elsewhere}
+    later = Wait(waits, 2, collective, "waiting for data from")
     loop.run_until_complete(asyncio.sleep(0))
     assert later.future.exception() is lost and later not in waits.pending
     waits.fail_all(CommError("shut down"))

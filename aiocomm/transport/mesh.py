@@ -160,7 +160,7 @@ class Mesh:
         self._waiting: set[int] = set()  # peers whose ring the loop waits on (a receive is posted)
         self._polling: asyncio.TimerHandle | None = None  # looks at those rings now and then
         self.connections = Connections(self)
-        self.lost = self.waits.lost = self.connections.lost
+        self.lost = self.connections.lost
         self.budget = ReceiveBudget(self.window, self.size, shared=self.inbox is not None)
         self.matcher = Matcher(self.rank, self.size, self.waits, self, self.lost)
         self._abort_tasks: set[asyncio.Task[None]] = set()
@@ -338,6 +338,9 @@ class Mesh:
             return Sink(None)
         if kind == Kind.ABORT:
             self._abort_received(src, context, wire.decode_meta(meta))
+            return Sink(None)
+        if kind == Kind.LOST:
+            self._lost_heard(src, context, wire.decode_meta(meta))
             return Sink(None)
         raise ProtocolError(f"unexpected {Kind(kind).name} frame from rank {src} after the handshake")
 
@@ -740,6 +743,10 @@ class Mesh:
     # ---- lost peers and aborted contexts
 
     def peer_lost(self, peer: int, err: PeerLostError) -> None:
+        # Collectives waiting here on other members of a group ``peer`` is in:
+        # those members may wait on ``peer`` without a connection to it, and
+        # would hear of its loss only at their timeout.  Tell them.
+        groups = self.waits.collectives_with(peer)
         for key in [k for k in self.offered if k[0] == peer]:
             _KEPT.append(self.offered.pop(key))  # (a live process may be halfway through writing it)
         if self.inbox is not None:  # what it sent before it went is delivered, as from its socket
@@ -750,6 +757,23 @@ class Mesh:
             self._waiting.discard(peer)
         self.waits.fail_peer(peer, err)
         self.matcher.drop_peer(peer)
+        if groups:
+            notice = {"lost": peer, "reason": str(err)}
+            for context, members in groups.items():
+                self._tell(members, wire.control_frame(Kind.LOST, notice, context=context), skip=(peer,))
+
+    def _lost_heard(self, src: int, context: int, meta: Any) -> None:
+        """A ``LOST`` notice: rank ``src`` lost a peer while a collective of
+        group ``context`` waited there (see :meth:`peer_lost`)."""
+        fields = wire.require_map(meta, Kind.LOST, ("lost", "reason"))
+        peer = fields["lost"]
+        if not isinstance(peer, int) or not 0 <= peer < self.size:
+            raise ProtocolError(f"rank {src} sent a LOST notice naming {peer!r}, not a rank of this world")
+        if peer == self.rank:
+            return  # (rank src gave up on this one: it closes its connections, and says so that way)
+        self.waits.heard_lost(context, peer, PeerLostError(
+            f"rank {self.rank} waited in a collective on rank {peer}, which rank {src} lost: {fields['reason']}",
+            peer))
 
     def cut_off(self, peer: int, err: PeerLostError) -> None:
         """Take ``peer`` for lost from now on, as if it had died (the survivors
@@ -776,15 +800,18 @@ class Mesh:
             self._tell_members(context, fields, skip=(src, fields["origin"]))
 
     def _tell_members(self, context: int, fields: dict[str, Any], skip: Iterable[int]) -> None:
-        frame = wire.control_frame(Kind.ABORT, fields, context=context)
+        self._tell(self.contexts.members_of(context), wire.control_frame(Kind.ABORT, fields, context=context), skip)
+
+    def _tell(self, members: Iterable[int], frame: bytes, skip: Iterable[int]) -> None:
+        """Send control ``frame`` (an ABORT, a LOST notice) to ``members``, best effort."""
         skipped = set(skip)
-        for peer in self.contexts.members_of(context):
+        for peer in members:
             if peer != self.rank and peer not in self.lost and peer not in skipped:
-                task = self.loop.create_task(self._send_abort(peer, frame))
+                task = self.loop.create_task(self._send_notice(peer, frame))
                 self._abort_tasks.add(task)
                 task.add_done_callback(self._abort_tasks.discard)
 
-    async def _send_abort(self, peer: int, frame: bytes) -> None:
+    async def _send_notice(self, peer: int, frame: bytes) -> None:
         try:
             stream = await self.connections.dial_once(peer, 2.0)
             stream.send_frame(frame, None)
@@ -792,7 +819,7 @@ class Mesh:
             if done is not None:
                 await asyncio.wait_for(done, 5.0)
         except Exception as exc:  # best effort: the peer may be the one that is gone
-            log.debug("rank %d: could not tell rank %d about an abort: %r", self.rank, peer, exc)
+            log.debug("rank %d: could not tell rank %d about an abort or a loss: %r", self.rank, peer, exc)
 
     def register_context(self, context: int, members: tuple[int, ...]) -> None:
         self.contexts.register(context, members)

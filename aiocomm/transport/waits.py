@@ -10,11 +10,11 @@ peer, a peer reading what was written, a peer posting the receive for an
 announced message.  So for any wait there is one place that creates it (the
 code that starts waiting) and three that can end it early, all here:
 
-* :meth:`WaitSet.fail_peer` when the peer is lost -- or, for a collective,
-  any member of its group (its ``op.members``): the collective cannot end
-  on every rank, and a member waiting on the lost rank may never hear of
-  the loss itself (it may never have talked to it), so this rank fails and
-  aborts the group, which tells it,
+* :meth:`WaitSet.fail_peer` when the peer is lost -- or, for a
+  collective's wait (its ``op.members`` name its group), when another
+  member of the group says it lost that peer (:meth:`WaitSet.heard_lost`):
+  a rank may wait on a peer it never talked to, and so would never see its
+  connection close,
 * :meth:`WaitSet.fail_context` when the context is aborted (here or by an
   ABORT from another rank),
 * the deadline timer, which fails waits whose operation ran out of time with
@@ -49,7 +49,7 @@ class Op:
     ``what`` may be given as the call's :class:`~aiocomm.wire.Signature`, or
     a function that says it: it is put in words only when a message needs it
     (most calls never fail).  ``members``: a collective's group (world
-    ranks), the loss of any of which fails its waits; None for the rest."""
+    ranks), whose members tell one another of a lost peer; None for the rest."""
 
     __slots__ = ("_what", "context", "timeout", "deadline", "members")
 
@@ -129,16 +129,15 @@ class WaitSet:
         self._poll_until = 0.0
         self._polling = False
         self.closed = False
-        self.lost: dict[int, Any] = {}  # the mesh's lost peers (world rank -> PeerLostError)
+        #: (context, peer) -> the error: another member of the group lost that peer
+        self.heard: dict[tuple[int, int], BaseException] = {}
 
     def add(self, wait: Wait) -> None:
         self.pending.add(wait)
-        members = wait.op.members
-        if members is not None and self.lost:  # a collective started, or going on, after a member was lost
-            for member in members:
-                if member in self.lost:  # (soon: the wait is not whole yet, a subclass may still be setting up)
-                    self.loop.call_soon(wait.fail, self.lost[member])
-                    break
+        if self.heard and wait.op.members is not None:
+            heard = self.heard.get((wait.op.context, wait.peer))
+            if heard is not None:  # (soon: the wait is not whole yet, a subclass may still be setting up)
+                self.loop.call_soon(wait.fail, heard)
         deadline = wait.op.deadline
         if self.poll_s:
             self._poll_until = time.monotonic() + self.poll_s
@@ -158,9 +157,20 @@ class WaitSet:
             wait.fail(exc)
 
     def fail_peer(self, peer: int, exc: BaseException) -> None:
-        """``peer`` is lost: every wait on it, and every wait of a collective
-        of a group it belongs to, fails with ``exc``."""
-        self.fail_where(lambda w: w.peer == peer or (w.op.members is not None and peer in w.op.members), exc)
+        """``peer`` is lost: every wait on it fails with ``exc``."""
+        self.fail_where(lambda w: w.peer == peer, exc)
+
+    def collectives_with(self, peer: int) -> dict[int, tuple[int, ...]]:
+        """The groups (context -> members) of the collectives waiting here that ``peer`` belongs to."""
+        return {w.op.context: w.op.members for w in self.pending if w.op.members is not None and peer in w.op.members}
+
+    def heard_lost(self, context: int, peer: int, exc: BaseException) -> None:
+        """Another member of group ``context`` lost ``peer``: this rank's
+        collective waits on ``peer`` in that group fail with ``exc``, now and
+        later.  (Only those: a collective that needs nothing more of
+        ``peer`` here -- it may have ended its part and exited -- goes on.)"""
+        self.heard[(context, peer)] = exc
+        self.fail_where(lambda w: w.peer == peer and w.op.context == context and w.op.members is not None, exc)
 
     def fail_context(self, context: int, exc: CommError) -> None:
         """``context`` is aborted: every wait of its operations fails with ``exc``."""

@@ -36,6 +36,10 @@ a byte count) returns buffer budget to a sender; ``REVOKE`` (``tag`` = the id)
 withdraws an announcement whose send failed.  ``CTS`` and ``CREDIT`` travel
 back on the sender's own connection.
 
+Failures: ``ABORT`` breaks a context (a group) everywhere, with the reason;
+``LOST`` tells the other members of a group whose collective waits that a
+peer was lost, for members that wait on it without a connection to it.
+
 The handshake is in :mod:`aiocomm.wire.handshake`.
 """
 
@@ -80,6 +84,7 @@ class Kind(enum.IntEnum):
     REVOKE = 16  # the sender gave up on an announced frame (tag = its id)
     RDONE = 17  # the payload of an announced frame is written into the memory its CTS offered (tag = its id)
     ABORT = 20  # a rank gave up on a context; carries the reason
+    LOST = 21  # a rank lost a peer while a collective of the context waited: {"lost": rank, "reason": str}
     JOIN = 30  # rendezvous: a rank publishes its address
     ROSTER = 31  # rendezvous: every rank's address
 
