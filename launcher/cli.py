@@ -21,10 +21,9 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from aiocomm.placement import POLICIES, SCHEDULING, batch_scheduled, cpu_sets
-
 from .hosts import HostfileError, format_address, is_local, parse_hosts, read_hostfile
 from .job import RankProcess, run_job
+from .placement import POLICIES, SCHEDULING, batch_scheduled, cpu_sets
 
 #: ``--stdin`` choices: every rank gets a copy, only rank 0, no rank.
 STDIN_MODES = ("all", "0", "none")

@@ -88,7 +88,7 @@ class RankProcess:
     stdin: str = "null"  # "inherit": the launcher's stdin; "copy": a copy of it (as other ranks get); "null"
     output: str | None = None  # a file for this rank's stdout and stderr instead of the launcher's
     cpus: tuple[int, ...] | None = None  # CPUs to bind a local rank to (None: where the scheduler likes)
-    batch: bool = False  # start it under SCHED_BATCH (aiocomm.placement)
+    batch: bool = False  # start it under SCHED_BATCH (placement.py)
     ssh: list[str] | None = None  # ssh command reaching the rank's host, host name last (None: local)
     python: str = sys.executable  # interpreter that runs the agent
     hostfile_json: str | None = None  # the hostfile, for the agent to write in its private directory

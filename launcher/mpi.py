@@ -45,11 +45,10 @@ import time
 from collections.abc import Sequence
 from typing import IO
 
-from aiocomm.placement import usable_cpus
-
 from .blame import CarryOn, RankOutcome, decide, ended_clause, loss_report, summary
 from .hosts import Host, is_local
 from .job import COLLECT
+from .placement import usable_cpus
 
 # Runs one rank (argv[2:]); tags its output lines with its MPI rank when
 # argv[1] is "tag"; notes that it started and how it ended in

@@ -154,7 +154,7 @@ def test_signal_to_launcher_stops_every_rank(sig):
 
 
 def test_cpu_sets_policies():
-    from aiocomm.placement import cpu_sets
+    from launcher.placement import cpu_sets
 
     assert cpu_sets(2, "auto", [0, 1]) == [(0,), (1,)]
     assert cpu_sets(2, "auto", [0, 1, 2, 3, 4]) == [(0, 1), (2, 3)]
@@ -169,7 +169,7 @@ def test_cpu_sets_policies():
 
 
 def test_batch_scheduling_policies():
-    from aiocomm.placement import batch_scheduled
+    from launcher.placement import batch_scheduled
 
     if not hasattr(os, "SCHED_BATCH"):
         pytest.skip("needs Linux scheduling policies")
@@ -185,7 +185,7 @@ def test_batch_scheduling_policies():
                     reason="needs Linux and at least 2 usable CPUs")
 @pytest.mark.parametrize("bind", ["auto", "none"])
 def test_ranks_are_bound_to_cpus(bind):
-    from aiocomm.placement import cpu_sets
+    from launcher.placement import cpu_sets
 
     proc = launch(2, "affinity.py", launcher_args=("--bind-to", bind))
     assert proc.returncode == 0, proc.stderr
@@ -199,7 +199,7 @@ def test_ranks_are_bound_to_cpus(bind):
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="needs Linux scheduling policies")
 @pytest.mark.parametrize("sched", ["auto", "normal", "batch"])
 def test_oversubscribed_ranks_run_under_sched_batch(sched):
-    from aiocomm.placement import batch_scheduled
+    from launcher.placement import batch_scheduled
 
     n = len(os.sched_getaffinity(0)) + 1  # one rank more than CPUs
     proc = launch(n, "affinity.py", launcher_args=("--sched", sched))

@@ -27,8 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from aiocomm.placement import cpu_sets
-
 from .run import AVERAGES, bus_factor, combine, iterations, parse_size
 
 
@@ -222,7 +220,11 @@ def duplex(args: argparse.Namespace) -> None:
     """Two processes each send and receive ``bytes`` at once over loopback with
     plain blocking sockets: what a 2-rank all_sum of that size must move."""
     ctx = multiprocessing.get_context("spawn")
-    placed = cpu_sets(2, "auto")  # the CPUs aiocomm-launch gives 2 ranks
+    # The CPUs aiocomm-launch gives 2 ranks: its placement rule, from the
+    # launcher's package as installed (mypy sees it as launcher/).
+    from aiocomm_launch.placement import cpu_sets  # type: ignore[import-not-found,unused-ignore]
+
+    placed = cpu_sets(2, "auto")
     for nbytes in args.sizes:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
