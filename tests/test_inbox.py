@@ -97,13 +97,14 @@ def test_a_receive_from_a_frozen_rank_times_out_and_loses_nothing(tmp_path):
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("size", ["4K", "parts"])
-def test_sends_to_a_frozen_rank_time_out(tmp_path, size):
+@pytest.mark.parametrize("size,face", [("4K", "blocking"), ("parts", "blocking"), ("parts", "async")])
+def test_sends_to_a_frozen_rank_time_out(tmp_path, size, face):
     """Rank 1 is SIGSTOPped; rank 0 keeps sending 4 KiB messages (or 1 MiB,
-    in parts) with timeout=2: once the ring, the credit and the socket are
+    in parts, from either face: the async face's parts go from a worker
+    thread) with timeout=2: once the ring, the credit and the socket are
     full (or a part finds no room), a send raises CommTimeoutError instead
     of hanging."""
-    procs = spawn_world(2, tmp_path, [str(WORKERS / "inbox_moments.py"), "frozen_receiver", size],
+    procs = spawn_world(2, tmp_path, [str(WORKERS / "inbox_moments.py"), "frozen_receiver", size, face],
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = procs[0].communicate(timeout=80)
@@ -117,6 +118,30 @@ def test_sends_to_a_frozen_rank_time_out(tmp_path, size):
         assert int(m.group(2)) > 0, out  # (some went before the buffers filled)
     else:  # (the first part fits; the second waits for room until the send's deadline)
         assert int(m.group(2)) == 0 and 2.0 <= float(m.group(3)) < 4.0, out
+
+
+@pytest.mark.timeout(60)
+def test_an_async_send_cancelled_halfway_through_its_parts_closes_its_connection(tmp_path):
+    """Rank 1 is frozen; rank 0's async send of 1 MiB (in parts, from a worker
+    thread) is cancelled by asyncio.wait_for after 1 s, with parts still to
+    go: the cancellation returns once the thread stopped (rank 0 then writes
+    into its array), the connection closes (the next send cannot go by it),
+    and thawed, rank 1 receives nothing: PeerLostError, never a message."""
+    procs = spawn_world(2, tmp_path, [str(WORKERS / "inbox_moments.py"), "frozen_receiver", "parts", "cancel"],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = procs[0].communicate(timeout=40)
+        procs[1].send_signal(signal.SIGCONT)
+        out1, err1 = procs[1].communicate(timeout=30)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+    m = re.search(r"CANCELLED after (\d+) in ([\d.]+)s", out)
+    assert m is not None and int(m.group(1)) == 0 and 1.0 <= float(m.group(2)) < 2.5, out + err[-3000:]
+    # (a new connection to the frozen rank cannot be made: its next send times out connecting)
+    assert re.search(r"THEN (PeerLostError|CommTimeoutError)", out), out + err[-3000:]
+    assert "RECVFAILED PeerLostError" in out1 and "BAD" not in out1, out1 + err1[-3000:]
 
 
 @pytest.mark.timeout(60)

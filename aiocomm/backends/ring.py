@@ -127,6 +127,21 @@ class RingGroup:
         return self._worker
 
 
+def _settle_soon(loop: asyncio.AbstractEventLoop, done: asyncio.Future[None], error: BaseException | None) -> None:
+    """From another thread: end ``done`` with ``error`` (or None) on ``loop``."""
+    def settle() -> None:
+        if not done.done():
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # (the loop is closed: nobody waits)
+        pass
+
+
 def _healthy() -> CommError | None:
     return None
 
@@ -502,6 +517,13 @@ class RingBackend:
         sig = signature("send", x.dtype, x.shape)
         if mesh.send_small(world_dst, group.context, sig, x):  # (a small one to a peer on this host: its inbox)
             return
+        if mesh.in_parts(x.nbytes):  # (to a peer on this host, in parts: the rest from a thread)
+            done = mesh.loop.create_future()
+            stop = mesh.send_parts_soon(world_dst, group.context, sig, x, time.monotonic() + timeout, timeout,
+                                        functools.partial(_settle_soon, mesh.loop, done))
+            if stop is not None:
+                await self._parts_sent(done, stop)
+                return
         op = Op(lambda: f"send of {sig.describe()} to rank {world_dst}", group.context, timeout,
                 mesh.loop.time() + timeout)
         if group.context in mesh.broken:
@@ -519,6 +541,27 @@ class RingBackend:
                 stream.give_up_writes(op.what)
             if isinstance(exc, CommError):
                 failure_report.record(self.rank, exc)
+            raise
+
+    async def _parts_sent(self, done: asyncio.Future[None], stop: threading.Event) -> None:
+        """Wait for the thread that sends a message's parts (see
+        :meth:`Mesh.send_parts_soon`).  Cancelled, it stops that thread,
+        which closes the connection unless the message was whole, and
+        returns only once the thread ended: until then it reads the
+        caller's array."""
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            stop.set()
+            while not done.done():
+                try:
+                    await asyncio.wait((done,))
+                except asyncio.CancelledError:
+                    pass
+            done.exception()  # (retrieved: the cancellation is what the caller gets)
+            raise
+        except CommError as exc:
+            failure_report.record(self.rank, exc)
             raise
 
     def _send_here(self, group: GroupState, x: np.ndarray, dst: int, timeout: float) -> None:

@@ -29,10 +29,12 @@ mesh is, and :class:`~.stream.StreamOwner`, which the connections are).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -166,6 +168,8 @@ class Mesh:
         self._abort_tasks: set[asyncio.Task[None]] = set()
         self.closed = False
         self.bytes_sent = 0  # payload bytes, for the benchmark's wire count
+        self._parts_pool: concurrent.futures.ThreadPoolExecutor | None = None  # (send_parts_soon's threads)
+        self.sent_in_parts = 0  # messages sent whole through a peer's inbox in parts (either face)
         self.hold_budget = budget  # what this rank may hold of its own sends not yet received
         self.held = 0
         # Large payloads from peers on this host written straight into the
@@ -212,6 +216,8 @@ class Mesh:
         self._send_held()
         self.waits.fail_all(CommError(f"rank {self.rank}: aiocomm was shut down while this operation waited"))
         self.waits.close()
+        if self._parts_pool is not None:  # (a thread still sending parts ends with its connection, closed below)
+            self._parts_pool.shutdown(wait=False)
         await self.connections.close()
         if self.inbox is not None:
             self.loop.remove_reader(self.inbox.bell)
@@ -531,38 +537,103 @@ class Mesh:
         Once the first is in, the message is finished or the connection is
         closed (the receiver never takes half a message)."""
         payload = byte_view(data)
-        nbytes = len(payload)
         with outlet.lock:
-            if not self._put_first(stream, outlet, context, sig, payload, nbytes):
+            if not self._put_first(stream, outlet, context, sig, payload, len(payload)):
                 return False
-            try:  # (from here on the message is finished or the connection closed)
-                outlet.ring_if_waiting()
-                self._put_rest(stream, outlet, dst, context, payload, until, timeout, sig)
-            except BaseException as exc:
-                outlet.torn = True  # (nothing more goes this way; the loop closes the connection)
-                reason = CommError(
-                    f"rank {self.rank}: a send of {sig.describe()} to rank {dst} stopped halfway through shared "
-                    f"memory ({type(exc).__name__}); the connection to rank {dst} was closed so that it never "
-                    "receives a torn message")
-                try:
-                    self.loop.call_soon_threadsafe(self._tear, stream, reason)
-                except RuntimeError:  # (the loop is closed: so is the connection)
-                    pass
-                raise
-        self.bytes_sent += nbytes
+            self._finish_parts(stream, outlet, dst, context, sig, payload, until, timeout, None)
         return True
 
+    def in_parts(self, nbytes: int) -> bool:
+        """Whether a message of ``nbytes`` goes through a peer's inbox in parts (if that peer is on this host)."""
+        return self.inbox is not None and _SMALL < nbytes < cma.CMA_FROM
+
+    def send_parts_soon(self, dst: int, context: int, sig: Signature, data: np.ndarray, until: float,
+                        timeout: float, finished: Callable[[BaseException | None], None]
+                        ) -> threading.Event | None:
+        """On the loop (the async face): :meth:`_send_parts` without waiting
+        for room.  The first part goes now if it can (else None: nothing
+        happened, the socket's way); the rest goes from a worker thread,
+        which holds the outlet's lock until it is done and then calls
+        ``finished(error or None)`` (from that thread).  Setting the returned
+        event stops it at the next part, closing the connection: it reads
+        the caller's array until ``finished``."""
+        stream = self.connections.outgoing.get(dst)
+        outlet = stream.outlet if stream is not None else None
+        nbytes = data.nbytes
+        if (stream is None or outlet is None or context in self.broken or not data.flags.c_contiguous
+                or not self.in_parts(nbytes)):
+            return None
+        payload = byte_view(data)
+        lock = outlet.lock
+        if not lock.acquire(False):  # (the loop never waits for it: a thread may hold it, waiting for room)
+            return None
+        stop = threading.Event()
+        try:
+            if not self._put_first(stream, outlet, context, sig, payload, nbytes):
+                lock.release()
+                return None
+        except BaseException:
+            lock.release()
+            raise
+
+        def rest() -> None:
+            error: BaseException | None = None
+            try:
+                self._finish_parts(stream, outlet, dst, context, sig, payload, until, timeout, stop)
+            except BaseException as exc:  # (its connection is closed: the caller gets the error)
+                error = exc
+            finally:
+                lock.release()
+            finished(error)
+
+        if self._parts_pool is None:
+            self._parts_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="aiocomm-parts")
+        try:
+            self._parts_pool.submit(rest)
+        except BaseException as exc:  # (shut down: as if the sending thread stopped after the first part)
+            outlet.torn = True
+            lock.release()
+            self._tear(stream, CommError(f"rank {self.rank}: a send of {sig.describe()} to rank {dst} could not "
+                                         f"go on ({exc}); its connection was closed"))
+            raise
+        return stop
+
+    def _finish_parts(self, stream: PeerStream, outlet: inbox.Outlet, dst: int, context: int, sig: Signature,
+                      payload: memoryview, until: float, timeout: float, stop: threading.Event | None) -> None:
+        """After a message's first part, with the outlet's lock: the other
+        parts, or (on any exception) the connection closed, so that the
+        receiver never takes half a message."""
+        try:
+            outlet.ring_if_waiting()
+            self._put_rest(stream, outlet, dst, context, payload, until, timeout, sig, stop)
+        except BaseException as exc:
+            outlet.torn = True  # (nothing more goes this way; the loop closes the connection)
+            reason = CommError(
+                f"rank {self.rank}: a send of {sig.describe()} to rank {dst} stopped halfway through shared "
+                f"memory ({type(exc).__name__}); the connection to rank {dst} was closed so that it never "
+                "receives a torn message")
+            try:
+                self.loop.call_soon_threadsafe(self._tear, stream, reason)
+            except RuntimeError:  # (the loop is closed: so is the connection)
+                pass
+            raise
+        self.bytes_sent += len(payload)
+        self.sent_in_parts += 1
+
     def _put_rest(self, stream: PeerStream, outlet: inbox.Outlet, dst: int, context: int, payload: memoryview,
-                  until: float, timeout: float, sig: Signature) -> None:
+                  until: float, timeout: float, sig: Signature, stop: threading.Event | None) -> None:
         """Write the parts of ``payload`` after its first, waiting for room as
         the receiver takes them: spinning, then with its bell rung, then
-        sleeping between looks; until ``until`` (CommTimeoutError)."""
+        sleeping between looks; until ``until`` (CommTimeoutError), or until
+        ``stop`` is set (CommError)."""
         total = len(payload)
         off = _SMALL
         clock = time.monotonic
         since = clock()
         rung = False
         while off < total:
+            if stop is not None and stop.is_set():
+                raise CommError(f"rank {self.rank}: a send of {sig.describe()} to rank {dst} was cancelled halfway")
             end = min(off + _SMALL, total)
             if outlet.put_more(off, context, payload[off:end]):
                 off = end

@@ -10,13 +10,16 @@ pairs:    every ordered pair of 3 ranks, the blocking face: a run of messages
           receive of the wrong shape first (MismatchError, the message
           stays); messages of a split group and of the world interleaved and
           received in another order; then blocking sends received on the
-          async face, and async sends on the blocking face.
+          async face, and async sends on the blocking face; then async
+          sends of every size (in parts too), all in flight at once,
+          received in order on either face.
 budget:   rank 0 sends 600 messages of 16 KiB (far more than its ring and
           than AIOCOMM_BUFFER_BYTES) before rank 1 receives any; rank 1 then
           receives them all, in order, intact.
 kill ROLE:  rank 0 sends messages to rank 1 in a loop (each filled with its
           number; 8 KiB, the inbox's largest record and 1 MiB in parts, in
-          turn); the rank named by ROLE SIGKILLs itself at a random moment.
+          turn; three on the blocking face, three on the async one, both
+          sides); the rank named by ROLE SIGKILLs itself at a random moment.
           The survivor prints ``FAILED <class> at <seconds>``; every message
           received before is checked (``WRONG`` if torn or out of order).
 stopped:  rank 0 SIGSTOPs itself before it sends (``STOPPED``); rank 1's
@@ -49,10 +52,15 @@ midpayload: rank 0 sends F (2 MiB less a little, from the async face: TCP,
           first receive of F times out halfway through F's payload.  Its next
           receive of F must get F (given back first in line, as over TCP),
           then R.
-frozen_receiver [parts]: rank 1 SIGSTOPs itself; rank 0 sends 4 KiB
-          messages (``parts``: 1 MiB, in parts) with timeout=2 until one
-          fails: it must fail with CommTimeoutError (``SENDFAILED``), not
-          hang, once the ring, the credit and the socket are full.
+frozen_receiver SIZE [FACE]: rank 1 SIGSTOPs itself; rank 0 sends 4 KiB
+          messages (SIZE ``parts``: 1 MiB, in parts) with timeout=2 until
+          one fails: it must fail with CommTimeoutError (``SENDFAILED``),
+          not hang, once the ring, the credit and the socket are full.
+          FACE: ``blocking`` (the default) or ``async`` sends; ``cancel``:
+          an async send of 1 MiB given up on after 1 s by asyncio.wait_for
+          (``CANCELLED``), which must close the connection (the next send
+          fails: ``THEN``); thawed, rank 1 must receive nothing
+          (``RECVFAILED``).
 noinbox:  no file may grow past 64 KiB, so no inbox can be made: the ranks
           exchange small messages over TCP.
 excluded FACE: rank 1 freezes itself; rank 0's agreement declares it failed
@@ -212,6 +220,30 @@ if mode == "pairs":
         if got != list(range(20)):
             bad.append(f"blocking receives of async sends got {got}")
     aiocomm.barrier()
+    # async sends of every size class, parts among them (from worker threads), all in flight at once:
+    # received in order on the blocking face (rank 0, from rank 1) and on the async face (rank 1, from rank 0)
+    mixed = [300 * KiB, 8, 1 * MiB, 16, 1536 * KiB + 4, 4 * KiB, 2 * MiB - 8, inbox.SMALL + 8]
+    parts_before = mesh.sent_in_parts
+    if r in (0, 1):
+        async def give_mixed() -> None:
+            await asyncio.gather(*(aio.send(message(r, 1 - r, i, size, "uint8"), 1 - r, timeout=30)
+                                   for i, size in enumerate(mixed)))
+
+        async def take_mixed() -> list[np.ndarray]:
+            return [await aio.recv((int(size),), np.uint8, 0, timeout=30) for size in mixed]
+
+        if r == 1:
+            asyncio.run(give_mixed())
+            got_mixed = asyncio.run(take_mixed())
+        else:
+            got_mixed = [aiocomm.recv((int(size),), np.uint8, 1, timeout=30) for size in mixed]
+            asyncio.run(give_mixed())
+        for i, size in enumerate(mixed):
+            if not np.array_equal(got_mixed[i], message(1 - r, r, i, size, "uint8")):
+                bad.append(f"async mixed message {i} ({size} bytes) from rank {1 - r}")
+        if mesh.sent_in_parts == parts_before:
+            bad.append("no async send went in parts")
+    aiocomm.barrier()
     say("BAD" if bad else "OK", "; ".join(bad), "INBOX", mesh.through_inbox)
 elif mode == "budget":
     COUNT, SIZE = 600, 16 * KiB
@@ -238,12 +270,19 @@ elif mode == "kill":
     i = 0
     while True:
         try:
+            on_async = (i // 3) % 2 == 1  # (three messages from the blocking face, three from the async one)
             if r == 0:
                 x = xs[i % 3]
                 x.fill(i)
-                aiocomm.send(x, 1, timeout=60)
+                if on_async:
+                    asyncio.run(aio.send(x, 1, timeout=60))
+                else:
+                    aiocomm.send(x, 1, timeout=60)
             else:
-                y = aiocomm.recv(shapes[i % 3], np.int64, 0, timeout=60)
+                if on_async:
+                    y = asyncio.run(aio.recv(shapes[i % 3], np.int64, 0, timeout=60))
+                else:
+                    y = aiocomm.recv(shapes[i % 3], np.int64, 0, timeout=60)
                 if not (y[0] == i and np.all(y == i)):
                     say(f"WRONG message {i}: {y[0]}")
         except aiocomm.CommError as exc:
@@ -468,25 +507,50 @@ elif mode == "excluded":
         say("RAISED", type(exc).__name__, "LOST", sorted(mesh.lost))
     os._exit(0)
 elif mode == "frozen_receiver":
+    size, face = sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "blocking"
     aiocomm.send(np.zeros(1), 1 - r)  # (the rings are in use both ways)
     aiocomm.recv((1,), np.float64, 1 - r, timeout=30)
     aiocomm.barrier()
+    x = np.zeros((1 << 18) if size == "parts" else (1 << 10), np.float32)
     if r == 1:
         say("STOPPED")
         os.kill(os.getpid(), signal.SIGSTOP)
-        time.sleep(5)
+        if face == "cancel":  # thawed once rank 0 gave up on its send: no message may come, torn or whole
+            try:
+                aiocomm.recv_like(x, 0, timeout=10)
+                say("BAD a message came from a send cancelled halfway")
+            except aiocomm.CommError as exc:
+                say("RECVFAILED", type(exc).__name__)
+        else:
+            time.sleep(5)
         os._exit(0)
     time.sleep(0.3)
-    x = np.zeros((1 << 18) if sys.argv[2:] == ["parts"] else (1 << 10), np.float32)
     t0 = time.monotonic()
     sent = 0
     try:
         while time.monotonic() - t0 < 60:
-            aiocomm.send(x, 1, timeout=2)
+            if face == "blocking":
+                aiocomm.send(x, 1, timeout=2)
+            elif face == "async":
+                asyncio.run(aio.send(x, 1, timeout=2))
+            else:  # cancel: the async send is given up on by its caller (not its own timeout) halfway
+                try:
+                    asyncio.run(asyncio.wait_for(aio.send(x, 1, timeout=30), 1.0))
+                except asyncio.TimeoutError:
+                    x[:] = 7  # (the send returned: the array is the caller's again)
+                    say("CANCELLED after", sent, f"in {time.monotonic() - t0:.1f}s")
+                    break
             sent += 1
-        say("BAD sent for a minute to a frozen rank")
+        else:
+            say("BAD sent for a minute to a frozen rank")
     except aiocomm.CommError as exc:
         say("SENDFAILED", type(exc).__name__, "after", sent, f"in {time.monotonic() - t0:.1f}s")
+    if face == "cancel":
+        try:
+            aiocomm.send(np.zeros(1), 1, timeout=1)
+            say("BAD the connection of a send cancelled halfway is still open")
+        except aiocomm.CommError as exc:
+            say("THEN", type(exc).__name__)
     os._exit(0)
 elif mode == "noinbox":
     aiocomm.send(np.arange(3) + r, 1 - r)
