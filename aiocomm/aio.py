@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import warnings
 from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
@@ -118,7 +119,28 @@ async def _on_other_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, A
             "aiocomm's world was formed on an event loop that is no longer running; "
             "form it again in a new process, or keep that loop running"
         )
-    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+    ended = threading.Event()
+
+    async def run() -> T:
+        try:
+            return await coro
+        finally:
+            ended.set()
+
+    future = asyncio.run_coroutine_threadsafe(run(), loop)
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        # The engine's task is cancelled on its own loop, later: until it has
+        # ended it may still read the caller's arrays (a send in parts stops
+        # its thread first), so this caller returns only then.
+        future.cancel()
+        while not ended.is_set() and loop.is_running():
+            try:
+                await asyncio.sleep(0.001)
+            except asyncio.CancelledError:
+                pass
+        raise
 
 
 # ------------------------------------------------------------------ the API

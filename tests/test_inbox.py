@@ -139,6 +139,7 @@ def test_an_async_send_cancelled_halfway_through_its_parts_closes_its_connection
             p.kill()
     m = re.search(r"CANCELLED after (\d+) in ([\d.]+)s", out)
     assert m is not None and int(m.group(1)) == 0 and 1.0 <= float(m.group(2)) < 2.5, out + err[-3000:]
+    assert "BAD" not in out, out + err[-3000:]
     # (a new connection to the frozen rank cannot be made: its next send times out connecting)
     assert re.search(r"THEN (PeerLostError|CommTimeoutError)", out), out + err[-3000:]
     assert "RECVFAILED PeerLostError" in out1 and "BAD" not in out1, out1 + err1[-3000:]

@@ -29,7 +29,6 @@ mesh is, and :class:`~.stream.StreamOwner`, which the connections are).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import os
 import threading
@@ -168,7 +167,6 @@ class Mesh:
         self._abort_tasks: set[asyncio.Task[None]] = set()
         self.closed = False
         self.bytes_sent = 0  # payload bytes, for the benchmark's wire count
-        self._parts_pool: concurrent.futures.ThreadPoolExecutor | None = None  # (send_parts_soon's threads)
         self.sent_in_parts = 0  # messages sent whole through a peer's inbox in parts (either face)
         self.hold_budget = budget  # what this rank may hold of its own sends not yet received
         self.held = 0
@@ -216,8 +214,6 @@ class Mesh:
         self._send_held()
         self.waits.fail_all(CommError(f"rank {self.rank}: aiocomm was shut down while this operation waited"))
         self.waits.close()
-        if self._parts_pool is not None:  # (a thread still sending parts ends with its connection, closed below)
-            self._parts_pool.shutdown(wait=False)
         await self.connections.close()
         if self.inbox is not None:
             self.loop.remove_reader(self.inbox.bell)
@@ -496,7 +492,8 @@ class Mesh:
         payload = byte_view(data)
         lock = outlet.lock
         # (the loop never waits for the lock: a caller's thread may hold it while a message in parts waits for room)
-        if not lock.acquire(until is not None):
+        # (a blocking caller waits for it until its deadline: an async send in parts may hold it)
+        if not (lock.acquire(timeout=max(0.0, until - time.monotonic())) if until is not None else lock.acquire(False)):
             return False
         try:
             if not self._put_first(stream, outlet, context, sig, payload, -1):
@@ -537,10 +534,15 @@ class Mesh:
         Once the first is in, the message is finished or the connection is
         closed (the receiver never takes half a message)."""
         payload = byte_view(data)
-        with outlet.lock:
+        lock = outlet.lock
+        if not lock.acquire(timeout=max(0.0, until - time.monotonic())):  # (then the loop's way, after it in order)
+            return False
+        try:
             if not self._put_first(stream, outlet, context, sig, payload, len(payload)):
                 return False
             self._finish_parts(stream, outlet, dst, context, sig, payload, until, timeout, None)
+        finally:
+            lock.release()
         return True
 
     def in_parts(self, nbytes: int) -> bool:
@@ -552,11 +554,12 @@ class Mesh:
                         ) -> threading.Event | None:
         """On the loop (the async face): :meth:`_send_parts` without waiting
         for room.  The first part goes now if it can (else None: nothing
-        happened, the socket's way); the rest goes from a worker thread,
-        which holds the outlet's lock until it is done and then calls
-        ``finished(error or None)`` (from that thread).  Setting the returned
-        event stops it at the next part, closing the connection: it reads
-        the caller's array until ``finished``."""
+        happened, the socket's way); the rest goes from a thread of its own
+        (a daemon: an exit does not wait for it, and the receiver then never
+        takes half a message), which holds the outlet's lock until it is
+        done and then calls ``finished(error or None)`` from that thread.
+        Setting the returned event stops it at the next part, closing the
+        connection: it reads the caller's array until ``finished``."""
         stream = self.connections.outgoing.get(dst)
         outlet = stream.outlet if stream is not None else None
         nbytes = data.nbytes
@@ -565,36 +568,34 @@ class Mesh:
             return None
         payload = byte_view(data)
         lock = outlet.lock
-        if not lock.acquire(False):  # (the loop never waits for it: a thread may hold it, waiting for room)
+        if self.closed or not lock.acquire(False):  # (the loop never waits for it: a thread may hold it)
             return None
         stop = threading.Event()
+        first = False
         try:
-            if not self._put_first(stream, outlet, context, sig, payload, nbytes):
+            first = self._put_first(stream, outlet, context, sig, payload, nbytes)
+            if not first:
                 lock.release()
                 return None
-        except BaseException:
-            lock.release()
-            raise
 
-        def rest() -> None:
-            error: BaseException | None = None
-            try:
-                self._finish_parts(stream, outlet, dst, context, sig, payload, until, timeout, stop)
-            except BaseException as exc:  # (its connection is closed: the caller gets the error)
-                error = exc
-            finally:
-                lock.release()
-            finished(error)
+            def rest() -> None:
+                error: BaseException | None = None
+                try:
+                    self._finish_parts(stream, outlet, dst, context, sig, payload, until, timeout, stop)
+                except BaseException as exc:  # (its connection is closed: the caller gets the error)
+                    error = exc
+                finally:
+                    lock.release()
+                finished(error)
 
-        if self._parts_pool is None:
-            self._parts_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="aiocomm-parts")
-        try:
-            self._parts_pool.submit(rest)
-        except BaseException as exc:  # (shut down: as if the sending thread stopped after the first part)
-            outlet.torn = True
+            threading.Thread(target=rest, name="aiocomm-parts", daemon=True).start()
+        except BaseException as exc:  # (before the thread took the lock over: here, as a stopped sender would)
+            if first:
+                outlet.torn = True
+                self._tear(stream, CommError(
+                    f"rank {self.rank}: a send of {sig.describe()} to rank {dst} could not go on after its first "
+                    f"part ({type(exc).__name__}); the connection to rank {dst} was closed"))
             lock.release()
-            self._tear(stream, CommError(f"rank {self.rank}: a send of {sig.describe()} to rank {dst} could not "
-                                         f"go on ({exc}); its connection was closed"))
             raise
         return stop
 
@@ -644,6 +645,8 @@ class Mesh:
             if stream.closing or dst in self.lost or self.closed:
                 raise self.lost.get(dst) or PeerLostError(
                     f"rank {self.rank}: the connection to rank {dst} closed during a send of {sig.describe()}", dst)
+            if context in self.broken:  # (its group was aborted: the send fails, as over TCP)
+                raise self.broken[context]
             now = clock()
             if now >= until:
                 raise CommTimeoutError(
@@ -842,6 +845,11 @@ class Mesh:
             raise ProtocolError(f"rank {src} sent a LOST notice naming {peer!r}, not a rank of this world")
         if peer == self.rank:
             return  # (rank src gave up on this one: it closes its connections, and says so that way)
+        if peer in self.lost or peer in self.connections.inbound:
+            # Its own connection decides: what it sent before it ended (its
+            # last data, maybe still coming) is delivered, then its end fails
+            # what waits on it -- a notice read first must not cut that short.
+            return
         self.waits.heard_lost(context, peer, PeerLostError(
             f"rank {self.rank} waited in a collective on rank {peer}, which rank {src} lost: {fields['reason']}",
             peer))
