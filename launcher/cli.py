@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .hosts import HostfileError, format_address, is_local, parse_hosts, read_hostfile
-from .job import RankProcess, run_job
+from .job import INTERRUPT_GRACE, RankProcess, run_job
 from .placement import POLICIES, SCHEDULING, batch_scheduled, cpu_sets
 
 #: ``--stdin`` choices: every rank gets a copy, only rank 0, no rank.
@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ssh", default="ssh", help="ssh command and options, e.g. \"ssh -F cluster.conf\"")
     parser.add_argument("--timeout", type=float, default=None,
                         help="stop the whole job after this many seconds (exit 124)")
+    parser.add_argument("--interrupt-grace", type=float, default=INTERRUPT_GRACE, metavar="S",
+                        help="after Ctrl-C (SIGINT, SIGTERM, SIGHUP) passed to the ranks, give them S seconds to "
+                             f"end on their own before they are stopped (default {INTERRUPT_GRACE:g})")
     parser.add_argument("--prefix", action=argparse.BooleanOptionalAction, default=True,
                         help="tag output lines with [rank N]")
     parser.add_argument("--output-dir", default=None, help="write each rank's output to DIR/rank-N.log instead")
@@ -265,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.n < 1:
         raise SystemExit("aiocomm-launch: -n must be at least 1")
+    if not args.interrupt_grace >= 0:
+        raise SystemExit(f"aiocomm-launch: --interrupt-grace {args.interrupt_grace:g}: give 0 or more seconds")
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
     if args.backend == "mpi":
@@ -296,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             result = await run_job(
                 ranks, prefix=args.prefix, timeout=args.timeout, verbose=args.verbose, on_started=close_listeners,
-                trace_dir=args.trace_dir, on_failure=args.on_failure,
+                trace_dir=args.trace_dir, on_failure=args.on_failure, interrupt_grace=args.interrupt_grace,
             )
         finally:
             close_listeners()

@@ -20,8 +20,8 @@ for each agent in a thread, and reads the output pipes on the event loop
 A job ends at the first of: every rank exited 0; a rank failed; ``timeout``
 passed; the launcher got SIGINT/SIGTERM/SIGHUP; its output was closed.
 A signal to the launcher is passed to every rank, which then has
-``INTERRUPT_GRACE`` seconds to end on its own (a ``finally`` that saves a
-checkpoint runs) before it is stopped; a second signal kills the ranks at once.
+``INTERRUPT_GRACE`` seconds (``--interrupt-grace``) to end on its own (a
+``finally`` that saves a checkpoint runs) before it is stopped; a second signal kills the ranks at once.
 After a failure the launcher waits up to ``COLLECT`` seconds (less once
 every rank has exited) for the other ranks to end on their own, so the rank
 that caused the failure is seen failing, not stopped; then it stops the rest
@@ -383,6 +383,7 @@ async def run_job(
     stderr_fd: int = 2,
     trace_dir: str | None = None,
     on_failure: str = "stop",
+    interrupt_grace: float = INTERRUPT_GRACE,
 ) -> JobResult:
     """Start every rank, wait, and stop the rest as soon as one fails
     (``on_failure="stop"``); with ``"continue"``, a rank that fails while
@@ -476,7 +477,7 @@ async def run_job(
                 run.stop_sent = True
                 run.send(agent.frame(b"S", str(int(sig)).encode()))
         note_ending(f"the launcher got {signal.Signals(sig).name}", 128 + sig)
-        timers.append(loop.call_later(INTERRUPT_GRACE, stop_all))  # a no-op if the job is stopping already
+        timers.append(loop.call_later(interrupt_grace, stop_all))  # a no-op if the job is stopping already
 
     def wait_for(run: _RankRun) -> None:
         assert run.proc is not None

@@ -553,12 +553,13 @@ def test_a_fixed_port_another_program_listens_on_is_named():
     assert "[rank" not in proc.stdout + proc.stderr
 
 
-def _start_interrupt_job(mode: str, folder, n: int = 2):
+def _start_interrupt_job(mode: str, folder, n: int = 2, *launcher_args: str):
     """Start ``launcher_interrupt.py`` ranks; returns the launcher and the ranks' pids once all are ready."""
     import subprocess
 
     from .conftest import ROOT, WORKERS, clean_env
-    proc = subprocess.Popen(_launcher_cmd("-n", str(n), str(WORKERS / "launcher_interrupt.py"), mode, str(folder)),
+    proc = subprocess.Popen(_launcher_cmd("-n", str(n), *launcher_args, str(WORKERS / "launcher_interrupt.py"), mode,
+                                          str(folder)),
                             cwd=ROOT, env=clean_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     pids = []
@@ -606,18 +607,27 @@ def test_a_second_ctrl_c_stops_everything_at_once(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_a_rank_that_ignores_ctrl_c_gets_sigterm_after_the_grace(tmp_path):
+    """After --interrupt-grace (2 s here; 10 s by default), not before."""
     import signal
+    import subprocess
 
+    from launcher.cli import build_parser
     from launcher.job import INTERRUPT_GRACE
 
-    proc, pids = _start_interrupt_job("ignore", tmp_path)
+    assert build_parser().parse_args(["-n", "2", "x"]).interrupt_grace == INTERRUPT_GRACE == 10.0
+    from .conftest import ROOT, clean_env
+    bad = subprocess.run(_launcher_cmd("-n", "1", "--interrupt-grace", "-1", "true"), cwd=ROOT, env=clean_env(),
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 1 and "--interrupt-grace -1: give 0 or more seconds" in bad.stderr, bad.stderr
+    grace = 2.0
+    proc, pids = _start_interrupt_job("ignore", tmp_path, 2, "--interrupt-grace", str(grace))
     start = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=INTERRUPT_GRACE + 30)
+    out, err = proc.communicate(timeout=grace + 30)
     took = time.monotonic() - start
     assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
     assert out.count("got SIGTERM") == 2, out
-    assert INTERRUPT_GRACE - 0.5 < took < INTERRUPT_GRACE + 4, took
+    assert grace - 0.5 < took < grace + 4, took
     assert _gone(pids, 2)
 
 
