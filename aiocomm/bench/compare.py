@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peers", default="aiocomm,duplex-reference,gloo,openmpi,openmpi-shm,mlx-ring")
     parser.add_argument("--transport", choices=["auto", "tcp", "shm"], default="auto",
                         help="aiocomm's transport between ranks of this host (python -m aiocomm.bench --transport)")
+    parser.add_argument("--face", choices=["blocking", "async"], default="blocking",
+                        help="aiocomm's face (python -m aiocomm.bench --face)")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--plot", metavar="FILE.png", default=None,
                         help="also draw bus bandwidth and latency against message size to FILE (needs matplotlib)")
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     for ranks in (int(r) for r in args.ranks.split(",")):
         for peer in peers:
-            extra = ["--transport", args.transport] if peer == "aiocomm" else []
+            extra = ["--transport", args.transport, "--face", args.face] if peer == "aiocomm" else []
             cmd = commands(peer, ranks, args.op, common + extra)
             for row in peer_rows(peer, cmd, args.timeout, f" with {ranks} ranks"):
                 results[(peer, ranks, row["bytes"])] = row
