@@ -65,7 +65,7 @@ class MeshLink:
         group.seq = seq + 1
         self.tag_base = seq << 8
         self.sig = sig
-        # (described only if it fails; a lost member fails it: see waits.WaitSet.fail_peer)
+        # (described only if it fails; its members tell one another of a lost peer: waits.WaitSet.heard_lost)
         self.op = Op(sig, group.context, timeout, mesh.loop.time() + timeout, group.members)
         # The group's connections, kept across calls: opening costs a lookup
         # per peer per call otherwise.
