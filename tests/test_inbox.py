@@ -96,6 +96,25 @@ def test_a_receive_from_a_frozen_rank_times_out_and_loses_nothing(tmp_path):
     assert "SENT" in outs[0][0], outs
 
 
+def _frozen_receiver(tmp_path, size: str, face: str, sender_timeout: float, thaw: bool = False):
+    """Run ``inbox_moments.py frozen_receiver SIZE FACE``: rank 0's (stdout,
+    stderr) once it ends, and with ``thaw``, rank 1's after it is thawed then
+    (else None: it is killed frozen)."""
+    procs = spawn_world(2, tmp_path, [str(WORKERS / "inbox_moments.py"), "frozen_receiver", size, face],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        sender = procs[0].communicate(timeout=sender_timeout)
+        receiver = None
+        if thaw:
+            procs[1].send_signal(signal.SIGCONT)
+            receiver = procs[1].communicate(timeout=30)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+    return sender, receiver
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("size,face", [("4K", "blocking"), ("parts", "blocking"), ("parts", "async")])
 def test_sends_to_a_frozen_rank_time_out(tmp_path, size, face):
@@ -104,14 +123,7 @@ def test_sends_to_a_frozen_rank_time_out(tmp_path, size, face):
     thread) with timeout=2: once the ring, the credit and the socket are
     full (or a part finds no room), a send raises CommTimeoutError instead
     of hanging."""
-    procs = spawn_world(2, tmp_path, [str(WORKERS / "inbox_moments.py"), "frozen_receiver", size, face],
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = procs[0].communicate(timeout=80)
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGCONT)
-            p.kill()
+    (out, err), _ = _frozen_receiver(tmp_path, size, face, sender_timeout=80)
     m = re.search(r"SENDFAILED (\w+) after (\d+) in ([\d.]+)s", out)
     assert m is not None and m.group(1) == "CommTimeoutError", out + err[-3000:]
     if size == "4K":
@@ -127,16 +139,9 @@ def test_an_async_send_cancelled_halfway_through_its_parts_closes_its_connection
     go: the cancellation returns once the thread stopped (rank 0 then writes
     into its array), the connection closes (the next send cannot go by it),
     and thawed, rank 1 receives nothing: PeerLostError, never a message."""
-    procs = spawn_world(2, tmp_path, [str(WORKERS / "inbox_moments.py"), "frozen_receiver", "parts", "cancel"],
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = procs[0].communicate(timeout=40)
-        procs[1].send_signal(signal.SIGCONT)
-        out1, err1 = procs[1].communicate(timeout=30)
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGCONT)
-            p.kill()
+    (out, err), thawed_rank = _frozen_receiver(tmp_path, "parts", "cancel", sender_timeout=40, thaw=True)
+    assert thawed_rank is not None
+    out1, err1 = thawed_rank
     m = re.search(r"CANCELLED after (\d+) in ([\d.]+)s", out)
     assert m is not None and int(m.group(1)) == 0 and 1.0 <= float(m.group(2)) < 2.5, out + err[-3000:]
     assert "BAD" not in out, out + err[-3000:]

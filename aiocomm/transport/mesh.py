@@ -396,11 +396,7 @@ class Mesh:
                 return
             if total < 0:
                 raise ProtocolError(f"rank {src} wrote part of a message into this rank's inbox without its start")
-            if context in self.broken:
-                sink = Sink(None)
-                self.credit(src, total)
-            else:
-                sink = self.matcher.arrive(src, _P2P, context, 0, meta, total)
+            sink = self._arrival(src, context, meta, total)
             view = sink.view
             if view is not None and nbytes:
                 view[:nbytes] = ring.payload(at, nbytes)
@@ -415,11 +411,7 @@ class Mesh:
         """The loop takes over a message a caller's thread began to take (see
         :class:`_Caller`): where the message goes now, or None (it was whole:
         it went)."""
-        if handed.context in self.broken:
-            sink = Sink(None)
-            self.credit(src, handed.total)
-        else:
-            sink = self.matcher.arrive(src, _P2P, handed.context, 0, handed.meta, handed.total)
+        sink = self._arrival(src, handed.context, handed.meta, handed.total)
         view = sink.view
         if view is not None:
             view[:] = handed.got  # (the parts not in yet are written over as they come)
@@ -433,6 +425,14 @@ class Mesh:
         ring.taken += 1
         sink.done()
         return None
+
+    def _arrival(self, src: int, context: int, meta: bytes, total: int) -> Sink:
+        """Where a message of ``total`` bytes from ``src``'s ring goes: to
+        matching, or nowhere (its context was aborted: its credit goes back)."""
+        if context in self.broken:
+            self.credit(src, total)
+            return Sink(None)
+        return self.matcher.arrive(src, _P2P, context, 0, meta, total)
 
     def _drain_soon(self, src: int) -> None:
         assert self.inbox is not None
@@ -478,21 +478,19 @@ class Mesh:
         deadline, monotonic, after ``timeout`` seconds), a message smaller
         than ``cma.CMA_FROM`` goes that way too, part by part (see
         :meth:`_send_parts`)."""
-        stream = self.connections.outgoing.get(dst)
-        if stream is None:
+        way = self._outlet(dst, context, data)
+        if way is None:
             return False
-        outlet = stream.outlet
+        stream, outlet = way
         nbytes = data.nbytes
-        if outlet is None or context in self.broken or not data.flags.c_contiguous:
-            return False
         if nbytes > _SMALL:
             if until is None or nbytes >= cma.CMA_FROM:
                 return False
             return self._send_parts(stream, outlet, dst, context, sig, data, until, timeout)
         payload = byte_view(data)
         lock = outlet.lock
-        # (the loop never waits for the lock: a caller's thread may hold it while a message in parts waits for room)
-        # (a blocking caller waits for it until its deadline: an async send in parts may hold it)
+        # (the loop never waits for the lock, which a thread holds while a message in parts waits for room;
+        # a blocking caller waits for it until its deadline)
         if not (lock.acquire(timeout=max(0.0, until - time.monotonic())) if until is not None else lock.acquire(False)):
             return False
         try:
@@ -503,6 +501,16 @@ class Mesh:
             lock.release()
         self.bytes_sent += nbytes
         return True
+
+    def _outlet(self, dst: int, context: int, data: np.ndarray) -> tuple[PeerStream, inbox.Outlet] | None:
+        """The open connection to ``dst`` and its outlet into ``dst``'s inbox,
+        if ``data`` may go that way (a peer on this host, a group not aborted,
+        contiguous bytes); else None."""
+        stream = self.connections.outgoing.get(dst)
+        outlet = stream.outlet if stream is not None else None
+        if stream is None or outlet is None or context in self.broken or not data.flags.c_contiguous:
+            return None
+        return stream, outlet
 
     @staticmethod
     def _put_first(stream: PeerStream, outlet: inbox.Outlet, context: int, sig: Signature, payload: memoryview,
@@ -560,12 +568,11 @@ class Mesh:
         done and then calls ``finished(error or None)`` from that thread.
         Setting the returned event stops it at the next part, closing the
         connection: it reads the caller's array until ``finished``."""
-        stream = self.connections.outgoing.get(dst)
-        outlet = stream.outlet if stream is not None else None
         nbytes = data.nbytes
-        if (stream is None or outlet is None or context in self.broken or not data.flags.c_contiguous
-                or not self.in_parts(nbytes)):
+        way = self._outlet(dst, context, data) if self.in_parts(nbytes) else None
+        if way is None:
             return None
+        stream, outlet = way
         payload = byte_view(data)
         lock = outlet.lock
         if self.closed or not lock.acquire(False):  # (the loop never waits for it: a thread may hold it)
