@@ -90,10 +90,10 @@ def init(strict: bool = False, backend: str = "any") -> Group:
 
 def _group(group: Group | None) -> Group:
     """``group`` (checked) or the world, formed now if need be."""
-    g = aio._formed(group)
-    if g is None:
-        g = init()
-    return g
+    if group is not None:
+        return aio.check_group(group)
+    engine = aio._engine
+    return engine.world if engine is not None else init()
 
 
 # Each function checks its arguments here, in the calling thread, and hands

@@ -79,7 +79,8 @@ def shape_and_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:
 
 def check_timeout(timeout: float | None) -> float:
     if timeout is None:
-        return config.op_timeout()
+        default = config._op_timeout  # (read once by op_timeout; a call per call shows in a small one)
+        return default if default is not None else config.op_timeout()
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     return float(timeout)

@@ -328,39 +328,53 @@ class Group:
 
 class Claim:
     """The calls of one thread in flight on one stream of a group (see the
-    module's notes on threads); ``with`` ends one of them.
+    module's notes on threads); ``with`` (or :meth:`release`) ends one of them.
 
     No lock on the common path: ``dict.setdefault`` is atomic, and only the
     owning thread changes ``calls`` or removes its claim.  A claim is
     removed before its call returns, so a call the program ordered after it
-    (by a lock, ``join``, a future) never sees it.
+    (by a lock, ``join``, a future) never sees it.  It keeps its thread's
+    ident, not the thread: looking the thread up is for the rare overlap.
     """
 
-    __slots__ = ("busy", "stream", "thread", "calls")
+    __slots__ = ("busy", "stream", "ident", "calls")
 
-    def __init__(self, busy: dict[Any, Claim], stream: Any, thread: threading.Thread) -> None:
+    def __init__(self, busy: dict[Any, Claim], stream: Any, ident: int) -> None:
         self.busy = busy
         self.stream = stream
-        self.thread = thread
+        self.ident = ident
         self.calls = 1
 
     def __enter__(self) -> Claim:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
         self.calls -= 1
         if not self.calls and self.busy.get(self.stream) is self:
             del self.busy[self.stream]
+
+
+_get_ident = threading.get_ident
+
+
+def _thread_of(ident: int) -> threading.Thread | None:
+    """The live thread of ``ident``, if there is one."""
+    for thread in threading.enumerate():
+        if thread.ident == ident:
+            return thread
+    return None
 
 
 def claim(group: Group, stream: Any) -> Claim:
     """Hold ``stream`` of ``group`` for one call of the calling thread; raise
     ``RuntimeError`` (and break the group everywhere) if a call of another
     live thread is in flight there."""
-    engine = group._engine
-    if engine.forked_from is not None:
-        raise engine.forked_error()
-    me = threading.current_thread()
+    if group._engine.forked_from is not None:
+        raise group._engine.forked_error()
+    me = _get_ident()
     busy = group._busy
     held = busy.get(stream)
     if held is None:
@@ -368,16 +382,17 @@ def claim(group: Group, stream: Any) -> Claim:
         held = busy.setdefault(stream, mine)
         if held is mine:
             return mine
-    if held.thread is me:
+    if held.ident == me:
         held.calls += 1
         return held
-    if not held.thread.is_alive():  # its thread ended without ending its call
+    other = _thread_of(held.ident)
+    if other is None or not other.is_alive():  # its thread ended without ending its call
         with group._busy_lock:
             if busy.get(stream) is held:
                 mine = busy[stream] = Claim(busy, stream, me)
                 return mine
         return claim(group, stream)
-    raise _overlap(group, stream, me, held.thread)
+    raise _overlap(group, stream, threading.current_thread(), other)
 
 
 def _overlap(group: Group, stream: Any, me: threading.Thread, other: threading.Thread) -> RuntimeError:
@@ -427,20 +442,40 @@ def call_blocking(
     backend that can (MPI), else on the loop that owns the group's
     connections (a world of size 1 has none: its operations finish without
     waiting)."""
-    with claim(group, stream), trace.call(group, stream, what, args):
-        engine = group._engine
-        backend = engine.backend
-        if backend is not None and len(group.members) > 1:
-            if backend.direct:
-                return backend.call_blocking(op.__name__, group, *args)  # type: ignore[attr-defined,no-any-return]
-            here = backend.in_caller(group, op.__name__)
-            if here is not None and asyncio._get_running_loop() is not engine.loop:
-                return here(*args)  # type: ignore[no-any-return]  # (shared memory: no hand-off to the loop)
-        coro = op(group, *args)
-        loop = engine.loop
-        if loop is None:  # a world of size 1 (the loop-less MPI backend went the direct way)
-            return portal.run_now(coro)
-        return portal.run(loop, coro, what)
+    # (what ``with claim(...), trace.call(...)`` does, spelled out: a call of
+    # a few microseconds feels every Python call it makes, many times over
+    # where ranks share cores)
+    held = claim(group, stream)
+    try:
+        entry = trace.call(group, stream, what, args)
+        try:
+            engine = group._engine
+            backend = engine.backend
+            result: Any = _NOT_HERE
+            if backend is not None and len(group.members) > 1:
+                if backend.direct:
+                    result = backend.call_blocking(op.__name__, group, *args)  # type: ignore[attr-defined]
+                else:
+                    here = backend.in_caller(group, op.__name__)
+                    if here is not None and asyncio._get_running_loop() is not engine.loop:
+                        result = here(*args)  # (shared memory: no hand-off to the loop)
+            if result is _NOT_HERE:
+                coro = op(group, *args)
+                loop = engine.loop
+                if loop is None:  # a world of size 1 (the loop-less MPI backend went the direct way)
+                    result = portal.run_now(coro)
+                else:
+                    result = portal.run(loop, coro, what)
+        except BaseException as exc:
+            entry.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        entry.__exit__(None, None, None)
+        return result  # type: ignore[no-any-return]
+    finally:
+        held.release()
+
+
+_NOT_HERE = object()  # (no operation returns it)
 
 
 def call_agreement(group: Group, what: str, coro: Coroutine[Any, Any, T]) -> T:

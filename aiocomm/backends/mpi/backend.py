@@ -283,9 +283,9 @@ class MpiBackend:
             while not done and spins:
                 spins -= 1
                 done = request.Test()
-            if done and carried.agreed():
+            reduced = carried.result() if done else None  # (None: not done at once, or the ranks disagree)
+            if reduced is not None:
                 state.current = None
-                reduced = carried.reduce()
             else:
                 if doomed is None:
                     doomed = lambda: state.broken or heard.lost_collective(state, index[0])  # noqa: E731

@@ -100,7 +100,7 @@ def identity(op: str, dtype: np.dtype | None = None, shape: tuple[int, ...] = ()
 def carries(group: GroupState, x: np.ndarray) -> bool:
     """Whether the agreement's records carry ``x`` (the same on every rank
     that makes the same call)."""
-    return x.nbytes <= INLINE and group.size() <= GATHER_UP_TO
+    return x.nbytes <= INLINE and len(group.members) <= GATHER_UP_TO
 
 
 def agree(MPI: Any, comm: Any, call: Identity, rank: int) -> Steps[None]:
@@ -189,6 +189,10 @@ class Carried:
     def agreed(self) -> bool:
         """Whether every rank made this call (once the request is done)."""
         return self._hashes.tolist() == self._expected
+
+    def result(self) -> np.ndarray | None:
+        """:meth:`reduce` if every rank made this call (once the request is done), else ``None``."""
+        return self.reduce() if self._hashes.tolist() == self._expected else None
 
     def reduce(self) -> np.ndarray:
         """The reduction of the carried inputs, in rank order (a new array)."""
