@@ -51,7 +51,7 @@ def test_stopped_rank_times_out_on_every_survivor(tmp_path, mode, transport):
     victim = 1
     env = {"AIOCOMM_TRANSPORT": transport}
     if mode == "stop":
-        env["AIOCOMM_TIMEOUT"] = "3"
+        env["AIOCOMM_TIMEOUT"] = "2"
     procs = spawn_faults(3, tmp_path, mode, str(victim), env=env)
     try:
         outs = collect(procs, victim, 40)

@@ -281,7 +281,7 @@ def test_a_host_whose_connection_drops_is_carried_on_without(ssh_config):
     import signal
 
     marker = uuid.uuid4().hex
-    proc = subprocess.Popen(_carry_on_cmd(ssh_config, marker, linger="8"), cwd=ROOT, env=clean_env(),
+    proc = subprocess.Popen(_carry_on_cmd(ssh_config, marker, linger="5"), cwd=ROOT, env=clean_env(),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started = 0
     while started < 4:

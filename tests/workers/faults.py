@@ -18,7 +18,7 @@ for i in range(10_000):
         os.kill(os.getpid(), signal.SIGKILL if mode == "kill" else signal.SIGSTOP)
     try:
         # "stop" takes its timeout from AIOCOMM_TIMEOUT, "stop-call" per call.
-        aiocomm.all_sum(x, timeout=3 if mode == "stop-call" else None)
+        aiocomm.all_sum(x, timeout=2 if mode == "stop-call" else None)
     except aiocomm.CommError as exc:
         t = time.time()
         print(f"FAILED {type(exc).__name__} at {t:.3f}: {exc}", flush=True)
