@@ -333,16 +333,16 @@ class Claim:
     No lock on the common path: ``dict.setdefault`` is atomic, and only the
     owning thread changes ``calls`` or removes its claim.  A claim is
     removed before its call returns, so a call the program ordered after it
-    (by a lock, ``join``, a future) never sees it.  It keeps its thread's
-    ident, not the thread: looking the thread up is for the rare overlap.
+    (by a lock, ``join``, a future) never sees it.  (It keeps the thread
+    itself, not its ident: an ident is reused once its thread has ended.)
     """
 
-    __slots__ = ("busy", "stream", "ident", "calls")
+    __slots__ = ("busy", "stream", "thread", "calls")
 
-    def __init__(self, busy: dict[Any, Claim], stream: Any, ident: int) -> None:
+    def __init__(self, busy: dict[Any, Claim], stream: Any, thread: threading.Thread) -> None:
         self.busy = busy
         self.stream = stream
-        self.ident = ident
+        self.thread = thread
         self.calls = 1
 
     def __enter__(self) -> Claim:
@@ -357,24 +357,13 @@ class Claim:
             del self.busy[self.stream]
 
 
-_get_ident = threading.get_ident
-
-
-def _thread_of(ident: int) -> threading.Thread | None:
-    """The live thread of ``ident``, if there is one."""
-    for thread in threading.enumerate():
-        if thread.ident == ident:
-            return thread
-    return None
-
-
 def claim(group: Group, stream: Any) -> Claim:
     """Hold ``stream`` of ``group`` for one call of the calling thread; raise
     ``RuntimeError`` (and break the group everywhere) if a call of another
     live thread is in flight there."""
     if group._engine.forked_from is not None:
         raise group._engine.forked_error()
-    me = _get_ident()
+    me = threading.current_thread()
     busy = group._busy
     held = busy.get(stream)
     if held is None:
@@ -382,17 +371,16 @@ def claim(group: Group, stream: Any) -> Claim:
         held = busy.setdefault(stream, mine)
         if held is mine:
             return mine
-    if held.ident == me:
+    if held.thread is me:
         held.calls += 1
         return held
-    other = _thread_of(held.ident)
-    if other is None or not other.is_alive():  # its thread ended without ending its call
+    if not held.thread.is_alive():  # its thread ended without ending its call
         with group._busy_lock:
             if busy.get(stream) is held:
                 mine = busy[stream] = Claim(busy, stream, me)
                 return mine
         return claim(group, stream)
-    raise _overlap(group, stream, threading.current_thread(), other)
+    raise _overlap(group, stream, me, held.thread)
 
 
 def _overlap(group: Group, stream: Any, me: threading.Thread, other: threading.Thread) -> RuntimeError:

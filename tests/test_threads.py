@@ -156,3 +156,46 @@ def test_an_async_call_of_several_steps_holds_its_group_between_them(fresh_world
         go_on.set()
         t.join(10)
     assert not t.is_alive()
+
+
+def test_a_claim_left_by_an_ended_thread_is_taken_over_even_by_a_thread_with_its_ident():
+    """A thread that ended with a call in flight leaves its claim behind; the
+    next thread takes it over.  Thread idents are reused as soon as a thread
+    has ended, so the claim must know its thread, not its ident: a new
+    thread with the old ident would otherwise count itself a second call of
+    the dead one, leave the claim behind when it returned, and make a later
+    caller's call an overlap with a thread that holds nothing."""
+    import threading
+
+    from aiocomm import group as engine
+
+    world = engine.Engine(0, 2).world  # (claims need no connections)
+    idents = []
+
+    def leave_a_claim() -> None:
+        idents.append(threading.get_ident())
+        engine.claim(world, "collectives")  # never released: the thread ends with its call in flight
+
+    reused = False
+    for _ in range(50):  # (until a new thread gets the ended one's ident, as it does at once here)
+        first = threading.Thread(target=leave_a_claim)
+        first.start()
+        first.join()
+        done, release = threading.Event(), threading.Event()
+
+        def call_and_stay(done: threading.Event = done, release: threading.Event = release) -> None:
+            idents.append(threading.get_ident())
+            engine.claim(world, "collectives").release()
+            done.set()
+            release.wait(10)  # alive, holding nothing
+
+        second = threading.Thread(target=call_and_stay)
+        second.start()
+        assert done.wait(10)
+        try:
+            engine.claim(world, "collectives").release()  # must not be an overlap with the second thread
+        finally:
+            release.set()
+            second.join()
+        reused = reused or idents[-1] == idents[-2]
+    assert reused, "no thread ident was reused: the case this test is for never came up"
