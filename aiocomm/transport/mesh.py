@@ -168,6 +168,7 @@ class Mesh:
         self.closed = False
         self.bytes_sent = 0  # payload bytes, for the benchmark's wire count
         self.sent_in_parts = 0  # messages sent whole through a peer's inbox in parts (either face)
+        self.parts_threads = 0  # threads started to finish an async send's parts (the rest went from the loop)
         self.hold_budget = budget  # what this rank may hold of its own sends not yet received
         self.held = 0
         # Large payloads from peers on this host written straight into the
@@ -562,12 +563,14 @@ class Mesh:
                         ) -> threading.Event | None:
         """On the loop (the async face): :meth:`_send_parts` without waiting
         for room.  The first part goes now if it can (else None: nothing
-        happened, the socket's way); the rest goes from a thread of its own
-        (a daemon: an exit does not wait for it, and the receiver then never
-        takes half a message), which holds the outlet's lock until it is
-        done and then calls ``finished(error or None)`` from that thread.
-        Setting the returned event stops it at the next part, closing the
-        connection: it reads the caller's array until ``finished``."""
+        happened, the socket's way), and so do the next ones while the ring
+        has room for them; if that was all, ``finished(None)`` is called
+        here.  Else the rest goes from a thread of its own (a daemon: an exit
+        does not wait for it, and the receiver then never takes half a
+        message), which holds the outlet's lock until it is done and then
+        calls ``finished(error or None)`` from that thread.  Setting the
+        returned event stops it at the next part, closing the connection: it
+        reads the caller's array until ``finished``."""
         nbytes = data.nbytes
         way = self._outlet(dst, context, data) if self.in_parts(nbytes) else None
         if way is None:
@@ -584,18 +587,20 @@ class Mesh:
             if not first:
                 lock.release()
                 return None
-
-            def rest() -> None:
-                error: BaseException | None = None
-                try:
-                    self._finish_parts(stream, outlet, dst, context, sig, payload, until, timeout, stop)
-                except BaseException as exc:  # (its connection is closed: the caller gets the error)
-                    error = exc
-                finally:
-                    lock.release()
-                finished(error)
-
-            threading.Thread(target=rest, name="aiocomm-parts", daemon=True).start()
+            # The parts that fit now go from here too: a message the ring has
+            # room for needs no thread (whose start costs more than its copy).
+            off = _SMALL
+            while off < nbytes:
+                end = min(off + _SMALL, nbytes)
+                if not outlet.put_more(off, context, payload[off:end]):
+                    break
+                off = end
+            if off >= nbytes:
+                outlet.ring_if_waiting()
+                self._sent_in_parts(nbytes)
+            else:
+                self._parts_thread(stream, outlet, dst, context, sig, payload, until, timeout, stop, off,
+                                   finished)
         except BaseException as exc:  # (before the thread took the lock over: here, as a stopped sender would)
             if first:
                 outlet.torn = True
@@ -604,16 +609,41 @@ class Mesh:
                     f"part ({type(exc).__name__}); the connection to rank {dst} was closed"))
             lock.release()
             raise
+        if off >= nbytes:  # (whole: nothing left for a thread)
+            lock.release()
+            finished(None)
         return stop
 
+    def _parts_thread(self, stream: PeerStream, outlet: inbox.Outlet, dst: int, context: int, sig: Signature,
+                      payload: memoryview, until: float, timeout: float, stop: threading.Event, off: int,
+                      finished: Callable[[BaseException | None], None]) -> None:
+        """Start the thread that sends the parts of a message from byte
+        ``off`` on (see :meth:`send_parts_soon`); it takes over the outlet's
+        lock, held here."""
+        lock = outlet.lock
+
+        def rest() -> None:
+            error: BaseException | None = None
+            try:
+                self._finish_parts(stream, outlet, dst, context, sig, payload, until, timeout, stop, off)
+            except BaseException as exc:  # (its connection is closed: the caller gets the error)
+                error = exc
+            finally:
+                lock.release()
+            finished(error)
+
+        threading.Thread(target=rest, name="aiocomm-parts", daemon=True).start()
+        self.parts_threads += 1
+
     def _finish_parts(self, stream: PeerStream, outlet: inbox.Outlet, dst: int, context: int, sig: Signature,
-                      payload: memoryview, until: float, timeout: float, stop: threading.Event | None) -> None:
-        """After a message's first part, with the outlet's lock: the other
-        parts, or (on any exception) the connection closed, so that the
-        receiver never takes half a message."""
+                      payload: memoryview, until: float, timeout: float, stop: threading.Event | None,
+                      off: int = _SMALL) -> None:
+        """After a message's first parts (up to byte ``off``), with the
+        outlet's lock: the other parts, or (on any exception) the connection
+        closed, so that the receiver never takes half a message."""
         try:
             outlet.ring_if_waiting()
-            self._put_rest(stream, outlet, dst, context, payload, until, timeout, sig, stop)
+            self._put_rest(stream, outlet, dst, context, payload, until, timeout, sig, stop, off)
         except BaseException as exc:
             outlet.torn = True  # (nothing more goes this way; the loop closes the connection)
             reason = CommError(
@@ -625,17 +655,19 @@ class Mesh:
             except RuntimeError:  # (the loop is closed: so is the connection)
                 pass
             raise
-        self.bytes_sent += len(payload)
+        self._sent_in_parts(len(payload))
+
+    def _sent_in_parts(self, nbytes: int) -> None:
+        self.bytes_sent += nbytes
         self.sent_in_parts += 1
 
     def _put_rest(self, stream: PeerStream, outlet: inbox.Outlet, dst: int, context: int, payload: memoryview,
-                  until: float, timeout: float, sig: Signature, stop: threading.Event | None) -> None:
-        """Write the parts of ``payload`` after its first, waiting for room as
-        the receiver takes them: spinning, then with its bell rung, then
-        sleeping between looks; until ``until`` (CommTimeoutError), or until
-        ``stop`` is set (CommError)."""
+                  until: float, timeout: float, sig: Signature, stop: threading.Event | None, off: int) -> None:
+        """Write the parts of ``payload`` from byte ``off`` on (the parts
+        before it are in), waiting for room as the receiver takes them:
+        spinning, then with its bell rung, then sleeping between looks; until
+        ``until`` (CommTimeoutError), or until ``stop`` is set (CommError)."""
         total = len(payload)
-        off = _SMALL
         clock = time.monotonic
         since = clock()
         rung = False
