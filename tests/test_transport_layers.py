@@ -27,6 +27,7 @@ LAYERS = {
     "contexts": 0,  # groups on the wire, and aborting them
     "cma": 0,  # writing into another process's memory on this host
     "inbox": 0,  # small messages from peers on this host, through shared memory
+    "workers": 0,  # threads that outlive their jobs (an async send's parts)
     "flow": 1,  # credit and announced messages (waits)
     "matching": 1,  # pairing frames with receives (waits)
     "stream": 2,  # one connection (flow, waits)

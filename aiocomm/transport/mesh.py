@@ -42,7 +42,7 @@ from .. import results, wire
 from ..config import WorldSpec, buffer_budget, poll_seconds, transport
 from ..errors import CommError, CommTimeoutError, OutOfMemoryError, PeerLostError, ProtocolError
 from ..wire import Header, Kind, Signature, Sink
-from . import cma, inbox
+from . import cma, inbox, workers
 from .connections import Connections
 from .contexts import Contexts, abort_error, abort_fields
 from .flow import ReceiveBudget, describe_bytes, window_for
@@ -168,7 +168,8 @@ class Mesh:
         self.closed = False
         self.bytes_sent = 0  # payload bytes, for the benchmark's wire count
         self.sent_in_parts = 0  # messages sent whole through a peer's inbox in parts (either face)
-        self.parts_threads = 0  # threads started to finish an async send's parts (the rest went from the loop)
+        self.parts_threads = 0  # async sends whose parts a worker finished (the others went whole from the loop)
+        self._parts_workers: dict[int, workers.Worker] = {}  # destination -> its thread for them
         self.hold_budget = budget  # what this rank may hold of its own sends not yet received
         self.held = 0
         # Large payloads from peers on this host written straight into the
@@ -565,9 +566,9 @@ class Mesh:
         for room.  The first part goes now if it can (else None: nothing
         happened, the socket's way), and so do the next ones while the ring
         has room for them; if that was all, ``finished(None)`` is called
-        here.  Else the rest goes from a thread of its own (a daemon: an exit
-        does not wait for it, and the receiver then never takes half a
-        message), which holds the outlet's lock until it is done and then
+        here.  Else the rest goes from this peer's worker thread (a daemon:
+        an exit does not wait for it, and the receiver then never takes half
+        a message), which holds the outlet's lock until it is done and then
         calls ``finished(error or None)`` from that thread.  Setting the
         returned event stops it at the next part, closing the connection: it
         reads the caller's array until ``finished``."""
@@ -614,25 +615,28 @@ class Mesh:
             finished(None)
         return stop
 
+    def parts_running(self) -> int:
+        """Async sends whose parts a worker thread is sending now."""
+        return sum(worker.running for worker in list(self._parts_workers.values()))
+
     def _parts_thread(self, stream: PeerStream, outlet: inbox.Outlet, dst: int, context: int, sig: Signature,
                       payload: memoryview, until: float, timeout: float, stop: threading.Event, off: int,
                       finished: Callable[[BaseException | None], None]) -> None:
-        """Start the thread that sends the parts of a message from byte
-        ``off`` on (see :meth:`send_parts_soon`); it takes over the outlet's
-        lock, held here."""
+        """Hand the parts of a message from byte ``off`` on to the thread
+        that sends them for ``dst`` (see :meth:`send_parts_soon`); it takes
+        over the outlet's lock, held here."""
         lock = outlet.lock
 
-        def rest() -> None:
-            error: BaseException | None = None
+        def rest() -> None:  # (an error: its connection is closed; the caller gets it through ``finished``)
             try:
                 self._finish_parts(stream, outlet, dst, context, sig, payload, until, timeout, stop, off)
-            except BaseException as exc:  # (its connection is closed: the caller gets the error)
-                error = exc
             finally:
                 lock.release()
-            finished(error)
 
-        threading.Thread(target=rest, name="aiocomm-parts", daemon=True).start()
+        worker = self._parts_workers.get(dst)
+        if worker is None:
+            worker = self._parts_workers[dst] = workers.Worker(f"aiocomm-parts-{dst}")
+        worker.submit(rest, finished)
         self.parts_threads += 1
 
     def _finish_parts(self, stream: PeerStream, outlet: inbox.Outlet, dst: int, context: int, sig: Signature,

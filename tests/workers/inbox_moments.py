@@ -542,7 +542,7 @@ elif mode == "frozen_receiver":
                 try:
                     asyncio.run(asyncio.wait_for(aio.send(x, 1, timeout=30), 1.0))
                 except asyncio.TimeoutError:
-                    if any(t.name == "aiocomm-parts" for t in threading.enumerate()):
+                    if mesh.parts_running():
                         say("BAD the cancelled send returned while its thread still read the array")
                     x[:] = 7  # (the send returned: the array is the caller's again)
                     say("CANCELLED after", sent, f"in {time.monotonic() - t0:.1f}s")
