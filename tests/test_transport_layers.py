@@ -191,3 +191,70 @@ def test_a_member_told_of_a_lost_peer_fails_its_collective_waits_on_it_and_nothi
     loop.run_until_complete(asyncio.sleep(0))
     assert later.future.exception() is lost and later not in waits.pending
     waits.fail_all(CommError("shut down"))
+
+
+def test_a_worker_runs_jobs_in_order_and_outlives_none_of_its_failures(monkeypatch):
+    """transport.workers: jobs run in order on one thread, which ends when
+    idle and starts again for the next job; a thread that could not start,
+    a job that raised and a callback that raised leave the worker usable;
+    a job withdrawn before its thread took it never runs."""
+    import threading
+    import time
+
+    from aiocomm.transport import workers
+
+    monkeypatch.setattr(workers, "IDLE_SECONDS", 0.05)
+    worker = workers.Worker("test-worker")
+    ran: list[object] = []
+    ended = threading.Semaphore(0)
+
+    def then(error: BaseException | None) -> None:
+        ran.append(("then", type(error).__name__ if error else None))
+        ended.release()
+
+    def boom() -> None:
+        raise ValueError("job")
+
+    def bad_then(error: BaseException | None) -> None:
+        ended.release()
+        raise RuntimeError("callback")
+
+    start = threading.Thread.start
+
+    def cannot_start(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", cannot_start)
+    with pytest.raises(RuntimeError, match="can't start"):
+        worker.submit(workers.Job(lambda: ran.append("never"), then))
+    monkeypatch.setattr(threading.Thread, "start", start)
+    assert worker.running == 0
+
+    for job in (workers.Job(lambda: ran.append(1), then), workers.Job(boom, then),
+                workers.Job(lambda: ran.append(2), bad_then), workers.Job(lambda: ran.append(3), then)):
+        worker.submit(job)
+    for _ in range(4):
+        assert ended.acquire(timeout=10)
+    assert ran == [1, ("then", None), ("then", "ValueError"), 2, 3, ("then", None)], ran
+    deadline = time.monotonic() + 10
+    while any(t.name == "test-worker" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "test-worker" for t in threading.enumerate()), "the idle thread did not end"
+    worker.submit(workers.Job(lambda: ran.append(4), then))  # (a new thread)
+    assert ended.acquire(timeout=10) and ran[-2:] == [4, ("then", None)], ran
+    assert worker.running == 0
+
+    hold = threading.Event()
+    first = workers.Job(lambda: hold.wait(10), then)
+    second = workers.Job(lambda: ran.append("withdrawn"), then)
+    worker.submit(first)
+    worker.submit(second)
+    deadline = time.monotonic() + 10
+    while not first.taken and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert not worker.withdraw(first), "a job its thread took cannot be withdrawn"
+    assert worker.withdraw(second) and worker.running == 1
+    hold.set()
+    assert ended.acquire(timeout=10)
+    time.sleep(0.1)
+    assert "withdrawn" not in ran and worker.running == 0, ran

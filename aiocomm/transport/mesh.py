@@ -168,7 +168,8 @@ class Mesh:
         self.closed = False
         self.bytes_sent = 0  # payload bytes, for the benchmark's wire count
         self.sent_in_parts = 0  # messages sent whole through a peer's inbox in parts (either face)
-        self.parts_threads = 0  # async sends whose parts a worker finished (the others went whole from the loop)
+        self.parts_handed = 0  # async sends in parts whose rest a worker thread sent (the others: whole from the loop)
+        self._counts = threading.Lock()  # (sent_in_parts: from the loop, worker threads, blocking senders)
         self._parts_workers: dict[int, workers.Worker] = {}  # destination -> its thread for them
         self.hold_budget = budget  # what this rank may hold of its own sends not yet received
         self.held = 0
@@ -583,13 +584,15 @@ class Mesh:
             return None
         stop = threading.Event()
         first = False
+        handed: workers.Job | None = None
+        worker: workers.Worker | None = None
+        whole = False
         try:
             first = self._put_first(stream, outlet, context, sig, payload, nbytes)
             if not first:
-                lock.release()
                 return None
             # The parts that fit now go from here too: a message the ring has
-            # room for needs no thread (whose start costs more than its copy).
+            # room for needs no thread (waking one costs more than its copy).
             off = _SMALL
             while off < nbytes:
                 end = min(off + _SMALL, nbytes)
@@ -599,19 +602,30 @@ class Mesh:
             if off >= nbytes:
                 outlet.ring_if_waiting()
                 self._sent_in_parts(nbytes)
-            else:
-                self._parts_thread(stream, outlet, dst, context, sig, payload, until, timeout, stop, off,
-                                   finished)
-        except BaseException as exc:  # (before the thread took the lock over: here, as a stopped sender would)
-            if first:
+                whole = True
+            else:  # the rest from this peer's worker thread, which takes the lock over
+                handed = workers.Job(self._parts_job(stream, outlet, dst, context, sig, payload, until, timeout,
+                                                     stop, off), finished)
+                worker = self._parts_workers.get(dst)
+                if worker is None:
+                    worker = self._parts_workers[dst] = workers.Worker(f"aiocomm-parts-{dst}")
+                self.parts_handed += 1
+                worker.submit(handed)
+        except BaseException as exc:
+            if handed is not None and worker is not None and not worker.withdraw(handed):
+                stop.set()  # (its thread has it, and the lock: it stops at its next part and closes the connection)
+                raise
+            if first:  # (here, as a stopped sender would)
                 outlet.torn = True
                 self._tear(stream, CommError(
                     f"rank {self.rank}: a send of {sig.describe()} to rank {dst} could not go on after its first "
                     f"part ({type(exc).__name__}); the connection to rank {dst} was closed"))
-            lock.release()
+            handed = None
             raise
-        if off >= nbytes:  # (whole: nothing left for a thread)
-            lock.release()
+        finally:
+            if handed is None:  # (else the worker's)
+                lock.release()
+        if whole:
             finished(None)
         return stop
 
@@ -619,25 +633,20 @@ class Mesh:
         """Async sends whose parts a worker thread is sending now."""
         return sum(worker.running for worker in list(self._parts_workers.values()))
 
-    def _parts_thread(self, stream: PeerStream, outlet: inbox.Outlet, dst: int, context: int, sig: Signature,
-                      payload: memoryview, until: float, timeout: float, stop: threading.Event, off: int,
-                      finished: Callable[[BaseException | None], None]) -> None:
-        """Hand the parts of a message from byte ``off`` on to the thread
-        that sends them for ``dst`` (see :meth:`send_parts_soon`); it takes
-        over the outlet's lock, held here."""
-        lock = outlet.lock
-
-        def rest() -> None:  # (an error: its connection is closed; the caller gets it through ``finished``)
+    def _parts_job(self, stream: PeerStream, outlet: inbox.Outlet, dst: int, context: int, sig: Signature,
+                   payload: memoryview, until: float, timeout: float, stop: threading.Event, off: int
+                   ) -> Callable[[], None]:
+        """What a worker thread runs to send the parts of a message from byte
+        ``off`` on (see :meth:`send_parts_soon`), holding the outlet's lock
+        until it ends (an error: its connection is closed; the caller gets
+        it through ``finished``)."""
+        def rest() -> None:
             try:
                 self._finish_parts(stream, outlet, dst, context, sig, payload, until, timeout, stop, off)
             finally:
-                lock.release()
+                outlet.lock.release()
 
-        worker = self._parts_workers.get(dst)
-        if worker is None:
-            worker = self._parts_workers[dst] = workers.Worker(f"aiocomm-parts-{dst}")
-        worker.submit(rest, finished)
-        self.parts_threads += 1
+        return rest
 
     def _finish_parts(self, stream: PeerStream, outlet: inbox.Outlet, dst: int, context: int, sig: Signature,
                       payload: memoryview, until: float, timeout: float, stop: threading.Event | None,
@@ -662,8 +671,9 @@ class Mesh:
         self._sent_in_parts(len(payload))
 
     def _sent_in_parts(self, nbytes: int) -> None:
-        self.bytes_sent += nbytes
-        self.sent_in_parts += 1
+        with self._counts:
+            self.bytes_sent += nbytes
+            self.sent_in_parts += 1
 
     def _put_rest(self, stream: PeerStream, outlet: inbox.Outlet, dst: int, context: int, payload: memoryview,
                   until: float, timeout: float, sig: Signature, stop: threading.Event | None, off: int) -> None:

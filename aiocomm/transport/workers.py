@@ -12,37 +12,60 @@ never behind another peer's).
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from collections.abc import Callable
+
+log = logging.getLogger("aiocomm")
 
 #: Seconds a worker waits for its next job before its thread ends (a later job starts another).
 IDLE_SECONDS = 1.0
 
 
+class Job:
+    """``run()``, then ``then(what it raised, or None)``, in a worker's thread."""
+
+    __slots__ = ("run", "then", "taken")
+
+    def __init__(self, run: Callable[[], None], then: Callable[[BaseException | None], None]) -> None:
+        self.run = run
+        self.then = then
+        self.taken = False  # by the thread (under its worker's lock): it will run
+
+
 class Worker:
     """Runs the jobs handed to :meth:`submit` in a daemon thread named
     ``name``, in order.  :attr:`running` counts the jobs handed over whose
-    ``job()`` has not yet returned or raised."""
+    ``run()`` has not yet returned or raised."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.running = 0
-        self._jobs: collections.deque[tuple[Callable[[], None], Callable[[BaseException | None], None]]] = \
-            collections.deque()
+        self._jobs: collections.deque[Job] = collections.deque()
         self._ready = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
 
-    def submit(self, job: Callable[[], None], then: Callable[[BaseException | None], None]) -> None:
-        """Run ``job()``, then ``then(what it raised, or None)`` (once
-        :attr:`running` no longer counts it), from the thread."""
+    def submit(self, job: Job) -> None:
+        """Hand ``job`` over (if this raises, it was not: see :meth:`withdraw`)."""
         with self._ready:
-            self._jobs.append((job, then))
-            self.running += 1
             if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
-                self._thread.start()
-            else:
-                self._ready.notify()
+                thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
+                thread.start()  # (first: a thread that could not start leaves nothing behind)
+                self._thread = thread
+            self._jobs.append(job)
+            self.running += 1
+            self._ready.notify()
+
+    def withdraw(self, job: Job) -> bool:
+        """Make sure ``job`` never runs, if its thread has not taken it yet
+        (or it was never handed over); whether it will not run."""
+        with self._ready:
+            if job.taken:
+                return False
+            if job in self._jobs:
+                self._jobs.remove(job)
+                self.running -= 1
+            return True
 
     def _serve(self) -> None:
         while True:
@@ -52,12 +75,17 @@ class Worker:
                 if not self._jobs:
                     self._thread = None  # (under the lock: a job handed over from now on starts a thread)
                     return
-                job, then = self._jobs.popleft()
+                job = self._jobs.popleft()
+                job.taken = True
             error: BaseException | None = None
             try:
-                job()
+                job.run()
             except BaseException as exc:
                 error = exc
             with self._ready:
                 self.running -= 1
-            then(error)
+            try:
+                job.then(error)
+            except BaseException as exc:  # (a thread that died here would leave its worker jammed)
+                log.debug("%s: a job's callback raised %r", self.name, exc)
+            del job, error  # (an idle thread must not keep the last job's buffers alive)

@@ -223,7 +223,7 @@ if mode == "pairs":
     # async sends of every size class, parts among them (from worker threads), all in flight at once:
     # received in order on the blocking face (rank 0, from rank 1) and on the async face (rank 1, from rank 0)
     mixed = [300 * KiB, 8, 1 * MiB, 16, 1536 * KiB + 4, 4 * KiB, 2 * MiB - 8, inbox.SMALL + 8]
-    parts_before, threads_before = mesh.sent_in_parts, mesh.parts_threads
+    parts_before, threads_before = mesh.sent_in_parts, mesh.parts_handed
     if r in (0, 1):
         async def give_mixed() -> None:
             await asyncio.gather(*(aio.send(message(r, 1 - r, i, size, "uint8"), 1 - r, timeout=30)
@@ -245,7 +245,7 @@ if mode == "pairs":
             # (a thread finishes those the ring had no room for: see the frozen receiver's moments)
             if mesh.sent_in_parts == parts_before:
                 bad.append("no async send went in parts")
-            elif mesh.sent_in_parts - parts_before == mesh.parts_threads - threads_before:
+            elif mesh.sent_in_parts - parts_before == mesh.parts_handed - threads_before:
                 bad.append("no async send in parts went whole from the loop")  # (300 KiB, first, finds room)
     aiocomm.barrier()
     say("BAD" if bad else "OK", "; ".join(bad), "INBOX", mesh.through_inbox)
