@@ -168,7 +168,7 @@ class Mesh:
         self.closed = False
         self.bytes_sent = 0  # payload bytes, for the benchmark's wire count
         self.sent_in_parts = 0  # messages sent whole through a peer's inbox in parts (either face)
-        self.parts_handed = 0  # async sends in parts whose rest a worker thread sent (the others: whole from the loop)
+        self.parts_handed = 0  # async sends in parts handed to a worker thread after their first part
         self._counts = threading.Lock()  # (sent_in_parts: from the loop, worker threads, blocking senders)
         self._parts_workers: dict[int, workers.Worker] = {}  # destination -> its thread for them
         self.hold_budget = budget  # what this rank may hold of its own sends not yet received
@@ -565,14 +565,12 @@ class Mesh:
                         ) -> threading.Event | None:
         """On the loop (the async face): :meth:`_send_parts` without waiting
         for room.  The first part goes now if it can (else None: nothing
-        happened, the socket's way), and so do the next ones while the ring
-        has room for them; if that was all, ``finished(None)`` is called
-        here.  Else the rest goes from this peer's worker thread (a daemon:
-        an exit does not wait for it, and the receiver then never takes half
-        a message), which holds the outlet's lock until it is done and then
-        calls ``finished(error or None)`` from that thread.  Setting the
-        returned event stops it at the next part, closing the connection: it
-        reads the caller's array until ``finished``."""
+        happened, the socket's way); the rest goes from this peer's worker
+        thread (a daemon: an exit does not wait for it, and the receiver then
+        never takes half a message), which holds the outlet's lock until it
+        is done and then calls ``finished(error or None)`` from that thread.
+        Setting the returned event stops it at the next part, closing the
+        connection: it reads the caller's array until ``finished``."""
         nbytes = data.nbytes
         way = self._outlet(dst, context, data) if self.in_parts(nbytes) else None
         if way is None:
@@ -586,31 +584,21 @@ class Mesh:
         first = False
         handed: workers.Job | None = None
         worker: workers.Worker | None = None
-        whole = False
         try:
             first = self._put_first(stream, outlet, context, sig, payload, nbytes)
             if not first:
                 return None
-            # The parts that fit now go from here too: a message the ring has
-            # room for needs no thread (waking one costs more than its copy).
-            off = _SMALL
-            while off < nbytes:
-                end = min(off + _SMALL, nbytes)
-                if not outlet.put_more(off, context, payload[off:end]):
-                    break
-                off = end
-            if off >= nbytes:
-                outlet.ring_if_waiting()
-                self._sent_in_parts(nbytes)
-                whole = True
-            else:  # the rest from this peer's worker thread, which takes the lock over
-                handed = workers.Job(self._parts_job(stream, outlet, dst, context, sig, payload, until, timeout,
-                                                     stop, off), finished)
-                worker = self._parts_workers.get(dst)
-                if worker is None:
-                    worker = self._parts_workers[dst] = workers.Worker(f"aiocomm-parts-{dst}")
-                self.parts_handed += 1
-                worker.submit(handed)
+            # The rest from this peer's worker thread, which takes the lock over.
+            # (Writing more parts here, while they fit, made 512 KiB slower on
+            # 4 ranks: the loop then copies what the worker would copy while
+            # the loop goes on.)
+            handed = workers.Job(self._parts_job(stream, outlet, dst, context, sig, payload, until, timeout, stop),
+                                 finished)
+            worker = self._parts_workers.get(dst)
+            if worker is None:
+                worker = self._parts_workers[dst] = workers.Worker(f"aiocomm-parts-{dst}")
+            self.parts_handed += 1
+            worker.submit(handed)
         except BaseException as exc:
             if handed is not None and worker is not None and not worker.withdraw(handed):
                 stop.set()  # (its thread has it, and the lock: it stops at its next part and closes the connection)
@@ -625,8 +613,6 @@ class Mesh:
         finally:
             if handed is None:  # (else the worker's)
                 lock.release()
-        if whole:
-            finished(None)
         return stop
 
     def parts_running(self) -> int:
@@ -634,29 +620,27 @@ class Mesh:
         return sum(worker.running for worker in list(self._parts_workers.values()))
 
     def _parts_job(self, stream: PeerStream, outlet: inbox.Outlet, dst: int, context: int, sig: Signature,
-                   payload: memoryview, until: float, timeout: float, stop: threading.Event, off: int
-                   ) -> Callable[[], None]:
-        """What a worker thread runs to send the parts of a message from byte
-        ``off`` on (see :meth:`send_parts_soon`), holding the outlet's lock
-        until it ends (an error: its connection is closed; the caller gets
-        it through ``finished``)."""
+                   payload: memoryview, until: float, timeout: float, stop: threading.Event) -> Callable[[], None]:
+        """What a worker thread runs to send the parts of a message after its
+        first (see :meth:`send_parts_soon`), holding the outlet's lock until
+        it ends (an error: its connection is closed; the caller gets it
+        through ``finished``)."""
         def rest() -> None:
             try:
-                self._finish_parts(stream, outlet, dst, context, sig, payload, until, timeout, stop, off)
+                self._finish_parts(stream, outlet, dst, context, sig, payload, until, timeout, stop)
             finally:
                 outlet.lock.release()
 
         return rest
 
     def _finish_parts(self, stream: PeerStream, outlet: inbox.Outlet, dst: int, context: int, sig: Signature,
-                      payload: memoryview, until: float, timeout: float, stop: threading.Event | None,
-                      off: int = _SMALL) -> None:
-        """After a message's first parts (up to byte ``off``), with the
-        outlet's lock: the other parts, or (on any exception) the connection
-        closed, so that the receiver never takes half a message."""
+                      payload: memoryview, until: float, timeout: float, stop: threading.Event | None) -> None:
+        """After a message's first part, with the outlet's lock: the other
+        parts, or (on any exception) the connection closed, so that the
+        receiver never takes half a message."""
         try:
             outlet.ring_if_waiting()
-            self._put_rest(stream, outlet, dst, context, payload, until, timeout, sig, stop, off)
+            self._put_rest(stream, outlet, dst, context, payload, until, timeout, sig, stop)
         except BaseException as exc:
             outlet.torn = True  # (nothing more goes this way; the loop closes the connection)
             reason = CommError(
@@ -676,12 +660,13 @@ class Mesh:
             self.sent_in_parts += 1
 
     def _put_rest(self, stream: PeerStream, outlet: inbox.Outlet, dst: int, context: int, payload: memoryview,
-                  until: float, timeout: float, sig: Signature, stop: threading.Event | None, off: int) -> None:
-        """Write the parts of ``payload`` from byte ``off`` on (the parts
-        before it are in), waiting for room as the receiver takes them:
-        spinning, then with its bell rung, then sleeping between looks; until
-        ``until`` (CommTimeoutError), or until ``stop`` is set (CommError)."""
+                  until: float, timeout: float, sig: Signature, stop: threading.Event | None) -> None:
+        """Write the parts of ``payload`` after its first, waiting for room as
+        the receiver takes them: spinning, then with its bell rung, then
+        sleeping between looks; until ``until`` (CommTimeoutError), or until
+        ``stop`` is set (CommError)."""
         total = len(payload)
+        off = _SMALL
         clock = time.monotonic
         since = clock()
         rung = False
