@@ -519,8 +519,12 @@ class RingBackend:
             return
         if mesh.in_parts(x.nbytes):  # (to a peer on this host, in parts: the rest from a thread)
             done = mesh.loop.create_future()
-            stop = mesh.send_parts_soon(world_dst, group.context, sig, x, time.monotonic() + timeout, timeout,
-                                        functools.partial(_settle_soon, mesh.loop, done))
+            try:
+                stop = mesh.send_parts_soon(world_dst, group.context, sig, x, time.monotonic() + timeout, timeout,
+                                            functools.partial(_settle_soon, mesh.loop, done))
+            except BaseException:  # (a worker may still end ``done``: nobody awaits it)
+                done.add_done_callback(lambda f: f.cancelled() or f.exception())
+                raise
             if stop is not None:
                 await self._parts_sent(done, stop)
                 return

@@ -169,7 +169,9 @@ class Mesh:
         self.bytes_sent = 0  # payload bytes, for the benchmark's wire count
         self.sent_in_parts = 0  # messages sent whole through a peer's inbox in parts (either face)
         self.parts_handed = 0  # async sends in parts handed to a worker thread after their first part
-        self._counts = threading.Lock()  # (sent_in_parts: from the loop, worker threads, blocking senders)
+        # (the parts paths count under it: they run on the loop, worker threads and blocking senders;
+        # bytes_sent's other updates do not, and may lose one: it is for the benchmark's wire count)
+        self._counts = threading.Lock()
         self._parts_workers: dict[int, workers.Worker] = {}  # destination -> its thread for them
         self.hold_budget = budget  # what this rank may hold of its own sends not yet received
         self.held = 0
@@ -603,12 +605,12 @@ class Mesh:
             if handed is not None and worker is not None and not worker.withdraw(handed):
                 stop.set()  # (its thread has it, and the lock: it stops at its next part and closes the connection)
                 raise
+            handed = None  # (the lock is released here, whatever follows)
             if first:  # (here, as a stopped sender would)
                 outlet.torn = True
                 self._tear(stream, CommError(
                     f"rank {self.rank}: a send of {sig.describe()} to rank {dst} could not go on after its first "
                     f"part ({type(exc).__name__}); the connection to rank {dst} was closed"))
-            handed = None
             raise
         finally:
             if handed is None:  # (else the worker's)

@@ -35,15 +35,20 @@ class Job:
 
 class Worker:
     """Runs the jobs handed to :meth:`submit` in a daemon thread named
-    ``name``, in order.  :attr:`running` counts the jobs handed over whose
-    ``run()`` has not yet returned or raised."""
+    ``name``, in order."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.running = 0
         self._jobs: collections.deque[Job] = collections.deque()
+        self._busy = False  # the thread runs a job's ``run()``
         self._ready = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> int:
+        """The jobs handed over whose ``run()`` has not yet returned or raised."""
+        with self._ready:
+            return len(self._jobs) + self._busy
 
     def submit(self, job: Job) -> None:
         """Hand ``job`` over (if this raises, it was not: see :meth:`withdraw`)."""
@@ -53,7 +58,6 @@ class Worker:
                 thread.start()  # (first: a thread that could not start leaves nothing behind)
                 self._thread = thread
             self._jobs.append(job)
-            self.running += 1
             self._ready.notify()
 
     def withdraw(self, job: Job) -> bool:
@@ -64,7 +68,6 @@ class Worker:
                 return False
             if job in self._jobs:
                 self._jobs.remove(job)
-                self.running -= 1
             return True
 
     def _serve(self) -> None:
@@ -73,17 +76,19 @@ class Worker:
                 if not self._jobs:
                     self._ready.wait(IDLE_SECONDS)
                 if not self._jobs:
-                    self._thread = None  # (under the lock: a job handed over from now on starts a thread)
+                    if self._thread is threading.current_thread():  # (else another serves: see submit)
+                        self._thread = None  # (under the lock: a job handed over from now on starts a thread)
                     return
                 job = self._jobs.popleft()
                 job.taken = True
+                self._busy = True
             error: BaseException | None = None
             try:
                 job.run()
             except BaseException as exc:
                 error = exc
             with self._ready:
-                self.running -= 1
+                self._busy = False
             try:
                 job.then(error)
             except BaseException as exc:  # (a thread that died here would leave its worker jammed)
