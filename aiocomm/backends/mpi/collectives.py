@@ -186,10 +186,6 @@ class Carried:
         self.record[8 : 8 + x.nbytes] = x.tobytes()
         return comm.Iallgather(self.record, self.table)
 
-    def agreed(self) -> bool:
-        """Whether every rank made this call (once the request is done)."""
-        return self._hashes.tolist() == self._expected
-
     def result(self) -> np.ndarray | None:
         """:meth:`reduce` if every rank made this call (once the request is done), else ``None``."""
         return self.reduce() if self._hashes.tolist() == self._expected else None
@@ -209,9 +205,11 @@ def carried_rest(MPI: Any, comm: Any, carried: Carried, rank: int, request: Any)
     for small calls goes on here when the request is not done at once, or
     the ranks disagree)."""
     yield request
-    if not carried.agreed():
+    reduced = carried.result()
+    if reduced is None:
         yield from _disagreed(MPI, comm, carried.call[0], rank)
-    return carried.reduce()
+        raise AssertionError("_disagreed raises")
+    return reduced
 
 
 def all_reduce_steps(MPI: Any, group: GroupState, x: np.ndarray, op: str) -> Steps[np.ndarray]:
