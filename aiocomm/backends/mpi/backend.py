@@ -261,7 +261,9 @@ class MpiBackend:
         ranks disagree.  Checks, counts and notices as :meth:`_begin` and
         :meth:`_issue` make them."""
         heard = self.notices
-        heard.poll(every=0.001)
+        now = time.monotonic()
+        if now - heard.polled >= 0.001:  # (what poll(every=0.001) checks, without a call)
+            heard.poll()
         if heard.gone:  # (a member left: the general path's checks name it)
             doomed, index = self._begin(group, "all_reduce", (x, op, timeout))
         else:
@@ -274,7 +276,7 @@ class MpiBackend:
         key = (op, x.dtype, x.shape)
         carried = state.carried.pop(key, None)  # (back in only once its call ended normally)
         try:  # (from here on a Ctrl-C must leave the counts and the group as the general path would)
-            deadline = time.monotonic() + timeout
+            deadline = now + timeout
             if carried is None:
                 carried = Carried(identity(REDUCTION_NAMES[op], x.dtype, x.shape), x, op, len(group.members))
             request = carried.start(state.comm, x)

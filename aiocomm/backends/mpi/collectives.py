@@ -168,7 +168,8 @@ class Carried:
     normally (an 8-byte ``all_sum`` then allocates nothing but its result);
     one whose request may still be in MPI's hands is never used again."""
 
-    __slots__ = ("call", "record", "table", "_rows", "_hashes", "_expected", "_ufunc", "_scalar")
+    __slots__ = ("call", "record", "table", "_rows", "_stacked", "_dtype", "_hashes", "_expected", "_ufunc",
+                 "_scalar")
 
     def __init__(self, call: Identity, x: np.ndarray, op: str, size: int) -> None:
         self.call = call
@@ -176,6 +177,9 @@ class Carried:
         self.table = bytearray(size * RECORD)
         shape, strides = (x.shape, x.strides) if x.ndim else ((1,), (x.itemsize,))
         self._rows = [np.ndarray(shape, x.dtype, self.table, at + 8, strides) for at in range(0, size * RECORD, RECORD)]
+        # (every rank's input as one array, rank first: one accumulate reduces them all)
+        self._stacked = np.ndarray((size, *shape), x.dtype, self.table, 8, (RECORD, *strides))
+        self._dtype = x.dtype
         self._hashes = memoryview(self.table).cast("q")[:: RECORD // 8]  # each record's first word
         self._expected = memoryview(call[2]).cast("q").tolist() * size
         self._ufunc = UFUNCS[op]
@@ -187,15 +191,19 @@ class Carried:
         return comm.Iallgather(self.record, self.table)
 
     def result(self) -> np.ndarray | None:
-        """:meth:`reduce` if every rank made this call (once the request is done), else ``None``."""
-        return self.reduce() if self._hashes.tolist() == self._expected else None
-
-    def reduce(self) -> np.ndarray:
-        """The reduction of the carried inputs, in rank order (a new array)."""
-        rows, ufunc = self._rows, self._ufunc
-        reduced: np.ndarray = ufunc(rows[0], rows[1])  # (a binary call costs half what ufunc.reduce does)
-        for i in range(2, len(rows)):
-            ufunc(reduced, rows[i], out=reduced)
+        """The reduction of the carried inputs in rank order (a new array) if
+        every rank made this call (once the request is done), else ``None``."""
+        if self._hashes.tolist() != self._expected:
+            return None
+        rows = self._rows
+        if len(rows) == 2:  # (a binary call costs half what one accumulate does)
+            reduced: np.ndarray = self._ufunc(rows[0], rows[1])
+        else:
+            # (an accumulate applies the ufunc row after row, in rank order,
+            # as MPI's reduction of these inputs would: ufunc.reduce may not,
+            # and one call costs what a single binary call does;
+            # dtype: add would widen the small integers)
+            reduced = self._ufunc.accumulate(self._stacked, 0, self._dtype)[-1]
         return reduced.reshape(()) if self._scalar else reduced
 
 

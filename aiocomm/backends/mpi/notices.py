@@ -56,7 +56,7 @@ class Notices:
         self.gone: dict[int, dict[int, tuple[int, int]]] = {}
         self.heard = 0  # notices taken so far (waiters re-check when it grows)
         self._lock = threading.Lock()
-        self._polled = 0.0
+        self.polled = 0.0  # monotonic time of the last poll (the fast path reads it to skip a call)
         self._buf = np.empty(MAX_NOTICE, np.uint8)
         self._status = MPI.Status()
         self._request: Any = comm.Irecv([self._buf, MPI.BYTE], MPI.ANY_SOURCE, MPI.ANY_TAG)
@@ -65,11 +65,11 @@ class Notices:
         """Take the notices that have arrived; whether there were any.  Any
         thread may call it (one tests the receive at a time; others skip);
         with ``every``, only if that many seconds passed since the last poll."""
-        if every and time.monotonic() - self._polled < every:
+        if every and time.monotonic() - self.polled < every:
             return False
         if not self._lock.acquire(blocking=False):
             return False
-        self._polled = time.monotonic()
+        self.polled = time.monotonic()
         try:
             got = False
             while self._request is not None and self._request.Test(self._status):
