@@ -62,3 +62,9 @@ def test_stopped_rank_times_out_on_every_survivor(tmp_path, mode, transport):
         assert code == 0 and "DONE" in out, (r, out, err[-3000:])
         assert "FAILED CommTimeoutError" in out, out
         assert re.search(r"waiting for .* from rank [0-9]", out), out
+        # Its exit waits for the frozen rank once (a clean close's bound,
+        # connections.CLOSE_SECONDS), not once for its notices and again for
+        # its connections.
+        failed = float(re.search(r"FAILED \w+ at ([\d.]+)", out).group(1))
+        exited = float(re.search(r"EXITED at ([\d.]+)", out).group(1))
+        assert exited - failed < 3.0, (r, exited - failed, out)

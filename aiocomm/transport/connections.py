@@ -60,8 +60,11 @@ MAX_PENDING_HANDSHAKES = 64
 #: Seconds a rank whose bring-up failed the token check keeps answering
 #: (refusing) its peers' handshakes before it raises.
 AUTH_LINGER = 2.0
-#: Seconds a clean close waits for written data to drain and peers to close.
+#: Seconds a clean close waits for written data to drain and peers to close
+#: (with the notices a rank that gave up sends first: one budget, see ``Mesh.close``).
 CLOSE_SECONDS = 2.0
+#: Seconds the drain gets at least when the notices before it took the budget.
+DRAIN_FLOOR = 0.5
 
 
 def backoff(first: float = 0.01, cap: float = 0.5) -> Iterator[float]:
@@ -411,7 +414,10 @@ class Connections:
             fds.extend(s.fileno() for s in server.sockets or () if s.fileno() >= 0)
         return fds
 
-    async def close(self) -> None:
+    async def close(self, deadline: float | None = None) -> None:
+        """Close every connection, gracefully (see below) until ``deadline``
+        (loop time; :data:`CLOSE_SECONDS` from now if None), which gets at
+        least :data:`DRAIN_FLOOR` seconds."""
         self.closed = True
         for server in self._servers:
             server.close()
@@ -426,7 +432,8 @@ class Connections:
         # socket with unread bytes in it (flow control from the peer) would
         # reset the connection and destroy data the peer has not read yet.
         streams = list(self.outgoing.values()) + list(self.inbound.values())
-        deadline = self.loop.time() + CLOSE_SECONDS
+        now = self.loop.time()
+        deadline = now + CLOSE_SECONDS if deadline is None else max(deadline, now + DRAIN_FLOOR)
         for stream in streams:
             done = stream.drained_future()
             if done is not None:

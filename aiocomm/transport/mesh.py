@@ -43,7 +43,7 @@ from ..config import WorldSpec, buffer_budget, poll_seconds, transport
 from ..errors import CommError, CommTimeoutError, OutOfMemoryError, PeerLostError, ProtocolError
 from ..wire import Header, Kind, Signature, Sink
 from . import cma, inbox, workers
-from .connections import Connections
+from .connections import CLOSE_SECONDS, Connections
 from .contexts import Contexts, abort_error, abort_fields
 from .flow import ReceiveBudget, describe_bytes, window_for
 from .matching import Matcher, byte_view
@@ -211,15 +211,19 @@ class Mesh:
         """Close every connection and listener (a clean exit)."""
         if self.closed:
             return
+        # One budget for the notices and the clean close after them: a peer
+        # that is gone or frozen (the usual reason for notices) then holds up
+        # the exit once, not once for each.
+        deadline = self.loop.time() + CLOSE_SECONDS
         if self._abort_tasks:  # let the other ranks learn why this one gave up
-            await asyncio.wait(list(self._abort_tasks), timeout=2.0)
+            await asyncio.wait(list(self._abort_tasks), timeout=CLOSE_SECONDS)
         self.closed = True
         _KEPT.extend(self.offered.values())  # a sender may still write into them: never free them
         self.offered.clear()
         self._send_held()
         self.waits.fail_all(CommError(f"rank {self.rank}: aiocomm was shut down while this operation waited"))
         self.waits.close()
-        await self.connections.close()
+        await self.connections.close(deadline)
         if self.inbox is not None:
             self.loop.remove_reader(self.inbox.bell)
             if self._polling is not None:

@@ -1,5 +1,6 @@
 """A rank dies (SIGKILL) or freezes (SIGSTOP) mid-collective; survivors report."""
 
+import atexit
 import os
 import signal
 import sys
@@ -7,7 +8,10 @@ import time
 
 import numpy as np
 
-import aiocomm
+# Registered before aiocomm's own exit handler, so it runs after it: when aiocomm's close has ended.
+atexit.register(lambda: print(f"EXITED at {time.time():.3f}", flush=True))
+
+import aiocomm  # noqa: E402
 
 mode, victim = sys.argv[1], int(sys.argv[2])
 world = aiocomm.init()
