@@ -206,7 +206,7 @@ def test_first_contact_with_dead_or_frozen_peer_in_all_sum(tmp_path, how):
     Every survivor must raise within seconds (not AIOCOMM_CONNECT_TIMEOUT's
     60 s or AIOCOMM_TIMEOUT's 300 s), blaming rank 3."""
     victim, survivors = 3, (0, 1, 2)
-    env = {"AIOCOMM_TIMEOUT": "4"} if how == "stop" else None
+    env = {"AIOCOMM_TIMEOUT": "2"} if how == "stop" else None
     limit = 10.0 if how == "kill" else 15.0
     with world(tmp_path, 4, "rt_first_contact.py", f"{how}-allsum", str(victim), env=env) as ranks:
         for r in survivors:
