@@ -33,7 +33,8 @@ SHORT_HANG = 1.5
 
 
 def _launch(mpirun: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
-    start = f"import launcher.mpi, launcher.cli; launcher.mpi.HUNG_AFTER = {SHORT_HANG}; raise SystemExit(launcher.cli.main())"
+    start = (f"import launcher.mpi, launcher.cli; launcher.mpi.HUNG_AFTER = {SHORT_HANG}; "
+             "raise SystemExit(launcher.cli.main())")
     cmd = [sys.executable, "-c", start, "--backend", "mpi", "--mpirun", str(mpirun), "-n", "3", *args]
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60)

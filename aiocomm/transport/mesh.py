@@ -213,17 +213,18 @@ class Mesh:
             return
         # One budget for the notices and the clean close after them: a peer
         # that is gone or frozen (the usual reason for notices) then holds up
-        # the exit once, not once for each.
-        deadline = self.loop.time() + CLOSE_SECONDS
+        # the exit once, not once for each.  (What was written before flows
+        # meanwhile; held payloads, queued only now, get a budget of their own.)
+        budget_end = self.loop.time() + CLOSE_SECONDS
         if self._abort_tasks:  # let the other ranks learn why this one gave up
-            await asyncio.wait(list(self._abort_tasks), timeout=CLOSE_SECONDS)
+            await asyncio.wait(list(self._abort_tasks), timeout=max(0.0, budget_end - self.loop.time()))
         self.closed = True
         _KEPT.extend(self.offered.values())  # a sender may still write into them: never free them
         self.offered.clear()
-        self._send_held()
+        held = self._send_held()
         self.waits.fail_all(CommError(f"rank {self.rank}: aiocomm was shut down while this operation waited"))
         self.waits.close()
-        await self.connections.close(deadline)
+        await self.connections.close(None if held else budget_end)
         if self.inbox is not None:
             self.loop.remove_reader(self.inbox.bell)
             if self._polling is not None:
@@ -232,10 +233,11 @@ class Mesh:
             self.inbox.close()
         await asyncio.sleep(0)
 
-    def _send_held(self) -> None:
+    def _send_held(self) -> int:
         """Closing: send the payloads of sends that returned before their
         receive was posted (copies this rank held), so they are delivered as
-        an eager send's bytes are after an exit."""
+        an eager send's bytes are after an exit.  How many there were."""
+        sent = 0
         for stream in list(self.connections.outgoing.values()):
             outbox = stream.outbox
             if outbox is None or stream.closing:
@@ -243,6 +245,8 @@ class Mesh:
             for rid, entry in list(outbox.announced.items()):
                 if entry.on_end is not None:  # a detached (held) send
                     stream.send_payload(outbox.cleared(rid) or entry)
+                    sent += 1
+        return sent
 
     @property
     def through_inbox(self) -> int:
