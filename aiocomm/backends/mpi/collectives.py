@@ -168,7 +168,7 @@ class Carried:
     normally (an 8-byte ``all_sum`` then allocates nothing but its result);
     one whose request may still be in MPI's hands is never used again."""
 
-    __slots__ = ("call", "record", "table", "_rows", "_stacked", "_dtype", "_hashes", "_expected", "_ufunc",
+    __slots__ = ("call", "record", "table", "_stacked", "_pair", "_dtype", "_hashes", "_expected", "_ufunc",
                  "_scalar")
 
     def __init__(self, call: Identity, x: np.ndarray, op: str, size: int) -> None:
@@ -176,9 +176,10 @@ class Carried:
         self.record = bytearray(call[3])  # the hash, then room for the input
         self.table = bytearray(size * RECORD)
         shape, strides = (x.shape, x.strides) if x.ndim else ((1,), (x.itemsize,))
-        self._rows = [np.ndarray(shape, x.dtype, self.table, at + 8, strides) for at in range(0, size * RECORD, RECORD)]
-        # (every rank's input as one array, rank first: one accumulate reduces them all)
+        # (every rank's input as one array, rank first: one accumulate reduces them all;
+        # two ranks' with one binary call, which costs half what one accumulate does)
         self._stacked = np.ndarray((size, *shape), x.dtype, self.table, 8, (RECORD, *strides))
+        self._pair = (self._stacked[0], self._stacked[1]) if size == 2 else None
         self._dtype = x.dtype
         self._hashes = memoryview(self.table).cast("q")[:: RECORD // 8]  # each record's first word
         self._expected = memoryview(call[2]).cast("q").tolist() * size
@@ -195,9 +196,9 @@ class Carried:
         every rank made this call (once the request is done), else ``None``."""
         if self._hashes.tolist() != self._expected:
             return None
-        rows = self._rows
-        if len(rows) == 2:  # (a binary call costs half what one accumulate does)
-            reduced: np.ndarray = self._ufunc(rows[0], rows[1])
+        pair = self._pair
+        if pair is not None:
+            reduced: np.ndarray = self._ufunc(pair[0], pair[1])
         else:
             # (an accumulate applies the ufunc row after row, in rank order,
             # as MPI's reduction of these inputs would: ufunc.reduce may not,
