@@ -9,12 +9,12 @@ call the same collectives and receive the same messages on the same sizes
 step after step and drop each result soon, so the memory of an array made
 here goes back to a pool when the last array on it is gone, and the next
 array of that size is made on it.  Used for the MPI backend's results, and
-on the ring backend for receives and shared-memory results from
-:data:`MALLOC_REUSES_BELOW` on.
+on the ring backend for receives and shared-memory results.
 
 The pool keeps at most :data:`POOL_BYTES` (the oldest go first), and only
-blocks of :data:`POOL_FROM` bytes or more (smaller ones the C allocator
-reuses by itself).  Memory reaches it only from arrays nobody holds: an
+blocks of :data:`POOL_FROM` bytes or more: below that glibc's malloc reuses
+a freed array's memory by itself (its mmap threshold follows the sizes
+freed, up to 32 MiB), faster than the pool.  Memory reaches it only from arrays nobody holds: an
 operation given up on keeps its buffers until MPI is done with them.
 """
 
@@ -27,14 +27,11 @@ from typing import Any
 
 import numpy as np
 
-POOL_FROM = 256 << 10
+#: (measured, writing a new float32 array: 4 MiB 75 us plain against 159
+#: pooled, 33 MiB 3.5 ms plain against 0.9 ms pooled; an MPI all_sum of 1
+#: MiB on 2 ranks took 3-37 us less on malloc's memory than on the pool's)
+POOL_FROM = 32 << 20
 POOL_BYTES = 64 << 20
-#: Below this, glibc's malloc itself gives a freed array's memory to the next
-#: one of its size (its mmap threshold follows the sizes freed, up to 32 MiB),
-#: faster than the pool (measured, writing a new float32 array: 4 MiB 75 us
-#: plain against 159 pooled, 33 MiB 3.5 ms plain against 0.9 ms pooled); the
-#: ring backend pools from here (``empty(..., start=MALLOC_REUSES_BELOW)``).
-MALLOC_REUSES_BELOW = 32 << 20
 
 _lock = threading.Lock()  # (nothing under it makes a container object, so no garbage collection runs a __del__)
 _free: collections.deque[np.ndarray] = collections.deque()  # blocks nobody holds, oldest first
@@ -79,11 +76,11 @@ def _take(nbytes: int) -> np.ndarray | None:
     return None
 
 
-def empty(shape: tuple[int, ...], dtype: np.dtype, start: int = POOL_FROM) -> np.ndarray:
+def empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """An uninitialised C-contiguous array, on pooled memory if it has
-    ``start`` bytes or more."""
+    :data:`POOL_FROM` bytes or more."""
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < max(start, POOL_FROM):
+    if nbytes < POOL_FROM:
         return np.empty(shape, dtype)
     memory = _take(nbytes)
     if memory is None:
@@ -92,8 +89,8 @@ def empty(shape: tuple[int, ...], dtype: np.dtype, start: int = POOL_FROM) -> np
     return array
 
 
-def copy_of(x: np.ndarray, start: int = POOL_FROM) -> np.ndarray:
+def copy_of(x: np.ndarray) -> np.ndarray:
     """A C-contiguous copy of ``x`` (see :func:`empty`)."""
-    out = empty(x.shape, x.dtype, start)
+    out = empty(x.shape, x.dtype)
     np.copyto(out, x)
     return out

@@ -56,8 +56,6 @@ SPIN_SECONDS = 0.0005
 NAP_SECONDS = 0.002
 #: Calls of at most this many bytes per rank take one barrier (see Channel._small).
 SMALL_BYTES = 64 << 10
-#: Results from this size on are made on memory earlier ones gave back (aiocomm.results).
-_POOLED = results.MALLOC_REUSES_BELOW
 
 Health = Callable[[], "CommError | None"]  # the transport's view: an ABORT, a lost peer
 
@@ -298,7 +296,7 @@ class Channel:
                 ufunc(total, inputs[k], out=total)
             return total.reshape(x.shape)
         flat = np.ascontiguousarray(x).reshape(-1)
-        out = results.empty(x.shape, dtype, _POOLED)  # (large ones: on warm memory, if any)
+        out = results.empty(x.shape, dtype)  # (large ones: on warm memory, if any)
         result = out.reshape(-1)
         per_round = max(1, self.slot_bytes // dtype.itemsize)
         self._start(description, deadline, health, timeout)
@@ -329,7 +327,7 @@ class Channel:
         dtype = x.dtype
         flat = np.ascontiguousarray(x).reshape(-1)
         m = flat.size
-        out = results.empty(collectives.gathered_shape(x.shape, n), dtype, _POOLED)
+        out = results.empty(collectives.gathered_shape(x.shape, n), dtype)
         result = out.reshape(-1)
         small = self._small(x.nbytes)
         if small is not None:
@@ -356,7 +354,7 @@ class Channel:
                   timeout: float) -> np.ndarray:
         r = self.rank
         dtype = x.dtype
-        out = results.copy_of(x, _POOLED) if r == root else results.empty(x.shape, dtype, _POOLED)
+        out = results.copy_of(x) if r == root else results.empty(x.shape, dtype)
         result = out.reshape(-1)
         small = self._small(x.nbytes)
         if small is not None:
@@ -397,7 +395,7 @@ class Channel:
         dtype = x.dtype
         flat = np.ascontiguousarray(x).reshape(-1)
         m = flat.size // n  # items per block (the caller checked divisibility)
-        out = results.empty(collectives.scattered_shape(x.shape, n), dtype, _POOLED)
+        out = results.empty(collectives.scattered_shape(x.shape, n), dtype)
         result = out.reshape(-1)
         ufunc = collectives.REDUCERS[op]
         small = self._small(x.nbytes)

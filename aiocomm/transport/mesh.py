@@ -851,7 +851,7 @@ class Mesh:
     def allocate(self, shape: tuple[int, ...], dtype: str, src: int, op: Op | None, context: int) -> np.ndarray:
         try:
             # (large ones on memory an earlier one gave back: fresh memory costs its page faults)
-            return results.empty(shape, wire.dtype_from_name(dtype), results.MALLOC_REUSES_BELOW)
+            return results.empty(shape, wire.dtype_from_name(dtype))
         except MemoryError as exc:
             nbytes = int(np.prod(shape, dtype=np.int64)) * wire.dtype_from_name(dtype).itemsize
             what = op.what if op is not None else "a message that arrived before its receive"
