@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-#: (measured, writing a new float32 array: 4 MiB 75 us plain against 159
-#: pooled, 33 MiB 3.5 ms plain against 0.9 ms pooled; an MPI all_sum of 1
-#: MiB on 2 ranks took 3-37 us less on malloc's memory than on the pool's)
+#: (measured, writing a new float32 array: 1 MiB 20-38 us plain against 26
+#: pooled, 4 MiB 75-78 against 81, 33 MiB 3.5 ms against 0.9 ms; an MPI
+#: all_sum of 1 MiB on 2 ranks took 10-30 us less on malloc's memory)
 POOL_FROM = 32 << 20
 POOL_BYTES = 64 << 20
 
