@@ -14,8 +14,9 @@ on the ring backend for receives and shared-memory results.
 The pool keeps at most :data:`POOL_BYTES` (the oldest go first), and only
 blocks of :data:`POOL_FROM` bytes or more: below that glibc's malloc reuses
 a freed array's memory by itself (its mmap threshold follows the sizes
-freed, up to 32 MiB), faster than the pool.  Memory reaches it only from arrays nobody holds: an
-operation given up on keeps its buffers until MPI is done with them.
+freed, up to 32 MiB), faster than the pool.  Memory reaches it only from
+arrays nobody holds: an operation given up on keeps its buffers until MPI
+is done with them.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from typing import Any
 
 import numpy as np
 
-#: (measured, writing a new float32 array: 1 MiB 20-38 us plain against 26
-#: pooled, 4 MiB 75-78 against 81, 33 MiB 3.5 ms against 0.9 ms; an MPI
-#: all_sum of 1 MiB on 2 ranks took 10-30 us less on malloc's memory)
+#: (measured, writing a new float32 array: 1 MiB 20 us plain against 26
+#: pooled in two runs of three (38 in the third), 4 MiB 75-78 against 81,
+#: 33 MiB 3.5 ms against 0.9 ms; an MPI all_sum of 1 MiB on 2 ranks took
+#: 0-59 us less, 20 in the median of eight runs, with this and one message
+#: per ring part, collectives._post)
 POOL_FROM = 32 << 20
 POOL_BYTES = 64 << 20
 
