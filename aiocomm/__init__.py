@@ -90,10 +90,7 @@ def init(strict: bool = False, backend: str = "any") -> Group:
 
 def _group(group: Group | None) -> Group:
     """``group`` (checked) or the world, formed now if need be."""
-    if group is not None:
-        return aio.check_group(group)
-    engine = aio._engine
-    return engine.world if engine is not None else init()
+    return aio._formed(group) or init()
 
 
 # Each function checks its arguments here, in the calling thread, and hands
