@@ -22,8 +22,9 @@ may change it at once, and the other ranks still get what it held.
 
 Reductions of :data:`RING_FROM` bytes or more are the exception: they go
 around the ranks with nonblocking sends and receives (:func:`_halving` on a
-power of two ranks, else :func:`_ring`), straight from the caller's array into the result -- no copy, no scratch
-memory, and no hand-off to another thread (Open MPI's blocking
+power of two ranks, else :func:`_ring`) on a copy of the group's
+communicator, straight from the caller's array into the result -- no copy,
+no scratch memory, and no hand-off to another thread (Open MPI's blocking
 ``Allreduce`` cannot be interrupted, so it could only run in a worker
 thread, and its nonblocking one is a binomial tree at 2 ranks or in place,
 about half as fast).  One that was given up on may still read the caller's
@@ -56,11 +57,12 @@ BLOCKING_FROM = 256 << 10
 #: Reductions from this size on go around the ranks (:func:`_halving`, :func:`_ring`),
 #: out of place from the caller's array, with a verdict on the way (:class:`_Verdict`).
 RING_FROM = 256 << 10
-#: The tag of the ring's messages on a group's communicator (the group's
-#: point-to-point messages use 1-3, see :mod:`.p2p`).
-RING_TAG = 4
-#: The tag of the word each rank adds to those messages (see :class:`_Verdict`).
-VERDICT_TAG = 5
+#: The tag of the first half's messages on a group's ring communicator
+#: (:attr:`~.groups.MpiGroup.ring`, which carries nothing else).
+RING_TAG = 1
+#: The tags from this one on are the last half's: each carries the verdict
+#: its sender knew (see :class:`_Verdict`).
+VERDICT_TAG = 2
 
 
 def flat_bytes(x: np.ndarray) -> np.ndarray:
@@ -234,6 +236,10 @@ def all_reduce_steps(MPI: Any, group: GroupState, x: np.ndarray, op: str) -> Ste
         datatype, mpi_op = reduction(MPI, x.dtype, op)
         yield comm.Iallreduce(MPI.IN_PLACE, [out, x.size, datatype], op=mpi_op)
         return out
+    if state.ring is None:  # (every rank gets here at the same call: the first that goes around)
+        ring, made = state.comm.Idup()
+        yield made
+        state.ring = ring
     out = results.empty(x.shape, x.dtype)
     size = group.size()
     # (halving needs a part to give away at every round: at least size / 2 elements)
@@ -259,28 +265,39 @@ class _Verdict:
     Each rank says so once it reads its array no more (its group is broken
     by then: ``MpiBackend`` breaks it before it hands a call it gave up on to
     the background), and the word travels with the last half of the
-    reduction: beside every message there goes the lowest group rank the
-    sender knew gave up when it sent it (the group's size if none), posted
-    with the message so that both are on their way at once, and that half
-    reaches every rank from every rank.  A rank that gave up runs all this
-    in the background, like the rest of the call."""
+    reduction: every message of that half is tagged with the lowest group
+    rank its sender knew gave up when it sent it (none: :data:`VERDICT_TAG`
+    itself; rank ``r``: ``VERDICT_TAG + 1 + r``), and that half reaches every
+    rank from every rank.  Its receives take any tag (the ring's
+    communicator carries nothing but the reduction's messages, and MPI keeps
+    the order of a sender's messages), so the word costs no message of its
+    own.  A rank that gave up runs all this in the background, like the rest
+    of the call."""
 
-    __slots__ = ("comm", "lowest", "heard")
+    __slots__ = ("lowest", "size", "top", "status")
 
-    def __init__(self, state: MpiGroup) -> None:
-        self.comm = state.comm
-        rank, size = state.comm.Get_rank(), state.comm.Get_size()
-        self.lowest = np.array([rank if state.broken is not None else size], np.int32)
-        self.heard = np.empty(1, np.int32)
+    def __init__(self, MPI: Any, state: MpiGroup) -> None:
+        comm = state.ring
+        self.size: int = comm.Get_size()
+        self.lowest: int = comm.Get_rank() if state.broken is not None else self.size
+        # (the largest rank a tag can name: MPI promises tags up to 32767 only)
+        self.top: int = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB) - VERDICT_TAG - 1
+        self.status = MPI.Status()
 
-    def post(self, to: int, source: int) -> list[Any]:
-        """Send the word to ``to`` and receive ``source``'s: the requests,
-        to be waited for before :meth:`merge` (``lowest`` is being sent)."""
-        return [self.comm.Irecv(self.heard, source, VERDICT_TAG), self.comm.Isend(self.lowest, to, VERDICT_TAG)]
+    def tag(self) -> int:
+        """The tag of a message sent now."""
+        lowest = self.lowest
+        return VERDICT_TAG if lowest >= self.size else VERDICT_TAG + 1 + min(lowest, self.top)
 
-    def merge(self) -> None:
-        """Take in the word heard."""
-        self.lowest[0] = min(self.lowest[0], self.heard[0])
+    def receive(self, requests: list[Any]) -> Steps[None]:
+        """Wait for ``requests`` (a part's receives, posted with any tag) and
+        take in the word their tags carry."""
+        status = self.status
+        for request in requests:
+            yield request, status
+            heard = status.Get_tag() - VERDICT_TAG - 1
+            if 0 <= heard < self.lowest:
+                self.lowest = heard
 
 
 def _ring(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: Any, live: list[Any]) -> Steps[int]:
@@ -292,7 +309,7 @@ def _ring(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: Any,
     needs no memory beyond ``out``: a segment is received into its place in
     ``out`` and reduced there with numpy (which lets the GIL go).  Gives
     the :class:`_Verdict`: the lowest group rank that gave up, or ``size``."""
-    comm = state.comm
+    comm = state.ring
     size, me = comm.Get_size(), comm.Get_rank()
     after, before = (me + 1) % size, (me - 1) % size
     bounds = [x.size * k // size for k in range(size + 1)]
@@ -310,16 +327,13 @@ def _ring(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: Any,
         with np.errstate(all="ignore"):  # (as MPI's own reductions: inf or nan, no warning)
             ufunc(mine, x[bounds[recv] : bounds[recv + 1]], out=mine)
         yield from _all(sending)
-    verdict = _Verdict(state)  # (``x`` is read no more)
-    for r in range(size - 1):  # all-gather: the reduced segments go around, each beside the verdict so far
+    verdict = _Verdict(MPI, state)  # (``x`` is read no more)
+    for r in range(size - 1):  # all-gather: the reduced segments go around, each tagged with the verdict so far
         send, recv = (me + 1 - r) % size, (me - r) % size
-        sending = _post(comm.Isend, MPI, live, segment(out_bytes, send), after)
-        word = verdict.post(after, before)
-        yield from _all(_post(comm.Irecv, MPI, live, segment(out_bytes, recv), before))
+        sending = _post(comm.Isend, MPI, live, segment(out_bytes, send), after, verdict.tag())
+        yield from verdict.receive(_post(comm.Irecv, MPI, live, segment(out_bytes, recv), before, MPI.ANY_TAG))
         yield from _all(sending)
-        yield from _all(word)
-        verdict.merge()
-    return int(verdict.lowest[0])
+    return verdict.lowest
 
 
 #: The most bytes one message of :func:`_ring` or :func:`_halving` carries
@@ -327,16 +341,17 @@ def _ring(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: Any,
 MESSAGE_BYTES = 1 << 30
 
 
-def _post(post: Callable[..., Any], MPI: Any, live: list[Any], part: np.ndarray, peer: int) -> list[Any]:
+def _post(post: Callable[..., Any], MPI: Any, live: list[Any], part: np.ndarray, peer: int,
+          tag: int = RING_TAG) -> list[Any]:
     """Send or receive (``post``: the communicator's ``Isend`` or ``Irecv``)
     the bytes ``part`` to or from ``peer``, in messages of at most
-    :data:`MESSAGE_BYTES` (both sides split alike); the requests, also added
-    to ``live``."""
+    :data:`MESSAGE_BYTES` (both sides split alike) tagged ``tag``; the
+    requests, also added to ``live``."""
     progress.hurry()
     if len(part) <= MESSAGE_BYTES:  # (one message: no slicing, a few microseconds a round on 1 MiB)
-        requests = [post([part, MPI.BYTE], peer, RING_TAG)]
+        requests = [post([part, MPI.BYTE], peer, tag)]
     else:
-        requests = [post([part[at : at + MESSAGE_BYTES], MPI.BYTE], peer, RING_TAG)
+        requests = [post([part[at : at + MESSAGE_BYTES], MPI.BYTE], peer, tag)
                     for at in range(0, len(part), MESSAGE_BYTES)]
     live += requests
     return requests
@@ -358,7 +373,7 @@ def _halving(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: A
     half this rank already reduced waits in the part of ``out`` it gave away
     the round before (so no memory beyond ``out``; it is large enough once
     there are at least ``size / 2`` elements)."""
-    comm = state.comm
+    comm = state.ring
     size, me = comm.Get_size(), comm.Get_rank()
     item = x.itemsize
     x_bytes, out_bytes = x.view(np.uint8), out.view(np.uint8)
@@ -381,21 +396,19 @@ def _halving(MPI: Any, state: MpiGroup, x: np.ndarray, out: np.ndarray, ufunc: A
         levels.append((lo, hi))
         lo, hi, spare = keep_lo, keep_hi, give_lo
         mask >>= 1
-    verdict = _Verdict(state)  # (``x`` is read no more)
+    verdict = _Verdict(MPI, state)  # (``x`` is read no more)
     mask = 1
-    while mask < size:  # back up: swap the reduced parts
+    while mask < size:  # back up: swap the reduced parts, tagged with the verdict so far
         partner = me ^ mask
         up_lo, up_hi = levels.pop()
         other_lo, other_hi = (up_lo, lo) if lo > up_lo else (hi, up_hi)
-        sending = _post(comm.Isend, MPI, live, out_bytes[lo * item : hi * item], partner)
-        word = verdict.post(partner, partner)
-        yield from _all(_post(comm.Irecv, MPI, live, out_bytes[other_lo * item : other_hi * item], partner))
+        sending = _post(comm.Isend, MPI, live, out_bytes[lo * item : hi * item], partner, verdict.tag())
+        yield from verdict.receive(
+            _post(comm.Irecv, MPI, live, out_bytes[other_lo * item : other_hi * item], partner, MPI.ANY_TAG))
         yield from _all(sending)
-        yield from _all(word)
-        verdict.merge()
         lo, hi = up_lo, up_hi
         mask <<= 1
-    return int(verdict.lowest[0])
+    return verdict.lowest
 
 
 def all_gather_steps(MPI: Any, group: GroupState, x: np.ndarray) -> Steps[np.ndarray]:

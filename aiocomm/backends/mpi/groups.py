@@ -20,11 +20,14 @@ if TYPE_CHECKING:
 class MpiGroup:
     """A group's communicator and what this rank has done on it."""
 
-    __slots__ = ("comm", "context", "members", "broken", "queues", "inboxes", "heads_sent", "entered",
+    __slots__ = ("comm", "ring", "context", "members", "broken", "queues", "inboxes", "heads_sent", "entered",
                  "known", "told", "current", "draining", "lock", "carried", "_worker")
 
     def __init__(self, comm: Any, context: int, members: tuple[int, ...]) -> None:
         self.comm = comm
+        # a copy of it for the messages of large reductions (see collectives._Verdict),
+        # made at the first of them
+        self.ring: Any = None
         self.context = context
         self.members = members  # world ranks, by group rank
         self.broken: CommError | None = None  # why a collective failed: the group is unusable
