@@ -17,6 +17,11 @@ the ring: Open MPI refuses that unless told, so the launcher passes
 ``--oversubscribe`` then, unless the user's mpirun arguments speak of slots or
 oversubscription themselves.
 
+A signal to the launcher reaches the ranks first, through their relays,
+and mpirun only after ``--interrupt-grace`` or a second signal (see
+:class:`_Grace`), as on the ring; before every relay has noted its start,
+and for a job on other hosts, mpirun gets it at once.
+
 ``--on-failure continue`` asks Open MPI's mpirun to keep the other ranks
 running when one fails (``--enable-recovery``).  mpirun then exits 0 however
 the ranks ended, so the launcher reads how each ended from its relay's notes:
@@ -47,7 +52,7 @@ from typing import IO
 
 from .blame import CarryOn, RankOutcome, decide, ended_clause, loss_report, summary
 from .hosts import Host, is_local
-from .job import COLLECT
+from .job import COLLECT, INTERRUPT_GRACE
 from .placement import usable_cpus
 
 # Runs one rank (argv[2:]); tags its output lines with its MPI rank when
@@ -60,6 +65,10 @@ from .placement import usable_cpus
 # soon as it sees a failed rank, and that rank's finalize completes only once
 # the others are gone, so without the wait mpirun would end it before its
 # relay saw its status (raise SystemExit(3): the job's status is its 3).
+# A relay whose rank ended after the launcher passed it a signal (see
+# _Grace; the launcher made the file AIOCOMM_FAILURE_FILE.interrupted first)
+# waits, until a second signal, for the other ranks to end: mpirun would
+# stop them as soon as it saw the first one's status.
 RELAY = r"""
 import json, os, signal, subprocess, sys, threading, time
 rank = next((os.environ[v] for v in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK") if v in os.environ), "?")
@@ -117,16 +126,18 @@ pumps = [threading.Thread(target=pump, args=(proc.stdout, sys.stdout.buffer)),
 for t in pumps: t.start()
 code = proc.wait()
 note(exit=code, stopped=bool(stopped), at=time.monotonic())
-def finalizing():
+def running(key):
     try:
         with open(path) as f:
             notes = [json.loads(line) for line in f]
-        return {n["rank"] for n in notes if n.get("left")} - {n["rank"] for n in notes if "exit" in n}
+        return {n["rank"] for n in notes if n.get(key)} - {n["rank"] for n in notes if "exit" in n}
     except (OSError, ValueError, TypeError, KeyError):
         return set()
 hold = time.monotonic() + HOLD
-while path and code != 0 and not stopped and time.monotonic() < hold and finalizing():
+while path and code != 0 and not stopped and time.monotonic() < hold and running("left"):
     time.sleep(0.01)
+while path and code != 0 and len(stopped) == 1 and os.path.exists(path + ".interrupted") and running("started"):
+    time.sleep(0.02)
 for t in pumps: t.join()
 sys.exit(code if code >= 0 else 128 - code)
 """
@@ -247,16 +258,33 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
         assert reports is not None
         watcher = _LossWatcher(reports, size, hosts[0].ssh if hosts else "this host", proc.pid)
 
+    grace = _Grace(getattr(args, "interrupt_grace", INTERRUPT_GRACE))
+
     def forward(sig: int, _frame: object) -> None:
-        """SIGINT, SIGTERM or SIGHUP to the launcher: to mpirun's whole group
-        (mpirun runs in a session of its own, so nothing outlives the launcher)."""
+        """SIGINT, SIGTERM or SIGHUP to the launcher.  The first goes to the
+        ranks, through their relays, if their notes name them (a job on this
+        host), and mpirun gets it only once the grace has passed (see
+        :class:`_Grace`); otherwise, and at a second one, mpirun's whole
+        group gets it at once, and mpirun stops the ranks (it runs in a
+        session of its own, so nothing outlives the launcher)."""
         received.append(sig)
+        relays = _relay_pids(reports, size) if reports is not None and len(received) == 1 else None
+        if relays is not None and grace.seconds > 0:
+            assert reports is not None
+            with contextlib.suppress(OSError), open(reports + ".interrupted", "w"):
+                pass
+            grace.start(sig)
+            for pid in relays:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            return
+        grace.until = None
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
 
     before = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        code = _wait(proc, args.timeout, reports, size)
+        code = _wait(proc, args.timeout, reports, size, grace)
         if received:
             return 128 + received[0]
         if code is None:  # it hung once its ranks had ended: their notes give the status (reports is set)
@@ -321,7 +349,38 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
     return status
 
 
-def _wait(proc: subprocess.Popen[bytes], timeout: float | None, reports: str | None, size: int) -> int | None:
+class _Grace:
+    """The ranks' time to end on their own after a signal to the launcher
+    (``--interrupt-grace``), as on the ring: mpirun would stop them at once
+    (its SIGTERM ends a Python program without its ``finally``), so the
+    first signal goes to the relays, which pass it on to their ranks, and
+    mpirun gets it :attr:`seconds` later if the job is still running.  (The
+    first rank to end exits non-zero, and mpirun would stop the others at
+    that: its relay waits for them, see ``RELAY``.)"""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.until: float | None = None  # when mpirun gets the signal
+        self.signal = 0
+
+    def start(self, sig: int) -> None:
+        self.until, self.signal = time.monotonic() + self.seconds, sig
+
+    def due(self, proc: subprocess.Popen[bytes]) -> float:
+        """Signal mpirun if the grace has passed; the seconds until it does."""
+        if self.until is None:
+            return float("inf")
+        left = self.until - time.monotonic()
+        if left <= 0:
+            self.until = None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, self.signal)
+            return float("inf")
+        return left
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout: float | None, reports: str | None, size: int,
+          grace: _Grace | None = None) -> int | None:
     """mpirun's status (``TimeoutExpired`` after ``timeout`` seconds); None if
     it had not exited :data:`HUNG_AFTER` seconds after every rank's relay
     ended, and the launcher killed it (a job on this host: the relays' notes
@@ -333,7 +392,7 @@ def _wait(proc: subprocess.Popen[bytes], timeout: float | None, reports: str | N
     last: tuple[int, bool] = (-1, False)
     pids: list[int] | None = None  # every relay's, once all noted their start
     while True:
-        wait = 0.25
+        wait = 0.25 if grace is None else min(0.25, grace.due(proc))
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -255,3 +255,96 @@ def test_launcher_backend_mpi_carries_on_after_a_rank_dies(plan, linger, status,
     for rank in (0, 1, 3) if linger != "30" else (3,):
         assert f"[rank {rank}] carried on continue" in proc.stdout, detail
     assert proc.stderr.strip().splitlines()[-1] == last, detail
+
+
+def _start_interrupt_job(mode, folder, *launcher_args):
+    """``aiocomm-launch --backend mpi`` on 2 ranks of launcher_interrupt.py
+    (joined to an MPI world); the launcher and the ranks' pids, once both are ready."""
+    import re
+
+    base = {k: v for k, v in MPI_ENV.items() if "oversubscribe" not in k}
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "--backend", "mpi", "-n", "2", *launcher_args,
+                             str(WORKERS / "launcher_interrupt.py"), mode, str(folder), "--init"],
+                            cwd=ROOT, env=clean_env(**base), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    pids = []
+    while len(pids) < 2:
+        line = proc.stdout.readline()
+        assert line, f"the launcher ended early: {proc.stderr.read()[-2000:]}"
+        pids += [int(p) for p in re.findall(r"ready pid (\d+)", line)]
+    return proc, pids
+
+
+def _gone(pids, within):
+    from .test_launcher import _gone as gone
+
+    return gone(pids, within)
+
+
+@pytest.mark.timeout(60)
+def test_launcher_backend_mpi_ctrl_c_lets_every_rank_run_its_finally(tmp_path):
+    """As on the ring (test_launcher.py): the first Ctrl-C reaches the ranks,
+    and each runs its ``finally`` (rank 0 in 1 s, rank 1 in 2 s) before
+    mpirun may stop anyone; mpirun alone would end them all with SIGTERM at
+    once, and the first rank to end would make it stop the other."""
+    import signal
+
+    proc, pids = _start_interrupt_job("finally", tmp_path)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert out.count("interrupted") == 2, (out, err[-2000:])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("rank-")) == ["rank-0", "rank-1"], \
+        (out, err[-2000:])
+    assert all(p.read_text() == "saved" for p in tmp_path.iterdir() if p.name.startswith("rank-"))
+    assert _gone(pids, 5)
+
+
+@pytest.mark.timeout(60)
+def test_launcher_backend_mpi_stops_ranks_after_the_interrupt_grace(tmp_path):
+    """Ranks that ignore Ctrl-C are stopped (SIGTERM, from mpirun) once
+    --interrupt-grace has passed, not before."""
+    import signal
+    import time
+
+    grace = 2.0
+    proc, pids = _start_interrupt_job("ignore", tmp_path, "--interrupt-grace", str(grace))
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(grace - 0.7)
+    assert all(_alive(p) for p in pids), "a rank was stopped before the grace had passed"
+    out, err = proc.communicate(timeout=30)
+    took = time.monotonic() - start
+    assert grace <= took < grace + 6, took
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    # (each rank once or twice: mpirun signals its relay's group, and the relay passes it on)
+    assert "[rank 0] got SIGTERM" in out and "[rank 1] got SIGTERM" in out, (out, err[-2000:])
+    assert _gone(pids, 5)
+
+
+@pytest.mark.timeout(60)
+def test_launcher_backend_mpi_second_ctrl_c_stops_everything_at_once(tmp_path):
+    import signal
+    import time
+
+    proc, pids = _start_interrupt_job("stubborn", tmp_path)
+    proc.send_signal(signal.SIGINT)
+    seen = 0
+    while seen < 2:  # each rank got the first Ctrl-C and now ignores SIGINT and SIGTERM
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()[-2000:]
+        seen += "interrupted" in line
+    time.sleep(0.3)
+    assert all(_alive(p) for p in pids), "the ranks were not given time after the first Ctrl-C"
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert time.monotonic() - start < 4, "a second Ctrl-C did not stop the job at once"
+    assert proc.returncode == 128 + signal.SIGINT
+    assert _gone(pids, 3), "a rank outlived the second Ctrl-C"
+
+
+def _alive(pid):
+    from .test_launcher import _alive as alive
+
+    return alive(pid)

@@ -10,8 +10,9 @@ iteration, as nccl-tests' ``-a 1``) and their ratio (``raw / aiocomm``:
 1.0 means no overhead).  aiocomm's figure includes what the backend adds:
 the signature agreement before each collective (a reduction of up to 56
 bytes is done within it), the result's array, the step driver and, from
-256 KiB on, aiocomm's own ring of nonblocking sends and receives in place
-of MPI's reduction, and the verdict round after it.
+256 KiB on, aiocomm's own ring (recursive halving on a power of two
+ranks) of nonblocking sends and receives in place of MPI's reduction, with
+the verdict in the tags of its last half's messages.
 """
 
 from __future__ import annotations

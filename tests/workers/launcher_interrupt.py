@@ -4,6 +4,10 @@
 ``DIR/rank-N`` (as saving a checkpoint would).  ``stubborn``: on the first
 KeyboardInterrupt it says so, then ignores SIGINT and SIGTERM and sleeps
 (only SIGKILL ends it).  ``ignore``: ignores SIGINT; SIGTERM ends it, saying so.
+
+``--init`` (third argument): it joins the world first (``aiocomm.init()``,
+so under ``--backend mpi`` it is an MPI process, finalized at exit), and in
+``finally`` mode rank N takes 1 + N seconds: the ranks end one by one.
 """
 
 import os
@@ -12,7 +16,13 @@ import sys
 import time
 
 mode, folder = sys.argv[1], sys.argv[2]
-rank = os.environ["AIOCOMM_RANK"]
+joins = "--init" in sys.argv[3:]
+if joins:
+    import aiocomm
+
+    rank = str(aiocomm.init().rank())
+else:
+    rank = os.environ["AIOCOMM_RANK"]
 if mode == "ignore":
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -33,6 +43,6 @@ except KeyboardInterrupt:
     raise
 finally:
     if mode == "finally":
-        time.sleep(1.0)
+        time.sleep(1.0 + int(rank) * joins)
         with open(os.path.join(folder, f"rank-{rank}"), "w") as fh:
             fh.write("saved")
