@@ -181,7 +181,7 @@ class Agent:
                 self.proc = subprocess.Popen(
                     argv, env=env, cwd=header.get("cwd") or None, stdin=stdin,
                     pass_fds=tuple(header.get("pass_fds", ())), start_new_session=True,
-                    preexec_fn=_die_with_parent(),
+                    preexec_fn=die_with_parent(),
                 )
             except OSError as exc:
                 where = f" in {header['cwd']}" if header.get("cwd") else ""
@@ -224,8 +224,9 @@ def _become_subreaper() -> None:
         pass
 
 
-def _die_with_parent() -> Any:
-    """A preexec_fn that asks for SIGKILL when the agent dies (Linux only), else None."""
+def die_with_parent(sig: int = signal.SIGKILL) -> Any:
+    """A preexec_fn that asks for ``sig`` when the parent (the agent, the
+    launcher) dies (Linux only), else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -236,7 +237,7 @@ def _die_with_parent() -> Any:
         return None
 
     def preexec() -> None:
-        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
 
     return preexec
 

@@ -50,6 +50,7 @@ import time
 from collections.abc import Sequence
 from typing import IO
 
+from .agent import die_with_parent
 from .blame import CarryOn, RankOutcome, decide, ended_clause, loss_report, summary
 from .hosts import Host, is_local
 from .job import COLLECT, INTERRUPT_GRACE
@@ -227,15 +228,21 @@ def run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Host
     check_on_failure(args, hosts)
     if not all(is_local(host) for host in hosts):  # the ranks' notes would be on other hosts
         return _run(args, rank_argv, hosts, extra, None)
-    with tempfile.TemporaryDirectory(prefix="aiocomm-mpi-") as tmp:
-        reports = os.path.join(tmp, "failures.jsonl")
-        trace = extra.get("AIOCOMM_TRACE_DIR") or os.environ.get("AIOCOMM_TRACE_DIR") or os.path.join(tmp, "trace")
-        return _run(args, rank_argv, hosts, dict(extra, AIOCOMM_FAILURE_FILE=reports, AIOCOMM_TRACE_DIR=trace),
-                    reports)
+    janitor = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="aiocomm-mpi-") as tmp:
+            reports = os.path.join(tmp, "failures.jsonl")
+            trace = extra.get("AIOCOMM_TRACE_DIR") or os.environ.get("AIOCOMM_TRACE_DIR") or os.path.join(tmp, "trace")
+            janitor = _Janitor(tmp)
+            return _run(args, rank_argv, hosts, dict(extra, AIOCOMM_FAILURE_FILE=reports, AIOCOMM_TRACE_DIR=trace),
+                        reports, janitor)
+    finally:
+        if janitor is not None:
+            janitor.done()
 
 
 def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Host], extra: dict[str, str],
-         reports: str | None) -> int:
+         reports: str | None, janitor: _Janitor | None = None) -> int:
     cmd = mpirun_argv(args, rank_argv, hosts, extra)
     env = dict(os.environ, **extra)
     if args.verbose:
@@ -243,8 +250,12 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
     # For a job on this host, mpirun's stderr (its own reports, the ranks'
     # stderr) passes through the launcher, which keeps its start: mpirun's
     # reason when it refuses the job before any rank starts.
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+    # (no thread of the launcher's runs yet, so preexec_fn is safe; mpirun
+    # stops its ranks on SIGTERM, so a launcher killed outright leaves none)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM),
                             stderr=subprocess.PIPE if reports is not None else None)
+    if janitor is not None:
+        janitor.watch(proc.pid)
     head = bytearray()
     copier = None
     if proc.stderr is not None:
@@ -423,6 +434,64 @@ def _wait(proc: subprocess.Popen[bytes], timeout: float | None, reports: str | N
 #: Seconds mpirun gets to exit after every rank's relay has ended, while it
 #: writes nothing and waits to write nothing.
 HUNG_AFTER = 5.0
+
+
+# Removes the launcher's folder of notes (argv[1]) once the launcher has
+# ended (its stdin's EOF) and mpirun (the pid and start time on its first
+# line) is gone too, or after 60 s: a launcher killed outright cannot.
+JANITOR = r"""
+import os, shutil, sys, time
+folder, first = sys.argv[1], sys.stdin.readline().split()
+sys.stdin.read()
+def alive(pid, start):
+    try:
+        with open("/proc/" + pid + "/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[0] not in ("Z", "X") and fields[19] == start
+until = time.monotonic() + 60
+while len(first) == 2 and alive(*first) and time.monotonic() < until:
+    time.sleep(0.1)
+shutil.rmtree(folder, ignore_errors=True)
+"""
+
+
+class _Janitor:
+    """A small process that removes the folder of the ranks' notes (see
+    ``JANITOR``) if the launcher is killed outright (SIGKILL): it cannot
+    then remove it itself, and mpirun and its ranks outlive it by a moment
+    (they end on its death, see ``die_with_parent``)."""
+
+    def __init__(self, folder: str) -> None:
+        self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", JANITOR, folder], stdin=subprocess.PIPE,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def watch(self, pid: int) -> None:
+        """Wait for process ``pid`` (mpirun) to end, too, before removing the folder."""
+        assert self._proc.stdin is not None
+        with contextlib.suppress(OSError):
+            self._proc.stdin.write(f"{pid} {_started(pid)}\n".encode())
+            self._proc.stdin.flush()
+
+    def done(self) -> None:
+        """The launcher removed the folder itself: let the janitor go."""
+        with contextlib.suppress(OSError):
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(5)
+
+
+def _started(pid: int) -> str:
+    """When process ``pid`` started (field 22 of its ``/proc/PID/stat``): tells it from a later one with its pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return stat[stat.rfind(")") + 2 :].split()[19]
+    except (OSError, IndexError):
+        return "?"
 
 
 def _where() -> str:

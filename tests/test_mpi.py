@@ -257,7 +257,7 @@ def test_launcher_backend_mpi_carries_on_after_a_rank_dies(plan, linger, status,
     assert proc.stderr.strip().splitlines()[-1] == last, detail
 
 
-def _start_interrupt_job(mode, folder, *launcher_args):
+def _start_interrupt_job(mode, folder, *launcher_args, tmp=None):
     """``aiocomm-launch --backend mpi`` on 2 ranks of launcher_interrupt.py
     (joined to an MPI world); the launcher and the ranks' pids, once both are ready."""
     import re
@@ -265,7 +265,8 @@ def _start_interrupt_job(mode, folder, *launcher_args):
     base = {k: v for k, v in MPI_ENV.items() if "oversubscribe" not in k}
     proc = subprocess.Popen([sys.executable, "-m", "launcher", "--backend", "mpi", "-n", "2", *launcher_args,
                              str(WORKERS / "launcher_interrupt.py"), mode, str(folder), "--init"],
-                            cwd=ROOT, env=clean_env(**base), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            cwd=ROOT, env=clean_env(**base, **({"TMPDIR": str(tmp)} if tmp else {})),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     pids = []
     while len(pids) < 2:
@@ -348,3 +349,26 @@ def _alive(pid):
     from .test_launcher import _alive as alive
 
     return alive(pid)
+
+
+@pytest.mark.timeout(60)
+def test_launcher_backend_mpi_ranks_die_with_a_killed_launcher(tmp_path):
+    """As on the ring: a launcher killed outright (SIGKILL) takes mpirun
+    and the ranks with it (mpirun, in a session of its own, used to run on)."""
+    import signal
+    import time
+
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "saved").mkdir()
+    proc, pids = _start_interrupt_job("finally", tmp_path / "saved", tmp=tmp_path / "tmp")
+    mpirun_pids = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+    assert mpirun_pids, "no mpirun under the launcher"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert _gone(pids + mpirun_pids, 15), "mpirun or a rank outlived a launcher killed by SIGKILL"
+    folder = tmp_path / "tmp"
+    deadline = time.monotonic() + 10
+    while list(folder.iterdir()) and time.monotonic() < deadline:  # the last relay clears up
+        time.sleep(0.05)
+    assert not list(folder.iterdir()), "the launcher's folder of notes was left behind"
