@@ -236,8 +236,12 @@ def die_with_parent(sig: int = signal.SIGKILL) -> Any:
     except (OSError, AttributeError):
         return None
 
+    parent = os.getpid()
+
     def preexec() -> None:
         prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # (the parent died before that call)
+            os._exit(128 + int(sig))
 
     return preexec
 

@@ -89,7 +89,6 @@ def where():
             return f.read().strip() + " " + os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
-note(started=True, pid=os.getpid(), where=where())
 proc = subprocess.Popen(sys.argv[2:], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 stopped = []
 trace = os.environ.get("AIOCOMM_TRACE_DIR")
@@ -118,6 +117,7 @@ def stop(sig, frame):
 for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
     signal.signal(sig, stop)
 signal.signal(signal.SIGUSR1, lambda sig, frame: proc.send_signal(sig))
+note(started=True, pid=os.getpid(), where=where())  # (after the handlers: the launcher may signal it from now on)
 def pump(src, dst):
     for line in iter(src.readline, b""):
         dst.write(tag + (line if line.endswith(b"\n") else line + b"\n"))
@@ -287,7 +287,8 @@ def _run(args: argparse.Namespace, rank_argv: Sequence[str], hosts: Sequence[Hos
             grace.start(sig)
             for pid in relays:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
+                    if os.getsid(pid) == proc.pid:  # (still a relay in mpirun's session, not a pid used again)
+                        os.kill(pid, sig)
             return
         grace.until = None
         with contextlib.suppress(ProcessLookupError):
