@@ -8,6 +8,8 @@ import sys
 import pytest
 
 from .conftest import ROOT, WORKERS, clean_env
+from .test_launcher import _alive, _check_second_ctrl_c, _gone
+from .test_launcher import _start_interrupt_job as start_interrupt_job
 
 MPIRUN = shutil.which("mpirun")
 try:
@@ -260,26 +262,9 @@ def test_launcher_backend_mpi_carries_on_after_a_rank_dies(plan, linger, status,
 def _start_interrupt_job(mode, folder, *launcher_args, tmp=None):
     """``aiocomm-launch --backend mpi`` on 2 ranks of launcher_interrupt.py
     (joined to an MPI world); the launcher and the ranks' pids, once both are ready."""
-    import re
-
     base = {k: v for k, v in MPI_ENV.items() if "oversubscribe" not in k}
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "--backend", "mpi", "-n", "2", *launcher_args,
-                             str(WORKERS / "launcher_interrupt.py"), mode, str(folder), "--init"],
-                            cwd=ROOT, env=clean_env(**base, **({"TMPDIR": str(tmp)} if tmp else {})),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    pids = []
-    while len(pids) < 2:
-        line = proc.stdout.readline()
-        assert line, f"the launcher ended early: {proc.stderr.read()[-2000:]}"
-        pids += [int(p) for p in re.findall(r"ready pid (\d+)", line)]
-    return proc, pids
-
-
-def _gone(pids, within):
-    from .test_launcher import _gone as gone
-
-    return gone(pids, within)
+    return start_interrupt_job(mode, folder, 2, "--backend", "mpi", *launcher_args, init=True,
+                               env=dict(base, **({"TMPDIR": str(tmp)} if tmp else {})))
 
 
 @pytest.mark.timeout(60)
@@ -325,30 +310,8 @@ def test_launcher_backend_mpi_stops_ranks_after_the_interrupt_grace(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_launcher_backend_mpi_second_ctrl_c_stops_everything_at_once(tmp_path):
-    import signal
-    import time
-
     proc, pids = _start_interrupt_job("stubborn", tmp_path)
-    proc.send_signal(signal.SIGINT)
-    seen = 0
-    while seen < 2:  # each rank got the first Ctrl-C and now ignores SIGINT and SIGTERM
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read()[-2000:]
-        seen += "interrupted" in line
-    time.sleep(0.3)
-    assert all(_alive(p) for p in pids), "the ranks were not given time after the first Ctrl-C"
-    start = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=30)
-    assert time.monotonic() - start < 4, "a second Ctrl-C did not stop the job at once"
-    assert proc.returncode == 128 + signal.SIGINT
-    assert _gone(pids, 3), "a rank outlived the second Ctrl-C"
-
-
-def _alive(pid):
-    from .test_launcher import _alive as alive
-
-    return alive(pid)
+    _check_second_ctrl_c(proc, pids, stops_within=4, gone_within=3)
 
 
 @pytest.mark.timeout(60)
