@@ -13,6 +13,15 @@ one table with aiocomm's bus bandwidth as a ratio of each peer's; with
 ``--plot FILE.png`` also draws bus bandwidth and latency against message
 size, one line per library and rank count (matplotlib: ``pip install
 'aiocomm[plot]'``).
+
+``--floor PATH`` adds the floor (``floor``: ``../shared/bench/floor_shm_allsum.py``,
+plain numpy on one shared mapping) as a peer of all_sum, and ``--rounds K``
+runs every peer K times per rank count, in turn (the order reversed every
+other round), with a table per round and each ratio taken within its round.
+Ratios of runs minutes apart mislead on a shared machine: on the 2-core
+development VM the floor itself and aiocomm both swing between about 105 and
+600 us at 1 MiB, 2 ranks, for spells of tens of seconds (four runs of each
+in turn, session 20).
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .run import AVERAGES
+from .run import AVERAGES, parse_size
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -53,8 +62,18 @@ def _peer_modules_available(module: str) -> bool:
     return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0
 
 
-def commands(peer: str, ranks: int, op: str, common: list[str]) -> list[str] | str | None:
+def commands(peer: str, ranks: int, op: str, common: list[str], floor: list[str] | None = None
+             ) -> list[str] | str | None:
+    """How to run ``peer`` on ``ranks`` ranks; the reason it is skipped, or
+    None if it has nothing to say here.  ``floor``: the floor's script and
+    its sizes in bytes (``--floor``)."""
     py = sys.executable
+    if peer == "floor":
+        if op != "all_sum":
+            return "the floor measures all_sum only"
+        if floor is None:
+            return "pass --floor PATH (../shared/bench/floor_shm_allsum.py)"
+        return [py, floor[0], str(ranks), *floor[1:]]
     if peer == "aiocomm":
         return [py, "-m", "aiocomm_launch", "-n", str(ranks), py, "-m", "aiocomm.bench", "--json", *common]
     if op == "broadcast" and peer in ("gloo", "mlx-ring"):
@@ -89,6 +108,15 @@ def commands(peer: str, ranks: int, op: str, common: list[str]) -> list[str] | s
     raise ValueError(peer)
 
 
+def _as_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as ``python -m aiocomm.bench --json`` prints it (the floor's
+    own lines name their figures ``us`` and ``busbw``; it checks its result
+    with an assertion, so a line it prints is a correct run)."""
+    if "median_us" in row or "us" not in row:
+        return row
+    return {"bytes": row["bytes"], "median_us": row["us"], "busbw_GBps": row["busbw"], "correct": True}
+
+
 def run(cmd: list[str], timeout: float) -> list[dict[str, Any]]:
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -96,7 +124,7 @@ def run(cmd: list[str], timeout: float) -> list[dict[str, Any]]:
     for line in proc.stdout.splitlines():
         line = line.split("] ", 1)[1] if line.startswith("[rank ") else line
         if line.startswith("{"):
-            rows.append(json.loads(line))
+            rows.append(_as_row(json.loads(line)))
     if proc.returncode != 0 and not rows:
         raise RuntimeError(f"{' '.join(cmd[:3])}... failed: {proc.stderr[-800:]}")
     return rows
@@ -179,45 +207,74 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--face", choices=["blocking", "async"], default="blocking",
                         help="aiocomm's face (python -m aiocomm.bench --face)")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--floor", metavar="PATH", default=None,
+                        help="the floor's script (../shared/bench/floor_shm_allsum.py), run as the peer 'floor'")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every peer this many times per rank count, in turn; a table per round")
     parser.add_argument("--plot", metavar="FILE.png", default=None,
-                        help="also draw bus bandwidth and latency against message size to FILE (needs matplotlib)")
+                        help="also draw bus bandwidth and latency against message size to FILE (needs matplotlib;"
+                             " the first round)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: at least 1")
     if args.plot:
         require_matplotlib()
     common = ["--op", args.op, "--sizes", args.sizes, "--iters", str(args.iters),
               "--small-iters", str(args.small_iters), "--average", args.average]
-    results: Results = {}
+    floor = None
+    if args.floor is not None:
+        if not Path(args.floor).is_file():
+            parser.error(f"--floor {args.floor}: no such file")
+        floor = [args.floor, *(str(parse_size(s)) for s in args.sizes.split(",") if s.strip())]
+    rounds: list[Results] = [{} for _ in range(args.rounds)]
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     for ranks in (int(r) for r in args.ranks.split(",")):
-        for peer in peers:
-            extra = ["--transport", args.transport, "--face", args.face] if peer == "aiocomm" else []
-            cmd = commands(peer, ranks, args.op, common + extra)
-            for row in peer_rows(peer, cmd, args.timeout, f" with {ranks} ranks"):
-                results[(peer, ranks, row["bytes"])] = row
+        for k, results in enumerate(rounds):
+            for peer in peers if k % 2 == 0 else peers[::-1]:  # (every other round the other way: no peer always first)
+                extra = ["--transport", args.transport, "--face", args.face] if peer == "aiocomm" else []
+                cmd = commands(peer, ranks, args.op, common + extra, floor)
+                if k and isinstance(cmd, str):
+                    continue  # (said once)
+                for row in peer_rows(peer, cmd, args.timeout, f" with {ranks} ranks"):
+                    results[(peer, ranks, row["bytes"])] = row
     how = AVERAGES[args.average]
     print(f"# op={args.op} float32, median of {args.iters} iterations ({args.small_iters} under 1 MiB; "
           f"each iteration's time: {how}), same machine, same run")
-    print(f"# {'peer':<17} {'ranks':>5} {'bytes':>10} {'median_us':>11} {'busbw_GB/s':>10} "
-          f"{'aiocomm/peer':>12} correct")
-    ordered = sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0] != "aiocomm"))
-    for (peer, ranks, nbytes), row in ordered:
-        mine = results.get(("aiocomm", ranks, nbytes))
-        if mine is None or peer == "aiocomm":
-            ratio = ""
-        elif nbytes >= 1 << 20:
-            ratio = f"{mine['busbw_GBps'] / row['busbw_GBps']:.2f}x bw"
-        else:
-            ratio = f"{row['median_us'] / mine['median_us']:.2f}x lat"
-        print(f"  {peer:<17} {ranks:>5} {nbytes:>10} {row['median_us']:>11.1f} {row['busbw_GBps']:>10.3f} "
-              f"{ratio:>12} {'yes' if row['correct'] else 'NO'}", flush=True)
+    for k, results in enumerate(rounds):
+        if len(rounds) > 1:
+            print(f"# round {k + 1} of {len(rounds)}")
+        print(f"# {'peer':<17} {'ranks':>5} {'bytes':>10} {'median_us':>11} {'busbw_GB/s':>10} "
+              f"{'aiocomm/peer':>12} correct")
+        ordered = sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0] != "aiocomm"))
+        for (peer, ranks, nbytes), row in ordered:
+            ratio = _ratio(results, peer, ranks, nbytes)
+            print(f"  {peer:<17} {ranks:>5} {nbytes:>10} {row['median_us']:>11.1f} {row['busbw_GBps']:>10.3f} "
+                  f"{ratio:>12} {'yes' if row['correct'] else 'NO'}", flush=True)
+    if len(rounds) > 1:
+        print("# aiocomm/peer, round by round")
+        for peer, ranks, nbytes in sorted({key for results in rounds for key in results if key[0] != "aiocomm"},
+                                          key=lambda key: (key[1], key[2], key[0])):
+            ratios = [_ratio(results, peer, ranks, nbytes) or "-" for results in rounds]
+            print(f"  {peer:<17} {ranks:>5} {nbytes:>10}  {', '.join(ratios)}", flush=True)
     if args.plot:
-        if not results:
+        if not rounds[0]:
             raise SystemExit("python -m aiocomm.bench.compare: nothing ran, so there is nothing to plot")
         title = (f"{args.op}, float32, median of {args.iters} iterations ({args.small_iters} under 1 MiB; {how}), "
                  "same machine")
-        draw(results, title).savefig(args.plot, dpi=120)
+        draw(rounds[0], title).savefig(args.plot, dpi=120)
         print(f"# plot: {args.plot}", flush=True)
 
+
+def _ratio(results: Results, peer: str, ranks: int, nbytes: int) -> str:
+    """aiocomm's figure over ``peer``'s, both of ``results`` (one round):
+    bus bandwidth from 1 MiB on, latency below; "" for aiocomm itself or
+    where either is missing."""
+    mine, row = results.get(("aiocomm", ranks, nbytes)), results.get((peer, ranks, nbytes))
+    if mine is None or row is None or peer == "aiocomm":
+        return ""
+    if nbytes >= 1 << 20:
+        return f"{mine['busbw_GBps'] / row['busbw_GBps']:.2f}x bw"
+    return f"{row['median_us'] / mine['median_us']:.2f}x lat"
 
 if __name__ == "__main__":
     main()
