@@ -456,6 +456,14 @@ until = time.monotonic() + 60
 while len(first) == 2 and alive(*first) and time.monotonic() < until:
     time.sleep(0.1)
 shutil.rmtree(folder, ignore_errors=True)
+if len(first) == 2 and not alive(*first):  # Open MPI's session folder of that mpirun, if it left it
+    import glob, tempfile
+    for left in glob.glob(os.path.join(tempfile.gettempdir(), "ompi.*", "pid." + first[0])):
+        shutil.rmtree(left, ignore_errors=True)
+        try:
+            os.rmdir(os.path.dirname(left))  # (only if no other mpirun's is in it)
+        except OSError:
+            pass
 """
 
 
@@ -463,7 +471,10 @@ class _Janitor:
     """A small process that removes the folder of the ranks' notes (see
     ``JANITOR``) if the launcher is killed outright (SIGKILL): it cannot
     then remove it itself, and mpirun and its ranks outlive it by a moment
-    (they end on its death, see ``die_with_parent``)."""
+    (they end on its death, see ``die_with_parent``).  Once mpirun has
+    ended it also removes Open MPI's session folder of that mpirun
+    (``$TMPDIR/ompi.HOST.UID/pid.PID``), which an mpirun stopped by SIGTERM
+    left once in a full run of the test suite (session 20)."""
 
     def __init__(self, folder: str) -> None:
         self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", JANITOR, folder], stdin=subprocess.PIPE,

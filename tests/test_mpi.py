@@ -335,3 +335,33 @@ def test_launcher_backend_mpi_ranks_die_with_a_killed_launcher(tmp_path):
     while list(folder.iterdir()) and time.monotonic() < deadline:  # the last relay clears up
         time.sleep(0.05)
     assert not list(folder.iterdir()), "the launcher's folder of notes was left behind"
+
+
+@pytest.mark.timeout(30)
+def test_launcher_backend_mpi_janitor_removes_open_mpis_session_folder_of_its_mpirun_only(tmp_path):
+    """Once its mpirun has ended, the janitor removes the notes and Open MPI's
+    session folder of that mpirun (an mpirun stopped by SIGTERM left it once
+    in a full run of the suite), and keeps another mpirun's."""
+    from launcher.mpi import JANITOR, _started
+
+    gone = subprocess.Popen(["true"])  # stands for the mpirun that ended
+    start = _started(gone.pid)
+    gone.wait()
+    notes, top = tmp_path / "notes", tmp_path / "tmp" / "ompi.host.0"
+    (notes / "trace").mkdir(parents=True)
+    (top / f"pid.{gone.pid}" / "0").mkdir(parents=True)
+    (top / f"pid.{gone.pid}" / "contact.txt").write_text("x")
+    (top / "pid.1").mkdir()  # another mpirun's
+    env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"))
+    subprocess.run([sys.executable, "-I", "-S", "-c", JANITOR, str(notes)], input=f"{gone.pid} {start}\n",
+                   text=True, env=env, timeout=20, check=True)
+    assert not notes.exists() and not (top / f"pid.{gone.pid}").exists()
+    assert (top / "pid.1").is_dir()
+    (top / "pid.1").rmdir()
+    gone = subprocess.Popen(["true"])
+    start = _started(gone.pid)
+    gone.wait()
+    (top / f"pid.{gone.pid}").mkdir()
+    subprocess.run([sys.executable, "-I", "-S", "-c", JANITOR, str(notes)], input=f"{gone.pid} {start}\n",
+                   text=True, env=env, timeout=20, check=True)
+    assert not top.exists(), "the empty ompi.HOST.UID folder is left"
