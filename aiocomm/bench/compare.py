@@ -20,7 +20,7 @@ runs every peer K times per rank count, in turn (the order reversed every
 other round), with a table per round and each ratio taken within its round.
 Ratios of runs minutes apart mislead on a shared machine: on the 2-core
 development VM the floor itself and aiocomm both swing between about 105 and
-600 us at 1 MiB, 2 ranks, for spells of tens of seconds (four runs of each
+600 us at 1 MiB, 2 ranks, for spells of tens of seconds (six runs of each
 in turn, session 20).
 """
 
