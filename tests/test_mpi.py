@@ -332,7 +332,7 @@ def test_launcher_backend_mpi_ranks_die_with_a_killed_launcher(tmp_path):
     assert _gone(pids + mpirun_pids, 15), "mpirun or a rank outlived a launcher killed by SIGKILL"
     folder = tmp_path / "tmp"
     deadline = time.monotonic() + 10
-    while list(folder.iterdir()) and time.monotonic() < deadline:  # the last relay clears up
+    while list(folder.iterdir()) and time.monotonic() < deadline:  # the janitor clears up
         time.sleep(0.05)
     assert not list(folder.iterdir()), "the launcher's folder of notes was left behind"
 
@@ -344,24 +344,30 @@ def test_launcher_backend_mpi_janitor_removes_open_mpis_session_folder_of_its_mp
     in a full run of the suite), and keeps another mpirun's."""
     from launcher.mpi import JANITOR, _started
 
-    gone = subprocess.Popen(["true"])  # stands for the mpirun that ended
-    start = _started(gone.pid)
-    gone.wait()
     notes, top = tmp_path / "notes", tmp_path / "tmp" / "ompi.host.0"
-    (notes / "trace").mkdir(parents=True)
-    (top / f"pid.{gone.pid}" / "0").mkdir(parents=True)
-    (top / f"pid.{gone.pid}" / "contact.txt").write_text("x")
-    (top / "pid.1").mkdir()  # another mpirun's
     env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"))
-    subprocess.run([sys.executable, "-I", "-S", "-c", JANITOR, str(notes)], input=f"{gone.pid} {start}\n",
-                   text=True, env=env, timeout=20, check=True)
-    assert not notes.exists() and not (top / f"pid.{gone.pid}").exists()
+
+    def ended() -> tuple[int, str]:
+        """A process that has ended (it stands for mpirun): its pid and start time."""
+        gone = subprocess.Popen(["true"])
+        start = _started(gone.pid)
+        gone.wait()
+        return gone.pid, start
+
+    def clean(pid: int, start: str) -> None:
+        subprocess.run([sys.executable, "-I", "-S", "-c", JANITOR, str(notes)], input=f"{pid} {start}\n",
+                       text=True, env=env, timeout=20, check=True)
+
+    pid, start = ended()
+    (notes / "trace").mkdir(parents=True)
+    (top / f"pid.{pid}" / "0").mkdir(parents=True)
+    (top / f"pid.{pid}" / "contact.txt").write_text("x")
+    (top / "pid.1").mkdir()  # another mpirun's
+    clean(pid, start)
+    assert not notes.exists() and not (top / f"pid.{pid}").exists()
     assert (top / "pid.1").is_dir()
     (top / "pid.1").rmdir()
-    gone = subprocess.Popen(["true"])
-    start = _started(gone.pid)
-    gone.wait()
-    (top / f"pid.{gone.pid}").mkdir()
-    subprocess.run([sys.executable, "-I", "-S", "-c", JANITOR, str(notes)], input=f"{gone.pid} {start}\n",
-                   text=True, env=env, timeout=20, check=True)
+    pid, start = ended()
+    (top / f"pid.{pid}").mkdir()
+    clean(pid, start)
     assert not top.exists(), "the empty ompi.HOST.UID folder is left"

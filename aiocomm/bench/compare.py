@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .run import AVERAGES, parse_size
+from .run import AVERAGES, parse_sizes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.floor is not None:
         if not Path(args.floor).is_file():
             parser.error(f"--floor {args.floor}: no such file")
-        floor = [args.floor, *(str(parse_size(s)) for s in args.sizes.split(",") if s.strip())]
+        floor = [args.floor, *map(str, parse_sizes(args.sizes))]
     rounds: list[Results] = [{} for _ in range(args.rounds)]
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     for ranks in (int(r) for r in args.ranks.split(",")):

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .run import AVERAGES, bus_factor, combine, iterations, parse_size
+from .run import AVERAGES, bus_factor, combine, iterations, parse_sizes
 
 
 def _report(peer: str, op: str, ranks: int, nbytes: int, times: np.ndarray, correct: bool) -> None:
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--average", choices=list(AVERAGES), default="avg")
     args = parser.parse_args(argv)
-    args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    args.sizes = parse_sizes(args.sizes)
     {"gloo": gloo, "mpi": mpi, "mlx": mlx, "duplex": duplex}[args.peer](args)
 
 

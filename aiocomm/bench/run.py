@@ -51,6 +51,11 @@ def parse_size(text: str) -> int:
     return int(float(text[: len(text) - len(unit)]) * UNITS[unit])
 
 
+def parse_sizes(text: str) -> list[int]:
+    """Byte counts from a comma list such as ``8,1K,64M`` (empty items skipped)."""
+    return [parse_size(s) for s in text.split(",") if s.strip()]
+
+
 def check_sizes(sizes: list[int], dtype: np.dtype) -> str | None:
     """Why ``sizes`` cannot be measured in ``dtype`` (a size that is not a
     whole number of items would be silently rounded), or None."""
@@ -289,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     except TypeError as exc:
         parser.error(f"--dtype {args.dtype}: {exc}")
     try:
-        args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+        args.sizes = parse_sizes(args.sizes)
     except (ValueError, IndexError):
         parser.error(f"--sizes {args.sizes!r}: expected a comma list of byte counts such as 8,1K,64M")
     bad = check_sizes(args.sizes, args.dtype)
